@@ -1,0 +1,42 @@
+# One-line entry points. Each target sets up what it needs.
+#   make test    venv + install + build the extension + run the test suite
+#   make demo    venv + install + build + run the main job (python -m minidora demo)
+#   make bench   CPU benchmarks (ratios against baselines measured in the same run)
+#   make docs    build the documentation site (mkdocs build --strict)
+#   make cuda-check   compile the CUDA kernels in a separate venv (torch 2.14.1+cu130)
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.minidora-installed
+
+.PHONY: test demo bench docs cuda-check build clean
+
+$(STAMP): pyproject.toml setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q --no-build-isolation -e '.[test]'
+	touch $(STAMP)
+
+build: $(STAMP)
+	$(PY) setup.py -q build_ext --inplace
+
+test: build
+	$(PY) -m pytest -q
+
+demo: build
+	$(PY) -m minidora demo
+
+bench: build
+	$(PY) benchmarks/bench_nf4.py
+	$(PY) benchmarks/bench_dora.py
+
+docs: build
+	$(PY) -m pip install -q -e '.[docs]' --no-build-isolation
+	$(PY) -m mkdocs build --strict
+
+cuda-check:
+	bash scripts/cuda_compile_check.sh
+
+clean:
+	rm -rf build site minidora/_C*.so

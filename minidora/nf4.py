@@ -1,0 +1,290 @@
+r"""NF4 4-bit quantization with double quantization: the storage format of QLoRA.
+
+Dettmers et al., "QLoRA: Efficient Finetuning of Quantized LLMs", 2023, arXiv 2305.14314, sec. 3.
+This is a plain PyTorch reference that reproduces bitsandbytes bit for bit.
+
+**NormalFloat4.** The 16 code values are quantiles of N(0, 1), rescaled to [-1, 1], with an exact
+zero and 8 positive / 7 negative values ("two ranges"):
+
+.. math::  q_i = Q(p_i) / Q(\delta), \quad \delta = \tfrac12\big((1 - \tfrac1{30}) + (1 - \tfrac1{32})\big)
+
+**Blockwise absmax.** Flatten W row-major, cut it into blocks of ``blocksize`` elements, store
+per block :math:`a_b = \max |x|` and per element the index of the code value nearest to
+:math:`x \cdot (1 / a_b)`. Dequantize: :math:`\hat x = c[q] \cdot a_b`.
+
+**Double quantization (DQ).** The float32 scales cost 32/64 = 0.5 bit per parameter. DQ
+subtracts their mean and stores them with an 8-bit dynamic code in blocks of 256 scales, plus
+one float32 per 256 scales: 8/64 + 32/(64*256) = 0.127 bit (eq. 6 of the paper).
+
+Public entry points: :func:`quantize`, :func:`dequantize`, :func:`to_bnb_state_dict`,
+:func:`from_bnb_state_dict`, and the :class:`NF4Weight` they pass around.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ._tables import DYNAMIC_MAP
+
+__all__ = [
+    "NF4Weight", "quantize", "dequantize", "nf4_codebook", "NF4_CODEBOOK", "DYNAMIC_CODE",
+    "to_bnb_state_dict", "from_bnb_state_dict", "storage_bits_per_param",
+]
+
+NESTED_BLOCKSIZE = 256  # scales per double-quantization block (fixed by bitsandbytes)
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16,
+                "float16": torch.float16, "float64": torch.float64}
+
+
+def nf4_codebook(offset: float = 0.9677083) -> torch.Tensor:
+    """Derive the 16 NF4 values from normal quantiles, in float32, as bitsandbytes does.
+
+    Returns:
+        [16] float32, sorted, from -1.0 to 1.0 with an exact 0.0 at index 7.
+    """
+    pos = torch.special.ndtri(torch.linspace(offset, 0.5, 9)[:-1].double())   # 8 positive
+    neg = -torch.special.ndtri(torch.linspace(offset, 0.5, 8)[:-1].double())  # 7 negative
+    values = torch.cat([pos, torch.zeros(1, dtype=torch.float64), neg]).float().sort().values
+    return values / values.max()
+
+
+NF4_CODEBOOK = nf4_codebook()                                          # [16] float32
+DYNAMIC_CODE = torch.tensor(DYNAMIC_MAP, dtype=torch.float32)          # [256] float32
+
+
+def _midpoints(code: torch.Tensor) -> torch.Tensor:
+    return (code[:-1] + code[1:]) / 2
+
+
+def _nearest(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest code value; an exact tie goes to the lower index."""
+    return torch.bucketize(scaled, _midpoints(code), right=False)
+
+
+@dataclass
+class NF4Weight:
+    """A weight stored in NF4, laid out exactly as bitsandbytes stores it.
+
+    Attributes:
+        packed: [ceil(n / 2)] uint8, two 4-bit codes per byte, first element in the high nibble.
+        absmax: [n_blocks] float32 scales, or uint8 codes into DYNAMIC_CODE with double quant.
+        shape: the original weight shape, e.g. (out_features, in_features).
+        dtype: the original weight dtype (what :func:`dequantize` returns by default).
+        blocksize: elements per block (power of two, 32..4096).
+        nested_absmax: [ceil(n_blocks / 256)] float32, double quant only.
+        offset: 0-dim float32, the mean subtracted from the scales, double quant only.
+    """
+
+    packed: torch.Tensor
+    absmax: torch.Tensor
+    shape: tuple
+    dtype: torch.dtype
+    blocksize: int = 64
+    nested_absmax: torch.Tensor | None = None
+    offset: torch.Tensor | None = None
+
+    @property
+    def double_quant(self) -> bool:
+        return self.nested_absmax is not None
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of storage: packed codes, scales, and the double-quant statistics."""
+        n = self.packed.numel() + self.absmax.numel() * self.absmax.element_size()
+        if self.double_quant:
+            n += self.nested_absmax.numel() * 4 + 4  # nested scales + offset
+        return n
+
+    @property
+    def bits_per_param(self) -> float:
+        return 8 * self.nbytes / self.numel
+
+    def scales(self) -> torch.Tensor:
+        """The float32 per-block scales, decoding the double quantization if present."""
+        return _decode_scales(self.absmax, self.nested_absmax, self.offset)
+
+
+def storage_bits_per_param(numel: int, blocksize: int = 64, double_quant: bool = True) -> float:
+    """Bits per parameter of an NF4 tensor with ``numel`` elements (codes + scales)."""
+    n_blocks = -(-numel // blocksize)
+    nbytes = -(-numel // 2) + (n_blocks if double_quant else 4 * n_blocks)
+    if double_quant:
+        nbytes += 4 * -(-n_blocks // NESTED_BLOCKSIZE) + 4
+    return 8 * nbytes / numel
+
+
+def _check_blocksize(blocksize) -> None:
+    if (not isinstance(blocksize, int) or isinstance(blocksize, bool) or blocksize < 32
+            or blocksize > 4096 or blocksize & (blocksize - 1)):
+        raise ValueError(f"blocksize must be a power of two in 32..4096, got {blocksize!r}")
+
+
+def _check_weight(weight) -> None:
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+    if weight.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"weight must be float32, bfloat16, float16 or float64, got {weight.dtype}")
+    if weight.numel() == 0:
+        raise ValueError(f"weight must not be empty, got shape {tuple(weight.shape)}")
+    bad = ~torch.isfinite(weight)
+    if bad.any():
+        first = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"weight has {int(bad.sum())} NaN/Inf value(s), first at index {first}: "
+                         "quantizing them would poison their whole block")
+
+
+def _blockwise_absmax(x: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad x [n] with zeros to whole blocks; return (blocks [n_blocks, blocksize], absmax)."""
+    pad = -x.numel() % blocksize
+    blocks = torch.nn.functional.pad(x, (0, pad)).view(-1, blocksize)
+    return blocks, blocks.abs().amax(dim=1)                  # [n_blocks, bs], [n_blocks]
+
+
+def _double_quantize(absmax: torch.Tensor):
+    """Scales [n_blocks] float32 -> (uint8 codes, nested_absmax float32, offset 0-dim float32)."""
+    offset = absmax.mean()
+    blocks, nested = _blockwise_absmax(absmax - offset, NESTED_BLOCKSIZE)
+    scaled = blocks * (1.0 / nested.clamp_min(1e-38))[:, None]
+    codes = _nearest(scaled, DYNAMIC_CODE).view(-1)[: absmax.numel()].to(torch.uint8)
+    return codes, nested, offset
+
+
+def _decode_scales(absmax, nested_absmax, offset) -> torch.Tensor:
+    if nested_absmax is None:
+        return absmax
+    n = absmax.numel()
+    nested = nested_absmax.repeat_interleave(NESTED_BLOCKSIZE)[:n]       # [n_blocks]
+    return DYNAMIC_CODE.to(absmax.device)[absmax.long()] * nested + offset
+
+
+def quantize(weight: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> NF4Weight:
+    """Quantize a floating-point tensor to NF4, bit-exact with bitsandbytes.
+
+    Args:
+        weight: any shape, float32 / bfloat16 / float16 / float64, finite, non-empty.
+        blocksize: elements per absmax block, a power of two in 32..4096.
+        double_quant: also quantize the scales (QLoRA's DQ).
+
+    Returns:
+        An :class:`NF4Weight`.
+    """
+    _check_weight(weight)
+    _check_blocksize(blocksize)
+    x = weight.detach().reshape(-1).to(torch.float32)                    # [n]
+    blocks, absmax = _blockwise_absmax(x, blocksize)                     # [nb, bs], [nb]
+    scaled = blocks * (1.0 / absmax.clamp_min(1e-38))[:, None]           # multiply, not divide
+    codes = _nearest(scaled, NF4_CODEBOOK.to(x.device)).view(-1)[: x.numel()]
+    if codes.numel() % 2:
+        codes = torch.cat([codes, codes.new_full((1,), 7)])            # pad with code 7 (= 0.0)
+    packed = ((codes[0::2] << 4) | codes[1::2]).to(torch.uint8)          # [ceil(n/2)]
+    q = NF4Weight(packed, absmax, tuple(weight.shape), weight.dtype, blocksize)
+    if double_quant:
+        q.absmax, q.nested_absmax, q.offset = _double_quantize(absmax)
+    return q
+
+
+def dequantize(q: NF4Weight, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Decode an :class:`NF4Weight` to a dense tensor of its shape (default: its dtype).
+
+    out = float32(codebook[code]) * float32(scale), cast once to ``dtype``.
+    """
+    dtype = q.dtype if dtype is None else dtype
+    if dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"dtype must be float32, bfloat16, float16 or float64, got {dtype}")
+    codes = torch.stack([q.packed >> 4, q.packed & 0xF], dim=1).view(-1)[: q.numel]   # [n]
+    scales = q.scales().repeat_interleave(q.blocksize)[: q.numel]                     # [n]
+    values = NF4_CODEBOOK.to(q.packed.device)[codes.long()] * scales
+    return values.to(dtype).view(q.shape)
+
+
+# --- bitsandbytes checkpoint layout -------------------------------------------------------------
+
+def to_bnb_state_dict(q: NF4Weight, prefix: str = "weight") -> dict[str, torch.Tensor]:
+    """Export to the keys a bitsandbytes ``Linear4bit`` writes (``weight``, ``weight.absmax``...).
+
+    The non-tensor state goes into ``<prefix>.quant_state.bitsandbytes__nf4``: UTF-8 JSON bytes.
+    """
+    meta = {"quant_type": "nf4", "blocksize": q.blocksize,
+            "dtype": str(q.dtype).removeprefix("torch."), "shape": list(q.shape)}
+    sd = {prefix: q.packed.reshape(-1, 1), f"{prefix}.absmax": q.absmax,
+          f"{prefix}.quant_map": NF4_CODEBOOK.clone()}
+    if q.double_quant:
+        sd[f"{prefix}.nested_absmax"] = q.nested_absmax
+        sd[f"{prefix}.nested_quant_map"] = DYNAMIC_CODE.clone()
+        meta.update(nested_blocksize=NESTED_BLOCKSIZE, nested_dtype="float32",
+                    nested_offset=q.offset.item())
+    blob = json.dumps(meta).encode("utf-8")
+    sd[f"{prefix}.quant_state.bitsandbytes__nf4"] = torch.tensor(list(blob), dtype=torch.uint8)
+    return sd
+
+
+def _expect(sd, key, dtype, shape=None) -> torch.Tensor:
+    if key not in sd:
+        raise KeyError(f"state dict is missing {key!r} (have: {sorted(sd)})")
+    t = sd[key]
+    if not isinstance(t, torch.Tensor) or t.dtype != dtype:
+        got = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(f"{key!r} must be a {dtype} tensor, got {got}")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{key!r} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+    return t
+
+
+def from_bnb_state_dict(sd: dict[str, torch.Tensor], prefix: str = "weight") -> NF4Weight:
+    """Import an NF4 weight from bitsandbytes' checkpoint layout (see :func:`to_bnb_state_dict`).
+
+    Every key, shape, dtype and the JSON blob are checked; anything unexpected raises.
+    """
+    blob_key = f"{prefix}.quant_state.bitsandbytes__nf4"
+    other = [k for k in sd if k.startswith(f"{prefix}.quant_state.bitsandbytes__")]
+    if blob_key not in sd and other:
+        raise ValueError(f"unknown quant_type in {other[0]!r}: only 'nf4' is supported")
+    blob = _expect(sd, blob_key, torch.uint8)
+    try:
+        meta = json.loads(bytes(blob.tolist()).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{blob_key!r} does not hold valid UTF-8 JSON: {e}") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{blob_key!r} must hold a JSON object, got {type(meta).__name__}")
+    if meta.get("quant_type") != "nf4":
+        raise ValueError(f"unknown quant_type {meta.get('quant_type')!r} in {blob_key!r}: expected 'nf4'")
+    for field in ("blocksize", "dtype", "shape"):
+        if field not in meta:
+            raise ValueError(f"{blob_key!r} is missing the field {field!r}")
+    blocksize, shape = meta["blocksize"], meta["shape"]
+    _check_blocksize(blocksize)
+    if meta["dtype"] not in _DTYPE_NAMES:
+        raise ValueError(f"unsupported dtype {meta['dtype']!r} in {blob_key!r}")
+    if (not isinstance(shape, list) or not shape
+            or not all(isinstance(s, int) and s > 0 for s in shape)):
+        raise ValueError(f"shape in {blob_key!r} must be a list of positive ints, got {shape!r}")
+    n = math.prod(shape)
+    n_blocks = -(-n // blocksize)
+    packed = _expect(sd, prefix, torch.uint8, ((n + 1) // 2, 1)).reshape(-1)
+    quant_map = _expect(sd, f"{prefix}.quant_map", torch.float32, (16,))
+    if not torch.equal(quant_map, NF4_CODEBOOK):
+        raise ValueError(f"{prefix}.quant_map is not the NF4 codebook")
+    nested = "nested_offset" in meta
+    absmax = _expect(sd, f"{prefix}.absmax", torch.uint8 if nested else torch.float32, (n_blocks,))
+    q = NF4Weight(packed, absmax, tuple(shape), _DTYPE_NAMES[meta["dtype"]], blocksize)
+    if nested:
+        if meta.get("nested_blocksize", NESTED_BLOCKSIZE) != NESTED_BLOCKSIZE:
+            raise ValueError(f"nested_blocksize must be {NESTED_BLOCKSIZE}, got {meta['nested_blocksize']!r}")
+        if not isinstance(meta["nested_offset"], (int, float)):
+            raise ValueError(f"nested_offset must be a number, got {meta['nested_offset']!r}")
+        q.nested_absmax = _expect(sd, f"{prefix}.nested_absmax", torch.float32,
+                                  (-(-n_blocks // NESTED_BLOCKSIZE),))
+        nested_map = _expect(sd, f"{prefix}.nested_quant_map", torch.float32, (256,))
+        if not torch.equal(nested_map, DYNAMIC_CODE):
+            raise ValueError(f"{prefix}.nested_quant_map is not the 8-bit dynamic map")
+        q.offset = torch.tensor(meta["nested_offset"], dtype=torch.float32)
+    return q
