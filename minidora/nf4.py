@@ -149,13 +149,31 @@ def _blockwise_absmax(x: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, to
     return blocks, blocks.abs().amax(dim=1)                  # [n_blocks, bs], [n_blocks]
 
 
+# bitsandbytes finds the 8-bit code of a scale through a 65536-entry table rather than an exact
+# search: the normalised value v in [-1, 1] picks grid point i = trunc(((v + 1) * 0.5) * 65535 + 0.5),
+# and the table holds the nearest dynamic-map entry to that grid point, -1 + 2i / 65535. A value
+# within about 1.5e-5 of a midpoint can so land one code away from its exact nearest one (a few
+# codes per thousand). Reproducing the grid keeps the scale codes bit-exact.
+_GRID = 65535
+
+
+def _dynamic_grid_table() -> torch.Tensor:
+    grid = -1.0 + (2.0 * torch.arange(_GRID + 1, dtype=torch.float32)) / _GRID   # [65536]
+    return _nearest(grid, DYNAMIC_CODE)                                            # [65536] codes
+
+
+_DYNAMIC_TABLE = _dynamic_grid_table()
+
+
 def _double_quantize(absmax: torch.Tensor):
     """Scales [n_blocks] float32 -> (uint8 codes, nested_absmax float32, offset 0-dim float32)."""
     offset = absmax.mean()
-    blocks, nested = _blockwise_absmax(absmax - offset, NESTED_BLOCKSIZE)
-    scaled = blocks * (1.0 / nested.clamp_min(1e-38))[:, None]
-    codes = _nearest(scaled, DYNAMIC_CODE).view(-1)[: absmax.numel()].to(torch.uint8)
-    return codes, nested, offset
+    blocks, nested = _blockwise_absmax(absmax - offset, NESTED_BLOCKSIZE)       # [nb2, 256], [nb2]
+    scaled = (blocks * (1.0 / nested.clamp_min(1e-38))[:, None]).clamp(-1.0, 1.0)
+    grid_index = (((scaled + 1.0) * 0.5) * _GRID + 0.5).to(torch.int64)       # truncation
+    codes = _DYNAMIC_TABLE.to(absmax.device)[grid_index]
+    codes[nested == 0] = 0                # an all-equal block of scales: bitsandbytes stores code 0
+    return codes.view(-1)[: absmax.numel()].to(torch.uint8), nested, offset
 
 
 def _decode_scales(absmax, nested_absmax, offset) -> torch.Tensor:

@@ -1,0 +1,57 @@
+"""minidora.nf4 against a live bitsandbytes on fresh random weights (beyond the golden file).
+
+bitsandbytes is a test dependency (pinned in pyproject's `test` extra); its CPU build runs here.
+"""
+
+import warnings
+
+import pytest
+import torch
+
+from minidora import nf4
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bnbF
+
+
+SHAPES = [(40, 96), (33, 77), (7, 2048), (129, 130), (300, 64), (1, 4099)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("blocksize", [32, 64, 256, 4096])
+def test_quantize_matches_bitsandbytes(shape, dtype, blocksize):
+    gen = torch.Generator().manual_seed(hash((shape, str(dtype), blocksize)) % 2**31)
+    w = (torch.randn(shape, generator=gen) * torch.rand(shape[0], 1, generator=gen)).to(dtype)
+    for double_quant in (False, True):
+        packed, state = bnbF.quantize_4bit(w, blocksize=blocksize, compress_statistics=double_quant,
+                                           quant_type="nf4")
+        q = nf4.quantize(w, blocksize, double_quant=double_quant)
+        assert torch.equal(q.packed, packed.view(-1))
+        assert torch.equal(q.absmax, state.absmax)
+        if double_quant:
+            assert torch.equal(q.offset, state.offset)
+            assert torch.equal(q.nested_absmax, state.state2.absmax)
+            # the scales bitsandbytes itself reconstructs from its codes
+            bnb_scales = bnbF.dequantize_blockwise(state.absmax, state.state2) + state.offset
+            assert torch.equal(q.scales(), bnb_scales)
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_state_dict_is_byte_identical_to_linear4bit(double_quant):
+    torch.manual_seed(0)
+    dense = torch.nn.Linear(96, 40)
+    layer = bnb.nn.Linear4bit(96, 40, compute_dtype=torch.float32, compress_statistics=double_quant,
+                              quant_type="nf4")
+    layer.load_state_dict(dense.state_dict())
+    layer = layer.to("cpu")  # quantizes
+    theirs = layer.state_dict()
+    mine = nf4.to_bnb_state_dict(nf4.quantize(dense.weight.data, 64, double_quant=double_quant))
+    assert set(theirs) - {"bias"} == set(mine)
+    for key, value in mine.items():
+        assert value.dtype == theirs[key].dtype and torch.equal(value, theirs[key]), key
+    # and what bitsandbytes wrote loads back into the same weight
+    back = nf4.from_bnb_state_dict(theirs)
+    assert torch.equal(nf4.dequantize(back), nf4.dequantize(nf4.quantize(dense.weight.data, 64, double_quant)))
