@@ -1,29 +1,281 @@
 """The one dispatch point between the readable reference and the compiled NF4 ops.
 
-Every NF4 matmul in minidora goes through :func:`nf4_linear`; it runs the compiled op
-``torch.ops.minidora.nf4_linear`` when the extension is built, and the plain PyTorch reference
-otherwise (or when asked to with ``backend="reference"``).
+Every NF4 matmul in minidora goes through :func:`nf4_linear`:
+
+.. math::  y = x\\,\\hat W^\\top + b, \\qquad \\hat W = \\operatorname{dequantize}(W_{\\text{NF4}})
+
+computed in x's dtype (QLoRA, Dettmers et al., 2023, arXiv 2305.14314, eq. 5, without the
+adapter term). It runs the compiled op ``torch.ops.minidora.nf4_linear`` when the extension
+``minidora._C`` is built and has a kernel for x's device, and otherwise the plain PyTorch
+reference ``F.linear(x, nf4.dequantize(q, x.dtype), bias)``, which stays the specification.
+
+The backward pass needs only the input gradient, :math:`\\partial L/\\partial x = g\\,\\hat W`
+(the 4-bit weight is frozen); it is the op ``nf4_linear_grad_input``, registered here as the
+autograd formula of ``nf4_linear`` together with the fake (shape-only) implementations that let
+``torch.compile`` trace through the ops.
+
+Build the extension with ``make build`` (or ``pip install -e .`` then
+``python setup.py build_ext --inplace``).
 """
 
 from __future__ import annotations
+
+import contextlib
+import math
 
 import torch
 import torch.nn.functional as F
 
 from . import nf4
 
-__all__ = ["nf4_linear", "nf4_dequantize", "extension_available"]
+__all__ = [
+    "nf4_linear", "nf4_dequantize", "extension_available", "cuda_available",
+    "set_backend", "get_backend", "use_reference", "cpu_isa", "use_cpu_isa",
+]
+
+try:
+    from . import _C  # registers torch.ops.minidora.* (schemas and CPU/CUDA kernels)
+    _IMPORT_ERROR: Exception | None = None
+except ImportError as e:  # not built: the reference path still works
+    _C = None
+    _IMPORT_ERROR = e
+
+_BACKENDS = ("auto", "reference", "compiled")
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_backend = "auto"  # what backend="auto" means; see set_backend / use_reference
+
+
+def _kernel_devices() -> frozenset:
+    if _C is None:
+        return frozenset()
+    has = torch._C._dispatch_has_kernel_for_dispatch_key
+    return frozenset(d for d, key in (("cpu", "CPU"), ("cuda", "CUDA"))
+                     if has("minidora::nf4_linear", key))
+
+
+_DEVICES = _kernel_devices()  # device types with a compiled kernel, fixed once loaded
 
 
 def extension_available() -> bool:
-    return False
+    """True when the compiled extension ``minidora._C`` is built and loaded."""
+    return _C is not None
 
 
-def nf4_dequantize(q: nf4.NF4Weight, dtype: torch.dtype | None = None, backend: str = "auto") -> torch.Tensor:
-    return nf4.dequantize(q, dtype)
+def cuda_available() -> bool:
+    """True when a CUDA device is present and the extension has CUDA kernels."""
+    return "cuda" in _DEVICES and torch.cuda.is_available()
+
+
+def set_backend(backend: str) -> None:
+    """Choose what ``backend="auto"`` means: ``"auto"`` (compiled when possible), ``"reference"``
+    or ``"compiled"``."""
+    global _backend
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    _backend = backend
+
+
+def get_backend() -> str:
+    return _backend
+
+
+@contextlib.contextmanager
+def use_reference():
+    """Run every ``backend="auto"`` call inside the block on the plain PyTorch reference."""
+    previous = _backend
+    set_backend("reference")
+    try:
+        yield
+    finally:
+        set_backend(previous)
+
+
+def cpu_isa() -> str:
+    """Which CPU kernels the compiled ops use now: ``"avx512"`` or ``"scalar"``."""
+    _require_extension()
+    return _C.cpu_isa()
+
+
+@contextlib.contextmanager
+def use_cpu_isa(isa: str):
+    """Force the CPU kernels (``"scalar"``, ``"avx512"`` or ``"auto"``) inside the block."""
+    _require_extension()
+    previous = _C.cpu_isa()
+    _C.set_cpu_isa(isa)
+    try:
+        yield
+    finally:
+        _C.set_cpu_isa(previous)
+
+
+def _require_extension() -> None:
+    if _C is None:
+        raise RuntimeError(
+            "minidora's compiled extension minidora._C is not built "
+            f"({type(_IMPORT_ERROR).__name__}: {_IMPORT_ERROR}). Build it from the repository root "
+            "with `make build`, or `pip install -e .` then `python setup.py build_ext --inplace`; "
+            "or pass backend='reference'.")
+
+
+def _use_compiled(backend: str, device: torch.device) -> bool:
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        backend = _backend
+    if backend == "reference":
+        return False
+    if backend == "compiled":
+        _require_extension()
+        if device.type not in _DEVICES:
+            raise RuntimeError(f"minidora._C has no kernel for device {device.type!r} "
+                               f"(built for: {sorted(_DEVICES)}); use backend='reference'")
+        return True
+    return device.type in _DEVICES
+
+
+# --- argument checks: metadata only (shapes, dtypes, devices), so they trace under torch.compile
+
+def _check_weight(q, name: str = "q") -> None:
+    if not isinstance(q, nf4.NF4Weight):
+        raise TypeError(f"{name} must be an NF4Weight, got {type(q).__name__}")
+    nf4._check_blocksize(q.blocksize)
+    n = math.prod(q.shape)
+    if q.packed.dtype != torch.uint8 or q.packed.numel() != (n + 1) // 2:
+        raise ValueError(f"{name}.packed must be uint8 with ceil(n/2) = {(n + 1) // 2} bytes for "
+                         f"shape {tuple(q.shape)}, got {q.packed.dtype} with {q.packed.numel()}")
+    n_blocks = -(-n // q.blocksize)
+    if q.absmax.numel() != n_blocks:
+        raise ValueError(f"{name}.absmax must hold ceil(n/blocksize) = {n_blocks} scales for shape "
+                         f"{tuple(q.shape)} and blocksize {q.blocksize}, got {q.absmax.numel()}")
+    want = torch.uint8 if q.double_quant else torch.float32
+    if q.absmax.dtype != want:
+        raise TypeError(f"{name}.absmax must be {want} "
+                        f"({'with' if q.double_quant else 'without'} double quantization), "
+                        f"got {q.absmax.dtype}")
+
+
+def _check_dtype(dtype, name: str) -> None:
+    if dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {dtype}")
+
+
+def _weight_args(q: nf4.NF4Weight) -> tuple:
+    """The NF4Weight as the ops' arguments (packed, absmax, nested_absmax, nested_code, offset,
+    blocksize)."""
+    code = nf4.DYNAMIC_CODE.to(q.packed.device) if q.double_quant else None
+    return (q.packed, q.absmax, q.nested_absmax, code, q.offset, q.blocksize)
+
+
+def nf4_dequantize(q: nf4.NF4Weight, dtype: torch.dtype | None = None,
+                   backend: str = "auto") -> torch.Tensor:
+    """Decode an NF4 weight to a dense tensor, bit-exact with :func:`minidora.nf4.dequantize`.
+
+    Args:
+        q: the NF4 weight.
+        dtype: output dtype (default: ``q.dtype``).
+        backend: ``"auto"``, ``"reference"`` or ``"compiled"``.
+
+    Returns:
+        [*q.shape] tensor of ``dtype`` on q's device.
+    """
+    _check_weight(q)
+    dtype = q.dtype if dtype is None else dtype
+    _check_dtype(dtype, "dtype")
+    if not _use_compiled(backend, q.packed.device):
+        return nf4.dequantize(q, dtype)
+    return torch.ops.minidora.nf4_dequantize(*_weight_args(q), list(q.shape), dtype)
 
 
 def nf4_linear(x: torch.Tensor, q: nf4.NF4Weight, bias: torch.Tensor | None = None,
                backend: str = "auto") -> torch.Tensor:
-    """y = x @ dequantize(W).T + bias in x's dtype. x: [..., in_features] -> [..., out_features]."""
-    return F.linear(x, nf4.dequantize(q, x.dtype), bias)
+    """y = x @ dequantize(W).T + bias, in x's dtype.
+
+    Args:
+        x: [..., in_features], float32 / bfloat16 / float16 / float64.
+        q: NF4 weight of shape (out_features, in_features), on x's device.
+        bias: [out_features] in x's dtype, or None.
+        backend: ``"auto"`` (compiled when built for x's device, else reference),
+            ``"reference"`` or ``"compiled"`` (raises if the extension is missing).
+
+    Returns:
+        [..., out_features] in x's dtype. Differentiable in x and bias (not in the 4-bit weight).
+    """
+    _check_weight(q)
+    if len(q.shape) != 2:
+        raise ValueError(f"q must be a 2-D weight (out_features, in_features), got shape {q.shape}")
+    out_features, in_features = q.shape
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    _check_dtype(x.dtype, "x")
+    if x.dim() < 1 or x.shape[-1] != in_features:
+        raise ValueError(f"x must have last dimension in_features = {in_features}, "
+                         f"got shape {tuple(x.shape)}")
+    if q.packed.device != x.device:
+        raise ValueError(f"x is on {x.device} but the NF4 weight is on {q.packed.device}")
+    if bias is not None:
+        if bias.dtype != x.dtype:
+            raise TypeError(f"bias must have x's dtype {x.dtype}, got {bias.dtype}")
+        if tuple(bias.shape) != (out_features,):
+            raise ValueError(f"bias must have shape ({out_features},), got {tuple(bias.shape)}")
+        if bias.device != x.device:
+            raise ValueError(f"bias is on {bias.device} but x is on {x.device}")
+    if not _use_compiled(backend, x.device):
+        return F.linear(x, nf4.dequantize(q, x.dtype), bias)
+    return torch.ops.minidora.nf4_linear(x, *_weight_args(q), out_features, in_features, bias)
+
+
+# --- fake implementations and autograd formulas of the compiled ops ---------------------------
+
+if _C is not None:
+
+    @torch.library.register_fake("minidora::nf4_dequantize")
+    def _dequantize_fake(packed, absmax, nested_absmax, nested_code, offset, blocksize, shape,
+                         dtype):
+        return packed.new_empty(shape, dtype=dtype)
+
+    @torch.library.register_fake("minidora::nf4_linear")
+    def _linear_fake(x, packed, absmax, nested_absmax, nested_code, offset, blocksize,
+                     out_features, in_features, bias):
+        torch._check(x.shape[-1] == in_features, lambda: "x's last dimension must be in_features")
+        return x.new_empty((*x.shape[:-1], out_features))
+
+    @torch.library.register_fake("minidora::nf4_linear_grad_input")
+    def _grad_input_fake(grad_y, packed, absmax, nested_absmax, nested_code, offset, blocksize,
+                         out_features, in_features):
+        torch._check(grad_y.shape[-1] == out_features,
+                     lambda: "grad_y's last dimension must be out_features")
+        return grad_y.new_empty((*grad_y.shape[:-1], in_features))
+
+    def _save_weight(ctx, inputs) -> None:
+        packed, absmax, nested_absmax, nested_code, offset = inputs[1:6]
+        ctx.save_for_backward(packed, absmax, nested_absmax, nested_code, offset)
+        ctx.sizes = inputs[6:9]  # blocksize, out_features, in_features
+
+    def _linear_setup_context(ctx, inputs, output) -> None:
+        _save_weight(ctx, inputs)
+        ctx.has_bias = inputs[9] is not None
+
+    def _linear_backward(ctx, grad_y):
+        weight = (*ctx.saved_tensors, *ctx.sizes)
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.ops.minidora.nf4_linear_grad_input(grad_y, *weight)   # [..., in]
+        if ctx.has_bias and ctx.needs_input_grad[9]:
+            grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)             # [out]
+        return (grad_x,) + (None,) * 8 + (grad_bias,)
+
+    def _grad_input_setup_context(ctx, inputs, output) -> None:
+        _save_weight(ctx, inputs)
+
+    def _grad_input_backward(ctx, grad_grad_x):
+        # grad_x = grad_y @ W is linear in grad_y, so its own gradient is grad_grad_x @ W^T.
+        grad_grad_y = None
+        if ctx.needs_input_grad[0]:
+            grad_grad_y = torch.ops.minidora.nf4_linear(grad_grad_x, *ctx.saved_tensors,
+                                                        *ctx.sizes, None)
+        return (grad_grad_y,) + (None,) * 8
+
+    torch.library.register_autograd("minidora::nf4_linear", _linear_backward,
+                                    setup_context=_linear_setup_context)
+    torch.library.register_autograd("minidora::nf4_linear_grad_input", _grad_input_backward,
+                                    setup_context=_grad_input_setup_context)

@@ -1,0 +1,686 @@
+// CPU kernels of the NF4 custom ops: dequantize, dequantize-matmul and its input gradient.
+//
+// Specification: minidora/nf4.py (`dequantize`) and minidora/ops.py (the reference path
+// F.linear(x, dequantize(W, x.dtype), bias)). Each kernel exists twice: a scalar version that
+// reads like the specification and runs everywhere, and an AVX-512 version compiled with a
+// `target` attribute and chosen at run time when the CPU has it (no -march=native needed).
+//
+// Dequantized values are always float32(codebook[code]) * float32(scale), cast once to the
+// output dtype: that makes nf4_dequantize bit-exact with the reference. Because every element of
+// an absmax block uses the same scale, a block decodes through a 16-entry table
+// table[c] = codebook[c] * scale, and the AVX-512 kernels look 16 or 32 codes up at once in it.
+//
+// The matmul has two regimes:
+//   * few rows (M <= kMaxFusedRows, decode-like): the 4-bit codes are decoded in registers inside
+//     the dot products; the dense weight never exists in memory, so the kernel reads ~8x fewer
+//     bytes than a float32 matmul;
+//   * many rows: cache-sized tiles of W are decoded into the activation dtype and handed to the
+//     BLAS behind at::mm / at::addmm, so decoding costs little next to the matmul and no full
+//     dense copy of W is allocated.
+// In both, W is first rounded to the activation dtype (as the reference does) and products are
+// accumulated in float32 (float64 for float64 activations).
+#include "nf4_common.h"
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define MINIDORA_X86 1
+// GCC's own intrinsic headers trip -Wmaybe-uninitialized (their _mm512_undefined_* helpers).
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#define MD_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")))
+#else
+#define MINIDORA_X86 0
+#endif
+
+namespace minidora {
+namespace {
+
+constexpr int64_t kMaxFusedRows = 16;         // M up to this: fused decode-in-the-dot-product
+constexpr int64_t kTileBytes = 2 << 20;       // dense weight tile of the many-rows regime
+
+// ---- which kernels run ------------------------------------------------------------------------
+
+enum class Isa : int { kScalar = 0, kAvx512 = 1 };
+
+bool cpu_has_avx512() {
+#if MINIDORA_X86
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }();
+  return has;
+#else
+  return false;
+#endif
+}
+
+std::atomic<int> g_forced_isa{-1};  // -1: best available
+
+Isa active_isa() {
+  const int forced = g_forced_isa.load();
+  if (forced >= 0) return static_cast<Isa>(forced);
+  return cpu_has_avx512() ? Isa::kAvx512 : Isa::kScalar;
+}
+
+// ---- reading an NF4 weight --------------------------------------------------------------------
+
+// a * b + c with the product rounded to float32 first (never fused into an FMA): the double
+// quantization formula of the reference has exactly two float32 roundings.
+inline float mul_then_add(float a, float b, float c) {
+  float p = a * b;
+#if MINIDORA_X86
+  __asm__("" : "+x"(p));  // the product must exist as a float32 value
+#else
+  volatile float vp = p;
+  p = vp;
+#endif
+  return p + c;
+}
+
+// Raw pointers to one NF4 weight, flattened row-major (element e of W[out, in] is e = o*in + k).
+struct NF4View {
+  const uint8_t* packed = nullptr;  // [ceil(n/2)], element 2i in the high nibble of byte i
+  const float* absmax = nullptr;    // [n_blocks] float32 scales (no double quantization)
+  const uint8_t* codes = nullptr;   // [n_blocks] uint8 scale codes (double quantization)
+  const float* nested = nullptr;    // [ceil(n_blocks/256)]
+  const float* dyn = nullptr;       // [256] dynamic map
+  float offset = 0.f;
+  int shift = 6;                    // log2(blocksize)
+
+  float scale(int64_t block) const {
+    if (absmax != nullptr) return absmax[block];
+    return mul_then_add(dyn[codes[block]], nested[block / kNestedBlocksize], offset);
+  }
+  int code(int64_t e) const {
+    const uint8_t byte = packed[e >> 1];
+    return (e & 1) ? (byte & 0xF) : (byte >> 4);
+  }
+  // float32(codebook[code]) * float32(scale): the dequantized value before its single cast.
+  float value(int64_t e) const { return kNF4Codebook[code(e)] * scale(e >> shift); }
+};
+
+// Keeps contiguous copies of the weight tensors alive while a kernel reads them.
+struct NF4Operand {
+  at::Tensor packed, absmax, nested, dyn;
+  NF4View view;
+};
+
+NF4Operand make_operand(const at::Tensor& packed, const at::Tensor& absmax,
+                        const c10::optional<at::Tensor>& nested_absmax,
+                        const c10::optional<at::Tensor>& nested_code,
+                        const c10::optional<at::Tensor>& offset, int64_t blocksize) {
+  NF4Operand w;
+  w.packed = packed.contiguous();
+  w.absmax = absmax.contiguous();
+  w.view.packed = w.packed.data_ptr<uint8_t>();
+  w.view.shift = __builtin_ctzll(static_cast<unsigned long long>(blocksize));
+  if (w.absmax.scalar_type() == at::kFloat) {
+    w.view.absmax = w.absmax.data_ptr<float>();
+  } else {
+    w.nested = nested_absmax->contiguous();
+    w.dyn = nested_code->contiguous();
+    w.view.codes = w.absmax.data_ptr<uint8_t>();
+    w.view.nested = w.nested.data_ptr<float>();
+    w.view.dyn = w.dyn.data_ptr<float>();
+    w.view.offset = offset->item<float>();
+  }
+  return w;
+}
+
+// The value an activation dtype T holds for v (round to nearest even), back in float32.
+template <typename T>
+inline float round_through(float v) {
+  return static_cast<float>(static_cast<T>(v));
+}
+
+template <typename T>
+constexpr int round_mode() {  // 0: float32, 1: bfloat16, 2: float16 (see rounded_table)
+  return std::is_same<T, c10::BFloat16>::value ? 1 : std::is_same<T, c10::Half>::value ? 2 : 0;
+}
+
+// ---- scalar kernels: the readable specification and the portable fallback --------------------
+
+// out[i] = T(value(e0 + i)) for i < n.
+template <typename T>
+void decode_span_scalar(const NF4View& w, int64_t e0, int64_t n, T* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<T>(w.value(e0 + i));
+}
+
+// y[m, o] = sum_k x[m, k] * T(W[o, k]), float32 accumulation. xf: [M, K] float32, y: [M, N].
+template <typename T>
+void fused_forward_scalar(const NF4View& w, const float* xf, int64_t M, int64_t N, int64_t K,
+                          float* y) {
+  at::parallel_for(0, N, 8, [&](int64_t n0, int64_t n1) {
+    std::vector<float> row(K);                                       // one row of W, decoded
+    for (int64_t o = n0; o < n1; ++o) {
+      for (int64_t k = 0; k < K; ++k) row[k] = round_through<T>(w.value(o * K + k));
+      for (int64_t m = 0; m < M; ++m) {
+        const float* xm = xf + m * K;
+        float acc = 0.f;
+        for (int64_t k = 0; k < K; ++k) acc += xm[k] * row[k];
+        y[m * N + o] = acc;
+      }
+    }
+  });
+}
+
+// gx[m, k] = sum_o gy[m, o] * T(W[o, k]), float32 accumulation. gy: [M, N], gx: [M, K] zeroed.
+template <typename T>
+void fused_grad_scalar(const NF4View& w, const float* gy, int64_t M, int64_t N, int64_t K,
+                       float* gx) {
+  at::parallel_for(0, K, 256, [&](int64_t k0, int64_t k1) {
+    std::vector<float> row(k1 - k0);                                 // W[o, k0:k1], decoded
+    for (int64_t o = 0; o < N; ++o) {
+      for (int64_t k = k0; k < k1; ++k) row[k - k0] = round_through<T>(w.value(o * K + k));
+      for (int64_t m = 0; m < M; ++m) {
+        const float g = gy[m * N + o];
+        float* gxm = gx + m * K;
+        for (int64_t k = k0; k < k1; ++k) gxm[k] += g * row[k - k0];
+      }
+    }
+  });
+}
+
+// ---- AVX-512 kernels ---------------------------------------------------------------------------
+#if MINIDORA_X86
+
+// table[c] = codebook[c] * scale (float32 multiply, exactly the reference's value).
+MD_AVX512 inline __m512 scaled_codebook(float scale) {
+  return _mm512_mul_ps(_mm512_loadu_ps(kNF4Codebook), _mm512_set1_ps(scale));
+}
+
+// bfloat16 bit patterns (low 16 bits of each lane), rounded to nearest even like c10::BFloat16.
+MD_AVX512 inline __m512i bf16_bits(__m512 v) {
+  const __m512i b = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+  return _mm512_srli_epi32(_mm512_add_epi32(b, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))),
+                           16);
+}
+
+// The scaled table rounded to the activation dtype (mode 0/1/2 = float32/bfloat16/float16).
+MD_AVX512 inline __m512 rounded_table(float scale, int mode) {
+  const __m512 t = scaled_codebook(scale);
+  if (mode == 1) return _mm512_castsi512_ps(_mm512_slli_epi32(bf16_bits(t), 16));
+  if (mode == 2)
+    return _mm512_cvtph_ps(_mm512_cvtps_ph(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  return t;
+}
+
+// 32 codes from 16 bytes as two vectors of 16 indices in natural order (elements 0..15, 16..31).
+// vpermps only reads the low 4 bits of an index, so no masking is needed.
+MD_AVX512 inline void chunk_indices(const uint8_t* p, __m512i& lo, __m512i& hi) {
+  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m128i high_nibbles = _mm_srli_epi16(bytes, 4);
+  lo = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(high_nibbles, bytes));
+  hi = _mm512_cvtepu8_epi32(_mm_unpackhi_epi8(high_nibbles, bytes));
+}
+
+// Decodes 32 elements starting at a multiple of 32 (so inside one block) into out.
+template <typename T>
+MD_AVX512 inline void decode_chunk(const uint8_t* p, __m512 table, __m512i table16, T* out) {
+  if constexpr (sizeof(T) == 2) {
+    // 32 word indices: word 2j = byte j >> 4, word 2j+1 = byte j (vpermw reads its low 5 bits,
+    // and table16 holds the 16 values twice).
+    const __m512i z = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    const __m512i idx = _mm512_or_si512(_mm512_srli_epi32(z, 4), _mm512_slli_epi32(z, 16));
+    _mm512_storeu_si512(out, _mm512_permutexvar_epi16(idx, table16));
+  } else {
+    __m512i ilo, ihi;
+    chunk_indices(p, ilo, ihi);
+    const __m512 a = _mm512_permutexvar_ps(ilo, table);
+    const __m512 b = _mm512_permutexvar_ps(ihi, table);
+    if constexpr (std::is_same<T, float>::value) {
+      _mm512_storeu_ps(out, a);
+      _mm512_storeu_ps(out + 16, b);
+    } else {  // double: exact widening
+      _mm512_storeu_pd(out, _mm512_cvtps_pd(_mm512_castps512_ps256(a)));
+      _mm512_storeu_pd(out + 8, _mm512_cvtps_pd(_mm512_extractf32x8_ps(a, 1)));
+      _mm512_storeu_pd(out + 16, _mm512_cvtps_pd(_mm512_castps512_ps256(b)));
+      _mm512_storeu_pd(out + 24, _mm512_cvtps_pd(_mm512_extractf32x8_ps(b, 1)));
+    }
+  }
+}
+
+template <typename T>
+MD_AVX512 inline __m512i table16_of(__m512 table) {
+  __m256i h;
+  if constexpr (std::is_same<T, c10::BFloat16>::value) {
+    h = _mm512_cvtepi32_epi16(bf16_bits(table));
+  } else {
+    h = _mm512_cvtps_ph(table, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  }
+  return _mm512_inserti64x4(_mm512_castsi256_si512(h), h, 1);
+}
+
+// Same contract as decode_span_scalar.
+template <typename T>
+MD_AVX512 void decode_span_avx512(const NF4View& w, int64_t e0, int64_t n, T* out) {
+  int64_t i = 0;
+  const int64_t head = std::min<int64_t>(n, (32 - (e0 & 31)) & 31);
+  for (; i < head; ++i) out[i] = static_cast<T>(w.value(e0 + i));
+  int64_t current = -1;
+  __m512 table = _mm512_setzero_ps();
+  __m512i table16 = _mm512_setzero_si512();
+  for (; i + 32 <= n; i += 32) {
+    const int64_t e = e0 + i;
+    const int64_t block = e >> w.shift;
+    if (block != current) {
+      current = block;
+      table = scaled_codebook(w.scale(block));
+      if constexpr (sizeof(T) == 2) table16 = table16_of<T>(table);
+    }
+    decode_chunk<T>(w.packed + (e >> 1), table, table16, out + i);
+  }
+  for (; i < n; ++i) out[i] = static_cast<T>(w.value(e0 + i));
+}
+
+// Fused forward for MR activation rows and NR weight rows. K % 32 == 0; xs holds x in float32
+// with every 32-chunk stored as its 16 even then its 16 odd elements, which is the order the
+// two lookups below produce (no shuffle in the inner loop).
+template <int MR, int NR>
+MD_AVX512 void fused_forward_block(const NF4View& w, int mode, const float* xs, int64_t K,
+                                   int64_t o0, float* y, int64_t N) {
+  constexpr int NA = MR == 1 ? 2 : 1;  // more independent FMA chains when there is one row
+  __m512 acc[MR][NR][NA];
+  __m512 table[NR];
+  int64_t current[NR];
+  for (int r = 0; r < NR; ++r) {
+    current[r] = -1;
+    table[r] = _mm512_setzero_ps();
+    for (int m = 0; m < MR; ++m)
+      for (int a = 0; a < NA; ++a) acc[m][r][a] = _mm512_setzero_ps();
+  }
+  for (int64_t k = 0; k < K; k += 32) {
+    __m512 even[NR], odd[NR];
+    for (int r = 0; r < NR; ++r) {
+      const int64_t e = (o0 + r) * K + k;
+      const int64_t block = e >> w.shift;
+      if (block != current[r]) {
+        current[r] = block;
+        table[r] = rounded_table(w.scale(block), mode);
+      }
+      const __m512i z =
+          _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.packed + (e >> 1))));
+      even[r] = _mm512_permutexvar_ps(_mm512_srli_epi32(z, 4), table[r]);  // elements 0,2,..,30
+      odd[r] = _mm512_permutexvar_ps(z, table[r]);                          // elements 1,3,..,31
+    }
+    for (int m = 0; m < MR; ++m) {
+      const __m512 xe = _mm512_loadu_ps(xs + m * K + k);
+      const __m512 xo = _mm512_loadu_ps(xs + m * K + k + 16);
+      for (int r = 0; r < NR; ++r) {
+        acc[m][r][0] = _mm512_fmadd_ps(xe, even[r], acc[m][r][0]);
+        acc[m][r][NA - 1] = _mm512_fmadd_ps(xo, odd[r], acc[m][r][NA - 1]);
+      }
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int r = 0; r < NR; ++r) {
+      __m512 s = acc[m][r][0];
+      if (NA == 2) s = _mm512_add_ps(s, acc[m][r][NA - 1]);
+      y[m * N + o0 + r] = _mm512_reduce_add_ps(s);
+    }
+}
+
+template <int NR>
+MD_AVX512 void fused_forward_rows_mr(const NF4View& w, int mode, const float* xs, int64_t M,
+                                     int64_t K, int64_t o0, float* y, int64_t N) {
+  for (int64_t m0 = 0; m0 < M; m0 += 4) {
+    const float* xm = xs + m0 * K;
+    float* ym = y + m0 * N;
+    switch (std::min<int64_t>(4, M - m0)) {
+      case 1: fused_forward_block<1, NR>(w, mode, xm, K, o0, ym, N); break;
+      case 2: fused_forward_block<2, NR>(w, mode, xm, K, o0, ym, N); break;
+      case 3: fused_forward_block<3, NR>(w, mode, xm, K, o0, ym, N); break;
+      default: fused_forward_block<4, NR>(w, mode, xm, K, o0, ym, N); break;
+    }
+  }
+}
+
+MD_AVX512 void fused_forward_avx512_rows(const NF4View& w, int mode, const float* xs, int64_t M,
+                                         int64_t N, int64_t K, int64_t n0, int64_t n1, float* y) {
+  int64_t o = n0;
+  for (; o + 4 <= n1; o += 4) fused_forward_rows_mr<4>(w, mode, xs, M, K, o, y, N);
+  for (; o < n1; ++o) fused_forward_rows_mr<1>(w, mode, xs, M, K, o, y, N);
+}
+
+// Fused input gradient for MR gradient rows and G 32-column chunks, summed over all N rows of
+// W with the accumulators in registers. Chunk c of gx is accumulated as (even, odd) halves.
+template <int MR, int G>
+MD_AVX512 void fused_grad_block(const NF4View& w, int mode, const float* gy, int64_t N, int64_t K,
+                                int64_t k0, float* gx) {
+  __m512 acc[MR][G][2];
+  for (int m = 0; m < MR; ++m)
+    for (int c = 0; c < G; ++c) acc[m][c][0] = acc[m][c][1] = _mm512_setzero_ps();
+  for (int64_t o = 0; o < N; ++o) {
+    int64_t current = -1;
+    __m512 table = _mm512_setzero_ps();
+    __m512 g[MR];
+    for (int m = 0; m < MR; ++m) g[m] = _mm512_set1_ps(gy[m * N + o]);
+    for (int c = 0; c < G; ++c) {
+      const int64_t e = o * K + k0 + 32 * c;
+      const int64_t block = e >> w.shift;
+      if (block != current) {
+        current = block;
+        table = rounded_table(w.scale(block), mode);
+      }
+      const __m512i z =
+          _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.packed + (e >> 1))));
+      const __m512 even = _mm512_permutexvar_ps(_mm512_srli_epi32(z, 4), table);
+      const __m512 odd = _mm512_permutexvar_ps(z, table);
+      for (int m = 0; m < MR; ++m) {
+        acc[m][c][0] = _mm512_fmadd_ps(g[m], even, acc[m][c][0]);
+        acc[m][c][1] = _mm512_fmadd_ps(g[m], odd, acc[m][c][1]);
+      }
+    }
+  }
+  // back to natural order: interleave the even and odd halves
+  const __m512i first = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const __m512i second =
+      _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+  for (int m = 0; m < MR; ++m)
+    for (int c = 0; c < G; ++c) {
+      float* out = gx + m * K + k0 + 32 * c;
+      _mm512_storeu_ps(out, _mm512_permutex2var_ps(acc[m][c][0], first, acc[m][c][1]));
+      _mm512_storeu_ps(out + 16, _mm512_permutex2var_ps(acc[m][c][0], second, acc[m][c][1]));
+    }
+}
+
+template <int G>
+MD_AVX512 void fused_grad_cols(const NF4View& w, int mode, const float* gy, int64_t M, int64_t N,
+                               int64_t K, int64_t k0, float* gx) {
+  for (int64_t m0 = 0; m0 < M; m0 += 4) {
+    const float* gm = gy + m0 * N;
+    float* out = gx + m0 * K;
+    switch (std::min<int64_t>(4, M - m0)) {
+      case 1: fused_grad_block<1, G>(w, mode, gm, N, K, k0, out); break;
+      case 2: fused_grad_block<2, G>(w, mode, gm, N, K, k0, out); break;
+      case 3: fused_grad_block<3, G>(w, mode, gm, N, K, k0, out); break;
+      default: fused_grad_block<4, G>(w, mode, gm, N, K, k0, out); break;
+    }
+  }
+}
+
+// Chunks [c0, c1) of 32 columns each (K % 32 == 0).
+MD_AVX512 void fused_grad_avx512_chunks(const NF4View& w, int mode, const float* gy, int64_t M,
+                                        int64_t N, int64_t K, int64_t c0, int64_t c1, float* gx) {
+  constexpr int G = 4;
+  int64_t c = c0;
+  for (; c + G <= c1; c += G) fused_grad_cols<G>(w, mode, gy, M, N, K, 32 * c, gx);
+  for (; c < c1; ++c) fused_grad_cols<1>(w, mode, gy, M, N, K, 32 * c, gx);
+}
+
+#endif  // MINIDORA_X86
+
+// ---- dispatch between the two kernel sets ------------------------------------------------------
+
+template <typename T>
+void decode_span(Isa isa, const NF4View& w, int64_t e0, int64_t n, T* out) {
+#if MINIDORA_X86
+  if (isa == Isa::kAvx512) return decode_span_avx512<T>(w, e0, n, out);
+#endif
+  decode_span_scalar<T>(w, e0, n, out);
+}
+
+// Decodes elements [e0, e0 + n) into out, in parallel over 32-element chunks.
+template <typename T>
+void decode_parallel(Isa isa, const NF4View& w, int64_t e0, int64_t n, T* out) {
+  const int64_t chunks = (n + 31) / 32;
+  at::parallel_for(0, chunks, 1024, [&](int64_t c0, int64_t c1) {
+    const int64_t begin = c0 * 32, end = std::min(n, c1 * 32);
+    decode_span<T>(isa, w, e0 + begin, end - begin, out + begin);
+  });
+}
+
+// x [M, K] (T) -> float32, in the layout the fused forward kernel reads.
+template <typename T>
+std::vector<float> activations_to_float(const at::Tensor& x2d, bool interleave_chunks) {
+  const int64_t M = x2d.size(0), K = x2d.size(1);
+  const T* x = x2d.data_ptr<T>();
+  std::vector<float> out(M * K);
+  for (int64_t m = 0; m < M; ++m) {
+    const T* xm = x + m * K;
+    float* om = out.data() + m * K;
+    if (!interleave_chunks) {
+      for (int64_t k = 0; k < K; ++k) om[k] = static_cast<float>(xm[k]);
+      continue;
+    }
+    for (int64_t k = 0; k < K; k += 32)
+      for (int j = 0; j < 16; ++j) {
+        om[k + j] = static_cast<float>(xm[k + 2 * j]);
+        om[k + 16 + j] = static_cast<float>(xm[k + 2 * j + 1]);
+      }
+  }
+  return out;
+}
+
+// Few rows: decode inside the dot products. y: [M, N] in T.
+template <typename T>
+at::Tensor linear_fused(Isa isa, const NF4View& w, const at::Tensor& x2d,
+                        const c10::optional<at::Tensor>& bias, int64_t N, int64_t K) {
+  const int64_t M = x2d.size(0);
+  const bool vector = isa == Isa::kAvx512 && K % 32 == 0;
+  const std::vector<float> xf = activations_to_float<T>(x2d, vector);
+  std::vector<float> yf(M * N);
+#if MINIDORA_X86
+  if (vector) {
+    at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+      fused_forward_avx512_rows(w, round_mode<T>(), xf.data(), M, N, K, n0, n1, yf.data());
+    });
+  }
+#endif
+  if (!vector) fused_forward_scalar<T>(w, xf.data(), M, N, K, yf.data());
+  at::Tensor y = at::empty({M, N}, x2d.options());
+  T* out = y.data_ptr<T>();
+  const T* b = bias.has_value() ? bias->data_ptr<T>() : nullptr;
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t o = 0; o < N; ++o)
+      out[m * N + o] = static_cast<T>(yf[m * N + o] + (b ? static_cast<float>(b[o]) : 0.f));
+  return y;
+}
+
+// Many rows: decode tiles of whole rows of W and let BLAS do the matmul into y[:, tile].
+template <typename T>
+at::Tensor linear_tiled(Isa isa, const NF4View& w, const at::Tensor& x2d,
+                        const c10::optional<at::Tensor>& bias, int64_t N, int64_t K) {
+  const int64_t M = x2d.size(0);
+  at::Tensor y = at::empty({M, N}, x2d.options());
+  const int64_t rows = std::min<int64_t>(N, std::max<int64_t>(16, kTileBytes / (K * sizeof(T))));
+  at::Tensor buffer = at::empty({rows * K}, x2d.options());
+  for (int64_t n0 = 0; n0 < N; n0 += rows) {
+    const int64_t nt = std::min(rows, N - n0);
+    decode_parallel<T>(isa, w, n0 * K, nt * K, buffer.data_ptr<T>());
+    const at::Tensor tile = buffer.narrow(0, 0, nt * K).view({nt, K});  // W[n0:n0+nt, :]
+    at::Tensor out = y.narrow(1, n0, nt);
+    if (bias.has_value()) {
+      at::addmm_out(out, bias->narrow(0, n0, nt), x2d, tile.t());
+    } else {
+      at::mm_out(out, x2d, tile.t());
+    }
+  }
+  return y;
+}
+
+// Few rows of grad_y: gx = gy @ W with the decode fused into the accumulation.
+template <typename T>
+at::Tensor grad_fused(Isa isa, const NF4View& w, const at::Tensor& gy2d, int64_t N, int64_t K) {
+  const int64_t M = gy2d.size(0);
+  const std::vector<float> gf = activations_to_float<T>(gy2d, false);
+  std::vector<float> gx(M * K, 0.f);
+  const bool vector = isa == Isa::kAvx512 && K % 32 == 0;
+#if MINIDORA_X86
+  if (vector) {
+    at::parallel_for(0, K / 32, 4, [&](int64_t c0, int64_t c1) {
+      fused_grad_avx512_chunks(w, round_mode<T>(), gf.data(), M, N, K, c0, c1, gx.data());
+    });
+  }
+#endif
+  if (!vector) fused_grad_scalar<T>(w, gf.data(), M, N, K, gx.data());
+  at::Tensor out = at::empty({M, K}, gy2d.options());
+  T* o = out.data_ptr<T>();
+  for (int64_t i = 0; i < M * K; ++i) o[i] = static_cast<T>(gx[i]);
+  return out;
+}
+
+// Many rows: decode column tiles W[:, k0:k0+kt] and let BLAS compute gx[:, k0:k0+kt], so every
+// element of gx is one complete sum (no partial sums rounded to a 16-bit dtype).
+template <typename T>
+at::Tensor grad_tiled(Isa isa, const NF4View& w, const at::Tensor& gy2d, int64_t N, int64_t K) {
+  const int64_t M = gy2d.size(0);
+  at::Tensor gx = at::empty({M, K}, gy2d.options());
+  int64_t cols = std::max<int64_t>(32, kTileBytes / (N * sizeof(T))) / 32 * 32;
+  cols = std::min(cols, K);
+  at::Tensor buffer = at::empty({N * cols}, gy2d.options());
+  for (int64_t k0 = 0; k0 < K; k0 += cols) {
+    const int64_t kt = std::min(cols, K - k0);
+    T* buf = buffer.data_ptr<T>();
+    at::parallel_for(0, N, std::max<int64_t>(1, 8192 / kt), [&](int64_t o0, int64_t o1) {
+      for (int64_t o = o0; o < o1; ++o) decode_span<T>(isa, w, o * K + k0, kt, buf + o * kt);
+    });
+    const at::Tensor tile = buffer.narrow(0, 0, N * kt).view({N, kt});  // W[:, k0:k0+kt]
+    at::Tensor out = gx.narrow(1, k0, kt);
+    at::mm_out(out, gy2d, tile);
+  }
+  return gx;
+}
+
+void check_cpu(const char* op, const at::Tensor& packed) {
+  TORCH_CHECK(packed.device().is_cpu(), op, ": the CPU kernel got packed on ", packed.device());
+}
+
+std::vector<int64_t> with_last(at::IntArrayRef sizes, int64_t last) {
+  std::vector<int64_t> out(sizes.begin(), sizes.end());
+  out.back() = last;
+  return out;
+}
+
+// ---- the ops -----------------------------------------------------------------------------------
+
+at::Tensor nf4_dequantize_cpu(const at::Tensor& packed, const at::Tensor& absmax,
+                              const c10::optional<at::Tensor>& nested_absmax,
+                              const c10::optional<at::Tensor>& nested_code,
+                              const c10::optional<at::Tensor>& offset, int64_t blocksize,
+                              at::IntArrayRef shape, at::ScalarType dtype) {
+  const char* op = "nf4_dequantize";
+  TORCH_CHECK(is_float_activation(dtype), op,
+              ": dtype must be float32, bfloat16, float16 or float64, got ", dtype);
+  int64_t numel = 1;
+  for (const int64_t s : shape) {
+    TORCH_CHECK(s > 0, op, ": shape must have positive sizes, got ", shape);
+    numel *= s;
+  }
+  check_nf4_weight(op, packed, absmax, nested_absmax, nested_code, offset, blocksize, numel);
+  check_cpu(op, packed);
+  const NF4Operand w = make_operand(packed, absmax, nested_absmax, nested_code, offset, blocksize);
+  at::Tensor out = at::empty(shape, packed.options().dtype(dtype));
+  const Isa isa = active_isa();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "nf4_dequantize", [&] {
+    decode_parallel<scalar_t>(isa, w.view, 0, numel, out.data_ptr<scalar_t>());
+  });
+  return out;
+}
+
+at::Tensor nf4_linear_cpu(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                          const c10::optional<at::Tensor>& nested_absmax,
+                          const c10::optional<at::Tensor>& nested_code,
+                          const c10::optional<at::Tensor>& offset, int64_t blocksize,
+                          int64_t out_features, int64_t in_features,
+                          const c10::optional<at::Tensor>& bias) {
+  const char* op = "nf4_linear";
+  check_features(op, out_features, in_features);
+  check_nf4_weight(op, packed, absmax, nested_absmax, nested_code, offset, blocksize,
+                   out_features * in_features);
+  check_cpu(op, packed);
+  check_activation(op, "x", x, in_features, "in_features", packed.device());
+  c10::optional<at::Tensor> b;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->scalar_type() == x.scalar_type(), op, ": bias must have x's dtype ",
+                x.scalar_type(), ", got ", bias->scalar_type());
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out_features, op,
+                ": bias must have shape [out_features] = [", out_features, "], got ",
+                bias->sizes());
+    TORCH_CHECK(bias->device() == x.device(), op, ": bias must be on ", x.device(), ", got ",
+                bias->device());
+    b = bias->contiguous();
+  }
+  const auto out_shape = with_last(x.sizes(), out_features);
+  const at::Tensor x2d = x.reshape({-1, in_features}).contiguous();   // [M, K]
+  if (x2d.size(0) == 0) return at::empty(out_shape, x.options());
+  const NF4Operand w = make_operand(packed, absmax, nested_absmax, nested_code, offset, blocksize);
+  const Isa isa = active_isa();
+  const bool fused = x2d.size(0) <= kMaxFusedRows && x.scalar_type() != at::kDouble;
+  at::Tensor y;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "nf4_linear", [&] {
+    y = fused ? linear_fused<scalar_t>(isa, w.view, x2d, b, out_features, in_features)
+              : linear_tiled<scalar_t>(isa, w.view, x2d, b, out_features, in_features);
+  });
+  return y.view(out_shape);                                           // [..., N]
+}
+
+at::Tensor nf4_linear_grad_input_cpu(const at::Tensor& grad_y, const at::Tensor& packed,
+                                     const at::Tensor& absmax,
+                                     const c10::optional<at::Tensor>& nested_absmax,
+                                     const c10::optional<at::Tensor>& nested_code,
+                                     const c10::optional<at::Tensor>& offset, int64_t blocksize,
+                                     int64_t out_features, int64_t in_features) {
+  const char* op = "nf4_linear_grad_input";
+  check_features(op, out_features, in_features);
+  check_nf4_weight(op, packed, absmax, nested_absmax, nested_code, offset, blocksize,
+                   out_features * in_features);
+  check_cpu(op, packed);
+  check_activation(op, "grad_y", grad_y, out_features, "out_features", packed.device());
+  const auto out_shape = with_last(grad_y.sizes(), in_features);
+  const at::Tensor gy2d = grad_y.reshape({-1, out_features}).contiguous();   // [M, N]
+  if (gy2d.size(0) == 0) return at::empty(out_shape, grad_y.options());
+  const NF4Operand w = make_operand(packed, absmax, nested_absmax, nested_code, offset, blocksize);
+  const Isa isa = active_isa();
+  const bool fused = gy2d.size(0) <= kMaxFusedRows && grad_y.scalar_type() != at::kDouble;
+  at::Tensor gx;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad_y.scalar_type(),
+                                  "nf4_linear_grad_input", [&] {
+    gx = fused ? grad_fused<scalar_t>(isa, w.view, gy2d, out_features, in_features)
+               : grad_tiled<scalar_t>(isa, w.view, gy2d, out_features, in_features);
+  });
+  return gx.view(out_shape);                                          // [..., K]
+}
+
+}  // namespace
+
+// ---- kernel selection, exposed to Python through minidora._C (see ops.cpp) ---------------------
+
+std::string cpu_isa() { return active_isa() == Isa::kAvx512 ? "avx512" : "scalar"; }
+
+std::string cpu_isa_best() { return cpu_has_avx512() ? "avx512" : "scalar"; }
+
+bool set_cpu_isa(const std::string& name) {
+  if (name == "auto") {
+    g_forced_isa = -1;
+  } else if (name == "scalar") {
+    g_forced_isa = static_cast<int>(Isa::kScalar);
+  } else if (name == "avx512" && cpu_has_avx512()) {
+    g_forced_isa = static_cast<int>(Isa::kAvx512);
+  } else {
+    return false;
+  }
+  return true;
+}
+
+TORCH_LIBRARY_IMPL(minidora, CPU, m) {
+  m.impl("nf4_dequantize", &nf4_dequantize_cpu);
+  m.impl("nf4_linear", &nf4_linear_cpu);
+  m.impl("nf4_linear_grad_input", &nf4_linear_grad_input_cpu);
+}
+
+}  // namespace minidora

@@ -1,0 +1,71 @@
+// The NF4 custom ops of minidora, declared once for every backend.
+//
+// Kernels: csrc/nf4_cpu.cpp (CPU) and csrc/cuda/ (CUDA) register implementations of exactly
+// these schemas with TORCH_LIBRARY_IMPL. Fake (meta) implementations and autograd formulas are
+// registered from Python in minidora/ops.py. The reference they must equal is minidora/nf4.py.
+#include <Python.h>
+#include <torch/library.h>
+
+#include <string>
+
+namespace minidora {
+std::string cpu_isa();
+std::string cpu_isa_best();
+bool set_cpu_isa(const std::string& name);
+}  // namespace minidora
+
+TORCH_LIBRARY(minidora, m) {
+  // W [shape] decoded from NF4: float32(codebook[code]) * float32(scale), cast once to dtype.
+  m.def(
+      "nf4_dequantize(Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? nested_code, "
+      "Tensor? offset, int blocksize, int[] shape, ScalarType dtype) -> Tensor");
+  // y[..., out] = x[..., in] @ W^T + bias, in x's dtype.
+  m.def(
+      "nf4_linear(Tensor x, Tensor packed, Tensor absmax, Tensor? nested_absmax, "
+      "Tensor? nested_code, Tensor? offset, int blocksize, int out_features, int in_features, "
+      "Tensor? bias) -> Tensor");
+  // grad_x[..., in] = grad_y[..., out] @ W (the 4-bit weight itself is frozen).
+  m.def(
+      "nf4_linear_grad_input(Tensor grad_y, Tensor packed, Tensor absmax, Tensor? nested_absmax, "
+      "Tensor? nested_code, Tensor? offset, int blocksize, int out_features, "
+      "int in_features) -> Tensor");
+}
+
+// ---- the Python module minidora._C: importing it loads the ops above ----------------------------
+
+namespace {
+
+PyObject* py_cpu_isa(PyObject*, PyObject*) {
+  return PyUnicode_FromString(minidora::cpu_isa().c_str());
+}
+
+PyObject* py_cpu_isa_best(PyObject*, PyObject*) {
+  return PyUnicode_FromString(minidora::cpu_isa_best().c_str());
+}
+
+PyObject* py_set_cpu_isa(PyObject*, PyObject* arg) {
+  const char* name = PyUnicode_AsUTF8(arg);
+  if (name == nullptr) return nullptr;  // not a str: TypeError already set
+  if (!minidora::set_cpu_isa(name)) {
+    PyErr_Format(PyExc_ValueError,
+                 "cpu isa must be 'auto', 'scalar' or (on a CPU that has it) 'avx512', got '%s'",
+                 name);
+    return nullptr;
+  }
+  Py_RETURN_NONE;
+}
+
+PyMethodDef kMethods[] = {
+    {"cpu_isa", py_cpu_isa, METH_NOARGS, "Kernel set the CPU ops use now: 'avx512' or 'scalar'."},
+    {"cpu_isa_best", py_cpu_isa_best, METH_NOARGS, "Best kernel set this CPU supports."},
+    {"set_cpu_isa", py_set_cpu_isa, METH_O,
+     "Choose the CPU kernels: 'auto' (best available), 'scalar' or 'avx512'."},
+    {nullptr, nullptr, 0, nullptr}};
+
+PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_C",
+                       "minidora's compiled NF4 ops, registered as torch.ops.minidora.*", -1,
+                       kMethods};
+
+}  // namespace
+
+extern "C" PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&kModule); }
