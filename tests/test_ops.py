@@ -1,0 +1,461 @@
+"""Tests of minidora/ops.py and the compiled NF4 ops behind it (csrc/).
+
+Every compiled op is checked against the plain PyTorch reference (minidora.nf4 and F.linear) on
+every device that has kernels, and on the CPU with each kernel set (AVX-512 and the portable
+scalar one): outputs, input gradients, torch.library.opcheck, torch.compile and gradcheck.
+
+The suite requires the built extension (``make test`` builds it): without it the compiled tests
+fail, they do not skip.
+"""
+
+import math
+import zlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import minidora
+from minidora import nf4, ops
+
+DEVICES = ["cpu"] + (["cuda"] if minidora.ops.cuda_available() else [])
+
+
+def _kernels():
+    """(device, cpu kernel set) pairs: each CPU kernel set this machine can run, and CUDA."""
+    isas = ["scalar"]
+    if ops.extension_available() and ops._C.cpu_isa_best() == "avx512":
+        isas.insert(0, "avx512")
+    return [("cpu", isa) for isa in isas] + [(d, None) for d in DEVICES if d != "cpu"]
+
+
+KERNELS = _kernels()
+FLOAT_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+
+
+@pytest.fixture(params=KERNELS, ids=lambda k: k[0] if k[1] is None else f"{k[0]}-{k[1]}")
+def device(request):
+    """The device to test on, with the requested CPU kernel set forced for the test."""
+    dev, isa = request.param
+    if isa is None:
+        yield dev
+    else:
+        with ops.use_cpu_isa(isa):
+            assert ops.cpu_isa() == isa
+            yield dev
+
+
+def _seed(*parts) -> int:
+    """A seed that depends on the test case only (str hashes change between runs)."""
+    return zlib.crc32(repr(parts).encode())
+
+
+def _random_weight(shape, seed, spread=1.0):
+    """Fresh Gaussian weights; rows scaled by 10**U(-spread, spread) so blocks differ in scale."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(shape, generator=g)
+    if len(shape) > 1:
+        w = w * 10 ** ((torch.rand(shape[0], *[1] * (len(shape) - 1), generator=g) * 2 - 1) * spread)
+    return w
+
+
+def _quantized(shape, blocksize, double_quant, device, seed=0, spread=1.0):
+    q = nf4.quantize(_random_weight(shape, seed, spread), blocksize, double_quant)
+    for name in ("packed", "absmax", "nested_absmax", "offset"):
+        t = getattr(q, name)
+        if t is not None:
+            setattr(q, name, t.to(device))
+    return q
+
+
+def _randn(*shape, dtype, device, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g, dtype=torch.float64).to(dtype=dtype, device=device)
+
+
+def test_extension_is_built():
+    assert ops.extension_available(), (
+        f"minidora._C failed to import ({ops._IMPORT_ERROR!r}); build it with `make build`")
+    assert "cpu" in ops._DEVICES
+
+
+# --- nf4_dequantize: bit-exact --------------------------------------------------------------
+
+DEQ_SHAPES = [(1,), (7,), (33, 65), (64, 64), (3, 5, 31), (257, 129), (96, 1000)]
+
+
+@pytest.mark.parametrize("shape", DEQ_SHAPES, ids=str)
+@pytest.mark.parametrize("blocksize", [32, 64, 128, 256, 1024, 4096])
+@pytest.mark.parametrize("double_quant", [False, True], ids=["fp32-scales", "dq"])
+def test_dequantize_bit_exact(device, shape, blocksize, double_quant):
+    seed = _seed(shape, blocksize, double_quant)
+    q = _quantized(shape, blocksize, double_quant, device, seed)
+    for dtype in FLOAT_DTYPES:
+        out = ops.nf4_dequantize(q, dtype, backend="compiled")
+        ref = nf4.dequantize(q, dtype)
+        assert out.shape == ref.shape and out.dtype == dtype
+        assert torch.equal(out, ref), f"{dtype}: {(out.double() - ref.double()).abs().max()}"
+
+
+@pytest.mark.parametrize("double_quant", [False, True], ids=["fp32-scales", "dq"])
+def test_dequantize_bit_exact_extreme_scales(device, double_quant):
+    """Scales from 1e-30 to 1e30: float16 overflows and underflows, bfloat16 meets subnormals;
+    every cast must round exactly as the reference's single .to(dtype)."""
+    q = _quantized((200, 96), 32, double_quant, device, seed=5, spread=30.0)
+    for dtype in FLOAT_DTYPES:
+        assert torch.equal(ops.nf4_dequantize(q, dtype, backend="compiled"),
+                           nf4.dequantize(q, dtype)), dtype
+
+
+def test_dequantize_default_dtype_and_zero_block(device):
+    w = _random_weight((6, 64), seed=3).to(torch.bfloat16)
+    w[2] = 0                                                   # one all-zero block
+    q = nf4.quantize(w, 64, True)
+    q.packed, q.absmax, q.nested_absmax, q.offset = (
+        t.to(device) for t in (q.packed, q.absmax, q.nested_absmax, q.offset))
+    out = ops.nf4_dequantize(q, backend="compiled")
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, nf4.dequantize(q))
+    assert torch.isfinite(out).all() and torch.equal(out[2].float(), torch.zeros(64))
+
+
+# --- nf4_linear and nf4_linear_grad_input vs the reference ----------------------------------
+
+# Tolerance, element-wise, for a result r = sum_j a_j b_j compared with the reference:
+#   |r - r_ref| <= 2 sqrt(n) u_acc sum_j |a_j b_j|  +  2 u_out |r_ref|
+# Both paths multiply the same values (W rounded to the activation dtype, products exact in
+# float32 for 16-bit inputs) and accumulate in float32 (float64 for float64), only in another
+# order: a reordered sum of n terms differs by about sqrt(n) u_acc sum|a b| (statistical bound;
+# the worst case is n u_acc). Then both round to the output dtype, and two roundings of nearly
+# equal values differ by at most one ulp <= 2 u_out |r|. u is the unit roundoff: 2^-24 float32,
+# 2^-8 bfloat16, 2^-11 float16, 2^-53 float64. Measured worst ratio of error to this bound over
+# this suite: ~0.37 (float32), ~0.6 (bfloat16), ~0.98 (float16, one-ulp flips).
+# With a bias, PyTorch's F.linear on some layouts (a non-contiguous batched x) rounds x @ W^T to
+# the output dtype before adding the bias: one more rounding, at most u_out |x @ W^T|, is allowed
+# for it (`rounded_before`).
+UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11,
+                 torch.float64: 2.0**-53}
+
+
+def assert_close_to_reference(out, ref, magnitude, n_terms, rounded_before=None):
+    """magnitude: sum_j |a_j b_j| per element (float64), n_terms: length of each sum,
+    rounded_before: |x @ W^T| where the reference may round it before adding the bias."""
+    assert out.shape == ref.shape and out.dtype == ref.dtype and out.device == ref.device
+    u_acc = 2.0**-53 if ref.dtype == torch.float64 else 2.0**-24
+    u_out = UNIT_ROUNDOFF[ref.dtype]
+    tol = 2 * math.sqrt(n_terms) * u_acc * magnitude + 2 * u_out * ref.double().abs()
+    if rounded_before is not None:
+        tol = tol + u_out * rounded_before
+    err = (out.double() - ref.double()).abs()
+    worst = (err / tol.clamp_min(1e-300)).max().item()
+    assert (err <= tol).all(), f"max error / tolerance = {worst:.3g}, max error {err.max().item():.3g}"
+
+
+# (out_features, in_features, blocksize, double_quant): odd sizes, partial blocks, blocks that
+# span rows, more than 256 blocks (several nested scales), out % 4 != 0 and in % 128 != 0 (the
+# remainder paths of the vector kernels), a block larger than the whole weight.
+LINEAR_CASES = [(50, 160, 32, True), (33, 65, 64, False), (64, 512, 32, True),
+                (20, 4096, 4096, True), (130, 257, 128, False)]
+# batch shapes: M = 1, 3, 7, 16 take the fused few-rows kernels; 17, 30 and 300 the tiled one.
+BATCHES = [(1,), (3,), (7,), (16,), (17,), (2, 3, 5), (300,)]
+
+
+def _layout(x, layout):
+    """The same values as x, as a non-contiguous tensor when asked."""
+    if layout == "strided":      # every other element of a wider tensor
+        wide = torch.zeros(*x.shape[:-1], 2 * x.shape[-1], dtype=x.dtype, device=x.device)
+        wide[..., ::2] = x
+        out = wide[..., ::2]
+    elif layout == "transposed":  # batch dims stored after the feature dim
+        out = x.movedim(-1, 0).contiguous().movedim(0, -1)
+    else:
+        return x
+    assert torch.equal(out, x) and (x.numel() == x.shape[-1] or not out.is_contiguous())
+    return out
+
+
+@pytest.mark.parametrize("case", LINEAR_CASES, ids=lambda c: "x".join(map(str, c[:2])) + f"-bs{c[2]}")
+@pytest.mark.parametrize("batch", BATCHES, ids=lambda b: "x".join(map(str, b)))
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_linear_forward(device, case, batch, dtype):
+    out_f, in_f, blocksize, dq = case
+    seed = _seed(case, batch)
+    q = _quantized((out_f, in_f), blocksize, dq, device, seed)
+    layout = ["contiguous", "strided", "transposed"][seed % 3]
+    x = _layout(_randn(*batch, in_f, dtype=dtype, device=device, seed=seed + 1), layout)
+    w = nf4.dequantize(q, dtype)                                          # [out, in]
+    for bias in (None, _randn(out_f, dtype=dtype, device=device, seed=seed + 2)):
+        y = ops.nf4_linear(x, q, bias, backend="compiled")                # [*batch, out]
+        ref = F.linear(x, w, bias)
+        magnitude = x.double().abs() @ w.double().abs().T
+        if bias is None:
+            assert_close_to_reference(y, ref, magnitude, in_f)
+        else:
+            assert_close_to_reference(y, ref, magnitude + bias.double().abs(), in_f,
+                                      rounded_before=(x.double() @ w.double().T).abs())
+
+
+@pytest.mark.parametrize("case", LINEAR_CASES, ids=lambda c: "x".join(map(str, c[:2])) + f"-bs{c[2]}")
+@pytest.mark.parametrize("batch", BATCHES, ids=lambda b: "x".join(map(str, b)))
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_linear_input_gradient(device, case, batch, dtype):
+    out_f, in_f, blocksize, dq = case
+    seed = _seed(case, batch, "grad")
+    q = _quantized((out_f, in_f), blocksize, dq, device, seed)
+    w = nf4.dequantize(q, dtype)                                          # [out, in]
+    x = _randn(*batch, in_f, dtype=dtype, device=device, seed=seed + 1).requires_grad_()
+    bias = _randn(out_f, dtype=dtype, device=device, seed=seed + 2).requires_grad_()
+    grad_y = _layout(_randn(*batch, out_f, dtype=dtype, device=device, seed=seed + 3),
+                     ["contiguous", "strided", "transposed"][seed % 3])
+    ops.nf4_linear(x, q, bias, backend="compiled").backward(grad_y)
+    ref_x, ref_b = torch.autograd.grad(F.linear(x, w, bias), (x, bias), grad_y)
+    assert_close_to_reference(x.grad, ref_x, grad_y.double().abs() @ w.double().abs(), out_f)
+    # the bias gradient is grad_y summed over the batch dims, the same op on both paths
+    assert_close_to_reference(bias.grad, ref_b, grad_y.double().abs().reshape(-1, out_f).sum(0),
+                              math.prod(batch))
+    # the op itself, called directly
+    gx = torch.ops.minidora.nf4_linear_grad_input(grad_y, *ops._weight_args(q), out_f, in_f)
+    assert torch.equal(gx, x.grad)
+
+
+@pytest.mark.parametrize("rows", [1, 16, 64], ids=lambda m: f"M{m}")
+def test_linear_realistic_size(device, rows):
+    """A transformer-sized layer in both regimes, float32 and bfloat16, forward and backward."""
+    q = _quantized((1024, 2048), 64, True, device, seed=11)
+    for dtype in (torch.float32, torch.bfloat16):
+        w = nf4.dequantize(q, dtype)
+        x = _randn(rows, 2048, dtype=dtype, device=device, seed=rows).requires_grad_()
+        y = ops.nf4_linear(x, q, backend="compiled")
+        assert_close_to_reference(y, F.linear(x, w), x.double().abs() @ w.double().abs().T, 2048)
+        grad_y = _randn(rows, 1024, dtype=dtype, device=device, seed=rows + 1)
+        (gx,) = torch.autograd.grad(y, x, grad_y)
+        assert_close_to_reference(gx, grad_y @ w, grad_y.double().abs() @ w.double().abs(), 1024)
+
+
+def test_linear_empty_batch(device):
+    q = _quantized((8, 64), 32, True, device)
+    x = torch.zeros(0, 3, 64, device=device)
+    assert ops.nf4_linear(x, q, backend="compiled").shape == (0, 3, 8)
+
+
+# --- opcheck, torch.compile, gradcheck --------------------------------------------------------
+
+@pytest.mark.parametrize("double_quant", [False, True], ids=["fp32-scales", "dq"])
+@pytest.mark.parametrize("rows", [2, 40], ids=lambda m: f"M{m}")
+def test_opcheck_linear(device, double_quant, rows):
+    q = _quantized((24, 96), 32, double_quant, device, seed=rows)
+    w = ops._weight_args(q)
+    x = _randn(rows, 96, dtype=torch.float32, device=device, seed=1).requires_grad_()
+    b = _randn(24, dtype=torch.float32, device=device, seed=2).requires_grad_()
+    torch.library.opcheck(torch.ops.minidora.nf4_linear.default, (x, *w, 24, 96, b))
+    torch.library.opcheck(torch.ops.minidora.nf4_linear.default, (x.detach(), *w, 24, 96, None))
+
+
+@pytest.mark.parametrize("double_quant", [False, True], ids=["fp32-scales", "dq"])
+def test_opcheck_grad_input(device, double_quant):
+    q = _quantized((24, 96), 32, double_quant, device, seed=4)
+    gy = _randn(3, 24, dtype=torch.bfloat16, device=device, seed=1).requires_grad_()
+    torch.library.opcheck(torch.ops.minidora.nf4_linear_grad_input.default,
+                          (gy, *ops._weight_args(q), 24, 96))
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_opcheck_dequantize(device, dtype):
+    q = _quantized((40, 33), 64, True, device, seed=6)
+    torch.library.opcheck(torch.ops.minidora.nf4_dequantize.default,
+                          (*ops._weight_args(q), [40, 33], dtype))
+
+
+class _NF4Linear(torch.nn.Module):
+    """A minimal frozen 4-bit linear layer whose forward calls ops.nf4_linear."""
+
+    def __init__(self, q, bias):
+        super().__init__()
+        self.q = q
+        self.bias = torch.nn.Parameter(bias)
+
+    def forward(self, x):
+        return ops.nf4_linear(x, self.q, self.bias)
+
+
+def test_torch_compile_fullgraph(device):
+    q = _quantized((48, 160), 32, True, device, seed=8)
+    layer = _NF4Linear(q, _randn(48, dtype=torch.float32, device=device, seed=1))
+    compiled = torch.compile(layer, fullgraph=True)
+    w = nf4.dequantize(q, torch.float32)
+    for rows in (3, 40):  # both regimes
+        x = _randn(2, rows, 160, dtype=torch.float32, device=device, seed=rows).requires_grad_()
+        y = compiled(x)
+        assert torch.equal(y, layer(x))  # same op, same kernel
+        assert_close_to_reference(y, F.linear(x, w, layer.bias),
+                                  x.double().abs() @ w.double().abs().T + layer.bias.double().abs(), 160)
+        grad_y = _randn(2, rows, 48, dtype=torch.float32, device=device, seed=rows + 1)
+        gx, gb = torch.autograd.grad(y, (x, layer.bias), grad_y)
+        ref_x, ref_b = torch.autograd.grad(F.linear(x, w, layer.bias), (x, layer.bias), grad_y)
+        assert_close_to_reference(gx, ref_x, grad_y.double().abs() @ w.double().abs(), 48)
+        assert_close_to_reference(gb, ref_b, grad_y.double().abs().sum((0, 1)), 2 * rows)
+
+
+@pytest.mark.parametrize("rows", [(3,), (2, 13)], ids=["M3", "M26"])
+def test_gradcheck_float64(device, rows):
+    q = _quantized((12, 40), 32, True, device, seed=9)
+    x = _randn(*rows, 40, dtype=torch.float64, device=device, seed=1).requires_grad_()
+    b = _randn(12, dtype=torch.float64, device=device, seed=2).requires_grad_()
+
+    def f(x, b):
+        return ops.nf4_linear(x, q, b, backend="compiled")
+
+    assert torch.autograd.gradcheck(f, (x, b))
+    assert torch.autograd.gradgradcheck(f, (x, b))
+
+
+# --- dispatch: which path runs --------------------------------------------------------------
+
+class _RecordOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def _ops_called(fn):
+    with _RecordOps() as rec:
+        fn()
+    return rec.names
+
+
+def test_backend_selection():
+    q = _quantized((16, 64), 32, True, "cpu", seed=10)
+    x = _randn(2, 64, dtype=torch.float32, device="cpu", seed=1)
+    assert "minidora.nf4_linear.default" in _ops_called(lambda: ops.nf4_linear(x, q))
+    ref_calls = _ops_called(lambda: ops.nf4_linear(x, q, backend="reference"))
+    assert not any(n.startswith("minidora.") for n in ref_calls)
+    with ops.use_reference():
+        assert ops.get_backend() == "reference"
+        assert not any(n.startswith("minidora.") for n in _ops_called(lambda: ops.nf4_linear(x, q)))
+        y = ops.nf4_dequantize(q)
+        assert "minidora.nf4_dequantize.default" in _ops_called(
+            lambda: ops.nf4_dequantize(q, backend="compiled"))
+    assert ops.get_backend() == "auto"
+    assert torch.equal(y, nf4.dequantize(q))
+    assert torch.equal(ops.nf4_linear(x, q, backend="reference"),
+                       F.linear(x, nf4.dequantize(q, torch.float32)))
+
+
+def test_compiled_backend_without_extension(monkeypatch):
+    q = _quantized((16, 64), 32, True, "cpu", seed=10)
+    x = _randn(2, 64, dtype=torch.float32, device="cpu", seed=1)
+    monkeypatch.setattr(ops, "_C", None)
+    monkeypatch.setattr(ops, "_IMPORT_ERROR", ImportError("no module minidora._C"))
+    monkeypatch.setattr(ops, "_DEVICES", frozenset())
+    assert not ops.extension_available()
+    with pytest.raises(RuntimeError, match="make build"):
+        ops.nf4_linear(x, q, backend="compiled")
+    # auto falls back to the reference
+    assert torch.equal(ops.nf4_linear(x, q), F.linear(x, nf4.dequantize(q, torch.float32)))
+
+
+def test_compiled_backend_unsupported_device():
+    q = _quantized((16, 64), 32, True, "meta")
+    with pytest.raises(RuntimeError, match="no kernel for device 'meta'"):
+        ops.nf4_linear(torch.empty(2, 64, device="meta"), q, backend="compiled")
+
+
+# --- bad input: Python boundary (ValueError / TypeError) and C++ (TORCH_CHECK) --------------
+
+def _bad_input_weight():
+    return _quantized((16, 64), 32, True, "cpu", seed=12), torch.randn(3, 64)
+
+
+def test_bad_input_python():
+    q, x = _bad_input_weight()
+    with pytest.raises(ValueError, match="backend must be one of"):
+        ops.nf4_linear(x, q, backend="fast")
+    with pytest.raises(TypeError, match="x must be float32, bfloat16, float16 or float64"):
+        ops.nf4_linear(x.to(torch.int32), q)
+    with pytest.raises(ValueError, match="x must have last dimension in_features = 64"):
+        ops.nf4_linear(torch.randn(3, 65), q)
+    with pytest.raises(ValueError, match="x is on meta but the NF4 weight is on cpu"):
+        ops.nf4_linear(x.to("meta"), q)
+    with pytest.raises(TypeError, match="bias must have x's dtype"):
+        ops.nf4_linear(x, q, torch.randn(16, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"bias must have shape \(16,\)"):
+        ops.nf4_linear(x, q, torch.randn(17))
+    with pytest.raises(TypeError, match="q must be an NF4Weight"):
+        ops.nf4_linear(x, torch.randn(16, 64))
+    with pytest.raises(TypeError, match="dtype must be float32"):
+        ops.nf4_dequantize(q, torch.int8)
+    with pytest.raises(ValueError, match="q must be a 2-D weight"):
+        ops.nf4_linear(x, _quantized((4, 4, 64), 32, True, "cpu"))
+    bad = nf4.NF4Weight(q.packed, q.absmax[:-1], q.shape, q.dtype, q.blocksize, q.nested_absmax,
+                        q.offset)
+    with pytest.raises(ValueError, match=r"absmax must hold ceil\(n/blocksize\) = 32 scales"):
+        ops.nf4_linear(x, bad)
+    bad = nf4.NF4Weight(q.packed[:-1], q.absmax, q.shape, q.dtype, q.blocksize, q.nested_absmax,
+                        q.offset)
+    with pytest.raises(ValueError, match=r"packed must be uint8 with ceil\(n/2\) = 512 bytes"):
+        ops.nf4_linear(x, bad)
+    bad = nf4.NF4Weight(q.packed, q.absmax, q.shape, q.dtype, 48, q.nested_absmax, q.offset)
+    with pytest.raises(ValueError, match="blocksize must be a power of two in 32..4096, got 48"):
+        ops.nf4_linear(x, bad)
+    bad = nf4.NF4Weight(q.packed, q.absmax.float(), q.shape, q.dtype, q.blocksize,
+                        q.nested_absmax, q.offset)
+    with pytest.raises(TypeError, match="absmax must be torch.uint8"):
+        ops.nf4_dequantize(bad)
+
+
+def test_bad_input_cpp():
+    """The ops check their arguments themselves (callers may skip ops.py)."""
+    q, x = _bad_input_weight()
+    packed, absmax, nested, code, offset, bs = ops._weight_args(q)
+    linear = torch.ops.minidora.nf4_linear
+    with pytest.raises(RuntimeError, match="nf4_linear: x must be float32, bfloat16, float16 or float64"):
+        linear(x.to(torch.int32), packed, absmax, nested, code, offset, bs, 16, 64, None)
+    with pytest.raises(RuntimeError, match="x must have last dimension in_features = 64"):
+        linear(torch.randn(3, 63), packed, absmax, nested, code, offset, bs, 16, 64, None)
+    with pytest.raises(RuntimeError, match=r"packed must hold ceil\(n/2\) = 512 bytes"):
+        linear(x, packed[:-1], absmax, nested, code, offset, bs, 16, 64, None)
+    with pytest.raises(RuntimeError, match="packed must be a uint8 tensor"):
+        linear(x, packed.to(torch.int8), absmax, nested, code, offset, bs, 16, 64, None)
+    # the right number of scales for another shape is the wrong number for this one
+    with pytest.raises(RuntimeError, match=r"absmax must be 1-D with ceil\(n/blocksize\) = 16 scales"):
+        linear(torch.randn(3, 32), packed[:256], absmax, nested, code, offset, bs, 16, 32, None)
+    with pytest.raises(RuntimeError, match="blocksize must be a power of two in 32..4096, got 16"):
+        linear(x, packed, absmax, nested, code, offset, 16, 16, 64, None)
+    with pytest.raises(RuntimeError, match="blocksize must be a power of two in 32..4096, got 96"):
+        linear(x, packed, absmax, nested, code, offset, 96, 16, 64, None)
+    with pytest.raises(RuntimeError, match="needs nested_absmax, nested_code and offset"):
+        linear(x, packed, absmax, None, code, offset, bs, 16, 64, None)
+    with pytest.raises(RuntimeError, match="must be None when absmax is float32"):
+        linear(x, packed, q.scales(), nested, code, offset, bs, 16, 64, None)
+    with pytest.raises(RuntimeError, match=r"nested_absmax must be float32 1-D with ceil\(n_blocks/256\) = 1"):
+        linear(x, packed, absmax, torch.ones(2), code, offset, bs, 16, 64, None)
+    with pytest.raises(RuntimeError, match=r"nested_code must be the float32 \[256\] dynamic map"):
+        linear(x, packed, absmax, nested, code[:128], offset, bs, 16, 64, None)
+    with pytest.raises(RuntimeError, match="absmax must be float32 .* or uint8"):
+        linear(x, packed, absmax.to(torch.int16), nested, code, offset, bs, 16, 64, None)
+    with pytest.raises(RuntimeError, match="bias must have x's dtype"):
+        linear(x, packed, absmax, nested, code, offset, bs, 16, 64, torch.randn(16).double())
+    with pytest.raises(RuntimeError, match=r"bias must have shape \[out_features\] = \[16\]"):
+        linear(x, packed, absmax, nested, code, offset, bs, 16, 64, torch.randn(15))
+    with pytest.raises(RuntimeError, match="nf4_linear_grad_input: grad_y must have last dimension out_features = 16"):
+        torch.ops.minidora.nf4_linear_grad_input(torch.randn(3, 64), packed, absmax, nested, code,
+                                                 offset, bs, 16, 64)
+    with pytest.raises(RuntimeError, match="nf4_dequantize: dtype must be float32"):
+        torch.ops.minidora.nf4_dequantize(packed, absmax, nested, code, offset, bs, [16, 64],
+                                          torch.int32)
+    with pytest.raises(RuntimeError, match=r"packed must hold ceil\(n/2\) = 520 bytes"):
+        torch.ops.minidora.nf4_dequantize(packed, absmax, nested, code, offset, bs, [16, 65],
+                                          torch.float32)
+
+
+def test_cpu_isa_selection():
+    with pytest.raises(ValueError, match="cpu isa must be 'auto', 'scalar'"):
+        ops._C.set_cpu_isa("sse9")
+    with ops.use_cpu_isa("scalar"):
+        assert ops.cpu_isa() == "scalar"
+    assert ops.cpu_isa() == ops._C.cpu_isa_best()
