@@ -1,0 +1,372 @@
+// CUDA device code for the NF4 ops: decoding, dequantize, and the small-M fused matmuls.
+//
+// The specification is minidora/nf4.py (see shared/spec/nf4.md): a weight W [N, K] is flattened
+// row-major, cut into blocks of `blocksize` elements with one scale each, and stored as 4-bit codes,
+// two per byte, the first element in the HIGH nibble. An element decodes to
+//
+//     w = float32(codebook[code]) * float32(scale)                      (one float32 rounding)
+//     scale = absmax[b]                                     (plain float32 scales), or
+//     scale = float32(nested_code[absmax[b]] * nested_absmax[b / 256]) + offset   (double quant)
+//
+// with the two float32 roundings of the double-quant scale kept apart: __fmul_rn / __fadd_rn are
+// never contracted into an FMA by nvcc, which a plain `a * b + c` may be (that would change bits).
+//
+// Kernels, from the specification to the fast versions (host wrappers live in nf4_cuda.cu):
+//   dequant_elem_kernel    one element per thread; any size and alignment; the specification.
+//   dequant_vec_kernel     32 elements per thread from one 16-byte load (they share one block).
+//   linear_rows_kernel     y = x W^T for M <= 16: one warp per output row, 16-byte loads of the
+//                          packed row, each byte read once and used for all M rows of x.
+//   grad_input_kernel      grad_x = grad_y W for M <= 8: each thread owns 8 columns of W (one
+//                          4-byte word per row), the rows are split over blocks; per-split partial
+//                          sums are added in a fixed order by sum_splits_kernel (deterministic).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+namespace minidora {
+namespace cuda {
+
+// The 16 NF4 values; copied into shared memory by each block (a per-element lookup from
+// constant memory would serialise a warp whose lanes read different codes).
+__constant__ float kCodebookDevice[16] = {
+    -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,
+    -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f,
+    0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f, 0.33791524171829224f,
+    0.44070982933044434f, 0.5626170039176941f, 0.7229568362236023f, 1.0f};
+
+__device__ __forceinline__ void load_codebook(float* cb) {
+  if (threadIdx.x < 16) cb[threadIdx.x] = kCodebookDevice[threadIdx.x];
+  __syncthreads();
+}
+
+// Where the per-block scales live. Without double quantization only absmax_f is set.
+struct Scales {
+  const float* absmax_f;    // [n_blocks] float32 scales (no double quant)
+  const uint8_t* absmax_q;  // [n_blocks] uint8 codes into `code` (double quant)
+  const float* nested;      // [ceil(n_blocks / 256)] float32
+  const float* code;        // [256] float32 dynamic map
+  const float* offset;      // [1] float32, read on the device: no host synchronisation
+};
+
+// The float32 scale of block b (see the formula at the top of the file).
+template <bool DQ>
+__device__ __forceinline__ float block_scale(const Scales& s, float offset, int64_t b) {
+  if constexpr (DQ) {
+    const float v = __fmul_rn(__ldg(s.code + __ldg(s.absmax_q + b)), __ldg(s.nested + (b >> 8)));
+    return __fadd_rn(v, offset);
+  } else {
+    return __ldg(s.absmax_f + b);
+  }
+}
+
+template <bool DQ>
+__device__ __forceinline__ float load_offset(const Scales& s) {
+  if constexpr (DQ) return __ldg(s.offset);
+  return 0.0f;
+}
+
+// --- element types: float <-> T conversions, round to nearest even as torch's .to(dtype) ------
+
+template <typename T> struct Elem;
+template <> struct Elem<float> {
+  static __device__ __forceinline__ float to_float(float v) { return v; }
+  static __device__ __forceinline__ float from_float(float v) { return v; }
+  static __device__ __forceinline__ float round(float v) { return v; }
+};
+template <> struct Elem<double> {
+  static __device__ __forceinline__ double from_float(float v) { return static_cast<double>(v); }
+};
+template <> struct Elem<__nv_bfloat16> {
+  static __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+  static __device__ __forceinline__ __nv_bfloat16 from_float(float v) { return __float2bfloat16_rn(v); }
+  static __device__ __forceinline__ float round(float v) { return __bfloat162float(__float2bfloat16_rn(v)); }
+};
+template <> struct Elem<__half> {
+  static __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+  static __device__ __forceinline__ __half from_float(float v) { return __float2half_rn(v); }
+  static __device__ __forceinline__ float round(float v) { return __half2float(__float2half_rn(v)); }
+};
+
+// Decodes one 32-bit word of packed codes (8 elements, little-endian bytes, high nibble first)
+// into float32 values codebook[code] * scale.
+__device__ __forceinline__ void decode8(uint32_t word, const float* cb, float scale, float* out) {
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const uint32_t byte = (word >> (8 * j)) & 0xFFu;
+    out[2 * j] = __fmul_rn(cb[byte >> 4], scale);
+    out[2 * j + 1] = __fmul_rn(cb[byte & 0xFu], scale);
+  }
+}
+
+// Stores 8 float values as T at p (16-byte aligned for bf16/fp16, 32 for float, 64 for double).
+__device__ __forceinline__ void store8(float* p, const float* v) {
+  reinterpret_cast<float4*>(p)[0] = make_float4(v[0], v[1], v[2], v[3]);
+  reinterpret_cast<float4*>(p)[1] = make_float4(v[4], v[5], v[6], v[7]);
+}
+__device__ __forceinline__ void store8(double* p, const float* v) {
+#pragma unroll
+  for (int j = 0; j < 4; ++j)
+    reinterpret_cast<double2*>(p)[j] = make_double2(static_cast<double>(v[2 * j]),
+                                                     static_cast<double>(v[2 * j + 1]));
+}
+__device__ __forceinline__ void store8(__nv_bfloat16* p, const float* v) {
+  uint4 r;
+  __nv_bfloat162 h[4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) h[j] = __floats2bfloat162_rn(v[2 * j], v[2 * j + 1]);
+  r.x = *reinterpret_cast<uint32_t*>(&h[0]);
+  r.y = *reinterpret_cast<uint32_t*>(&h[1]);
+  r.z = *reinterpret_cast<uint32_t*>(&h[2]);
+  r.w = *reinterpret_cast<uint32_t*>(&h[3]);
+  *reinterpret_cast<uint4*>(p) = r;
+}
+__device__ __forceinline__ void store8(__half* p, const float* v) {
+  uint4 r;
+  __half2 h[4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) h[j] = __floats2half2_rn(v[2 * j], v[2 * j + 1]);
+  r.x = *reinterpret_cast<uint32_t*>(&h[0]);
+  r.y = *reinterpret_cast<uint32_t*>(&h[1]);
+  r.z = *reinterpret_cast<uint32_t*>(&h[2]);
+  r.w = *reinterpret_cast<uint32_t*>(&h[3]);
+  *reinterpret_cast<uint4*>(p) = r;
+}
+
+// Loads 8 consecutive activations as float32 (p aligned to 8 elements).
+__device__ __forceinline__ void load8(const float* p, float* v) {
+  const float4 a = __ldg(reinterpret_cast<const float4*>(p));
+  const float4 b = __ldg(reinterpret_cast<const float4*>(p) + 1);
+  v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
+  v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+}
+__device__ __forceinline__ void load8(const __nv_bfloat16* p, float* v) {
+  const uint4 r = __ldg(reinterpret_cast<const uint4*>(p));
+  const uint32_t w[4] = {r.x, r.y, r.z, r.w};
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&w[j]));
+    v[2 * j] = f.x;
+    v[2 * j + 1] = f.y;
+  }
+}
+__device__ __forceinline__ void load8(const __half* p, float* v) {
+  const uint4 r = __ldg(reinterpret_cast<const uint4*>(p));
+  const uint32_t w[4] = {r.x, r.y, r.z, r.w};
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&w[j]));
+    v[2 * j] = f.x;
+    v[2 * j + 1] = f.y;
+  }
+}
+
+// --- dequantize -----------------------------------------------------------------------------
+
+// Version 1, the specification: out[i] for i in [start, n), one element per thread.
+template <typename T, bool DQ>
+__global__ void dequant_elem_kernel(const uint8_t* __restrict__ packed, Scales s, int bs_shift,
+                                    int64_t start, int64_t n, T* __restrict__ out) {
+  __shared__ float cb[16];
+  load_codebook(cb);
+  const float offset = load_offset<DQ>(s);
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = start + static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += stride) {
+    const uint32_t byte = packed[i >> 1];
+    const uint32_t code = (i & 1) ? (byte & 0xFu) : (byte >> 4);
+    out[i] = Elem<T>::from_float(__fmul_rn(cb[code], block_scale<DQ>(s, offset, i >> bs_shift)));
+  }
+}
+
+// Version 2: chunk c = elements [32c, 32c + 32) from one 16-byte load; blocksize >= 32 is a
+// power of two, so a chunk never straddles two blocks and needs a single scale.
+template <typename T, bool DQ>
+__global__ void dequant_vec_kernel(const uint4* __restrict__ packed, Scales s, int bs_shift,
+                                   int64_t n_chunks, T* __restrict__ out) {
+  __shared__ float cb[16];
+  load_codebook(cb);
+  const float offset = load_offset<DQ>(s);
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; c < n_chunks;
+       c += stride) {
+    const uint4 v = __ldcs(packed + c);  // streamed: each byte is read once
+    const float scale = block_scale<DQ>(s, offset, (c * 32) >> bs_shift);
+    const uint32_t words[4] = {v.x, v.y, v.z, v.w};
+    float vals[8];
+#pragma unroll
+    for (int w = 0; w < 4; ++w) {
+      decode8(words[w], cb, scale, vals);
+      store8(out + c * 32 + w * 8, vals);
+    }
+  }
+}
+
+// --- y = x W^T for small M ------------------------------------------------------------------
+
+constexpr int kRowsWarps = 4;  // warps (= output rows) per block in linear_rows_kernel
+constexpr int kRowsUnroll = 4; // 16-byte loads in flight per lane
+
+// x [M, K], W [N, K] (K % 32 == 0, packed 16-byte aligned), y [M, N]; M <= MT.
+// Each weight is decoded once to float32, rounded to T (the reference multiplies by
+// dequantize(W, T)), and multiplied with the M rows of x; accumulation is float32.
+template <typename T, bool DQ, int MT>
+__global__ void __launch_bounds__(kRowsWarps * 32)
+linear_rows_kernel(const T* __restrict__ x, const uint4* __restrict__ packed, Scales s,
+                   int bs_shift, const T* __restrict__ bias, T* __restrict__ y, int M, int64_t N,
+                   int64_t K) {
+  __shared__ float cb[16];
+  load_codebook(cb);
+  const float offset = load_offset<DQ>(s);
+  const int lane = threadIdx.x & 31;
+  const int64_t n = static_cast<int64_t>(blockIdx.x) * kRowsWarps + (threadIdx.x >> 5);
+  if (n >= N) return;
+  const int64_t chunks = K >> 5;             // 16-byte chunks (32 weights) per row
+  const uint4* row = packed + n * chunks;
+  float acc[MT];
+#pragma unroll
+  for (int m = 0; m < MT; ++m) acc[m] = 0.0f;
+
+  for (int64_t c0 = lane; c0 < chunks; c0 += 32 * kRowsUnroll) {
+    uint4 v[kRowsUnroll];
+#pragma unroll
+    for (int u = 0; u < kRowsUnroll; ++u) {
+      const int64_t c = c0 + 32 * u;
+      if (c < chunks) v[u] = __ldcs(row + c);
+    }
+#pragma unroll
+    for (int u = 0; u < kRowsUnroll; ++u) {
+      const int64_t c = c0 + 32 * u;
+      if (c >= chunks) break;
+      const float scale = block_scale<DQ>(s, offset, (n * K + c * 32) >> bs_shift);
+      const uint32_t words[4] = {v[u].x, v[u].y, v[u].z, v[u].w};
+#pragma unroll
+      for (int w = 0; w < 4; ++w) {
+        float wv[8];
+        decode8(words[w], cb, scale, wv);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) wv[j] = Elem<T>::round(wv[j]);
+        const int64_t k = c * 32 + w * 8;
+#pragma unroll
+        for (int m = 0; m < MT; ++m) {
+          if (m < M) {
+            float xv[8];
+            load8(x + m * K + k, xv);
+#pragma unroll
+            for (int j = 0; j < 8; ++j) acc[m] = fmaf(wv[j], xv[j], acc[m]);
+          }
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int m = 0; m < MT; ++m) {
+#pragma unroll
+    for (int d = 16; d > 0; d >>= 1) acc[m] += __shfl_xor_sync(0xffffffffu, acc[m], d);
+  }
+  if (lane == 0) {
+    const float b = bias != nullptr ? Elem<T>::to_float(bias[n]) : 0.0f;
+#pragma unroll
+    for (int m = 0; m < MT; ++m)
+      if (m < M) y[m * N + n] = Elem<T>::from_float(acc[m] + b);
+  }
+}
+
+// --- grad_x = grad_y W for small M -------------------------------------------------------------
+
+constexpr int kColsWarps = 4;   // warps per block; they take turns over the block's rows
+constexpr int kColsUnroll = 4;  // rows in flight per lane
+constexpr int kColsPerBlock = 32 * 8;  // a lane owns 8 columns (one 4-byte word per row)
+
+// grad_y [M, N], W [N, K] (K % 8 == 0, packed 4-byte aligned); rows [split * rows_per_split, ...)
+// of W go to blockIdx.y = split, which writes partial [split, M, K] (float32).
+template <typename T, bool DQ, int MT>
+__global__ void __launch_bounds__(kColsWarps * 32)
+grad_input_kernel(const T* __restrict__ grad_y, const uint32_t* __restrict__ packed, Scales s,
+                  int bs_shift, float* __restrict__ partial, int M, int64_t N, int64_t K,
+                  int64_t rows_per_split) {
+  __shared__ float cb[16];
+  __shared__ float red[kColsWarps - 1][MT][8][32];  // [warp - 1][m][j][lane]: no bank conflicts
+  load_codebook(cb);
+  const float offset = load_offset<DQ>(s);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t k0 = static_cast<int64_t>(blockIdx.x) * kColsPerBlock + lane * 8;
+  const bool active = k0 < K;
+  const int64_t n_begin = static_cast<int64_t>(blockIdx.y) * rows_per_split;
+  const int64_t n_end = min(N, n_begin + rows_per_split);
+  const int64_t words_per_row = K >> 3;
+  float acc[MT][8];
+#pragma unroll
+  for (int m = 0; m < MT; ++m)
+#pragma unroll
+    for (int j = 0; j < 8; ++j) acc[m][j] = 0.0f;
+
+  if (active) {
+    for (int64_t n0 = n_begin + warp; n0 < n_end; n0 += kColsWarps * kColsUnroll) {
+      uint32_t v[kColsUnroll];
+#pragma unroll
+      for (int u = 0; u < kColsUnroll; ++u) {
+        const int64_t n = n0 + u * kColsWarps;
+        if (n < n_end) v[u] = __ldcs(packed + n * words_per_row + (k0 >> 3));
+      }
+#pragma unroll
+      for (int u = 0; u < kColsUnroll; ++u) {
+        const int64_t n = n0 + u * kColsWarps;
+        if (n >= n_end) break;
+        float wv[8];
+        decode8(v[u], cb, block_scale<DQ>(s, offset, (n * K + k0) >> bs_shift), wv);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) wv[j] = Elem<T>::round(wv[j]);
+#pragma unroll
+        for (int m = 0; m < MT; ++m) {
+          if (m < M) {
+            const float g = Elem<T>::to_float(grad_y[m * N + n]);  // same address in the warp
+#pragma unroll
+            for (int j = 0; j < 8; ++j) acc[m][j] = fmaf(g, wv[j], acc[m][j]);
+          }
+        }
+      }
+    }
+  }
+  // Add the warps' sums in a fixed order (warp 0 + 1 + 2 + 3).
+  if (warp > 0) {
+#pragma unroll
+    for (int m = 0; m < MT; ++m)
+#pragma unroll
+      for (int j = 0; j < 8; ++j) red[warp - 1][m][j][lane] = acc[m][j];
+  }
+  __syncthreads();
+  if (warp == 0 && active) {
+#pragma unroll
+    for (int m = 0; m < MT; ++m) {
+      if (m < M) {
+        float sum[8];
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          sum[j] = acc[m][j];
+#pragma unroll
+          for (int w = 0; w < kColsWarps - 1; ++w) sum[j] += red[w][m][j][lane];
+        }
+        store8(partial + (static_cast<int64_t>(blockIdx.y) * M + m) * K + k0, sum);
+      }
+    }
+  }
+}
+
+// out[i] = T(sum over splits of partial[split, i]), splits added in order; i < count = M * K.
+template <typename T>
+__global__ void sum_splits_kernel(const float* __restrict__ partial, int64_t splits, int64_t count,
+                                  T* __restrict__ out) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < count;
+       i += stride) {
+    float sum = 0.0f;
+    for (int64_t sp = 0; sp < splits; ++sp) sum += partial[sp * count + i];
+    out[i] = Elem<T>::from_float(sum);
+  }
+}
+
+}  // namespace cuda
+}  // namespace minidora
