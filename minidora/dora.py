@@ -1,0 +1,167 @@
+r"""DoRA: weight-decomposed low-rank adaptation (QDoRA when the base is NF4).
+
+Liu et al., "DoRA: Weight-Decomposed Low-Rank Adaptation", ICML 2024, arXiv 2402.09353, eq. 5,
+with one magnitude per output row (W_0 \in R^{out \times in}, norms over each row):
+
+.. math::  W' = \frac{m}{c}\,V', \qquad V' = W_0 + s B A, \qquad c_i = \lVert V'_{i,:} \rVert_2
+
+m [out] is trained and starts at c (so W' = W_0 at init); the bias is never scaled. Sec. 4.3:
+treat c as a constant in backward (``detach_norm=True``, the default, as in every result of the
+paper); ``detach_norm=False`` gives the exact gradient. A zero row (c_i = 0, real in large
+models) would divide by zero: c is clamped at ``eps`` = 1e-12 as ``F.normalize`` does (c^2 at
+eps^2 before the square root, so the backward stays finite too).
+
+**Without building W'.** With k = m / c, y = x W'^T + b equals
+
+.. math::  y = x W_0^\top + b + (k - 1)\odot(\tilde x W_0^\top) + k \odot s\,\tilde x A^\top B^\top,
+           \qquad \tilde x = \text{dropout}(x)
+
+(one base product when dropout is off), and since W_0 is frozen its squared row norms are
+cached once, so no [out, in] temporary is ever formed:
+
+.. math::  c_i^2 = \lVert W_{0,i}\rVert^2 + 2s\,[(W_0 A^\top)\odot B]_{i,\cdot}\mathbf 1
+           + s^2\,[(B A A^\top)\odot B]_{i,\cdot}\mathbf 1
+
+W_0 A^T is one base product with A as the input ([out, r]); the rest is [out, r] work, done in
+float32 or better and clamped at zero before the square root. :func:`dora_reference` keeps the
+plain formula as the specification.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import ops
+from .lora import LoRALinear, base_linear
+from .nf4 import NF4Weight
+from .nf4_linear import NF4Linear
+
+__all__ = ["DoRALinear", "dora_reference"]
+
+EPS = 1e-12  # clamp of the row norm c, as torch.nn.functional.normalize
+
+
+def dora_reference(x, W0, bias, A, B, m, s, detach_norm=False, eps=EPS):
+    """The formula itself: builds V' and W'. x: [..., in], W0: [out, in], m: [out] -> [..., out]."""
+    V = W0 + s * (B @ A)                                       # [out, in]
+    c = torch.linalg.vector_norm(V, dim=1).clamp_min(eps)      # [out]
+    if detach_norm:
+        c = c.detach()
+    return F.linear(x, (m / c)[:, None] * V, bias)
+
+
+def w0_row_norms_sq(base: nn.Module, chunk_elems: int = 1 << 20) -> torch.Tensor:
+    """||W0[i, :]||^2 for every row, in float64, without an [out, in] temporary: [out].
+
+    Rows are read in chunks; an NF4 weight is dequantized (float32, its exact values) one chunk
+    of whole blocks at a time.
+    """
+    n_out, n_in = base.out_features, base.in_features
+    out = []
+    if isinstance(base, NF4Linear):
+        q = base.weight_nf4
+        bs = q.blocksize
+        scales = q.scales()                                          # [n_blocks] float32
+        unit = bs // math.gcd(n_in, bs)   # rows per whole number of blocks (bs is even)
+        step = max(unit, (chunk_elems // n_in) // unit * unit)
+        for r0 in range(0, n_out, step):
+            r1 = min(n_out, r0 + step)
+            e0, e1 = r0 * n_in, r1 * n_in                            # e0 is block-aligned
+            part = NF4Weight(q.packed[e0 // 2:(e1 + 1) // 2], scales[e0 // bs:-(-e1 // bs)],
+                             (r1 - r0, n_in), torch.float32, bs)
+            w = ops.nf4_dequantize(part, torch.float32)              # [rows, in]
+            out.append(w.double().pow(2).sum(1))
+    else:
+        step = max(1, chunk_elems // n_in)
+        for r0 in range(0, n_out, step):
+            out.append(base.weight[r0:r0 + step].detach().double().pow(2).sum(1))
+    return torch.cat(out)                                            # [out]
+
+
+def base_times_At(base: nn.Module, A: torch.Tensor, chunk_elems: int = 1 << 22) -> torch.Tensor:
+    """W0 A^T: [out, r] in A's dtype; differentiable in A (one base product with A as input)."""
+    if isinstance(base, NF4Linear):
+        return ops.nf4_linear(A, base.weight_nf4).T                  # [r, out] -> [out, r]
+    w = base.weight
+    if w.dtype == A.dtype:
+        return F.linear(A, w).T
+    step = max(1, chunk_elems // base.in_features)   # upcast a few rows at a time, not all of W0
+    return torch.cat([w[i:i + step].to(A.dtype) @ A.T for i in range(0, w.shape[0], step)])
+
+
+class DoRALinear(LoRALinear):
+    """DoRA (or QDoRA) around a frozen base layer.
+
+    Args: as :class:`~minidora.lora.LoRALinear`, plus
+        detach_norm: treat c as a constant in backward (paper sec. 4.3); False: exact gradient.
+        eps: lower clamp of c.
+    """
+
+    def __init__(self, base: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.0,
+                 rslora: bool = False, init: str = "kaiming", detach_norm: bool = True,
+                 adapter_dtype: torch.dtype = torch.float32, eps: float = EPS):
+        super().__init__(base, r, alpha, dropout, rslora, init, adapter_dtype)
+        self.detach_norm, self.eps = bool(detach_norm), eps
+        self.register_buffer("w0_norm_sq", w0_row_norms_sq(base), persistent=False)  # [out] f64
+        with torch.no_grad():
+            m = self.weight_norm_sq().clamp_min(0).sqrt()              # = ||W0|| rows at B = 0
+        self.magnitude = nn.Parameter(m.to(adapter_dtype))             # [out]
+
+    def weight_norm_sq(self) -> torch.Tensor:
+        """c^2 = ||W0 + s B A||^2 per row, by the identity above: [out] in acc_dtype."""
+        acc, s = self.acc_dtype, self.scaling
+        A, B = self.lora_A.to(acc), self.lora_B.to(acc)                # [r, in], [out, r]
+        cross = (base_times_At(self.base, A) * B).sum(1)               # [out]
+        quad = ((B @ (A @ A.T)) * B).sum(1)                            # [out]
+        return self.w0_norm_sq.to(acc) + 2 * s * cross + s * s * quad
+
+    def weight_norm(self) -> torch.Tensor:
+        """c = ||W0 + s B A|| per row, clamped at eps (finite value and gradient): [out]."""
+        c = self.weight_norm_sq().clamp_min(self.eps ** 2).sqrt()
+        return c.detach() if self.detach_norm else c
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [..., in_features] -> [..., out_features] in x's dtype."""
+        if self.merged:
+            return base_linear(self.base, x).to(x.dtype)
+        acc = self.acc_dtype
+        k = self.magnitude.to(acc) / self.weight_norm()                # [out]
+        lora = self.lora_path(x).to(acc)                               # [..., out] s x~ A^T B^T
+        b = self.base.bias
+        if self.training and self.dropout_p > 0:                       # x~ != x: two base products
+            y = base_linear(self.base, x).to(acc) + (k - 1) * (
+                base_linear(self.base, self.dropout(x), bias=False).to(acc))
+            return (y + k * lora).to(x.dtype)
+        y = k * (base_linear(self.base, x, bias=False).to(acc) + lora)  # [..., out]
+        return (y if b is None else y + b.to(acc)).to(x.dtype)
+
+    def _apply(self, fn, recurse=True):
+        keep = self.w0_norm_sq                      # a float64 cache: move it, never cast it
+        super()._apply(fn, recurse)
+        self.w0_norm_sq = keep.to(self.lora_A.device)
+        return self
+
+    # --- merging: W = (m / c) V'; unmerge divides by the k = m / c cached here ----------------------
+
+    def _merge_weight(self, w0: torch.Tensor) -> torch.Tensor:
+        v = w0 + self.delta_weight().to(w0.dtype)                      # [out, in]
+        c = torch.linalg.vector_norm(v, dim=1).clamp_min(self.eps)
+        self._merge_k = self.magnitude.to(w0.dtype) / c                # [out]
+        zero = (self._merge_k == 0).nonzero().view(-1)  # rows a division cannot bring back
+        self._merge_rows = (zero, w0[zero].clone())
+        return self._merge_k[:, None] * v
+
+    def _unmerge_weight(self, w: torch.Tensor) -> torch.Tensor:
+        k = self._merge_k.to(w.dtype)
+        w0 = w / torch.where(k == 0, torch.ones_like(k), k)[:, None] - self.delta_weight().to(w.dtype)
+        zero, rows = self._merge_rows
+        w0[zero] = rows.to(w.dtype)
+        del self._merge_k, self._merge_rows
+        return w0
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", detach_norm={self.detach_norm}"

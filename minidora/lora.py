@@ -1,0 +1,179 @@
+r"""LoRA: a trainable low-rank update next to a frozen linear layer (QLoRA when the base is NF4).
+
+Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", 2021, arXiv 2106.09685, eq. 3
+(written for PyTorch's row convention, W_0 \in R^{out \times in}):
+
+.. math::  y = x W_0^\top + b + s\,\text{dropout}(x) A^\top B^\top, \qquad
+           A \in \mathbb{R}^{r \times in},\; B \in \mathbb{R}^{out \times r}
+
+with :math:`s = \alpha / r`, or :math:`s = \alpha / \sqrt r` with rsLoRA (Kalajdzievski, 2023,
+arXiv 2312.03732, eq. 1). A starts Kaiming-uniform (a = sqrt(5), i.e. U(+-1/sqrt(in))) or, with
+``init="gaussian"``, N(0, 1/r); B starts at zero, so at init the layer equals its base exactly.
+Merged, the layer is the plain linear map :math:`W = W_0 + s B A` (eq. 3 again).
+
+The base is an ``nn.Linear`` or a :class:`~minidora.nf4_linear.NF4Linear`: QLoRA (Dettmers et
+al., 2023, arXiv 2305.14314, eq. 5) is exactly this class over a 4-bit base. The adapter weights
+stay in ``adapter_dtype`` (float32) whatever the base dtype; the base product runs in the base's
+dtype and the sum is returned in x's dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import nf4
+from .nf4_linear import NF4Linear
+
+__all__ = ["LoRALinear", "lora_reference"]
+
+INITS = ("kaiming", "gaussian")
+
+
+def lora_reference(x, W0, bias, A, B, s):
+    """The formula itself: y = x (W0 + s B A)^T + b. x: [..., in], W0: [out, in] -> [..., out]."""
+    return F.linear(x, W0 + s * (B @ A), bias)
+
+
+# --- the frozen base, dense or NF4 -------------------------------------------------------------
+
+def base_weight(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """W0 as a dense [out, in] tensor of ``dtype`` (dequantized for an NF4 base)."""
+    if isinstance(base, NF4Linear):
+        return base.dequantize_weight(dtype)
+    return base.weight.to(dtype)
+
+
+def base_linear(base: nn.Module, x: torch.Tensor, bias: bool = True) -> torch.Tensor:
+    """x [..., in] -> x W0^T (+ b) [..., out], computed in the base's dtype (not cast back)."""
+    if isinstance(base, NF4Linear):
+        return base.linear(x, bias)
+    w = base.weight
+    return F.linear(x.to(w.dtype), w, base.bias if bias else None)
+
+
+def _check_args(base, r, alpha, dropout, init) -> None:
+    if not isinstance(base, (nn.Linear, NF4Linear)):
+        raise TypeError(f"base must be an nn.Linear or minidora.NF4Linear, got {type(base).__name__}")
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise ValueError(f"r must be an integer >= 1, got {r!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
+        raise ValueError(f"alpha must be a number > 0, got {alpha!r}")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
+    if init not in INITS:
+        raise ValueError(f"init must be one of {INITS}, got {init!r}")
+
+
+class LoRALinear(nn.Module):
+    """LoRA (or QLoRA) around a frozen base layer.
+
+    Args:
+        base: ``nn.Linear`` or ``NF4Linear`` with weight [out_features, in_features]; frozen here.
+        r: rank (>= 1).
+        alpha: scale numerator (> 0); s = alpha / r, or alpha / sqrt(r) with ``rslora``.
+        dropout: dropout probability on the adapter's input, in [0, 1).
+        rslora: use s = alpha / sqrt(r).
+        init: ``"kaiming"`` (A ~ U(+-1/sqrt(in))) or ``"gaussian"`` (A ~ N(0, 1/r)); B = 0.
+        adapter_dtype: dtype of A and B (float32; float64 for gradient checks).
+    """
+
+    def __init__(self, base: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.0,
+                 rslora: bool = False, init: str = "kaiming",
+                 adapter_dtype: torch.dtype = torch.float32):
+        super().__init__()
+        _check_args(base, r, alpha, dropout, init)
+        self.base = base.requires_grad_(False)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.r, self.alpha, self.rslora, self.init = r, alpha, bool(rslora), init
+        self.scaling = alpha / (math.sqrt(r) if rslora else r)
+        self.dropout_p = float(dropout)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        device = next(base.parameters()).device
+        kw = dict(dtype=adapter_dtype, device=device)
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **kw))    # [r, in]
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, **kw))   # [out, r]
+        self.reset_adapter()
+        self.merged = False
+
+    @torch.no_grad()
+    def reset_adapter(self) -> None:
+        """A random (``init``), B = 0: the layer equals its base."""
+        if self.init == "kaiming":
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        else:
+            nn.init.normal_(self.lora_A, std=1 / self.r)
+        nn.init.zeros_(self.lora_B)
+
+    @property
+    def acc_dtype(self) -> torch.dtype:
+        """float64 when the adapter or a dense base is float64, else float32."""
+        w = getattr(self.base, "weight", None)
+        wide = self.lora_A.dtype == torch.float64 or (w is not None and w.dtype == torch.float64)
+        return torch.float64 if wide else torch.float32
+
+    def delta_weight(self) -> torch.Tensor:
+        """s B A: [out, in] (only for merging and inspection; training never builds it)."""
+        return self.scaling * (self.lora_B @ self.lora_A)
+
+    def lora_path(self, x: torch.Tensor) -> torch.Tensor:
+        """s dropout(x) A^T B^T: x [..., in] -> [..., out] in the adapter dtype."""
+        a = self.dropout(x).to(self.lora_A.dtype) @ self.lora_A.T           # [..., r]
+        return self.scaling * (a @ self.lora_B.T)                           # [..., out]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [..., in_features] -> [..., out_features] in x's dtype."""
+        y = base_linear(self.base, x)                                       # [..., out]
+        if self.merged:
+            return y.to(x.dtype)
+        return (y.to(self.acc_dtype) + self.lora_path(x)).to(x.dtype)
+
+    # --- merging ---------------------------------------------------------------------------------
+
+    def _merge_weight(self, w0: torch.Tensor) -> torch.Tensor:
+        return w0 + self.delta_weight().to(w0.dtype)
+
+    def _unmerge_weight(self, w: torch.Tensor) -> torch.Tensor:
+        return w - self.delta_weight().to(w.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> float:
+        """Fold the adapter into the base weight; forward then runs the base alone.
+
+        Returns:
+            The relative Frobenius error ||stored - exact|| / ||exact|| of the merged weight:
+            the rounding to a bf16/fp16 dense base, or the re-quantization error of an NF4 base
+            (dequantize, merge, quantize again: lossy). 0.0 when the base stores it exactly.
+        """
+        if self.merged:
+            raise RuntimeError("this layer is already merged; call unmerge() first")
+        exact = self._merge_weight(base_weight(self.base, self.acc_dtype))   # [out, in]
+        if isinstance(self.base, NF4Linear):
+            self._saved_nf4 = self.base.weight_nf4    # unmerge restores these bytes exactly
+            q = nf4.quantize(exact.float(), self.base.blocksize, self.base.double_quant)
+            q.dtype = self.base.weight_dtype
+            self.base._load_weight(q)
+        else:
+            self.base.weight.copy_(exact)
+        self.merged = True
+        stored = base_weight(self.base, exact.dtype)
+        return ((stored - exact).norm() / exact.norm().clamp_min(1e-30)).item()
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo :meth:`merge`: exact bytes for an NF4 base, exact up to rounding for a dense one."""
+        if not self.merged:
+            raise RuntimeError("this layer is not merged")
+        if isinstance(self.base, NF4Linear):
+            self.base._load_weight(self._saved_nf4)
+            del self._saved_nf4
+        else:
+            self.base.weight.copy_(self._unmerge_weight(base_weight(self.base, self.acc_dtype)))
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return (f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, rslora={self.rslora}, "
+                f"dropout={self.dropout_p}, merged={self.merged}")
