@@ -9,7 +9,8 @@ m [out] is trained and starts at c (so W' = W_0 at init); the bias is never scal
 treat c as a constant in backward (``detach_norm=True``, the default, as in every result of the
 paper); ``detach_norm=False`` gives the exact gradient. A zero row (c_i = 0, real in large
 models) would divide by zero: c is clamped at ``eps`` = 1e-12 as ``F.normalize`` does (c^2 at
-eps^2 before the square root, so the backward stays finite too).
+eps^2 before the square root, so the backward stays finite too). Such a row starts with
+m_i = 0 and gets zero gradients: it stays zero, as W_0's row was.
 
 **Without building W'.** With k = m / c, y = x W'^T + b equals
 
@@ -130,12 +131,13 @@ class DoRALinear(LoRALinear):
             return base_linear(self.base, x).to(x.dtype)
         acc = self.acc_dtype
         k = self.magnitude.to(acc) / self.weight_norm()                # [out]
-        lora = self.lora_path(x).to(acc)                               # [..., out] s x~ A^T B^T
         b = self.base.bias
         if self.training and self.dropout_p > 0:                       # x~ != x: two base products
+            xd = self.dropout(x)                                       # [..., in]
             y = base_linear(self.base, x).to(acc) + (k - 1) * (
-                base_linear(self.base, self.dropout(x), bias=False).to(acc))
-            return (y + k * lora).to(x.dtype)
+                base_linear(self.base, xd, bias=False).to(acc))
+            return (y + k * self.lora_path(xd).to(acc)).to(x.dtype)
+        lora = self.lora_path(x).to(acc)                               # [..., out] s x A^T B^T
         y = k * (base_linear(self.base, x, bias=False).to(acc) + lora)  # [..., out]
         return (y if b is None else y + b.to(acc)).to(x.dtype)
 

@@ -119,9 +119,9 @@ class LoRALinear(nn.Module):
         """s B A: [out, in] (only for merging and inspection; training never builds it)."""
         return self.scaling * (self.lora_B @ self.lora_A)
 
-    def lora_path(self, x: torch.Tensor) -> torch.Tensor:
-        """s dropout(x) A^T B^T: x [..., in] -> [..., out] in the adapter dtype."""
-        a = self.dropout(x).to(self.lora_A.dtype) @ self.lora_A.T           # [..., r]
+    def lora_path(self, xd: torch.Tensor) -> torch.Tensor:
+        """s x~ A^T B^T for x~ = dropout(x) given: [..., in] -> [..., out] in the adapter dtype."""
+        a = xd.to(self.lora_A.dtype) @ self.lora_A.T                        # [..., r]
         return self.scaling * (a @ self.lora_B.T)                           # [..., out]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -129,7 +129,7 @@ class LoRALinear(nn.Module):
         y = base_linear(self.base, x)                                       # [..., out]
         if self.merged:
             return y.to(x.dtype)
-        return (y.to(self.acc_dtype) + self.lora_path(x)).to(x.dtype)
+        return (y.to(self.acc_dtype) + self.lora_path(self.dropout(x))).to(x.dtype)
 
     # --- merging ---------------------------------------------------------------------------------
 

@@ -37,7 +37,8 @@ from .lora import LoRALinear
 from .nf4_linear import NF4Linear
 
 __all__ = ["wrap", "report", "Report", "merge", "unmerge", "adapter_layers", "save_adapters",
-           "load_adapters", "load_peft_adapter", "save_peft_adapter", "METHODS"]
+           "load_adapters", "load_peft_adapter", "save_peft_adapter", "load_bnb_nf4_linears",
+           "METHODS"]
 
 METHODS = ("lora", "dora", "qlora", "qdora")
 _PEFT_PREFIX = "base_model.model."
@@ -407,3 +408,21 @@ def save_peft_adapter(model: nn.Module, path) -> Path:
               metadata={"format": "pt"})
     (path / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return path
+
+
+def load_bnb_nf4_linears(model: nn.Module, state_dict: dict[str, torch.Tensor],
+                         compute_dtype: torch.dtype = torch.bfloat16) -> list[str]:
+    """Replace each ``nn.Linear`` that ``state_dict`` stores in bitsandbytes' NF4 layout
+    (``<name>.weight`` + ``<name>.weight.absmax`` + ``.quant_state.bitsandbytes__nf4``...)
+    by an :class:`NF4Linear` holding those exact bytes. Returns the names replaced."""
+    done = []
+    for name, m in list(model.named_modules()):
+        if isinstance(m, nn.Linear) and f"{name}.weight.quant_state.bitsandbytes__nf4" in state_dict:
+            layer = NF4Linear.from_bnb_state_dict(state_dict, f"{name}.", compute_dtype=compute_dtype)
+            if (layer.in_features, layer.out_features) != (m.in_features, m.out_features):
+                raise ValueError(f"{name}: the checkpoint holds a {layer.out_features}x"
+                                 f"{layer.in_features} weight, the model a {m.out_features}x"
+                                 f"{m.in_features} one")
+            _set_module(model, name, layer.to(m.weight.device))
+            done.append(name)
+    return done

@@ -1,0 +1,289 @@
+"""minidora.dora: PEFT's float64 numbers, the plain formula, the efficient norm, gradcheck of the
+exact gradient, the spec's closed forms for the detached one, zero rows, QDoRA, merging."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from minidora import DoRALinear, NF4Linear, dora_reference, nf4
+from minidora.dora import EPS, w0_row_norms_sq
+
+from test_lora import close, dense, gradcheck_layer
+
+GOLDEN = Path(__file__).resolve().parents[1].parent / "shared" / "golden"
+PEFT = np.load(GOLDEN / "adapters_peft.npz")
+F64 = dict(adapter_dtype=torch.float64)
+
+
+def randomize(layer, seed=1):
+    """B and m away from their init, as a trained adapter has them."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        layer.lora_A.copy_(torch.randn(layer.lora_A.shape, generator=g) / 3)
+        layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) / 3)
+        layer.magnitude.mul_(1 + 0.2 * torch.randn(layer.magnitude.shape, generator=g))
+    return layer
+
+
+def reference(layer, x, detach_norm=False, w0=None):
+    w0 = layer.base.weight if w0 is None else w0
+    return dora_reference(x, w0, layer.base.bias.to(x.dtype), layer.lora_A, layer.lora_B,
+                          layer.magnitude, layer.scaling, detach_norm=detach_norm)
+
+
+# --- PEFT golden -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("key", ["dora", "dora_rslora"])
+def test_matches_peft_float64(key):
+    g = lambda n: torch.from_numpy(np.asarray(PEFT[f"{key}.{n}"]))
+    W0 = g("W0")
+    lin = nn.Linear(W0.shape[1], W0.shape[0], dtype=torch.float64)
+    with torch.no_grad():
+        lin.weight.copy_(W0)
+        lin.bias.copy_(g("bias"))
+    layer = DoRALinear(lin, r=int(g("r")), alpha=float(g("alpha")), rslora="rslora" in key, **F64)
+    assert layer.scaling == float(g("scaling"))
+    with torch.no_grad():
+        layer.lora_A.copy_(g("A"))
+        layer.lora_B.copy_(g("B"))
+        layer.magnitude.copy_(g("m"))
+    x = g("x").clone().requires_grad_(True)
+    y = layer(x)
+    (y * g("grad_y")).sum().backward()
+    # PEFT builds W' and the norm directly; the identity differs by a few ulp: 1e-10 is ample.
+    for got, want in [(y, g("y")), (x.grad, g("grad_x")), (layer.lora_A.grad, g("grad_A")),
+                      (layer.lora_B.grad, g("grad_B")), (layer.magnitude.grad, g("grad_m"))]:
+        close(got, want, rtol=1e-10, atol=1e-13)
+    layer.merge()
+    close(layer.base.weight, g("merged_weight"), rtol=1e-10, atol=1e-13)
+    close(layer.base.bias, g("merged_bias"), rtol=0.0)
+
+
+# --- the norm without an [out, in] temporary -----------------------------------------------------
+
+def direct_norm(layer, w0):
+    v = w0.double() + layer.scaling * layer.lora_B.double() @ layer.lora_A.double()
+    return torch.linalg.vector_norm(v, dim=1)
+
+
+@pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_efficient_norm_equals_direct_norm_with_zero_row(dtype, rtol):
+    lin = dense(41, 29, dtype=dtype, seed=2)
+    with torch.no_grad():
+        lin.weight[5] = 0
+    layer = randomize(DoRALinear(lin, r=5, alpha=7, adapter_dtype=dtype))
+    with torch.no_grad():
+        layer.lora_B[5] = 0                                    # row 5 of V' is exactly zero
+    c2 = layer.weight_norm_sq()
+    want = direct_norm(layer, lin.weight)
+    close(c2.clamp_min(0).sqrt(), want, rtol=rtol, atol=rtol * want.max())
+    c = layer.weight_norm()
+    assert c[5] == EPS and torch.isfinite(c).all()
+
+
+def test_efficient_norm_bf16_dense_base_chunked():
+    lin = dense(130, 70, dtype=torch.bfloat16, seed=4)
+    layer = randomize(DoRALinear(lin, r=4, alpha=8))
+    # float32 arithmetic on exactly the bf16 weights: float32 rounding only.
+    want = direct_norm(layer, lin.weight)
+    close(layer.weight_norm(), want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_w0_norms_of_nf4_base_chunked_equal_full_dequantize(double_quant):
+    lin = dense(150, 77, dtype=torch.float32, seed=6)     # 77 columns: blocks span rows
+    base = NF4Linear.from_linear(lin, blocksize=64, double_quant=double_quant)
+    w = nf4.dequantize(base.weight_nf4, torch.float64)
+    want = w.pow(2).sum(1)
+    for chunk in (77, 64 * 77, 1 << 20):                  # one block-aligned unit, several, all
+        close(w0_row_norms_sq(base, chunk_elems=chunk), want, rtol=1e-14)
+
+
+def test_magnitude_starts_at_row_norms_of_dequantized_weight():
+    lin = dense(20, 64, dtype=torch.float32)
+    base = NF4Linear.from_linear(lin)
+    layer = DoRALinear(base, r=4, alpha=8)
+    want = torch.linalg.vector_norm(base.dequantize_weight(torch.float64), dim=1)
+    close(layer.magnitude, want, rtol=1e-6)
+    assert layer.magnitude.dtype == torch.float32
+
+
+# --- efficient forward / backward == the plain formula -----------------------------------------
+
+@pytest.mark.parametrize("detach_norm", [True, False])
+@pytest.mark.parametrize("shape", [(9, 23), (2, 3, 23)])
+def test_forward_backward_equal_plain_formula(detach_norm, shape):
+    layer = randomize(DoRALinear(dense(17, 23), r=3, alpha=5, detach_norm=detach_norm, **F64))
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    gy = torch.randn(*shape[:-1], 17, dtype=torch.float64)
+    (layer(x) * gy).sum().backward()
+    got = [x.grad, layer.lora_A.grad, layer.lora_B.grad, layer.magnitude.grad]
+    for p in (x, layer.lora_A, layer.lora_B, layer.magnitude):
+        p.grad = None
+    (reference(layer, x, detach_norm) * gy).sum().backward()
+    want = [x.grad, layer.lora_A.grad, layer.lora_B.grad, layer.magnitude.grad]
+    close(layer(x), reference(layer, x, detach_norm), rtol=1e-12, atol=1e-13)
+    for a, b in zip(got, want):
+        close(a, b, rtol=1e-11, atol=1e-13)
+
+
+def test_detached_gradients_equal_closed_forms():
+    layer = randomize(DoRALinear(dense(12, 15), r=3, alpha=4, **F64))
+    x = torch.randn(10, 15, dtype=torch.float64)
+    gy = torch.randn(10, 12, dtype=torch.float64)
+    (layer(x) * gy).sum().backward()
+    with torch.no_grad():
+        s, A, B, m = layer.scaling, layer.lora_A, layer.lora_B, layer.magnitude
+        V = layer.base.weight + s * B @ A                            # [out, in]
+        c = V.norm(dim=1)
+        G = gy.T @ x                                                 # g_i rows: [out, in]
+        grad_m = (G * V).sum(1) / c
+        grad_V = (m / c)[:, None] * G
+        close(layer.magnitude.grad, grad_m, rtol=1e-12, atol=1e-13)
+        close(layer.lora_B.grad, s * grad_V @ A.T, rtol=1e-12, atol=1e-13)
+        close(layer.lora_A.grad, s * B.T @ grad_V, rtol=1e-12, atol=1e-13)
+
+
+def test_exact_gradients_equal_projected_closed_form():
+    layer = randomize(DoRALinear(dense(12, 15), r=3, alpha=4, detach_norm=False, **F64))
+    x = torch.randn(10, 15, dtype=torch.float64)
+    gy = torch.randn(10, 12, dtype=torch.float64)
+    (layer(x) * gy).sum().backward()
+    with torch.no_grad():
+        s, A, B, m = layer.scaling, layer.lora_A, layer.lora_B, layer.magnitude
+        V = layer.base.weight + s * B @ A
+        c = V.norm(dim=1)
+        G = gy.T @ x
+        # (I - v v^T / c^2) g per row
+        grad_V = (m / c)[:, None] * (G - ((G * V).sum(1) / c ** 2)[:, None] * V)
+        close(layer.lora_B.grad, s * grad_V @ A.T, rtol=1e-11, atol=1e-13)
+        close(layer.lora_A.grad, s * B.T @ grad_V, rtol=1e-11, atol=1e-13)
+        close(layer.magnitude.grad, (G * V).sum(1) / c, rtol=1e-12, atol=1e-13)
+
+
+def test_gradcheck_exact_dora_dense():
+    layer = randomize(DoRALinear(dense(7, 10), r=2, alpha=3, detach_norm=False, **F64))
+    x = torch.randn(4, 10, dtype=torch.float64, requires_grad=True)
+    gradcheck_layer(layer, x, ["lora_A", "lora_B", "magnitude"])
+
+
+def test_gradcheck_exact_qdora_float64_compute():
+    base = NF4Linear.from_linear(dense(7, 10, dtype=torch.float32), compute_dtype=torch.float64)
+    layer = randomize(DoRALinear(base, r=2, alpha=3, detach_norm=False, **F64))
+    x = torch.randn(3, 10, dtype=torch.float64, requires_grad=True)
+    gradcheck_layer(layer, x, ["lora_A", "lora_B", "magnitude"])
+
+
+# --- zero rows, dropout, QDoRA, dtypes ----------------------------------------------------------
+
+@pytest.mark.parametrize("detach_norm", [True, False])
+def test_zero_weight_row_gives_finite_values_and_gradients(detach_norm):
+    lin = dense(6, 8)
+    with torch.no_grad():
+        lin.weight[2] = 0
+    layer = DoRALinear(lin, r=2, alpha=2, detach_norm=detach_norm, **F64)   # B = 0: row 2 of V' = 0
+    assert layer.magnitude[2] == 0
+    x = torch.randn(5, 8, dtype=torch.float64, requires_grad=True)
+    y = layer(x)
+    y.sum().backward()
+    for t in (y, x.grad, layer.lora_A.grad, layer.lora_B.grad, layer.magnitude.grad):
+        assert torch.isfinite(t).all()
+    close(y, lin(x), rtol=1e-14, atol=1e-15)
+    # m_2 = 0 and V'_2 = 0: that row's gradients are exactly zero; the others learn.
+    assert layer.lora_B.grad[2].abs().sum() == 0 and layer.magnitude.grad[2] == 0
+    assert (layer.lora_B.grad.abs().sum(1) > 0).sum() == 5
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_init_output_equals_base_exactly_with_dropout(quantized):
+    base = dense(19, 33, dtype=torch.float32)
+    if quantized:
+        base = NF4Linear.from_linear(base, compute_dtype=torch.bfloat16)
+    layer = DoRALinear(base, r=4, alpha=8, dropout=0.25).train()
+    x = torch.randn(7, 33)
+    assert torch.equal(layer(x), base(x))
+
+
+def test_dropout_uses_one_mask_for_both_terms():
+    layer = randomize(DoRALinear(dense(8, 10), r=2, alpha=2, dropout=0.5, **F64)).train()
+    x = torch.randn(30, 10, dtype=torch.float64)
+    torch.manual_seed(3)
+    y = layer(x)
+    torch.manual_seed(3)
+    xd = F.dropout(x, 0.5, training=True)
+    W0, b, s = layer.base.weight, layer.base.bias, layer.scaling
+    k = layer.magnitude / direct_norm(layer, W0)
+    want = x @ W0.T + b + (k - 1) * (xd @ W0.T) + k * s * (xd @ layer.lora_A.T @ layer.lora_B.T)
+    close(y, want, rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("compute_dtype,rtol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
+def test_qdora_equals_dora_over_dequantized_weight(compute_dtype, rtol):
+    lin = dense(37, 45, dtype=torch.float32, seed=3)
+    base = NF4Linear.from_linear(lin, compute_dtype=compute_dtype)
+    layer = randomize(DoRALinear(base, r=4, alpha=8, adapter_dtype=compute_dtype))
+    w = nf4.dequantize(nf4.quantize(lin.weight, 64, True), compute_dtype)
+    x = torch.randn(5, 45, dtype=compute_dtype)
+    close(layer(x), reference(layer, x, w0=w), rtol=rtol, atol=rtol)
+
+
+def test_bf16_dense_base_float32_adapters():
+    base = dense(16, 24, dtype=torch.bfloat16)
+    layer = randomize(DoRALinear(base, r=4, alpha=8))
+    assert layer.magnitude.dtype == torch.float32
+    x = torch.randn(5, 24, dtype=torch.bfloat16)
+    y = layer(x)
+    assert y.dtype == torch.bfloat16
+    ref = dora_reference(x.float(), base.weight.float(), base.bias.float(), layer.lora_A,
+                         layer.lora_B, layer.magnitude, layer.scaling)
+    close(y, ref, rtol=1e-2, atol=1e-2)                  # bf16 products and output rounding
+    y.float().sum().backward()
+    assert layer.magnitude.grad.dtype == torch.float32 and layer.magnitude.grad.abs().sum() > 0
+
+
+def test_module_casts_keep_the_float64_norm_cache():
+    layer = DoRALinear(dense(5, 9, dtype=torch.float32), r=2, alpha=2)
+    cache = layer.w0_norm_sq.clone()
+    layer.to(torch.bfloat16)
+    assert layer.w0_norm_sq.dtype == torch.float64 and torch.equal(layer.w0_norm_sq, cache)
+
+
+# --- merge -----------------------------------------------------------------------------------
+
+def test_merge_unmerge_dense_with_zero_magnitude_row():
+    lin = dense(9, 14)
+    with torch.no_grad():
+        lin.weight[4] = 0
+    layer = randomize(DoRALinear(lin, r=3, alpha=6, **F64))
+    with torch.no_grad():
+        layer.magnitude[4] = 0            # k = 0: that row of W0 cannot be recovered by division
+        lin.weight[4] = torch.randn(14, dtype=torch.float64)
+    w0 = lin.weight.detach().clone()
+    x = torch.randn(4, 14, dtype=torch.float64)
+    y = layer(x)
+    assert layer.merge() == 0.0
+    V = w0 + layer.scaling * layer.lora_B @ layer.lora_A
+    close(lin.weight, (layer.magnitude / V.norm(dim=1))[:, None] * V, rtol=1e-14, atol=1e-15)
+    close(layer(x), y, rtol=1e-12, atol=1e-13)
+    layer.unmerge()
+    close(lin.weight, w0, rtol=1e-12, atol=1e-13)
+    close(layer(x), y, rtol=1e-12, atol=1e-13)
+
+
+def test_merge_nf4_base_error_and_exact_unmerge():
+    base = NF4Linear.from_linear(dense(24, 64, dtype=torch.float32), compute_dtype=torch.float32)
+    layer = randomize(DoRALinear(base, r=4, alpha=8))
+    packed = base.packed.clone()
+    x = torch.randn(3, 64)
+    y = layer(x)
+    err = layer.merge()
+    assert 0 < err < 0.2
+    # the merged layer is within the re-quantization error of the adapted one
+    assert (layer(x) - y).norm() / y.norm() < 3 * err
+    layer.unmerge()
+    assert torch.equal(base.packed, packed)
+    close(layer(x), y, rtol=0, atol=0)

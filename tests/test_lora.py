@@ -1,0 +1,252 @@
+"""minidora.lora: PEFT's float64 numbers, the plain formula, gradcheck, QLoRA = LoRA over the
+dequantized weight, init, dropout, merging, bad input."""
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from minidora import LoRALinear, NF4Linear, lora_reference, nf4
+
+GOLDEN = Path(__file__).resolve().parents[1].parent / "shared" / "golden"
+PEFT = np.load(GOLDEN / "adapters_peft.npz")
+F64 = dict(adapter_dtype=torch.float64)
+
+
+def close(a, b, rtol, atol=0.0):
+    """|a - b| <= atol + rtol * |b| elementwise."""
+    a, b = a.detach().double(), b.detach().double()
+    err = (a - b).abs() - (atol + rtol * b.abs())
+    assert err.max() <= 0, f"max |a-b| = {(a - b).abs().max():.3e} (rtol {rtol}, atol {atol})"
+
+
+def dense(out_f, in_f, dtype=torch.float64, bias=True, seed=0):
+    torch.manual_seed(seed)
+    lin = nn.Linear(in_f, out_f, bias=bias, dtype=dtype)
+    with torch.no_grad():
+        lin.weight.normal_(0, 0.3)
+        if bias:
+            lin.bias.normal_(0, 0.3)
+    return lin
+
+
+def randomize(layer, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        layer.lora_A.copy_(torch.randn(layer.lora_A.shape, generator=g) / 3)
+        layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) / 3)
+    return layer
+
+
+# --- PEFT golden -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("key", ["lora", "lora_rslora"])
+def test_matches_peft_float64(key):
+    g = lambda n: torch.from_numpy(np.asarray(PEFT[f"{key}.{n}"]))
+    W0 = g("W0")
+    lin = nn.Linear(W0.shape[1], W0.shape[0], dtype=torch.float64)
+    with torch.no_grad():
+        lin.weight.copy_(W0)
+        lin.bias.copy_(g("bias"))
+    layer = LoRALinear(lin, r=int(g("r")), alpha=float(g("alpha")), rslora="rslora" in key, **F64)
+    assert layer.scaling == float(g("scaling"))
+    with torch.no_grad():
+        layer.lora_A.copy_(g("A"))
+        layer.lora_B.copy_(g("B"))
+    x = g("x").clone().requires_grad_(True)
+    y = layer(x)
+    (y * g("grad_y")).sum().backward()
+    # Same formula in float64; only summation order may differ: 1e-10 relative is 1e6 ulp slack.
+    for got, want in [(y, g("y")), (x.grad, g("grad_x")), (layer.lora_A.grad, g("grad_A")),
+                      (layer.lora_B.grad, g("grad_B"))]:
+        close(got, want, rtol=1e-10, atol=1e-13)
+    layer.merge()
+    close(layer.base.weight, g("merged_weight"), rtol=1e-10, atol=1e-13)
+    close(layer.base.bias, g("merged_bias"), rtol=0.0)
+
+
+# --- the formula and the gradients ---------------------------------------------------------
+
+@pytest.mark.parametrize("shape", [(7, 13), (2, 5, 13)])
+def test_forward_backward_equal_plain_formula(shape):
+    layer = randomize(LoRALinear(dense(11, 13), r=3, alpha=5, **F64))
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    gy = torch.randn(*shape[:-1], 11, dtype=torch.float64)
+    (layer(x) * gy).sum().backward()
+    A = layer.lora_A.detach().clone().requires_grad_(True)
+    B = layer.lora_B.detach().clone().requires_grad_(True)
+    x2 = x.detach().clone().requires_grad_(True)
+    ref = lora_reference(x2, layer.base.weight, layer.base.bias, A, B, layer.scaling)
+    (ref * gy).sum().backward()
+    close(layer(x), ref, rtol=1e-12, atol=1e-13)
+    for got, want in [(x.grad, x2.grad), (layer.lora_A.grad, A.grad), (layer.lora_B.grad, B.grad)]:
+        close(got, want, rtol=1e-12, atol=1e-13)
+
+
+def swap_params(layer, names, values):
+    """Run the layer with plain tensors in place of its adapter parameters (for gradcheck)."""
+    saved = {n: layer._parameters.pop(n) for n in names}
+    for n, v in zip(names, values):
+        setattr(layer, n, v)
+    return saved
+
+
+def gradcheck_layer(layer, x, names):
+    leaves = [getattr(layer, n).detach().clone().requires_grad_(True) for n in names]
+
+    def fn(x, *vals):
+        saved = swap_params(layer, names, vals)
+        try:
+            return layer(x)
+        finally:
+            for n in names:
+                delattr(layer, n)
+            layer._parameters.update(saved)
+
+    assert torch.autograd.gradcheck(fn, (x, *leaves), eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
+def test_gradcheck_lora_dense():
+    layer = randomize(LoRALinear(dense(6, 9), r=2, alpha=3, **F64))
+    x = torch.randn(4, 9, dtype=torch.float64, requires_grad=True)
+    gradcheck_layer(layer, x, ["lora_A", "lora_B"])
+
+
+def test_gradcheck_qlora_float64_compute():
+    base = NF4Linear.from_linear(dense(6, 9, dtype=torch.float32), compute_dtype=torch.float64)
+    layer = randomize(LoRALinear(base, r=2, alpha=3, **F64))
+    x = torch.randn(3, 9, dtype=torch.float64, requires_grad=True)
+    gradcheck_layer(layer, x, ["lora_A", "lora_B"])
+
+
+@pytest.mark.parametrize("compute_dtype,rtol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_qlora_equals_lora_over_dequantized_weight(compute_dtype, rtol, double_quant):
+    lin = dense(37, 45, dtype=torch.float32, seed=3)              # 1665 elements: partial block
+    base = NF4Linear.from_linear(lin, blocksize=64, double_quant=double_quant,
+                                 compute_dtype=compute_dtype)
+    q = randomize(LoRALinear(base, r=4, alpha=8, adapter_dtype=compute_dtype))
+    w = nf4.dequantize(nf4.quantize(lin.weight, 64, double_quant), compute_dtype)
+    x = torch.randn(5, 45, dtype=compute_dtype)
+    ref = lora_reference(x, w, lin.bias.to(compute_dtype), q.lora_A, q.lora_B, q.scaling)
+    # float32: the two matmuls accumulate 45 products in different orders.
+    close(q(x), ref, rtol=rtol, atol=rtol)
+
+
+# --- init, dropout, dtypes -------------------------------------------------------------------
+
+def test_init_kaiming_and_gaussian():
+    torch.manual_seed(0)
+    k = LoRALinear(dense(300, 400, dtype=torch.float32), r=16, alpha=16)
+    bound = 1 / math.sqrt(400)
+    assert k.lora_A.abs().max() <= bound and k.lora_A.abs().max() > 0.99 * bound
+    assert abs(k.lora_A.std().item() - bound / math.sqrt(3)) < 0.02 * bound
+    assert torch.equal(k.lora_B, torch.zeros(300, 16))
+    g = LoRALinear(dense(30, 4000, dtype=torch.float32), r=16, alpha=16, init="gaussian")
+    # 64000 draws: the sample std is within 1.5% (5 sigma) of 1/r, the mean within 5 sigma of 0.
+    assert abs(g.lora_A.std().item() - 1 / 16) < 0.015 / 16
+    assert abs(g.lora_A.mean().item()) < 5 / 16 / math.sqrt(64000)
+    assert torch.equal(g.lora_B, torch.zeros(30, 16))
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("quantized", [False, True])
+def test_init_output_equals_base_exactly_even_with_dropout(dropout, quantized):
+    base = dense(21, 35, dtype=torch.float32)
+    if quantized:
+        base = NF4Linear.from_linear(base, compute_dtype=torch.bfloat16)
+    layer = LoRALinear(base, r=4, alpha=8, dropout=dropout).train()
+    x = torch.randn(6, 35)
+    assert torch.equal(layer(x), base(x))
+
+
+def test_dropout_acts_only_on_adapter_path():
+    layer = randomize(LoRALinear(dense(8, 10), r=2, alpha=2, dropout=0.5, **F64)).train()
+    x = torch.randn(40, 10, dtype=torch.float64)
+    torch.manual_seed(7)
+    y = layer(x)
+    torch.manual_seed(7)
+    xd = F.dropout(x, 0.5, training=True)
+    assert not torch.equal(xd, x)
+    want = layer.base(x) + layer.scaling * xd @ layer.lora_A.T @ layer.lora_B.T
+    close(y, want, rtol=1e-12, atol=1e-14)
+    layer.eval()
+    close(layer(x), lora_reference(x, layer.base.weight, layer.base.bias, layer.lora_A,
+                                   layer.lora_B, layer.scaling), rtol=1e-12, atol=1e-14)
+
+
+def test_rslora_scaling():
+    assert LoRALinear(dense(4, 4), r=16, alpha=8, rslora=True).scaling == 2.0
+    assert LoRALinear(dense(4, 4), r=16, alpha=8).scaling == 0.5
+
+
+def test_bf16_base_keeps_float32_adapters_and_trains():
+    base = dense(16, 24, dtype=torch.bfloat16)
+    layer = randomize(LoRALinear(base, r=4, alpha=8))
+    assert layer.lora_A.dtype == layer.lora_B.dtype == torch.float32
+    x = torch.randn(5, 24, dtype=torch.bfloat16)
+    y = layer(x)
+    assert y.dtype == torch.bfloat16
+    ref = lora_reference(x.float(), base.weight.float(), base.bias.float(), layer.lora_A,
+                         layer.lora_B, layer.scaling)
+    close(y, ref, rtol=1e-2, atol=1e-2)      # bf16 output rounding (2^-8) plus bf16 products
+    y.float().sum().backward()
+    assert layer.lora_A.grad.dtype == torch.float32 and layer.lora_B.grad.abs().sum() > 0
+    assert base.weight.grad is None
+
+
+# --- merge -----------------------------------------------------------------------------------
+
+def test_merge_unmerge_dense_exact():
+    layer = randomize(LoRALinear(dense(9, 14), r=3, alpha=6, **F64))
+    w0 = layer.base.weight.detach().clone()
+    x = torch.randn(4, 14, dtype=torch.float64)
+    y = layer(x)
+    assert layer.merge() == 0.0
+    close(layer.base.weight, w0 + layer.scaling * layer.lora_B @ layer.lora_A, rtol=0, atol=0)
+    close(layer(x), y, rtol=1e-13, atol=1e-14)
+    with pytest.raises(RuntimeError, match="already merged"):
+        layer.merge()
+    layer.unmerge()
+    close(layer.base.weight, w0, rtol=1e-14, atol=1e-15)
+    close(layer(x), y, rtol=1e-13, atol=1e-14)
+
+
+def test_merge_nf4_reports_requantization_error_and_unmerge_restores_bytes():
+    lin = dense(33, 77, dtype=torch.float32, seed=5)
+    base = NF4Linear.from_linear(lin, compute_dtype=torch.float32)
+    layer = randomize(LoRALinear(base, r=4, alpha=8))
+    packed, absmax = base.packed.clone(), base.absmax.clone()
+    exact = nf4.dequantize(base.weight_nf4, torch.float32) + layer.scaling * layer.lora_B @ layer.lora_A
+    err = layer.merge()
+    stored = nf4.dequantize(nf4.quantize(exact, 64, True), torch.float32)
+    assert torch.equal(base.dequantize_weight(torch.float32), stored)
+    want = ((stored - exact).norm() / exact.norm()).item()
+    assert 0 < err < 0.2 and abs(err - want) <= 1e-6 * want
+    layer.unmerge()
+    assert torch.equal(base.packed, packed) and torch.equal(base.absmax, absmax)
+
+
+# --- bad input -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(r=0), r"r must be an integer >= 1, got 0"),
+    (dict(r=2.5), r"r must be an integer >= 1, got 2.5"),
+    (dict(alpha=0), r"alpha must be a number > 0, got 0"),
+    (dict(alpha=-3.0), r"alpha must be a number > 0, got -3.0"),
+    (dict(dropout=1.0), r"dropout must be a probability in \[0, 1\), got 1.0"),
+    (dict(dropout=-0.1), r"dropout must be a probability in \[0, 1\), got -0.1"),
+    (dict(init="xavier"), r"init must be one of \('kaiming', 'gaussian'\), got 'xavier'"),
+])
+def test_bad_options(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        LoRALinear(dense(4, 4), **kwargs)
+
+
+def test_bad_base():
+    with pytest.raises(TypeError, match="base must be an nn.Linear or minidora.NF4Linear, got Conv1d"):
+        LoRALinear(nn.Conv1d(3, 3, 1))
