@@ -11,9 +11,9 @@
 #   3. checks the library holds the CUDA kernels, then loads it into torch and checks that every
 #      op has a CUDA kernel registered (this also checks the C++ signatures against the schemas).
 #
-# Cost measured on a 2-core machine: venv install about 1 min (from the local package cache),
-# build about 4 min with MAX_JOBS=2 (see docs/bench-cuda.md). Exits 0 with "skipped: nvcc not
-# found" when there is no nvcc; non-zero on any compile or check error.
+# Cost measured on the 2-core development machine: venv install about 1 min (from the local
+# package cache), build about 2.5 min with MAX_JOBS=2 (see docs/bench-cuda.md). Exits 0 with
+# "skipped: nvcc not found" when there is no nvcc; non-zero on any compile or check error.
 # Environment: PYTHON (default python3), CUDA_VENV (default .venv-cuda), MAX_JOBS (default 2),
 # TORCH_CUDA_ARCH_LIST (default "8.0;9.0"), KEEP_BUILD=1 keeps the temporary build folder.
 set -euo pipefail

@@ -231,21 +231,24 @@ linear_rows_kernel(const T* __restrict__ x, const uint4* __restrict__ packed, Sc
 
   for (int64_t c0 = lane; c0 < chunks; c0 += 32 * kRowsUnroll) {
     uint4 v[kRowsUnroll];
+    float scale[kRowsUnroll];
 #pragma unroll
-    for (int u = 0; u < kRowsUnroll; ++u) {
+    for (int u = 0; u < kRowsUnroll; ++u) {  // issue every load before any is used
       const int64_t c = c0 + 32 * u;
-      if (c < chunks) v[u] = __ldcs(row + c);
+      if (c < chunks) {
+        v[u] = __ldcs(row + c);
+        scale[u] = block_scale<DQ>(s, offset, (n * K + c * 32) >> bs_shift);
+      }
     }
 #pragma unroll
     for (int u = 0; u < kRowsUnroll; ++u) {
       const int64_t c = c0 + 32 * u;
       if (c >= chunks) break;
-      const float scale = block_scale<DQ>(s, offset, (n * K + c * 32) >> bs_shift);
       const uint32_t words[4] = {v[u].x, v[u].y, v[u].z, v[u].w};
 #pragma unroll
       for (int w = 0; w < 4; ++w) {
         float wv[8];
-        decode8(words[w], cb, scale, wv);
+        decode8(words[w], cb, scale[u], wv);
 #pragma unroll
         for (int j = 0; j < 8; ++j) wv[j] = Elem<T>::round(wv[j]);
         const int64_t k = c * 32 + w * 8;
@@ -306,17 +309,21 @@ grad_input_kernel(const T* __restrict__ grad_y, const uint32_t* __restrict__ pac
   if (active) {
     for (int64_t n0 = n_begin + warp; n0 < n_end; n0 += kColsWarps * kColsUnroll) {
       uint32_t v[kColsUnroll];
+      float scale[kColsUnroll];
 #pragma unroll
-      for (int u = 0; u < kColsUnroll; ++u) {
+      for (int u = 0; u < kColsUnroll; ++u) {  // issue every load before any is used
         const int64_t n = n0 + u * kColsWarps;
-        if (n < n_end) v[u] = __ldcs(packed + n * words_per_row + (k0 >> 3));
+        if (n < n_end) {
+          v[u] = __ldcs(packed + n * words_per_row + (k0 >> 3));
+          scale[u] = block_scale<DQ>(s, offset, (n * K + k0) >> bs_shift);
+        }
       }
 #pragma unroll
       for (int u = 0; u < kColsUnroll; ++u) {
         const int64_t n = n0 + u * kColsWarps;
         if (n >= n_end) break;
         float wv[8];
-        decode8(v[u], cb, block_scale<DQ>(s, offset, (n * K + k0) >> bs_shift), wv);
+        decode8(v[u], cb, scale[u], wv);
 #pragma unroll
         for (int j = 0; j < 8; ++j) wv[j] = Elem<T>::round(wv[j]);
 #pragma unroll

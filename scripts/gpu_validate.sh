@@ -1,0 +1,124 @@
+#!/usr/bin/env bash
+# One-shot GPU check of the CUDA NF4 kernels: build, test, validate, benchmark.
+#
+# For a machine with one NVIDIA GPU (written for an H200: 16 cores, no network). It installs
+# nothing from the internet. Python: $PYTHON if set, else the first of .venv-cuda/bin/python,
+# .venv/bin/python, python3 whose torch is a CUDA build that sees a GPU. If none has one, it tries
+# once to create .venv-cuda with `pip install torch==2.14.1 setuptools ninja numpy pytest` from
+# whatever package index or local wheel cache pip is configured with, and stops with a clear
+# message if that fails. minidora itself is used from the repository (no install needed).
+#
+# Steps (each stops the script on failure):
+#   1. build minidora._C in place with CUDA (MINIDORA_FORCE_CUDA=1) for this GPU's architecture;
+#   2. pytest tests/test_ops.py -q (the op tests run on every device, cuda included);
+#   3. benchmarks/bench_nf4_cuda.py: bit-exact dequantize, exact one-hot and error-bounded random
+#      linear / grad-input checks, then the timing table against dense bf16 F.linear and the
+#      measured device copy bandwidth (see docs/bench-cuda.md).
+# Output goes to stdout; with $OUT set, also $OUT/bench_nf4_cuda.json, $OUT/pytest.txt and
+# $OUT/build.log. Usage: bash scripts/gpu_validate.sh [--quick]  (--quick: one weight shape).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+start=$SECONDS
+OUT_DIR="${OUT:-}"
+log() { echo "gpu-validate: $*"; }
+
+has_cuda_torch() {
+    "$1" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null
+}
+
+PY=""
+for cand in ${PYTHON:-} .venv-cuda/bin/python .venv/bin/python python3 python; do
+    if command -v "$cand" >/dev/null 2>&1 && has_cuda_torch "$cand"; then PY=$cand; break; fi
+done
+if [ -z "$PY" ]; then
+    log "no python with a CUDA torch that sees a GPU; trying to create .venv-cuda from the configured package index"
+    python3 -m venv .venv-cuda && .venv-cuda/bin/python -m pip install -q --retries 1 --timeout 20 \
+        torch==2.14.1 setuptools ninja numpy pytest && has_cuda_torch .venv-cuda/bin/python \
+        && PY=.venv-cuda/bin/python
+fi
+if [ -z "$PY" ]; then
+    log "FAILED: no usable python (needs torch with CUDA and a visible GPU; set PYTHON=...)"
+    nvidia-smi 2>/dev/null | head -15
+    exit 2
+fi
+"$PY" -c "import setuptools, ninja" 2>/dev/null || "$PY" -m pip install -q setuptools ninja 2>/dev/null || true
+"$PY" -c "import numpy" 2>/dev/null || "$PY" -m pip install -q numpy 2>/dev/null || true
+
+ARCH=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
+log "python $PY: torch $("$PY" -c 'import torch; print(torch.__version__, torch.version.cuda)'), GPU $("$PY" -c 'import torch; print(torch.cuda.get_device_name())') (sm $ARCH)"
+log "nvcc: $(command -v nvcc || echo none) $(nvcc --version 2>/dev/null | sed -n 's/.*release \([0-9.]*\).*/\1/p')"
+
+# --- 1. build in place with CUDA ------------------------------------------------------------
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export MINIDORA_FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$ARCH" MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+unset MINIDORA_NO_CUDA MINIDORA_NATIVE
+if [ -z "${CUDA_HOME:-}" ]; then
+    if [ -d /usr/local/cuda ]; then export CUDA_HOME=/usr/local/cuda
+    elif command -v nvcc >/dev/null; then export CUDA_HOME="$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")"; fi
+fi
+SITE=$("$PY" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+for inc in "$SITE"/nvidia/cu*/include "$SITE"/nvidia/cublas/include "$SITE"/nvidia/cusparse/include; do
+    [ -d "$inc" ] && export CPLUS_INCLUDE_PATH="$inc${CPLUS_INCLUDE_PATH:+:$CPLUS_INCLUDE_PATH}"
+done
+export PATH="$(dirname "$PY"):$PATH"   # ninja from the same environment
+BUILD_LOG="${OUT_DIR:-/tmp}/build.log"
+# torch >= 2.14's headers need C++20: a "-std=c++17" from setup.py becomes "-std=c++20" here
+# (a no-op once setup.py leaves the standard to torch). Same wrapper as cuda_compile_check.sh.
+WRAP=$(mktemp "${TMPDIR:-/tmp}/setup_cxx20.XXXXXX.py")
+cat > "$WRAP" <<'PYEOF'
+import runpy
+import sys
+
+import torch
+import torch.utils.cpp_extension as ce
+
+
+def _cxx20(make_extension):
+    def make(name, sources, *args, **kwargs):
+        flags = kwargs.get("extra_compile_args", {})
+        for key in flags:
+            flags[key] = ["-std=c++20" if f == "-std=c++17" else f for f in flags[key]]
+        return make_extension(name, sources, *args, **kwargs)
+    return make
+
+
+if tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 14):
+    ce.CppExtension, ce.CUDAExtension = _cxx20(ce.CppExtension), _cxx20(ce.CUDAExtension)
+sys.argv = ["setup.py"] + sys.argv[1:]
+runpy.run_path("setup.py", run_name="__main__")
+PYEOF
+log "building minidora._C in place (CUDA arch $ARCH, MAX_JOBS=$MAX_JOBS)"
+t0=$SECONDS
+if ! "$PY" "$WRAP" -q build_ext --inplace > "$BUILD_LOG" 2>&1; then
+    grep -E -B2 -A6 "error" "$BUILD_LOG" | head -60
+    log "FAILED: build (log: $BUILD_LOG)"
+    exit 1
+fi
+rm -f "$WRAP"
+log "built in $((SECONDS - t0)) s"
+"$PY" -c "
+import torch, minidora.ops as ops
+has = torch._C._dispatch_has_kernel_for_dispatch_key
+assert ops.extension_available(), 'minidora._C did not load'
+assert has('minidora::nf4_linear', 'CUDA'), 'minidora._C has no CUDA kernels'
+print('gpu-validate: minidora._C loaded with CUDA kernels')" || { log "FAILED: extension check"; exit 1; }
+
+# --- 2. op tests ------------------------------------------------------------------------------
+status=0
+if "$PY" -c "import pytest" 2>/dev/null; then
+    log "pytest tests/test_ops.py -q"
+    t0=$SECONDS
+    "$PY" -m pytest tests/test_ops.py -q -p no:cacheprovider 2>&1 | tee "${OUT_DIR:-/tmp}/pytest.txt" | tail -25
+    rc=${PIPESTATUS[0]}
+    log "pytest exit $rc in $((SECONDS - t0)) s"
+    [ "$rc" = 0 ] || status=1
+else
+    log "pytest is not installed in $PY: op tests NOT run (validation below still runs)"
+    status=1
+fi
+
+# --- 3. validation and benchmark ----------------------------------------------------------------
+log "benchmarks/bench_nf4_cuda.py"
+"$PY" benchmarks/bench_nf4_cuda.py ${OUT_DIR:+--json "$OUT_DIR/bench_nf4_cuda.json"} "$@" || status=1
+log "done in $((SECONDS - start)) s, status $status"
+exit $status
