@@ -28,6 +28,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 #include <type_traits>
@@ -47,7 +48,8 @@ namespace minidora {
 namespace {
 
 constexpr int64_t kMaxFusedRows = 16;         // M up to this: fused decode-in-the-dot-product
-constexpr int64_t kTileBytes = 2 << 20;       // dense weight tile of the many-rows regime
+static const int64_t kTileBytes = getenv("MD_TILE") ? atoll(getenv("MD_TILE")) : (8 << 20);
+static const int64_t kGradTileBytes = getenv("MD_GTILE") ? atoll(getenv("MD_GTILE")) : (8 << 20);
 
 // ---- which kernels run ------------------------------------------------------------------------
 
@@ -287,6 +289,28 @@ MD_AVX512 void decode_span_avx512(const NF4View& w, int64_t e0, int64_t n, T* ou
   for (; i < n; ++i) out[i] = static_cast<T>(w.value(e0 + i));
 }
 
+// One 32-element chunk at column k of NR rows: two lookups per row, then the FMAs.
+template <int MR, int NR, int NA>
+MD_AVX512 __attribute__((always_inline)) inline void forward_chunk(
+    const uint8_t* const* rows, const __m512* table, const float* xs, int64_t K, int64_t k,
+    __m512 (&acc)[MR][NR][NA]) {
+  __m512 even[NR], odd[NR];
+  for (int r = 0; r < NR; ++r) {
+    const __m512i z =
+        _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rows[r] + (k >> 1))));
+    even[r] = _mm512_permutexvar_ps(_mm512_srli_epi32(z, 4), table[r]);  // elements 0,2,..,30
+    odd[r] = _mm512_permutexvar_ps(z, table[r]);                          // elements 1,3,..,31
+  }
+  for (int m = 0; m < MR; ++m) {
+    const __m512 xe = _mm512_loadu_ps(xs + m * K + k);
+    const __m512 xo = _mm512_loadu_ps(xs + m * K + k + 16);
+    for (int r = 0; r < NR; ++r) {
+      acc[m][r][0] = _mm512_fmadd_ps(xe, even[r], acc[m][r][0]);
+      acc[m][r][NA - 1] = _mm512_fmadd_ps(xo, odd[r], acc[m][r][NA - 1]);
+    }
+  }
+}
+
 // Fused forward for MR activation rows and NR weight rows. K % 32 == 0; xs holds x in float32
 // with every 32-chunk stored as its 16 even then its 16 odd elements, which is the order the
 // two lookups below produce (no shuffle in the inner loop).
@@ -303,27 +327,27 @@ MD_AVX512 void fused_forward_block(const NF4View& w, int mode, const float* xs, 
     for (int m = 0; m < MR; ++m)
       for (int a = 0; a < NA; ++a) acc[m][r][a] = _mm512_setzero_ps();
   }
-  for (int64_t k = 0; k < K; k += 32) {
-    __m512 even[NR], odd[NR];
-    for (int r = 0; r < NR; ++r) {
-      const int64_t e = (o0 + r) * K + k;
-      const int64_t block = e >> w.shift;
-      if (block != current[r]) {
-        current[r] = block;
-        table[r] = rounded_table(w.scale(block), mode);
-      }
-      const __m512i z =
-          _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.packed + (e >> 1))));
-      even[r] = _mm512_permutexvar_ps(_mm512_srli_epi32(z, 4), table[r]);  // elements 0,2,..,30
-      odd[r] = _mm512_permutexvar_ps(z, table[r]);                          // elements 1,3,..,31
+  const uint8_t* rows[NR];  // the packed bytes of each row
+  for (int r = 0; r < NR; ++r) rows[r] = w.packed + (((o0 + r) * K) >> 1);
+  const int64_t bs = int64_t{1} << w.shift;
+  if (K % bs == 0) {
+    // every row starts on a block boundary: one table per row and block, no checks inside
+    for (int64_t kb = 0; kb < K; kb += bs) {
+      for (int r = 0; r < NR; ++r)
+        table[r] = rounded_table(w.scale(((o0 + r) * K + kb) >> w.shift), mode);
+      for (int64_t k = kb; k < kb + bs; k += 32)
+        forward_chunk<MR, NR, NA>(rows, table, xs, K, k, acc);
     }
-    for (int m = 0; m < MR; ++m) {
-      const __m512 xe = _mm512_loadu_ps(xs + m * K + k);
-      const __m512 xo = _mm512_loadu_ps(xs + m * K + k + 16);
+  } else {
+    for (int64_t k = 0; k < K; k += 32) {
       for (int r = 0; r < NR; ++r) {
-        acc[m][r][0] = _mm512_fmadd_ps(xe, even[r], acc[m][r][0]);
-        acc[m][r][NA - 1] = _mm512_fmadd_ps(xo, odd[r], acc[m][r][NA - 1]);
+        const int64_t block = ((o0 + r) * K + k) >> w.shift;
+        if (block != current[r]) {
+          current[r] = block;
+          table[r] = rounded_table(w.scale(block), mode);
+        }
       }
+      forward_chunk<MR, NR, NA>(rows, table, xs, K, k, acc);
     }
   }
   for (int m = 0; m < MR; ++m)
@@ -491,6 +515,15 @@ at::Tensor linear_fused(Isa isa, const NF4View& w, const at::Tensor& x2d,
   return y;
 }
 
+// A 1-D scratch tensor of n elements, reused between calls of the same thread: a fresh
+// multi-megabyte allocation would cost a page fault per 4 KiB on every call.
+at::Tensor workspace(int64_t n, const at::TensorOptions& options) {
+  thread_local at::Tensor bytes;
+  const int64_t nbytes = n * static_cast<int64_t>(c10::elementSize(options.dtype().toScalarType()));
+  if (!bytes.defined() || bytes.numel() < nbytes) bytes = at::empty({nbytes}, at::kByte);
+  return at::from_blob(bytes.data_ptr(), {n}, options);
+}
+
 // Many rows: decode tiles of whole rows of W and let BLAS do the matmul into y[:, tile].
 template <typename T>
 at::Tensor linear_tiled(Isa isa, const NF4View& w, const at::Tensor& x2d,
@@ -498,7 +531,7 @@ at::Tensor linear_tiled(Isa isa, const NF4View& w, const at::Tensor& x2d,
   const int64_t M = x2d.size(0);
   at::Tensor y = at::empty({M, N}, x2d.options());
   const int64_t rows = std::min<int64_t>(N, std::max<int64_t>(16, kTileBytes / (K * sizeof(T))));
-  at::Tensor buffer = at::empty({rows * K}, x2d.options());
+  at::Tensor buffer = workspace(rows * K, x2d.options());
   for (int64_t n0 = 0; n0 < N; n0 += rows) {
     const int64_t nt = std::min(rows, N - n0);
     decode_parallel<T>(isa, w, n0 * K, nt * K, buffer.data_ptr<T>());
@@ -540,9 +573,9 @@ template <typename T>
 at::Tensor grad_tiled(Isa isa, const NF4View& w, const at::Tensor& gy2d, int64_t N, int64_t K) {
   const int64_t M = gy2d.size(0);
   at::Tensor gx = at::empty({M, K}, gy2d.options());
-  int64_t cols = std::max<int64_t>(32, kTileBytes / (N * sizeof(T))) / 32 * 32;
+  int64_t cols = std::max<int64_t>(32, kGradTileBytes / (N * sizeof(T))) / 32 * 32;
   cols = std::min(cols, K);
-  at::Tensor buffer = at::empty({N * cols}, gy2d.options());
+  at::Tensor buffer = workspace(N * cols, gy2d.options());
   for (int64_t k0 = 0; k0 < K; k0 += cols) {
     const int64_t kt = std::min(cols, K - k0);
     T* buf = buffer.data_ptr<T>();
