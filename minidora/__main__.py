@@ -41,6 +41,9 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--cache-dir", type=Path, default=None,
                    help="pretrained-weights cache (default $MINIDORA_CACHE or ~/.cache/minidora)")
     d.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
+    d.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's default; 1 with --quick, where a tiny "
+                        "model gains nothing from more and a busy machine makes them spin)")
     d.add_argument("--quick", action="store_true", help="a tiny model and a few steps: seconds (for tests)")
     return p
 
@@ -61,12 +64,13 @@ def _config(args):
                         pretrain_steps=40, steps=16, n_checkpoints=4, eval_every=4)
     else:
         cfg = RunConfig(seed=args.seed)
-    for name in ("rank", "steps", "pretrain_steps"):
+    for name in ("rank", "steps", "pretrain_steps", "threads"):
         v = getattr(args, name)
         if v is not None:
             if v < 1:
                 raise UsageError(f"--{name.replace('_', '-')}: got {v}; expected an integer >= 1")
-            setattr(cfg, name, v)
+            if name != "threads":
+                setattr(cfg, name, v)
     if args.alpha is not None:
         if not args.alpha > 0 or args.alpha == float("inf"):
             raise UsageError(f"--alpha: got {args.alpha}; expected a finite number > 0")
@@ -89,6 +93,8 @@ def _writable_dir(path: Path, what: str) -> Path:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m minidora`` and of the ``minidora`` script. Returns the exit status."""
     args = _parser().parse_args(argv)
+    import torch
+
     from .demo.train import DemoError
 
     try:
@@ -99,7 +105,14 @@ def main(argv: list[str] | None = None) -> int:
             cache = _writable_dir(args.cache_dir or _default_cache(), "--cache-dir")
         from .demo import run
 
-        run(cfg, methods, out, cache)
+        threads = args.threads or (1 if args.quick else None)
+        previous = torch.get_num_threads()
+        if threads:
+            torch.set_num_threads(threads)
+        try:
+            run(cfg, methods, out, cache)
+        finally:
+            torch.set_num_threads(previous)
     except (UsageError, DemoError) as e:
         print(f"minidora demo: error: {e}", file=sys.stderr)
         return 1

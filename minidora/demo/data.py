@@ -73,7 +73,7 @@ _TIMES = ["in the morning", "at noon", "in the evening", "at night", "on sunday"
 def _sentence(rng: random.Random) -> str:
     p, q = rng.sample(_PEOPLE, 2)
     place, thing, good = rng.choice(_PLACES), rng.choice(_THINGS), rng.choice(_GOODS)
-    n, k = rng.randint(2, 40), rng.randint(1, 20)
+    n, k = rng.randint(0, 40), rng.randint(1, 20)
     forms = [
         f"{rng.choice(_TIMES)} {p} walked to {place}.",
         f"{p} had {number_word(n)} {thing}.",

@@ -104,6 +104,8 @@ def _plt():
 def plot_losses(path: Path, results: dict[str, dict], baseline: dict) -> None:
     """Training loss (moving average) and held-out loss against step, one colour per method."""
     plt = _plt()
+    from matplotlib import ticker
+
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
     for name, r in results.items():
         curve = np.array(r["train_curve"])
@@ -112,10 +114,12 @@ def plot_losses(path: Path, results: dict[str, dict], baseline: dict) -> None:
         ax1.plot(np.arange(k, len(curve) + 1), smooth, label=name)
         steps, held = zip(*r["held_out_curve"])
         ax2.plot(steps, held, marker=".", label=name)
-    for ax, title in ((ax1, f"training loss (moving average)"), (ax2, "held-out loss")):
+    for ax, title in ((ax1, "training loss (moving average)"), (ax2, "held-out loss")):
         ax.axhline(baseline["held_out_loss" if ax is ax2 else "train_loss"], color="gray", ls=":",
                    label="pretrained")
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
         ax.set_xlabel("step")
         ax.set_title(title)
         ax.legend()
@@ -127,7 +131,8 @@ def plot_losses(path: Path, results: dict[str, dict], baseline: dict) -> None:
 def plot_decomposition(path: Path, results: dict[str, dict]) -> None:
     """dM against dD of the q_proj weights over the checkpoints, one panel per method."""
     plt = _plt()
-    fig, axes = plt.subplots(1, len(results), figsize=(3.2 * len(results), 3.2), squeeze=False,
+    fig, axes = plt.subplots(1, len(results), figsize=(max(7.0, 3.2 * len(results)), 3.4),
+                             squeeze=False,
                              constrained_layout=True)
     for ax, (name, r) in zip(axes[0], results.items()):
         pts = [p for p in r["decomposition"] if p["layer"].endswith(HEADLINE_LAYER)]
@@ -144,6 +149,6 @@ def plot_decomposition(path: Path, results: dict[str, dict]) -> None:
     axes[0][0].set_ylabel("dM (magnitude)")
     if results:
         fig.colorbar(sc, ax=axes[0][-1], label="step")
-    fig.suptitle("Weight decomposition of q_proj (DoRA paper eqs. 3-4): colour = step, marker = layer")
+    fig.suptitle("q_proj weights against W0 (DoRA paper eqs. 3-4); colour: step, marker: layer")
     fig.savefig(path, dpi=110)
     plt.close(fig)

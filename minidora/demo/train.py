@@ -24,8 +24,11 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+import minidora
+from ..analysis import effective_weight, weight_decomposition
+
 from .data import Corpus, eval_windows, random_batch
-from .memory import PeakTensorMemory, tensor_bytes
+from .memory import PeakTensorMemory
 from .model import GPT, GPTConfig
 
 __all__ = ["METHODS", "LEARNING_RATES", "RunConfig", "DemoError", "pretrain", "finetune", "evaluate",
@@ -142,29 +145,25 @@ def pretrain(cfg: RunConfig, corpus: Corpus, alphabet: str, cache_dir: Path | No
 
 
 def _model_tensors(model: nn.Module) -> list[torch.Tensor]:
-    """Every tensor a model holds: parameters, buffers, and the fields of 4-bit weights."""
-    from ..nf4 import NF4Weight
-
-    out = [*model.parameters(), *model.buffers()]
-    for mod in model.modules():
-        for v in vars(mod).values():
-            if isinstance(v, NF4Weight):
-                out += [t for t in (v.packed, v.absmax, v.nested_absmax, v.offset) if t is not None]
-    return out
+    """Every tensor a model holds: parameters and buffers (an NF4Linear keeps its packed codes and
+    scales as frozen parameters and buffers, so they are included)."""
+    return [*model.parameters(), *model.buffers()]
 
 
+@contextlib.contextmanager
 def _backend(name: str):
-    """A context in which the 4-bit matmuls use the requested NF4 path."""
+    """Run the block with the requested NF4 path (``minidora.ops.set_backend``)."""
     from .. import ops
 
     if name == "compiled" and not ops.extension_available():
         raise DemoError("--backend compiled needs the compiled extension minidora._C; build it "
-                           "with `python setup.py build_ext --inplace` or use --backend reference")
-    for attr in ("use_backend", "backend", "force_backend"):
-        ctx = getattr(ops, attr, None)
-        if callable(ctx) and name != "auto":
-            return ctx(name)
-    return contextlib.nullcontext()
+                        "with `python setup.py build_ext --inplace` or use --backend reference")
+    previous = ops.get_backend()
+    ops.set_backend(name)
+    try:
+        yield
+    finally:
+        ops.set_backend(previous)
 
 
 def build_model(method: str, state: dict[str, torch.Tensor], cfg: RunConfig) -> nn.Module:
@@ -173,8 +172,6 @@ def build_model(method: str, state: dict[str, torch.Tensor], cfg: RunConfig) -> 
     model.load_state_dict(state)
     if method == "full":
         return model
-    import minidora
-
     torch.manual_seed(cfg.seed)
     dtype = getattr(torch, cfg.compute_dtype)
     kwargs = {"compute_dtype": dtype} if method.startswith("q") else {}
@@ -185,33 +182,6 @@ def build_model(method: str, state: dict[str, torch.Tensor], cfg: RunConfig) -> 
 
 def target_modules(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if n.split(".")[-1] in GPTConfig.TARGETS}
-
-
-@torch.no_grad()
-def effective_weight(name: str, module: nn.Module, cfg: GPTConfig) -> torch.Tensor:
-    """The [out, in] matrix a (bias-free) layer applies, whatever its parametrisation.
-
-    Found by probing: module(I) = I W^T, so W = module(I)^T. For LoRA this is W0 + s B A, for DoRA
-    (m / c) (W0 + s B A), for the q-methods the same over the dequantized 4-bit W0.
-    """
-    n_in = 4 * cfg.n_embd if name.endswith("down_proj") else cfg.n_embd
-    eye = torch.eye(n_in)
-    was_training = module.training
-    module.eval()
-    w = module(eye).float().T.contiguous()  # [in, out] -> [out, in]
-    module.train(was_training)
-    return w
-
-
-def weight_decomposition(w: torch.Tensor, w0: torch.Tensor) -> tuple[float, float]:
-    """DoRA paper (arXiv 2402.09353) eqs. 3-4 for one weight: (dM, dD), each averaged over rows.
-
-    dM = mean_n | ||W[n]|| - ||W0[n]|| |,  dD = mean_n (1 - cos(W[n], W0[n])), W: [out, in].
-    """
-    w, w0 = w.double(), w0.double()
-    dm = (w.norm(dim=1) - w0.norm(dim=1)).abs().mean()
-    dd = (1 - torch.nn.functional.cosine_similarity(w, w0, dim=1)).mean()
-    return dm.item(), dd.item()
 
 
 @torch.no_grad()
@@ -251,14 +221,14 @@ def finetune(method: str, state: dict[str, torch.Tensor], cfg: RunConfig, tok, c
             for p in model.parameters():
                 p.requires_grad_(True)
         params = [p for p in model.parameters() if p.requires_grad]
+        rep = minidora.report(model)
         targets = target_modules(model)
-        w0 = {n: effective_weight(n, m, cfg.model) for n, m in targets.items()}
+        w0 = {n: effective_weight(m) for n, m in targets.items()}
         train_w = eval_windows(corpus.train, cfg.model.block_size)
         held_w = eval_windows(corpus.held_out, cfg.model.block_size)
         res = {"method": method, "lr": LEARNING_RATES[method],
-               "trainable_params": sum(p.numel() for p in params),
-               "total_params": sum(p.numel() for p in model.parameters()),
-               "weight_bytes": tensor_bytes(_model_tensors(model)),
+               "trainable_params": rep.trainable_params, "total_params": rep.total_params,
+               "weight_bytes": rep.weight_bytes,
                "initial_train_loss": evaluate(model, train_w),
                "initial_held_out_loss": evaluate(model, held_w),
                "initial_accuracy": answer_accuracy(model, tok, corpus.held_out_lines)}
@@ -288,7 +258,7 @@ def finetune(method: str, state: dict[str, torch.Tensor], cfg: RunConfig, tok, c
                 evals.append((step + 1, evaluate(model, held_w)))
             if (step + 1) % every == 0:
                 for n, m in targets.items():
-                    dm, dd = weight_decomposition(effective_weight(n, m, cfg.model), w0[n])
+                    dm, dd = weight_decomposition(effective_weight(m), w0[n])
                     points.append({"step": step + 1, "layer": n, "dM": dm, "dD": dd})
         res.update({"seconds_per_step": step_time / max(1, cfg.steps - 1),
                     "final_train_loss": evaluate(model, train_w),

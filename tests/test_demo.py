@@ -1,0 +1,284 @@
+"""The demo end to end in --quick mode (in-process and through ``python -m minidora``), its
+pieces (data, memory meter, answer accuracy, cache) and its bad-input exits.
+
+Every run writes to pytest's tmp_path and uses a cache folder there, never the user's home.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import os
+import re
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import minidora
+from minidora.__main__ import main
+from minidora.demo import data, report
+from minidora.demo.memory import PeakTensorMemory
+from minidora.demo.model import GPT, GPTConfig
+from minidora.demo.train import METHODS, answer_accuracy
+
+ROOT = Path(__file__).resolve().parents[1]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _run_main(argv: list[str]) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            rc = main(argv)
+        except SystemExit as e:  # argparse
+            rc = e.code
+    return rc, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """One in-process quick run with every method (cold cache)."""
+    base = tmp_path_factory.mktemp("demo")
+    out, cache = base / "out", base / "cache"
+    rc, stdout, stderr = _run_main(["demo", "--quick", "--out", str(out), "--cache-dir", str(cache)])
+    assert rc == 0, stderr
+    return {"out": out, "cache": cache, "stdout": stdout,
+            "doc": json.loads((out / "results.json").read_text())}
+
+
+# --- the end-to-end run --------------------------------------------------------------------------
+
+def test_table_has_every_method_with_finite_numbers(quick_run):
+    lines = quick_run["stdout"].splitlines()
+    header = next(i for i, ln in enumerate(lines) if ln.startswith("method "))
+    assert set(re.sub(r"  +", "|", lines[header]).split("|")) == set(report.COLUMNS)
+    rows = {ln.split()[0]: ln for ln in lines[header + 2: header + 2 + len(METHODS)]}
+    assert list(rows) == list(METHODS)
+    for name, ln in rows.items():
+        # trainable, weights, peak memory, ms/step, 2 losses, accuracy %, correlation
+        nums = [float(v.replace(",", "").rstrip("%")) for v in re.findall(r"[-+]?[\d,]+\.?\d*%?", ln)]
+        assert len(nums) == 8 and all(math.isfinite(v) for v in nums), ln
+
+
+def test_losses_fall_from_the_pretrained_baseline(quick_run):
+    doc = quick_run["doc"]
+    base = doc["baseline"]
+    for name, r in doc["methods"].items():
+        assert r["final_train_loss"] < base["train_loss"] - 0.05, name
+        assert r["final_held_out_loss"] < base["held_out_loss"] - 0.05, name
+        # The unquantized methods start from exactly the pretrained model (B = 0, m = ||W0||).
+        if not name.startswith("q"):
+            assert r["initial_held_out_loss"] == pytest.approx(base["held_out_loss"], rel=1e-6, abs=1e-6)
+
+
+def test_parameter_counts_and_weight_memory(quick_run):
+    doc = quick_run["doc"]
+    cfg = GPTConfig(**doc["config"]["model"])
+    r, m = doc["config"]["rank"], doc["methods"]
+    model = GPT(cfg)
+    n_total = sum(p.numel() for p in model.parameters())
+    shapes = [mod.weight.shape for n, mod in model.named_modules() if n.split(".")[-1] in cfg.TARGETS]
+    lora = sum(r * (o + i) for o, i in shapes)            # A [r, in] + B [out, r] per target
+    assert m["full"]["trainable_params"] == n_total
+    assert m["lora"]["trainable_params"] == m["qlora"]["trainable_params"] == lora
+    assert m["dora"]["trainable_params"] == m["qdora"]["trainable_params"] == lora + sum(o for o, _ in shapes)
+    assert m["lora"]["trainable_params"] < m["full"]["trainable_params"]
+    assert m["full"]["weight_bytes"] == 4 * n_total
+    # 4-bit targets: well under half the float32 weights of the same model with adapters.
+    assert m["qlora"]["weight_bytes"] < 0.6 * m["lora"]["weight_bytes"]
+    for name, res in m.items():
+        assert res["peak_bytes"] > res["weight_bytes"], name
+    # Full fine-tuning keeps a gradient and two AdamW moments per weight on top of the weights.
+    assert m["full"]["peak_bytes"] >= 4 * m["full"]["weight_bytes"]
+
+
+def test_json_schema(quick_run):
+    doc = quick_run["doc"]
+    assert doc["schema_version"] == report.SCHEMA_VERSION
+    assert set(doc) >= {"config", "pretrain", "baseline", "methods", "total_seconds", "columns", "table"}
+    assert list(doc["methods"]) == list(METHODS)
+    steps = doc["config"]["steps"]
+    for name, r in doc["methods"].items():
+        for key in ("trainable_params", "total_params", "weight_bytes", "peak_bytes"):
+            assert isinstance(r[key], int) and r[key] > 0, (name, key)
+        for key in ("seconds_per_step", "final_train_loss", "final_held_out_loss", "initial_train_loss",
+                    "initial_held_out_loss", "corr_dD_dM", "lr"):
+            assert isinstance(r[key], float) and math.isfinite(r[key]), (name, key)
+        assert 0 <= r["final_accuracy"] <= 1 and -1 <= r["corr_dD_dM"] <= 1
+        assert len(r["train_curve"]) == steps
+        assert r["held_out_curve"][0][0] == 0 and r["held_out_curve"][-1][0] == steps
+        n_targets = 6 * doc["config"]["model"]["n_layer"]
+        assert len(r["decomposition"]) == n_targets * doc["config"]["n_checkpoints"]
+        assert all(p["dM"] >= 0 and p["dD"] >= 0 for p in r["decomposition"])
+    assert doc["table"][0][0] == "full" and len(doc["table"]) == len(METHODS)
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    raw = path.read_bytes()
+    assert raw[:8] == PNG_SIGNATURE and raw[12:16] == b"IHDR"
+    return struct.unpack(">II", raw[16:24])
+
+
+def test_png_plots(quick_run):
+    for name in ("losses.png", "decomposition.png"):
+        path = quick_run["out"] / name
+        assert path.stat().st_size > 20_000, name
+        w, h = _png_size(path)
+        assert w >= 600 and h >= 300, (name, w, h)
+
+
+def test_second_run_uses_the_cache_and_gives_the_same_numbers(quick_run, tmp_path):
+    rc, stdout, stderr = _run_main(["demo", "--quick", "--methods", "full", "--out", str(tmp_path),
+                                    "--cache-dir", str(quick_run["cache"])])
+    assert rc == 0, stderr
+    assert "skipping pretraining" in stdout
+    assert "skipping pretraining" not in quick_run["stdout"]
+    doc = json.loads((tmp_path / "results.json").read_text())
+    first = quick_run["doc"]["methods"]["full"]
+    assert doc["methods"]["full"]["final_held_out_loss"] == first["final_held_out_loss"]
+    assert doc["methods"]["full"]["train_curve"] == first["train_curve"]
+    assert len(list(quick_run["cache"].glob("pretrained-*.safetensors"))) == 1
+
+
+def test_entry_point_subprocess(tmp_path):
+    env = {**os.environ, "MINIDORA_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "minidora", "demo", "--quick", "--methods", "lora,qdora",
+           "--out", str(tmp_path / "out")]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert re.search(r"^lora\s", p.stdout, re.M) and re.search(r"^qdora\s", p.stdout, re.M)
+    assert not re.search(r"^dora\s", p.stdout, re.M)
+    assert list((tmp_path / "cache").glob("pretrained-*.json"))   # the env var chose the cache
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["config"]["backend"] == "auto"
+
+
+# --- bad input -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("args, needle", [
+    (["--methods", "lora,bogus"], "--methods"),
+    (["--rank", "0"], "--rank"),
+    (["--steps", "-3"], "--steps"),
+    (["--alpha", "-1"], "--alpha"),
+])
+def test_bad_input_exits_with_one_line(tmp_path, args, needle):
+    rc, stdout, stderr = _run_main(["demo", "--quick", "--out", str(tmp_path / "o"),
+                                    "--cache-dir", str(tmp_path / "c"), *args])
+    assert rc == 1
+    assert len(stderr.strip().splitlines()) == 1 and needle in stderr and "Traceback" not in stderr
+    assert not (tmp_path / "c").exists()   # rejected before any work
+
+
+def test_unwritable_output_folder_subprocess(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    env = {**os.environ, "MINIDORA_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(ROOT)}
+    p = subprocess.run([sys.executable, "-m", "minidora", "demo", "--quick", "--out", str(blocker / "out")],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 1
+    assert len(p.stderr.strip().splitlines()) == 1 and "--out" in p.stderr, p.stderr
+
+
+def test_argparse_errors_exit_2(tmp_path):
+    rc, _, stderr = _run_main(["demo", "--backend", "fast"])
+    assert rc == 2 and "--backend" in stderr
+
+
+def test_compiled_backend(tmp_path):
+    rc, stdout, stderr = _run_main(["demo", "--quick", "--methods", "qlora", "--backend", "compiled",
+                                    "--out", str(tmp_path / "o"), "--cache-dir", str(tmp_path / "c")])
+    if minidora.ops.extension_available():
+        assert rc == 0, stderr
+        assert minidora.ops.get_backend() == "auto"   # restored after the run
+    else:
+        assert rc == 1 and len(stderr.strip().splitlines()) == 1 and "--backend" in stderr
+
+
+# --- pieces --------------------------------------------------------------------------------------
+
+def test_shipped_texts_are_the_generators_output():
+    assert data.read_text(data.TEXT_A) == data.make_tales()
+    assert data.read_text(data.TEXT_B) == data.make_sums()
+    sizes = [(ROOT / "minidora" / "data" / n).stat().st_size for n in (data.TEXT_A, data.TEXT_B)]
+    assert sum(sizes) < 300_000
+    assert set(data.make_sums()) <= set(data.make_tales())   # text B needs no new characters
+
+
+def test_sums_are_right_and_split_by_problem():
+    words = {data.number_word(n): n for n in range(50)}
+    tok, _, b = data.load_corpora()
+    lines = data.make_sums().splitlines()
+    assert len(lines) == len(set(lines)) == 21 * 21 + 21 * 22 // 2
+    for ln in lines:
+        m = re.fullmatch(r"(.+) (plus|minus) (.+) is (.+)\.", ln)
+        a, op, c, r = words[m[1]], m[2], words[m[3]], words[m[4]]
+        assert r == (a + c if op == "plus" else a - c)
+    held = set(b.held_out_lines)
+    assert len(held) == round(0.15 * len(lines))
+    train_lines = set(tok.decode(b.train).splitlines())
+    assert not held & train_lines and held | train_lines == set(lines)
+
+
+def test_peak_memory_meter_counts_live_tensors():
+    a = torch.randn(1000, 1000)                        # 4 MB, alive before: the baseline
+    with PeakTensorMemory([a]) as meter:
+        b = a * 2                                      # +4 MB
+        c = b + 1                                      # +4 MB: peak 12 MB
+        del b
+        d = c * 3                                      # b was freed first: still 12 MB
+        del c, d
+        e = torch.empty(100)                           # 400 B
+    assert meter.baseline_bytes == 4_000_000
+    assert meter.peak_bytes == 12_000_000
+    w = torch.randn(300, 100, requires_grad=True)
+    with PeakTensorMemory([w]) as meter:
+        (w * 2).exp().sum().backward()
+    # forward: exp's output (saved for backward) and the scalar sum; backward: the grad of exp
+    # and w.grad; w * 2 is freed once exp has run (a multiplication by a constant saves nothing).
+    assert meter.peak_bytes - meter.baseline_bytes == 120_000 * 2 + 4 + 4
+    assert w.grad is not None and e.numel() == 100
+
+
+class _Oracle(torch.nn.Module):
+    """Predicts the true next character everywhere, except in the answers of ``wrong`` lines."""
+
+    def __init__(self, tok, lines, wrong):
+        super().__init__()
+        self.table = {}
+        for i, ln in enumerate(lines):
+            s = tok.encode("\n" + ln + "\n")
+            nxt = s[1:].clone()
+            if i in wrong:
+                nxt[-2] = (nxt[-2] + 1) % len(tok.alphabet)   # the final "." of the answer
+            self.table[tuple(s[:-1].tolist())] = nxt
+        self.v = len(tok.alphabet)
+
+    def forward(self, x):
+        out = torch.zeros(*x.shape, self.v)
+        for i, row in enumerate(x):
+            for key, nxt in self.table.items():
+                if tuple(row[:len(key)].tolist()) == key:
+                    out[i, torch.arange(len(nxt)), nxt] = 1.0
+        return out
+
+
+def test_answer_accuracy_is_greedy_exact_match():
+    tok, _, b = data.load_corpora()
+    lines = b.held_out_lines[:10]
+    assert answer_accuracy(_Oracle(tok, lines, wrong=set()), tok, lines) == 1.0
+    assert answer_accuracy(_Oracle(tok, lines, wrong={1, 4, 7}), tok, lines) == pytest.approx(0.7)
+
+
+def test_correlation_matches_numpy_free_formula():
+    g = torch.Generator().manual_seed(3)
+    dd, dm = torch.rand(17, generator=g).tolist(), torch.rand(17, generator=g).tolist()
+    pts = [{"layer": f"blocks.{i % 2}.attn.q_proj", "dD": x, "dM": y, "step": i} for i, (x, y) in enumerate(zip(dd, dm))]
+    x, y = torch.tensor(dd, dtype=torch.float64), torch.tensor(dm, dtype=torch.float64)
+    x, y = x - x.mean(), y - y.mean()
+    assert report.correlation(pts) == pytest.approx((x @ y / (x.norm() * y.norm())).item(), abs=1e-12)
+    assert math.isnan(report.correlation(pts[:2]))
