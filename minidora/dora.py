@@ -17,14 +17,17 @@ m_i = 0 and gets zero gradients: it stays zero, as W_0's row was.
 .. math::  y = x W_0^\top + b + (k - 1)\odot(\tilde x W_0^\top) + k \odot s\,\tilde x A^\top B^\top,
            \qquad \tilde x = \text{dropout}(x)
 
-(one base product when dropout is off), and since W_0 is frozen its squared row norms are
+(one base product when dropout is off; k s B is an [out, r] product folded into the adapter's
+second matmul, so the scaling costs no extra pass), and since W_0 is frozen its squared row norms are
 cached once, so no [out, in] temporary is ever formed:
 
 .. math::  c_i^2 = \lVert W_{0,i}\rVert^2 + 2s\,[(W_0 A^\top)\odot B]_{i,\cdot}\mathbf 1
            + s^2\,[(B A A^\top)\odot B]_{i,\cdot}\mathbf 1
 
-W_0 A^T is one base product with A as the input ([out, r]); the rest is [out, r] work, done in
-float32 or better and clamped at zero before the square root. :func:`dora_reference` keeps the
+W_0 A^T is one base product with A as the input ([out, r]), in the same precision as the
+forward's base product (a bf16 base: bf16 inputs, float32 accumulation; its rounding is then
+below that of the bf16 output); the rest is [out, r] work, summed in float32 or better and
+clamped at zero before the square root. :func:`dora_reference` keeps the
 plain formula as the specification.
 """
 
@@ -56,10 +59,10 @@ def dora_reference(x, W0, bias, A, B, m, s, detach_norm=False, eps=EPS):
 
 
 def w0_row_norms_sq(base: nn.Module, chunk_elems: int = 1 << 20) -> torch.Tensor:
-    """||W0[i, :]||^2 for every row, in float64, without an [out, in] temporary: [out].
+    """||W0[i, :]||^2 for every row, summed in float64, without an [out, in] temporary: [out].
 
-    Rows are read in chunks; an NF4 weight is dequantized (float32, its exact values) one chunk
-    of whole blocks at a time.
+    W0 is the weight the forward applies: a dense base's own values, an NF4 base's dequantized
+    to its compute dtype, one chunk of whole blocks at a time.
     """
     n_out, n_in = base.out_features, base.in_features
     out = []
@@ -74,7 +77,7 @@ def w0_row_norms_sq(base: nn.Module, chunk_elems: int = 1 << 20) -> torch.Tensor
             e0, e1 = r0 * n_in, r1 * n_in                            # e0 is block-aligned
             part = NF4Weight(q.packed[e0 // 2:(e1 + 1) // 2], scales[e0 // bs:-(-e1 // bs)],
                              (r1 - r0, n_in), torch.float32, bs)
-            w = ops.nf4_dequantize(part, torch.float32)              # [rows, in]
+            w = ops.nf4_dequantize(part, base.compute_dtype)         # [rows, in]
             out.append(w.double().pow(2).sum(1))
     else:
         step = max(1, chunk_elems // n_in)
@@ -83,15 +86,12 @@ def w0_row_norms_sq(base: nn.Module, chunk_elems: int = 1 << 20) -> torch.Tensor
     return torch.cat(out)                                            # [out]
 
 
-def base_times_At(base: nn.Module, A: torch.Tensor, chunk_elems: int = 1 << 22) -> torch.Tensor:
-    """W0 A^T: [out, r] in A's dtype; differentiable in A (one base product with A as input)."""
+def base_times_At(base: nn.Module, A: torch.Tensor) -> torch.Tensor:
+    """W0 A^T: [out, r] in A's dtype, differentiable in A: one base product with A as the input,
+    in the dtype of the forward's base product (e.g. bfloat16 with float32 accumulation)."""
     if isinstance(base, NF4Linear):
-        return ops.nf4_linear(A, base.weight_nf4).T                  # [r, out] -> [out, r]
-    w = base.weight
-    if w.dtype == A.dtype:
-        return F.linear(A, w).T
-    step = max(1, chunk_elems // base.in_features)   # upcast a few rows at a time, not all of W0
-    return torch.cat([w[i:i + step].to(A.dtype) @ A.T for i in range(0, w.shape[0], step)])
+        return ops.nf4_linear(A.to(base.compute_dtype), base.weight_nf4).T.to(A.dtype)
+    return F.linear(A.to(base.weight.dtype), base.weight).T.to(A.dtype)    # [out, r]
 
 
 class DoRALinear(LoRALinear):
@@ -129,17 +129,17 @@ class DoRALinear(LoRALinear):
         """x: [..., in_features] -> [..., out_features] in x's dtype."""
         if self.merged:
             return base_linear(self.base, x).to(x.dtype)
-        acc = self.acc_dtype
+        acc, b = self.acc_dtype, self.base.bias
         k = self.magnitude.to(acc) / self.weight_norm()                # [out]
-        b = self.base.bias
         if self.training and self.dropout_p > 0:                       # x~ != x: two base products
             xd = self.dropout(x)                                       # [..., in]
-            y = base_linear(self.base, x).to(acc) + (k - 1) * (
-                base_linear(self.base, xd, bias=False).to(acc))
-            return (y + k * self.lora_path(xd).to(acc)).to(x.dtype)
-        lora = self.lora_path(x).to(acc)                               # [..., out] s x A^T B^T
-        y = k * (base_linear(self.base, x, bias=False).to(acc) + lora)  # [..., out]
-        return (y if b is None else y + b.to(acc)).to(x.dtype)
+            y = torch.addcmul(base_linear(self.base, x).to(acc),       # x W0^T + b
+                              base_linear(self.base, xd, bias=False).to(acc), k - 1)
+        else:                                                          # x~ = x: one base product
+            xd = x
+            y = base_linear(self.base, x, bias=False).to(acc)          # [..., out]
+            y = y * k if b is None else torch.addcmul(b.to(acc), y, k)
+        return self.add_lora(y, xd, k).to(x.dtype)                     # + k s x~ A^T B^T
 
     def _apply(self, fn, recurse=True):
         keep = self.w0_norm_sq                      # a float64 cache: move it, never cast it

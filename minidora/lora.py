@@ -119,17 +119,26 @@ class LoRALinear(nn.Module):
         """s B A: [out, in] (only for merging and inspection; training never builds it)."""
         return self.scaling * (self.lora_B @ self.lora_A)
 
-    def lora_path(self, xd: torch.Tensor) -> torch.Tensor:
-        """s x~ A^T B^T for x~ = dropout(x) given: [..., in] -> [..., out] in the adapter dtype."""
+    def add_lora(self, y: torch.Tensor, xd: torch.Tensor, k: torch.Tensor | None = None):
+        """y + s x~ A^T (k B)^T in one fused addmm (k: optional per-output-row scale, for DoRA).
+
+        Args:
+            y: [..., out_features] in the accumulation dtype.
+            xd: [..., in_features], the adapter's (dropped-out) input x~.
+            k: [out_features] or None.
+        """
         a = xd.to(self.lora_A.dtype) @ self.lora_A.T                        # [..., r]
-        return self.scaling * (a @ self.lora_B.T)                           # [..., out]
+        B = self.lora_B if k is None else k[:, None] * self.lora_B           # [out, r]
+        out = torch.addmm(y.reshape(-1, self.out_features), a.reshape(-1, self.r).to(y.dtype),
+                          B.T.to(y.dtype), alpha=self.scaling)               # [N, out]
+        return out.view(y.shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [..., in_features] -> [..., out_features] in x's dtype."""
         y = base_linear(self.base, x)                                       # [..., out]
         if self.merged:
             return y.to(x.dtype)
-        return (y.to(self.acc_dtype) + self.lora_path(self.dropout(x))).to(x.dtype)
+        return self.add_lora(y.to(self.acc_dtype), self.dropout(x)).to(x.dtype)
 
     # --- merging ---------------------------------------------------------------------------------
 
