@@ -28,7 +28,6 @@
 
 #include <algorithm>
 #include <atomic>
-#include <cstdlib>
 #include <cstring>
 #include <string>
 #include <type_traits>
@@ -48,8 +47,9 @@ namespace minidora {
 namespace {
 
 constexpr int64_t kMaxFusedRows = 16;         // M up to this: fused decode-in-the-dot-product
-static const int64_t kTileBytes = getenv("MD_TILE") ? atoll(getenv("MD_TILE")) : (8 << 20);
-static const int64_t kGradTileBytes = getenv("MD_GTILE") ? atoll(getenv("MD_GTILE")) : (8 << 20);
+// Dense tile of W in the many-rows regime: large enough that x (or grad_y) is re-read from memory
+// only a few times, small enough to stay in the 32 MiB L3 while BLAS consumes it.
+constexpr int64_t kTileBytes = 8 << 20;
 
 // ---- which kernels run ------------------------------------------------------------------------
 
@@ -153,6 +153,15 @@ constexpr int round_mode() {  // 0: float32, 1: bfloat16, 2: float16 (see rounde
   return std::is_same<T, c10::BFloat16>::value ? 1 : std::is_same<T, c10::Half>::value ? 2 : 0;
 }
 
+// The order in which the fused kernels see a 32-element chunk. The chunk's 16 bytes are
+// broadcast to the four 128-bit lanes (a load, no shuffle); a per-lane variable shift then moves
+// a different nibble into the low 4 bits of each 32-bit lane, which is all vpermps reads. Lane
+// i = 4l + p of the first vector holds element 8p + l, of the second element 8p + 4 + l; the
+// activations are stored in the same order once per call, so the inner loop needs two table
+// lookups per 32 weights and no other shuffle.
+constexpr int kFusedOrder[32] = {0, 8, 16, 24, 1, 9, 17, 25, 2, 10, 18, 26, 3, 11, 19, 27,
+                                 4, 12, 20, 28, 5, 13, 21, 29, 6, 14, 22, 30, 7, 15, 23, 31};
+
 // ---- scalar kernels: the readable specification and the portable fallback --------------------
 
 // out[i] = T(value(e0 + i)) for i < n.
@@ -212,11 +221,20 @@ MD_AVX512 inline __m512i bf16_bits(__m512 v) {
                            16);
 }
 
+// v rounded to bfloat16 (nearest even), as float32: the same rounding without the final shifts.
+MD_AVX512 inline __m512 bf16_round(__m512 v) {
+  const __m512i b = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_add_epi32(b, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+  return _mm512_castsi512_ps(_mm512_and_si512(r, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+}
+
 // The scaled table rounded to the activation dtype (mode 0/1/2 = float32/bfloat16/float16).
-MD_AVX512 inline __m512 rounded_table(float scale, int mode) {
+template <int MODE>
+MD_AVX512 inline __m512 rounded_table(float scale) {
   const __m512 t = scaled_codebook(scale);
-  if (mode == 1) return _mm512_castsi512_ps(_mm512_slli_epi32(bf16_bits(t), 16));
-  if (mode == 2)
+  if constexpr (MODE == 1) return bf16_round(t);
+  if constexpr (MODE == 2)
     return _mm512_cvtph_ps(_mm512_cvtps_ph(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
   return t;
 }
@@ -228,6 +246,16 @@ MD_AVX512 inline void chunk_indices(const uint8_t* p, __m512i& lo, __m512i& hi) 
   const __m128i high_nibbles = _mm_srli_epi16(bytes, 4);
   lo = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(high_nibbles, bytes));
   hi = _mm512_cvtepu8_epi32(_mm_unpackhi_epi8(high_nibbles, bytes));
+}
+
+MD_AVX512 __attribute__((always_inline)) inline void fused_lookup(const uint8_t* p, __m512 table,
+                                                                 __m512& first, __m512& second) {
+  // element 8p + l sits in byte 4p + l/2 of the chunk: bits 8*(l/2) of dword p, +4 if l is even
+  const __m512i shifts = _mm512_set_epi32(8, 8, 8, 8, 12, 12, 12, 12, 0, 0, 0, 0, 4, 4, 4, 4);
+  const __m512i bytes = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  const __m512i idx = _mm512_srlv_epi32(bytes, shifts);
+  first = _mm512_permutexvar_ps(idx, table);
+  second = _mm512_permutexvar_ps(_mm512_srli_epi32(idx, 16), table);  // elements 8p + 4 + l
 }
 
 // Decodes 32 elements starting at a multiple of 32 (so inside one block) into out.
@@ -294,28 +322,22 @@ template <int MR, int NR, int NA>
 MD_AVX512 __attribute__((always_inline)) inline void forward_chunk(
     const uint8_t* const* rows, const __m512* table, const float* xs, int64_t K, int64_t k,
     __m512 (&acc)[MR][NR][NA]) {
-  __m512 even[NR], odd[NR];
-  for (int r = 0; r < NR; ++r) {
-    const __m512i z =
-        _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rows[r] + (k >> 1))));
-    even[r] = _mm512_permutexvar_ps(_mm512_srli_epi32(z, 4), table[r]);  // elements 0,2,..,30
-    odd[r] = _mm512_permutexvar_ps(z, table[r]);                          // elements 1,3,..,31
-  }
+  __m512 first[NR], second[NR];
+  for (int r = 0; r < NR; ++r) fused_lookup(rows[r] + (k >> 1), table[r], first[r], second[r]);
   for (int m = 0; m < MR; ++m) {
-    const __m512 xe = _mm512_loadu_ps(xs + m * K + k);
-    const __m512 xo = _mm512_loadu_ps(xs + m * K + k + 16);
+    const __m512 x0 = _mm512_loadu_ps(xs + m * K + k);
+    const __m512 x1 = _mm512_loadu_ps(xs + m * K + k + 16);
     for (int r = 0; r < NR; ++r) {
-      acc[m][r][0] = _mm512_fmadd_ps(xe, even[r], acc[m][r][0]);
-      acc[m][r][NA - 1] = _mm512_fmadd_ps(xo, odd[r], acc[m][r][NA - 1]);
+      acc[m][r][0] = _mm512_fmadd_ps(x0, first[r], acc[m][r][0]);
+      acc[m][r][NA - 1] = _mm512_fmadd_ps(x1, second[r], acc[m][r][NA - 1]);
     }
   }
 }
 
 // Fused forward for MR activation rows and NR weight rows. K % 32 == 0; xs holds x in float32
-// with every 32-chunk stored as its 16 even then its 16 odd elements, which is the order the
-// two lookups below produce (no shuffle in the inner loop).
-template <int MR, int NR>
-MD_AVX512 void fused_forward_block(const NF4View& w, int mode, const float* xs, int64_t K,
+// with every 32-chunk stored in kFusedOrder, the order fused_lookup produces.
+template <int MR, int NR, int MODE>
+MD_AVX512 void fused_forward_block(const NF4View& w, const float* xs, int64_t K,
                                    int64_t o0, float* y, int64_t N) {
   constexpr int NA = MR == 1 ? 2 : 1;  // more independent FMA chains when there is one row
   __m512 acc[MR][NR][NA];
@@ -334,7 +356,7 @@ MD_AVX512 void fused_forward_block(const NF4View& w, int mode, const float* xs, 
     // every row starts on a block boundary: one table per row and block, no checks inside
     for (int64_t kb = 0; kb < K; kb += bs) {
       for (int r = 0; r < NR; ++r)
-        table[r] = rounded_table(w.scale(((o0 + r) * K + kb) >> w.shift), mode);
+        table[r] = rounded_table<MODE>(w.scale(((o0 + r) * K + kb) >> w.shift));
       for (int64_t k = kb; k < kb + bs; k += 32)
         forward_chunk<MR, NR, NA>(rows, table, xs, K, k, acc);
     }
@@ -344,7 +366,7 @@ MD_AVX512 void fused_forward_block(const NF4View& w, int mode, const float* xs, 
         const int64_t block = ((o0 + r) * K + k) >> w.shift;
         if (block != current[r]) {
           current[r] = block;
-          table[r] = rounded_table(w.scale(block), mode);
+          table[r] = rounded_table<MODE>(w.scale(block));
         }
       }
       forward_chunk<MR, NR, NA>(rows, table, xs, K, k, acc);
@@ -358,32 +380,33 @@ MD_AVX512 void fused_forward_block(const NF4View& w, int mode, const float* xs, 
     }
 }
 
-template <int NR>
-MD_AVX512 void fused_forward_rows_mr(const NF4View& w, int mode, const float* xs, int64_t M,
+template <int NR, int MODE>
+MD_AVX512 void fused_forward_rows_mr(const NF4View& w, const float* xs, int64_t M,
                                      int64_t K, int64_t o0, float* y, int64_t N) {
   for (int64_t m0 = 0; m0 < M; m0 += 4) {
     const float* xm = xs + m0 * K;
     float* ym = y + m0 * N;
     switch (std::min<int64_t>(4, M - m0)) {
-      case 1: fused_forward_block<1, NR>(w, mode, xm, K, o0, ym, N); break;
-      case 2: fused_forward_block<2, NR>(w, mode, xm, K, o0, ym, N); break;
-      case 3: fused_forward_block<3, NR>(w, mode, xm, K, o0, ym, N); break;
-      default: fused_forward_block<4, NR>(w, mode, xm, K, o0, ym, N); break;
+      case 1: fused_forward_block<1, NR, MODE>(w, xm, K, o0, ym, N); break;
+      case 2: fused_forward_block<2, NR, MODE>(w, xm, K, o0, ym, N); break;
+      case 3: fused_forward_block<3, NR, MODE>(w, xm, K, o0, ym, N); break;
+      default: fused_forward_block<4, NR, MODE>(w, xm, K, o0, ym, N); break;
     }
   }
 }
 
-MD_AVX512 void fused_forward_avx512_rows(const NF4View& w, int mode, const float* xs, int64_t M,
+template <int MODE>
+MD_AVX512 void fused_forward_avx512_rows(const NF4View& w, const float* xs, int64_t M,
                                          int64_t N, int64_t K, int64_t n0, int64_t n1, float* y) {
   int64_t o = n0;
-  for (; o + 4 <= n1; o += 4) fused_forward_rows_mr<4>(w, mode, xs, M, K, o, y, N);
-  for (; o < n1; ++o) fused_forward_rows_mr<1>(w, mode, xs, M, K, o, y, N);
+  for (; o + 4 <= n1; o += 4) fused_forward_rows_mr<4, MODE>(w, xs, M, K, o, y, N);
+  for (; o < n1; ++o) fused_forward_rows_mr<1, MODE>(w, xs, M, K, o, y, N);
 }
 
 // Fused input gradient for MR gradient rows and G 32-column chunks, summed over all N rows of
-// W with the accumulators in registers. Chunk c of gx is accumulated as (even, odd) halves.
-template <int MR, int G>
-MD_AVX512 void fused_grad_block(const NF4View& w, int mode, const float* gy, int64_t N, int64_t K,
+// W with the accumulators in registers. Chunk c of gx is accumulated in kFusedOrder.
+template <int MR, int G, int MODE>
+MD_AVX512 void fused_grad_block(const NF4View& w, const float* gy, int64_t N, int64_t K,
                                 int64_t k0, float* gx) {
   __m512 acc[MR][G][2];
   for (int m = 0; m < MR; ++m)
@@ -398,22 +421,21 @@ MD_AVX512 void fused_grad_block(const NF4View& w, int mode, const float* gy, int
       const int64_t block = e >> w.shift;
       if (block != current) {
         current = block;
-        table = rounded_table(w.scale(block), mode);
+        table = rounded_table<MODE>(w.scale(block));
       }
-      const __m512i z =
-          _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.packed + (e >> 1))));
-      const __m512 even = _mm512_permutexvar_ps(_mm512_srli_epi32(z, 4), table);
-      const __m512 odd = _mm512_permutexvar_ps(z, table);
+      __m512 first, second;
+      fused_lookup(w.packed + (e >> 1), table, first, second);
       for (int m = 0; m < MR; ++m) {
-        acc[m][c][0] = _mm512_fmadd_ps(g[m], even, acc[m][c][0]);
-        acc[m][c][1] = _mm512_fmadd_ps(g[m], odd, acc[m][c][1]);
+        acc[m][c][0] = _mm512_fmadd_ps(g[m], first, acc[m][c][0]);
+        acc[m][c][1] = _mm512_fmadd_ps(g[m], second, acc[m][c][1]);
       }
     }
   }
-  // back to natural order: interleave the even and odd halves
-  const __m512i first = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-  const __m512i second =
-      _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+  // back to natural order: element e of the chunk is lane natural[e] of (acc0, acc1)
+  int natural[32];
+  for (int i = 0; i < 32; ++i) natural[kFusedOrder[i]] = i;
+  const __m512i first = _mm512_loadu_si512(natural);
+  const __m512i second = _mm512_loadu_si512(natural + 16);
   for (int m = 0; m < MR; ++m)
     for (int c = 0; c < G; ++c) {
       float* out = gx + m * K + k0 + 32 * c;
@@ -422,28 +444,29 @@ MD_AVX512 void fused_grad_block(const NF4View& w, int mode, const float* gy, int
     }
 }
 
-template <int G>
-MD_AVX512 void fused_grad_cols(const NF4View& w, int mode, const float* gy, int64_t M, int64_t N,
+template <int G, int MODE>
+MD_AVX512 void fused_grad_cols(const NF4View& w, const float* gy, int64_t M, int64_t N,
                                int64_t K, int64_t k0, float* gx) {
   for (int64_t m0 = 0; m0 < M; m0 += 4) {
     const float* gm = gy + m0 * N;
     float* out = gx + m0 * K;
     switch (std::min<int64_t>(4, M - m0)) {
-      case 1: fused_grad_block<1, G>(w, mode, gm, N, K, k0, out); break;
-      case 2: fused_grad_block<2, G>(w, mode, gm, N, K, k0, out); break;
-      case 3: fused_grad_block<3, G>(w, mode, gm, N, K, k0, out); break;
-      default: fused_grad_block<4, G>(w, mode, gm, N, K, k0, out); break;
+      case 1: fused_grad_block<1, G, MODE>(w, gm, N, K, k0, out); break;
+      case 2: fused_grad_block<2, G, MODE>(w, gm, N, K, k0, out); break;
+      case 3: fused_grad_block<3, G, MODE>(w, gm, N, K, k0, out); break;
+      default: fused_grad_block<4, G, MODE>(w, gm, N, K, k0, out); break;
     }
   }
 }
 
 // Chunks [c0, c1) of 32 columns each (K % 32 == 0).
-MD_AVX512 void fused_grad_avx512_chunks(const NF4View& w, int mode, const float* gy, int64_t M,
+template <int MODE>
+MD_AVX512 void fused_grad_avx512_chunks(const NF4View& w, const float* gy, int64_t M,
                                         int64_t N, int64_t K, int64_t c0, int64_t c1, float* gx) {
   constexpr int G = 4;
   int64_t c = c0;
-  for (; c + G <= c1; c += G) fused_grad_cols<G>(w, mode, gy, M, N, K, 32 * c, gx);
-  for (; c < c1; ++c) fused_grad_cols<1>(w, mode, gy, M, N, K, 32 * c, gx);
+  for (; c + G <= c1; c += G) fused_grad_cols<G, MODE>(w, gy, M, N, K, 32 * c, gx);
+  for (; c < c1; ++c) fused_grad_cols<1, MODE>(w, gy, M, N, K, 32 * c, gx);
 }
 
 #endif  // MINIDORA_X86
@@ -482,10 +505,7 @@ std::vector<float> activations_to_float(const at::Tensor& x2d, bool interleave_c
       continue;
     }
     for (int64_t k = 0; k < K; k += 32)
-      for (int j = 0; j < 16; ++j) {
-        om[k + j] = static_cast<float>(xm[k + 2 * j]);
-        om[k + 16 + j] = static_cast<float>(xm[k + 2 * j + 1]);
-      }
+      for (int i = 0; i < 32; ++i) om[k + i] = static_cast<float>(xm[k + kFusedOrder[i]]);
   }
   return out;
 }
@@ -501,7 +521,7 @@ at::Tensor linear_fused(Isa isa, const NF4View& w, const at::Tensor& x2d,
 #if MINIDORA_X86
   if (vector) {
     at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-      fused_forward_avx512_rows(w, round_mode<T>(), xf.data(), M, N, K, n0, n1, yf.data());
+      fused_forward_avx512_rows<round_mode<T>()>(w, xf.data(), M, N, K, n0, n1, yf.data());
     });
   }
 #endif
@@ -556,7 +576,7 @@ at::Tensor grad_fused(Isa isa, const NF4View& w, const at::Tensor& gy2d, int64_t
 #if MINIDORA_X86
   if (vector) {
     at::parallel_for(0, K / 32, 4, [&](int64_t c0, int64_t c1) {
-      fused_grad_avx512_chunks(w, round_mode<T>(), gf.data(), M, N, K, c0, c1, gx.data());
+      fused_grad_avx512_chunks<round_mode<T>()>(w, gf.data(), M, N, K, c0, c1, gx.data());
     });
   }
 #endif
@@ -573,7 +593,7 @@ template <typename T>
 at::Tensor grad_tiled(Isa isa, const NF4View& w, const at::Tensor& gy2d, int64_t N, int64_t K) {
   const int64_t M = gy2d.size(0);
   at::Tensor gx = at::empty({M, K}, gy2d.options());
-  int64_t cols = std::max<int64_t>(32, kGradTileBytes / (N * sizeof(T))) / 32 * 32;
+  int64_t cols = std::max<int64_t>(32, kTileBytes / (N * sizeof(T))) / 32 * 32;
   cols = std::min(cols, K);
   at::Tensor buffer = workspace(N * cols, gy2d.options());
   for (int64_t k0 = 0; k0 < K; k0 += cols) {
