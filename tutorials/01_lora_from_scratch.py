@@ -1,0 +1,320 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 1. LoRA from scratch
+#
+# LoRA (Hu et al., 2021, arXiv 2106.09685) fine-tunes a large model by training, next to each
+# frozen weight $W_0$, a low-rank update $s\,BA$. This tutorial builds it in a dozen lines of
+# plain PyTorch and checks it against `minidora.LoRALinear`:
+#
+# 1. why a low-rank update is enough;
+# 2. the factorisation, and why it is never multiplied out while training;
+# 3. the initialisation (A random, B zero) and what goes wrong otherwise;
+# 4. the scaling $s = \alpha / r$ and rsLoRA's $\alpha / \sqrt r$;
+# 5. parameter counts;
+# 6. merging the update into the weight.
+#
+# Conventions (PyTorch's, used throughout minidora): $W_0$ is [out, in], $A$ is [r, in],
+# $B$ is [out, r], and a layer computes $y = x W^\top + b$ for $x$ of shape [..., in].
+
+# %%
+import math
+import os
+import sys
+
+import matplotlib
+
+if "ipykernel" not in sys.modules:  # a script: draw off screen
+    matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import minidora
+
+SIZE = os.environ.get("MINIDORA_TUTORIAL_SIZE", "default")
+if SIZE not in ("default", "small"):
+    raise ValueError(f"MINIDORA_TUTORIAL_SIZE must be 'default' or 'small', got {SIZE!r}")
+SMALL = SIZE == "small"
+FIGDIR = os.environ.get("MINIDORA_TUTORIAL_FIGDIR")  # set it to also save the figures as PNG
+
+
+def show(fig, name):
+    """Show a figure inline in a notebook; save it when FIGDIR is set; free it."""
+    if FIGDIR:
+        fig.savefig(os.path.join(FIGDIR, name), dpi=110, bbox_inches="tight")
+    if "ipykernel" in sys.modules:
+        plt.show()
+    plt.close(fig)
+
+
+torch.manual_seed(0)
+
+# %% [markdown]
+# ## 1. Why a low-rank update?
+#
+# Full fine-tuning learns a dense $\Delta W$ with $d_{out} \cdot d_{in}$ numbers per layer.
+# The LoRA paper's bet (after Aghajanyan et al., 2020, on the low *intrinsic dimension* of
+# fine-tuning) is that the update that matters has a small rank $r$: it can be written
+# $\Delta W = s\,BA$ with $r \ll \min(d_{out}, d_{in})$.
+#
+# A toy version we can see completely: a frozen "pre-trained" layer $W_0$, and a new task whose
+# ideal weight differs from $W_0$ by a rank-4 matrix plus a little noise. Full fine-tuning by
+# least squares recovers $\Delta W$; its singular values show how much of it a rank-$r$ update
+# can hold.
+
+# %%
+d = 48 if SMALL else 128
+n_train = 4 * d
+W0 = torch.randn(d, d) / math.sqrt(d)                            # [out, in] frozen
+true_rank = 4
+U, V = torch.randn(d, true_rank), torch.randn(true_rank, d)
+W_task = W0 + 0.5 * (U @ V) / d + 3e-4 * torch.randn(d, d)       # what the new task wants
+X = torch.randn(n_train, d)                                      # [n, in]
+Y = X @ W_task.T                                                 # [n, out]
+
+# full fine-tuning, solved exactly: the least-squares weight, and its update over W0
+W_full = torch.linalg.lstsq(X, Y).solution.T                     # [out, in]
+dW = W_full - W0
+sv = torch.linalg.svdvals(dW)
+energy = (sv**2).cumsum(0) / (sv**2).sum()
+print(f"singular values of the full fine-tuning update: {[round(v, 3) for v in sv[:8].tolist()]} ...")
+print(f"fraction of the update's energy in the top 4 directions: {energy[3]:.4f}")
+assert energy[3] > 0.98
+
+fig, ax = plt.subplots(figsize=(7, 3))
+ax.semilogy(range(1, d + 1), sv, ".-")
+ax.set_xlabel("index")
+ax.set_ylabel("singular value of ΔW")
+ax.set_title("the update full fine-tuning finds has (nearly) rank 4")
+show(fig, "lora_singular_values.png")
+
+# %% [markdown]
+# Real models are not this clean, but the LoRA paper measured the same effect on GPT-3:
+# the updates learned with $r = 8$ and $r = 64$ share their top directions, and $r$ of 1 to 8
+# already matches full fine-tuning on many tasks.
+#
+# ## 2. The factorisation
+#
+# $$ y = x W_0^\top + b + s\,\text{dropout}(x)\,A^\top B^\top,
+#    \qquad A \in \mathbb{R}^{r \times in},\; B \in \mathbb{R}^{out \times r}. $$
+#
+# The order of the products matters: $x A^\top$ is [..., r], then $(\cdot) B^\top$ is
+# [..., out]. That costs $r(in + out)$ multiply-adds per token, and the [out, in] matrix
+# $BA$ is never built during training.
+
+# %%
+class MyLoRALinear(nn.Module):
+    """y = x W0^T + b + s x A^T B^T, W0 and b frozen; A [r, in], B [out, r] trained."""
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, rslora: bool = False):
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        self.scaling = alpha / (math.sqrt(r) if rslora else r)
+        self.A = nn.Parameter(torch.empty(r, base.in_features))    # [r, in]
+        self.B = nn.Parameter(torch.zeros(base.out_features, r))   # [out, r]
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))           # U(-1/sqrt(in), 1/sqrt(in))
+
+    def forward(self, x):                                          # x: [..., in]
+        return self.base(x) + self.scaling * (x @ self.A.T) @ self.B.T   # [..., out]
+
+
+base = nn.Linear(d, d)
+layer = MyLoRALinear(base, r=8, alpha=16)
+x = torch.randn(5, 3, d)
+print("x", tuple(x.shape), "-> y", tuple(layer(x).shape))
+
+# %% [markdown]
+# ## 3. Initialisation: A random, B zero
+#
+# - $B = 0$: at the start the layer computes exactly what the pre-trained one did; training
+#   starts from the model we were given, not from a perturbed one.
+# - $A$ random (Kaiming-uniform with $a = \sqrt 5$, which is $U(\pm 1/\sqrt{in})$, PyTorch's
+#   default for `nn.Linear`): then $\partial L / \partial B = s\, g^\top (x A^\top)$ is not zero,
+#   so B moves at the first step, and A follows once B is non-zero.
+#
+# If both were zero, both gradients would be zero forever:
+# $\partial L/\partial A = s\,B^\top g^\top x = 0$ and $\partial L/\partial B = s\,g^\top (x A^\top) = 0$.
+
+# %%
+assert layer.A.abs().max() <= 1 / math.sqrt(d)
+assert layer.A.abs().max() > 0.9 / math.sqrt(d)  # really spread over the whole interval
+assert torch.equal(layer(x), base(x)), "at init LoRA must equal the base layer exactly"
+
+loss = (layer(x) ** 2).sum()
+loss.backward()
+print(f"at init: |grad A| = {layer.A.grad.norm():.3g}, |grad B| = {layer.B.grad.norm():.3g}")
+assert torch.count_nonzero(layer.A.grad) == 0 and layer.B.grad.norm() > 0
+
+stuck = MyLoRALinear(base, r=8, alpha=16)
+nn.init.zeros_(stuck.A)
+(stuck(x) ** 2).sum().backward()
+assert torch.count_nonzero(stuck.A.grad) == 0 and torch.count_nonzero(stuck.B.grad) == 0
+print("A = B = 0: both gradients are exactly zero, nothing would ever train")
+
+# %% [markdown]
+# ## 4. The scaling: $\alpha / r$ and rsLoRA's $\alpha / \sqrt r$
+#
+# The update is multiplied by $s$. LoRA uses $s = \alpha / r$ so that, in the authors' words,
+# one can change $r$ without retuning the learning rate much. Kalajdzievski (2023,
+# arXiv 2312.03732, "rsLoRA") showed that this makes learning *slower* as $r$ grows, and that
+# $s = \alpha / \sqrt r$ keeps it rank-independent.
+#
+# The reason fits on one line. With $A \sim U(\pm 1/\sqrt{in})$, each of the $r$ columns of
+# $h = x A^\top$ has a size independent of $r$, so the gradient of B,
+# $\partial L/\partial B = s\, g^\top h$ ([out, r], $g = \partial L/\partial y$), has $r$ columns of
+# a size independent of $r$:
+#
+# $$\lVert \partial L/\partial B \rVert \propto s\sqrt r = \begin{cases} \alpha/\sqrt r & s = \alpha/r
+#   \\ \alpha & s = \alpha/\sqrt r \text{ (rsLoRA)} \end{cases}$$
+#
+# With $\alpha / r$ the gradient (and with SGD the step, which then enters the output multiplied
+# by $s$ once more) shrinks as the rank grows; with $\alpha/\sqrt r$ it does not. Measured over
+# random draws at the LoRA init:
+
+# %%
+def grad_B_norm(r, rslora, trials):
+    """Mean |dL/dB| at init over `trials` random layers and batches."""
+    norms = []
+    for t in range(trials):
+        torch.manual_seed(1000 + t)
+        lay = MyLoRALinear(nn.Linear(d, d), r=r, alpha=8, rslora=rslora)
+        F.mse_loss(lay(torch.randn(64, d)), torch.randn(64, d)).backward()
+        norms.append(lay.B.grad.norm().item())
+    return sum(norms) / trials
+
+
+ranks = [2, 8, 32] if SMALL else [2, 4, 8, 16, 32, 64, 128]
+trials = 4 if SMALL else 10
+gnorm = {rs: [grad_B_norm(r, rs, trials) for r in ranks] for rs in (False, True)}
+for i, r in enumerate(ranks):
+    print(f"r = {r:3d}: |dL/dB|  alpha/r: {gnorm[False][i]:.3e}   alpha/sqrt(r): {gnorm[True][i]:.3e}")
+ratio_std = gnorm[False][-1] / gnorm[False][0]
+ratio_rs = gnorm[True][-1] / gnorm[True][0]
+expected = math.sqrt(ranks[0] / ranks[-1])
+print(f"r {ranks[-1]} vs r {ranks[0]}: alpha/r {ratio_std:.3f}x (theory {expected:.3f}), "
+      f"alpha/sqrt(r) {ratio_rs:.2f}x (theory 1)")
+assert 0.8 * expected < ratio_std < 1.25 * expected
+assert 0.8 < ratio_rs < 1.25
+
+# %% [markdown]
+# And in training? Fit the rank-4 task of section 1 from the LoRA init, with Adam (the usual
+# optimiser) at one learning rate for every rank, and compare the loss after a fixed number of
+# steps:
+
+# %%
+def train_lora(r, rslora, steps, lr=2e-3):
+    torch.manual_seed(0)
+    base_t = nn.Linear(d, d, bias=False)
+    with torch.no_grad():
+        base_t.weight.copy_(W0)
+    lay = MyLoRALinear(base_t, r=r, alpha=8, rslora=rslora)
+    opt = torch.optim.Adam([lay.A, lay.B], lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = F.mse_loss(lay(X), Y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+steps = 60 if SMALL else 200
+train_ranks = [4, 16, 48] if SMALL else [4, 16, 64, 128]
+curves = {(r, rs): train_lora(r, rs, steps) for r in train_ranks for rs in (False, True)}
+loss0 = F.mse_loss(X @ W0.T, Y).item()
+for r in train_ranks:
+    print(f"r = {r:3d}: loss after {steps} Adam steps (start {loss0:.2e}):  "
+          f"alpha/r {curves[(r, False)][-1]:.2e}   alpha/sqrt(r) {curves[(r, True)][-1]:.2e}")
+for key, losses in curves.items():
+    assert math.isfinite(losses[-1]) and losses[-1] < loss0, key
+
+fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.4))
+ax1.loglog(ranks, gnorm[False], "o-", label="s = α / r  (LoRA)")
+ax1.loglog(ranks, gnorm[True], "s-", label="s = α / √r  (rsLoRA)")
+ax1.set_xlabel("rank r")
+ax1.set_ylabel("|dL/dB| at init")
+ax1.legend()
+ax1.set_title("gradient of B at init")
+for i, r in enumerate(train_ranks):
+    ax2.semilogy(curves[(r, False)], color=f"C{i}", label=f"r={r}, α/r")
+    ax2.semilogy(curves[(r, True)], color=f"C{i}", ls="--", label=f"r={r}, α/√r")
+ax2.set_xlabel("Adam step")
+ax2.set_ylabel("training loss")
+ax2.legend(fontsize=7, ncol=2)
+ax2.set_title("fitting the rank-4 task")
+show(fig, "lora_scaling.png")
+
+# %%
+assert minidora.LoRALinear(nn.Linear(d, d), r=16, alpha=32).scaling == 32 / 16
+assert minidora.LoRALinear(nn.Linear(d, d), r=16, alpha=32, rslora=True).scaling == 32 / 4
+
+# %% [markdown]
+# ## 5. Parameter counts
+#
+# A rank-$r$ adapter on a [out, in] layer trains $r\,(in + out)$ numbers instead of
+# $out \cdot in$. For a 4096 x 4096 attention projection of a 7B model:
+
+# %%
+for r in (1, 8, 64):
+    n_lora, n_full = r * (4096 + 4096), 4096 * 4096
+    print(f"  r = {r:2d}: {n_lora:9,d} trainable instead of {n_full:,d} ({100 * n_lora / n_full:.2f} %)")
+
+# and counted by minidora on a small model
+mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+n_total = sum(p.numel() for p in mlp.parameters())
+minidora.wrap(mlp, "lora", target_modules=["0", "2"], r=8, alpha=16)
+rep = minidora.report(mlp)
+print(rep)
+assert rep.trainable_params == 8 * (d + 4 * d) + 8 * (4 * d + d)
+assert rep.total_params == n_total + rep.trainable_params
+
+# %% [markdown]
+# ## 6. Merging: no cost at inference
+#
+# After training, $W = W_0 + s\,BA$ is an ordinary weight of the same shape: fold it in and the
+# model runs exactly as fast as before. We check our layer against `minidora.LoRALinear` in
+# float64 (same A and B: same outputs and gradients to rounding), then merge.
+
+# %%
+torch.manual_seed(1)
+base64 = nn.Linear(d, d - 3).double()                 # out != in, to catch a transposition
+mine = MyLoRALinear(base64, r=4, alpha=8).double()
+theirs = minidora.LoRALinear(base64, r=4, alpha=8, adapter_dtype=torch.float64)
+with torch.no_grad():
+    mine.B.normal_()                                  # away from init, so the update is real
+    theirs.lora_A.copy_(mine.A)
+    theirs.lora_B.copy_(mine.B)
+xx = torch.randn(7, d, dtype=torch.float64)
+g = torch.randn(7, d - 3, dtype=torch.float64)
+y_mine, y_theirs = mine(xx), theirs(xx)
+(y_mine * g).sum().backward()
+(y_theirs * g).sum().backward()
+tol = lambda ref: 1e-12 + 1e-12 * ref.abs()           # float64, a handful of roundings
+assert ((y_mine - y_theirs).abs() <= tol(y_theirs)).all()
+assert ((mine.A.grad - theirs.lora_A.grad).abs() <= tol(theirs.lora_A.grad)).all()
+assert ((mine.B.grad - theirs.lora_B.grad).abs() <= tol(theirs.lora_B.grad)).all()
+print("our 12-line LoRA and minidora.LoRALinear agree: outputs and gradients, float64")
+
+with torch.no_grad():
+    W_merged = base64.weight + mine.scaling * mine.B @ mine.A   # [out, in]
+    merged_by_hand = F.linear(xx, W_merged, base64.bias)
+    err = theirs.merge()                                         # folds s B A into base64
+    y_merged = theirs(xx)
+assert ((merged_by_hand - y_theirs).abs() <= tol(y_theirs)).all()
+assert ((y_merged - y_theirs).abs() <= tol(y_theirs)).all() and err < 1e-15
+theirs.unmerge()
+print(f"merged: same outputs (weight error {err:.1e}); unmerged again: {theirs}")
