@@ -18,8 +18,8 @@ m_i = 0 and gets zero gradients: it stays zero, as W_0's row was.
            \qquad \tilde x = \text{dropout}(x)
 
 (one base product when dropout is off; k s B is an [out, r] product folded into the adapter's
-second matmul, so the scaling costs no extra pass), and since W_0 is frozen its squared row norms are
-cached once, so no [out, in] temporary is ever formed:
+second matmul, so the scaling costs no extra pass). Since W_0 is frozen, its squared row norms
+are cached once and no [out, in] temporary is ever formed:
 
 .. math::  c_i^2 = \lVert W_{0,i}\rVert^2 + 2s\,[(W_0 A^\top)\odot B]_{i,\cdot}\mathbf 1
            + s^2\,[(B A A^\top)\odot B]_{i,\cdot}\mathbf 1
@@ -27,8 +27,8 @@ cached once, so no [out, in] temporary is ever formed:
 W_0 A^T is one base product with A as the input ([out, r]), in the same precision as the
 forward's base product (a bf16 base: bf16 inputs, float32 accumulation; its rounding is then
 below that of the bf16 output); the rest is [out, r] work, summed in float32 or better and
-clamped at zero before the square root. :func:`dora_reference` keeps the
-plain formula as the specification.
+clamped at zero before the square root. :func:`dora_reference` keeps the plain formula as the
+specification; the tests hold the fast path to it.
 """
 
 from __future__ import annotations
@@ -95,10 +95,17 @@ def base_times_At(base: nn.Module, A: torch.Tensor) -> torch.Tensor:
 
 
 class DoRALinear(LoRALinear):
-    """DoRA (or QDoRA) around a frozen base layer.
+    """DoRA (or QDoRA) around a frozen base layer; m (``magnitude``) is [out_features].
 
-    Args: as :class:`~minidora.lora.LoRALinear`, plus
+    Args:
+        base: ``nn.Linear`` or ``NF4Linear`` with weight [out_features, in_features]; frozen here.
+        r: rank (>= 1).
+        alpha: scale numerator (> 0); s = alpha / r, or alpha / sqrt(r) with ``rslora``.
+        dropout: dropout probability on the adapter's input, in [0, 1).
+        rslora: use s = alpha / sqrt(r).
+        init: ``"kaiming"`` or ``"gaussian"`` for A; B = 0.
         detach_norm: treat c as a constant in backward (paper sec. 4.3); False: exact gradient.
+        adapter_dtype: dtype of A, B and m (float32; float64 for gradient checks).
         eps: lower clamp of c.
     """
 

@@ -112,8 +112,15 @@ def wrap(model: nn.Module, method: str, target_modules, r: int = 8, alpha: float
             targets' weights to NF4 with ``blocksize``, ``double_quant``, ``compute_dtype``;
             lora/dora over a layer that is already an ``NF4Linear`` also give QLoRA/QDoRA).
         target_modules: names, suffixes or a regex (see the module docstring).
-        r, alpha, dropout, rslora, init: adapter options (see :class:`LoRALinear`).
+        r: rank (>= 1).
+        alpha: scale numerator (> 0); s = alpha / r, or alpha / sqrt(r) with ``rslora``.
+        dropout: dropout probability on the adapters' input, in [0, 1).
+        rslora: use s = alpha / sqrt(r).
+        init: ``"kaiming"`` or ``"gaussian"`` initialisation of A (B starts at zero).
         detach_norm: DoRA's norm treated as a constant in backward (paper sec. 4.3).
+        blocksize: NF4 block size for the q-methods (power of two, 32..4096).
+        double_quant: quantize the NF4 scales too (QLoRA's DQ).
+        compute_dtype: dtype of the NF4 base's matmul (bfloat16, float16, float32, float64).
         adapter_dtype: dtype of A, B and m (float32; float64 for checks).
 
     Returns:
