@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -260,12 +261,18 @@ def bench(quick: bool) -> list[dict]:
         ws = [dense.clone() for _ in range(nd)]
         for m in (1, 16, 512):
             x = torch.randn(m, k_in, generator=gen).to("cuda", dt)
-            t_q, g1 = time_us([lambda a=a: torch.ops.minidora.nf4_linear(x, *a, n_out, k_in, None)
-                               for a in qs])
+            calls = [lambda a=a: torch.ops.minidora.nf4_linear(x, *a, n_out, k_in, None) for a in qs]
+            t_q, g1 = time_us(calls)
+            t_simt = None
+            if m <= 16:  # version 1 of the fused kernel, on CUDA cores, for comparison
+                os.environ["MINIDORA_CUDA_LINEAR"] = "simt"
+                t_simt, _ = time_us(calls)
+                os.environ.pop("MINIDORA_CUDA_LINEAR")
             t_d, g2 = time_us([lambda wd=wd: F.linear(x, wd) for wd in ws])
             io = (m * k_in + m * n_out) * 2                                    # x read, y written
             b_q, b_d = q_bytes + io, n_out * k_in * 2 + io
-            row = dict(N=n_out, K=k_in, M=m, nf4_us=t_q, dense_us=t_d, speedup=t_d / t_q,
+            row = dict(N=n_out, K=k_in, M=m, nf4_us=t_q, nf4_simt_us=t_simt, dense_us=t_d,
+                       speedup=t_d / t_q,
                        nf4_bytes=b_q, dense_bytes=b_d, nf4_gbs=b_q / t_q / 1e3,
                        dense_gbs=b_d / t_d / 1e3, nf4_frac_copy=b_q / (t_q * 1e-6) / bw,
                        dense_frac_copy=b_d / (t_d * 1e-6) / bw, graphed=g1 and g2)
@@ -279,11 +286,14 @@ def bench(quick: bool) -> list[dict]:
         del qs, ws
         torch.cuda.empty_cache()
 
-    print(f"\n{'W [N, K]':>14} {'M':>4} {'nf4 us':>9} {'dense us':>9} {'dense/nf4':>9} "
-          f"{'nf4 GB/s':>9} {'nf4 %copy':>9} {'dense GB/s':>10} {'dense %copy':>11}  target")
+    print(f"\n{'W [N, K]':>14} {'M':>4} {'nf4 us':>9} {'simt us':>9} {'dense us':>9} "
+          f"{'dense/nf4':>9} {'nf4 GB/s':>9} {'nf4 %copy':>9} {'dense GB/s':>10} "
+          f"{'dense %copy':>11}  target")
     for r in rows:
         target = "" if "met" not in r else ("met" if r["met"] else "MISSED") + f" ({r['target']})"
-        print(f"{str((r['N'], r['K'])):>14} {r['M']:>4} {r['nf4_us']:>9.2f} {r['dense_us']:>9.2f} "
+        simt = "-" if r["nf4_simt_us"] is None else f"{r['nf4_simt_us']:.2f}"
+        print(f"{str((r['N'], r['K'])):>14} {r['M']:>4} {r['nf4_us']:>9.2f} {simt:>9} "
+              f"{r['dense_us']:>9.2f} "
               f"{r['speedup']:>9.2f} {r['nf4_gbs']:>9.0f} {100 * r['nf4_frac_copy']:>8.0f}% "
               f"{r['dense_gbs']:>10.0f} {100 * r['dense_frac_copy']:>10.0f}%  {target}")
     return [dict(r, copy_gbs=bw / 1e9, device=props.name) for r in rows]
@@ -322,8 +332,14 @@ def main() -> int:
     gen = torch.Generator().manual_seed(0)
     failures: list[str] = []
     n_deq = validate_dequantize(gen, failures)
-    n_exact = validate_exact(gen, failures)
-    n_lin = validate_linear(gen, failures)
+    n_exact = n_lin = 0
+    for kernel in ("mma", "simt"):  # bf16 / fp16 small-M linear: tensor-core and CUDA-core kernels
+        os.environ["MINIDORA_CUDA_LINEAR"] = kernel
+        found: list[str] = []
+        n_exact += validate_exact(gen, found)
+        n_lin += validate_linear(gen, found)
+        failures += [f"[{kernel}] {f}" for f in found]
+    os.environ.pop("MINIDORA_CUDA_LINEAR")
     print(f"validation: {n_deq} dequantize cases (bit-exact), {n_exact} one-hot linear / "
           f"grad_input cases (exact), {n_lin} random linear / grad_input cases (error bound): "
           f"{len(failures)} failure(s)")

@@ -97,8 +97,10 @@ if [ -z "$SO" ]; then
     echo "cuda-check: FAILED: no _C*.so under $BUILD/lib" >&2
     exit 1
 fi
-for kernel in dequant_vec_kernel dequant_elem_kernel linear_rows_kernel grad_input_kernel sum_splits_kernel; do
-    if ! nm "$SO" | grep -q "minidora4cuda[0-9]*${kernel}I"; then
+nm "$SO" > "$BUILD/symbols.txt"   # (not piped into grep -q: that would break nm's pipe)
+for kernel in dequant_vec_kernel dequant_elem_kernel linear_rows_kernel linear_mma_kernel \
+        grad_input_kernel sum_splits_kernel; do
+    if ! grep -q "minidora4cuda[0-9]*${kernel}I" "$BUILD/symbols.txt"; then
         echo "cuda-check: FAILED: $SO has no CUDA kernel $kernel" >&2
         exit 1
     fi

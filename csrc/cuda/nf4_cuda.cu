@@ -1,7 +1,8 @@
 // CUDA implementations of the minidora NF4 ops (schemas: TORCH_LIBRARY in csrc/ops.cpp).
 //
 //   nf4_dequantize          dequant_vec_kernel (16-byte loads) + dequant_elem_kernel for the tail
-//   nf4_linear              M <= 16 and K % 32 == 0: linear_rows_kernel (fused 4-bit decode + dot);
+//   nf4_linear              M <= 16 and K % 32 == 0: linear_mma_kernel (bf16 / fp16, tensor cores)
+//                           or linear_rows_kernel (float32, CUDA cores), fused 4-bit decode;
 //                           otherwise dequantize to x's dtype, then at::linear (cuBLAS)
 //   nf4_linear_grad_input   M <= 8 and K % 8 == 0: grad_input_kernel + sum_splits_kernel;
 //                           otherwise dequantize to grad_y's dtype, then at::matmul (cuBLAS)
@@ -13,7 +14,10 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "../nf4_common.h"
@@ -136,7 +140,7 @@ at::Tensor nf4_dequantize_cuda(const at::Tensor& packed, const at::Tensor& absma
   const char* op = "nf4_dequantize";
   int64_t numel = 1;
   for (const int64_t d : shape) {
-    TORCH_CHECK(d > 0, op, ": every dimension of shape must be positive, got ", shape);
+    TORCH_CHECK(d > 0, op, ": shape must have positive sizes, got ", shape);
     numel *= d;
   }
   TORCH_CHECK(is_float_activation(dtype), op,
@@ -167,6 +171,24 @@ void dispatch_rows(const Weight& w, const T* x, const T* bias, T* y, int M, int6
   else launch_rows<T, DQ, 16>(w, x, bias, y, M, N, K);
 }
 
+template <typename T, bool DQ>
+void launch_mma(const Weight& w, const T* x, const T* bias, T* y, int M, int64_t N, int64_t K) {
+  const int64_t grid = (N + 7) / 8;
+  cuda::linear_mma_kernel<T, DQ>
+      <<<static_cast<unsigned>(grid), cuda::kMmaWarps * 32, 0, at::cuda::getCurrentCUDAStream()>>>(
+          x, reinterpret_cast<const uint4*>(w.packed.data_ptr<uint8_t>()), w.scales(), w.bs_shift,
+          bias, y, M, N, K);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// MINIDORA_CUDA_LINEAR=simt makes bf16/fp16 use the CUDA-core kernel instead of the tensor-core
+// one (both are validated by benchmarks/bench_nf4_cuda.py; read at every call, so a test or a
+// benchmark can switch it with os.environ).
+bool use_tensor_cores() {
+  const char* choice = std::getenv("MINIDORA_CUDA_LINEAR");
+  return choice == nullptr || std::strcmp(choice, "simt") != 0;
+}
+
 template <typename T, typename AT>
 void fused_linear(const Weight& w, const at::Tensor& x2, const std::optional<at::Tensor>& bias,
                   at::Tensor& y2) {
@@ -175,6 +197,13 @@ void fused_linear(const Weight& w, const at::Tensor& x2, const std::optional<at:
   const T* x = reinterpret_cast<const T*>(x2.data_ptr<AT>());
   const T* b = bias.has_value() ? reinterpret_cast<const T*>(bias->data_ptr<AT>()) : nullptr;
   T* y = reinterpret_cast<T*>(y2.data_ptr<AT>());
+  if constexpr (!std::is_same_v<T, float>) {
+    if (use_tensor_cores()) {
+      if (w.dq) launch_mma<T, true>(w, x, b, y, M, N, K);
+      else launch_mma<T, false>(w, x, b, y, M, N, K);
+      return;
+    }
+  }
   if (w.dq) dispatch_rows<T, true>(w, x, b, y, M, N, K);
   else dispatch_rows<T, false>(w, x, b, y, M, N, K);
 }
@@ -190,13 +219,13 @@ at::Tensor nf4_linear_cuda(const at::Tensor& x, const at::Tensor& packed, const 
   TORCH_CHECK(packed.is_cuda(), op, ": packed must be a CUDA tensor, got ", packed.device());
   check_activation(op, "x", x, in_features, "in_features", packed.device());
   if (bias.has_value()) {
-    TORCH_CHECK(bias->device() == x.device(), op, ": bias must be on ", x.device(), " like x, got ",
-                bias->device());
     TORCH_CHECK(bias->scalar_type() == x.scalar_type(), op, ": bias must have x's dtype ",
                 x.scalar_type(), ", got ", bias->scalar_type());
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out_features, op,
-                ": bias must be 1-D [out_features] = [", out_features, "], got shape ",
+                ": bias must have shape [out_features] = [", out_features, "], got ",
                 bias->sizes());
+    TORCH_CHECK(bias->device() == x.device(), op, ": bias must be on ", x.device(), ", got ",
+                bias->device());
   }
   const c10::cuda::CUDAGuard guard(x.device());
   const Weight w = make_weight(op, packed, absmax, nested_absmax, nested_code, offset, blocksize,
