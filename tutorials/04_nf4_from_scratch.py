@@ -58,6 +58,7 @@ def show(fig, name):
     plt.close(fig)
 
 
+torch.set_num_threads(1)  # these small problems run fastest (and reproducibly) on one thread
 torch.manual_seed(0)
 
 # %% [markdown]
