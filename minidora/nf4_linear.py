@@ -119,6 +119,17 @@ class NF4Linear(nn.Module):
                 self._buffers[k] = old.to(new.device)
         return self
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # load_state_dict would silently cast float32 scales into uint8 codes (or back): refuse.
+        for name in ("packed", "absmax", "nested_absmax", "offset"):
+            own, new = getattr(self, name), state_dict.get(prefix + name)
+            if own is not None and new is not None and new.dtype != own.dtype:
+                error_msgs.append(f"{prefix}{name}: the checkpoint holds {new.dtype}, this layer "
+                                  f"{own.dtype} (double quantization on in one, off in the other?)")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
     # --- bitsandbytes checkpoint layout ---------------------------------------------------------
 
     def to_bnb_state_dict(self, prefix: str = "") -> dict[str, torch.Tensor]:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from minidora import DoRALinear, NF4Linear, dora_reference, nf4
 from minidora.dora import EPS, w0_row_norms_sq
 
-from test_lora import close, dense, gradcheck_layer
+from test_lora import backend, close, dense, gradcheck_layer  # noqa: F401 (fixture)
 
 GOLDEN = Path(__file__).resolve().parents[1].parent / "shared" / "golden"
 PEFT = np.load(GOLDEN / "adapters_peft.npz")
@@ -100,7 +100,7 @@ def test_efficient_norm_bf16_dense_base():
 
 
 @pytest.mark.parametrize("double_quant", [True, False])
-def test_w0_norms_of_nf4_base_chunked_equal_full_dequantize(double_quant):
+def test_w0_norms_of_nf4_base_chunked_equal_full_dequantize(double_quant, backend):
     lin = dense(150, 77, dtype=torch.float32, seed=6)     # 77 columns: blocks span rows
     base = NF4Linear.from_linear(lin, blocksize=64, double_quant=double_quant)
     w = nf4.dequantize(base.weight_nf4, torch.bfloat16).double()   # what the bf16 forward uses
@@ -177,7 +177,7 @@ def test_gradcheck_exact_dora_dense():
     gradcheck_layer(layer, x, ["lora_A", "lora_B", "magnitude"])
 
 
-def test_gradcheck_exact_qdora_float64_compute():
+def test_gradcheck_exact_qdora_float64_compute(backend):
     base = NF4Linear.from_linear(dense(7, 10, dtype=torch.float32), compute_dtype=torch.float64)
     layer = randomize(DoRALinear(base, r=2, alpha=3, detach_norm=False, **F64))
     x = torch.randn(3, 10, dtype=torch.float64, requires_grad=True)
@@ -228,7 +228,7 @@ def test_dropout_uses_one_mask_for_both_terms():
 
 
 @pytest.mark.parametrize("compute_dtype,rtol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
-def test_qdora_equals_dora_over_dequantized_weight(compute_dtype, rtol):
+def test_qdora_equals_dora_over_dequantized_weight(compute_dtype, rtol, backend):
     lin = dense(37, 45, dtype=torch.float32, seed=3)
     base = NF4Linear.from_linear(lin, compute_dtype=compute_dtype)
     layer = randomize(DoRALinear(base, r=4, alpha=8, adapter_dtype=compute_dtype))

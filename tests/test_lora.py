@@ -10,11 +10,21 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minidora import LoRALinear, NF4Linear, lora_reference, nf4
+from minidora import LoRALinear, NF4Linear, lora_reference, nf4, ops
 
 GOLDEN = Path(__file__).resolve().parents[1].parent / "shared" / "golden"
 PEFT = np.load(GOLDEN / "adapters_peft.npz")
 F64 = dict(adapter_dtype=torch.float64)
+
+
+@pytest.fixture(params=["reference", "auto"])
+def backend(request):
+    """Run an NF4 test on the plain PyTorch reference and on the default dispatch (the compiled
+    kernels when minidora._C is built)."""
+    previous = ops.get_backend()
+    ops.set_backend(request.param)
+    yield request.param
+    ops.set_backend(previous)
 
 
 def close(a, b, rtol, atol=0.0):
@@ -116,7 +126,7 @@ def test_gradcheck_lora_dense():
     gradcheck_layer(layer, x, ["lora_A", "lora_B"])
 
 
-def test_gradcheck_qlora_float64_compute():
+def test_gradcheck_qlora_float64_compute(backend):
     base = NF4Linear.from_linear(dense(6, 9, dtype=torch.float32), compute_dtype=torch.float64)
     layer = randomize(LoRALinear(base, r=2, alpha=3, **F64))
     x = torch.randn(3, 9, dtype=torch.float64, requires_grad=True)
@@ -125,7 +135,7 @@ def test_gradcheck_qlora_float64_compute():
 
 @pytest.mark.parametrize("compute_dtype,rtol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
 @pytest.mark.parametrize("double_quant", [True, False])
-def test_qlora_equals_lora_over_dequantized_weight(compute_dtype, rtol, double_quant):
+def test_qlora_equals_lora_over_dequantized_weight(compute_dtype, rtol, double_quant, backend):
     lin = dense(37, 45, dtype=torch.float32, seed=3)              # 1665 elements: partial block
     base = NF4Linear.from_linear(lin, blocksize=64, double_quant=double_quant,
                                  compute_dtype=compute_dtype)

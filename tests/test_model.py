@@ -142,8 +142,17 @@ def test_wrap_bad_input_leaves_model_untouched():
 
 # --- training --------------------------------------------------------------------------------
 
+@pytest.fixture
+def one_thread():
+    """Tiny layers: one thread avoids stalls when the machine is shared (values are the same)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.mark.parametrize("method", minidora.METHODS)
-def test_training_reduces_loss(method):
+def test_training_reduces_loss(method, one_thread):
     teacher, model = Net(seed=10), Net(seed=0)
     minidora.wrap(model, method, ["q_proj", "v_proj", "up_proj", "down_proj", "head"], r=4,
                   alpha=8, dropout=0.05)
@@ -169,7 +178,7 @@ def test_training_reduces_loss(method):
         opt.step()
     model.eval()
     after = loss_on(xs).item()
-    assert after < 0.5 * before, (before, after)
+    assert after < 0.1 * before, (before, after)      # observed: about 30x lower
     for n, m in m0.items():
         assert (minidora.adapter_layers(model)[n].magnitude - m).abs().max() > 1e-3
 

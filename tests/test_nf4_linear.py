@@ -149,3 +149,13 @@ def test_bad_input():
         NF4Linear(nf4.quantize(torch.randn(64)))
     with pytest.raises(ValueError, match="blocksize must be a power of two"):
         NF4Linear.from_linear(linear(4, 64), blocksize=48)
+
+
+def test_state_dict_with_other_double_quant_setting_is_refused():
+    dq = NF4Linear.from_linear(linear(8, 64, seed=7), double_quant=True)
+    plain = NF4Linear.from_linear(linear(8, 64, seed=7), double_quant=False)
+    with pytest.raises(RuntimeError, match=r"absmax: the checkpoint holds torch.float32, this "
+                                           r"layer torch.uint8"):
+        dq.load_state_dict(plain.state_dict(), strict=False)
+    with pytest.raises(RuntimeError, match="absmax: the checkpoint holds torch.uint8"):
+        plain.load_state_dict(dq.state_dict(), strict=False)
