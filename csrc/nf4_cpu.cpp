@@ -53,19 +53,24 @@ constexpr int64_t kTileBytes = 8 << 20;
 
 // ---- which kernels run ------------------------------------------------------------------------
 
-enum class Isa : int { kScalar = 0, kAvx512 = 1 };
+// Ordered: each level includes the one below. kAvx512Bf16 adds the bfloat16 dot product
+// (vdpbf16ps) for bfloat16 activations in the few-rows forward kernel.
+enum class Isa : int { kScalar = 0, kAvx512 = 1, kAvx512Bf16 = 2 };
+constexpr const char* kIsaNames[] = {"scalar", "avx512", "avx512bf16"};
 
-bool cpu_has_avx512() {
+Isa best_isa() {
 #if MINIDORA_X86
-  static const bool has = [] {
+  static const Isa best = [] {
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-           __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+                        __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    if (!avx512) return Isa::kScalar;
+    return __builtin_cpu_supports("avx512bf16") ? Isa::kAvx512Bf16 : Isa::kAvx512;
   }();
-  return has;
+  return best;
 #else
-  return false;
+  return Isa::kScalar;
 #endif
 }
 
@@ -73,8 +78,7 @@ std::atomic<int> g_forced_isa{-1};  // -1: best available
 
 Isa active_isa() {
   const int forced = g_forced_isa.load();
-  if (forced >= 0) return static_cast<Isa>(forced);
-  return cpu_has_avx512() ? Isa::kAvx512 : Isa::kScalar;
+  return forced >= 0 ? static_cast<Isa>(forced) : best_isa();
 }
 
 // ---- reading an NF4 weight --------------------------------------------------------------------
@@ -469,6 +473,90 @@ MD_AVX512 void fused_grad_avx512_chunks(const NF4View& w, const float* gy, int64
   for (; c < c1; ++c) fused_grad_cols<1, MODE>(w, gy, M, N, K, 32 * c, gx);
 }
 
+// ---- bfloat16 activations with AVX512-BF16: one vdpbf16ps per 32 weights ----------------------
+#define MD_AVX512BF16 \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma")))
+
+// The block's 16 values rounded to bfloat16 (nearest even; vcvtneps2bf16 flushes float32
+// subnormals, i.e. scales below ~1e-38, to zero), in the low 16 words; the upper words are zero.
+MD_AVX512BF16 inline __m512i bf16_table16(float scale) {
+  const __m256bh h = _mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(kNF4Codebook),
+                                                      _mm512_set1_ps(scale)));
+  return _mm512_zextsi256_si512(reinterpret_cast<const __m256i&>(h));
+}
+
+// MR rows of bfloat16 x (natural layout) times NR rows of W. The 32 codes of a chunk become 32
+// word indices in natural order (word 2j: high nibble of byte j, word 2j+1: its low nibble), one
+// vpermw looks the 32 weights up, and vdpbf16ps multiplies them pairwise with x into float32.
+template <int MR, int NR>
+MD_AVX512BF16 void fused_forward_bf16_block(const NF4View& w, const uint16_t* x, int64_t K,
+                                            int64_t o0, float* y, int64_t N) {
+  __m512 acc[MR][NR];
+  __m512i table[NR];
+  const uint8_t* rows[NR];
+  int64_t current[NR];
+  for (int r = 0; r < NR; ++r) {
+    rows[r] = w.packed + (((o0 + r) * K) >> 1);
+    table[r] = _mm512_setzero_si512();
+    current[r] = -1;
+    for (int m = 0; m < MR; ++m) acc[m][r] = _mm512_setzero_ps();
+  }
+  const __m512i nibble = _mm512_set1_epi32(0x000F000F);
+  const int64_t bs = int64_t{1} << w.shift;
+  const bool aligned = K % bs == 0;  // rows start on block boundaries: a new table every bs
+  for (int64_t k = 0; k < K; k += 32) {
+    __m512i wv[NR];
+    if (!aligned || (k & (bs - 1)) == 0) {
+      for (int r = 0; r < NR; ++r) {
+        const int64_t block = ((o0 + r) * K + k) >> w.shift;
+        if (block != current[r]) {
+          current[r] = block;
+          table[r] = bf16_table16(w.scale(block));
+        }
+      }
+    }
+    for (int r = 0; r < NR; ++r) {
+      const __m512i z =
+          _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rows[r] + (k >> 1))));
+      const __m512i idx =
+          _mm512_and_si512(_mm512_or_si512(_mm512_srli_epi32(z, 4), _mm512_slli_epi32(z, 16)), nibble);
+      wv[r] = _mm512_permutexvar_epi16(idx, table[r]);
+    }
+    for (int m = 0; m < MR; ++m) {
+      const __m512i xv = _mm512_loadu_si512(x + m * K + k);
+      for (int r = 0; r < NR; ++r)
+        acc[m][r] = _mm512_dpbf16_ps(acc[m][r], reinterpret_cast<const __m512bh&>(xv),
+                                     reinterpret_cast<const __m512bh&>(wv[r]));
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int r = 0; r < NR; ++r) y[m * N + o0 + r] = _mm512_reduce_add_ps(acc[m][r]);
+}
+
+template <int NR>
+MD_AVX512BF16 void fused_forward_bf16_rows_mr(const NF4View& w, const uint16_t* x, int64_t M,
+                                              int64_t K, int64_t o0, float* y, int64_t N) {
+  for (int64_t m0 = 0; m0 < M; m0 += 4) {
+    const uint16_t* xm = x + m0 * K;
+    float* ym = y + m0 * N;
+    switch (std::min<int64_t>(4, M - m0)) {
+      case 1: fused_forward_bf16_block<1, NR>(w, xm, K, o0, ym, N); break;
+      case 2: fused_forward_bf16_block<2, NR>(w, xm, K, o0, ym, N); break;
+      case 3: fused_forward_bf16_block<3, NR>(w, xm, K, o0, ym, N); break;
+      default: fused_forward_bf16_block<4, NR>(w, xm, K, o0, ym, N); break;
+    }
+  }
+}
+
+MD_AVX512BF16 void fused_forward_bf16_rows(const NF4View& w, const uint16_t* x, int64_t M,
+                                           int64_t N, int64_t K, int64_t n0, int64_t n1, float* y) {
+  int64_t o = n0;
+  if (M == 1)
+    for (; o + 8 <= n1; o += 8) fused_forward_bf16_rows_mr<8>(w, x, M, K, o, y, N);
+  for (; o + 4 <= n1; o += 4) fused_forward_bf16_rows_mr<4>(w, x, M, K, o, y, N);
+  for (; o < n1; ++o) fused_forward_bf16_rows_mr<1>(w, x, M, K, o, y, N);
+}
+
 #endif  // MINIDORA_X86
 
 // ---- dispatch between the two kernel sets ------------------------------------------------------
@@ -476,7 +564,7 @@ MD_AVX512 void fused_grad_avx512_chunks(const NF4View& w, const float* gy, int64
 template <typename T>
 void decode_span(Isa isa, const NF4View& w, int64_t e0, int64_t n, T* out) {
 #if MINIDORA_X86
-  if (isa == Isa::kAvx512) return decode_span_avx512<T>(w, e0, n, out);
+  if (isa >= Isa::kAvx512) return decode_span_avx512<T>(w, e0, n, out);
 #endif
   decode_span_scalar<T>(w, e0, n, out);
 }
@@ -515,17 +603,31 @@ template <typename T>
 at::Tensor linear_fused(Isa isa, const NF4View& w, const at::Tensor& x2d,
                         const c10::optional<at::Tensor>& bias, int64_t N, int64_t K) {
   const int64_t M = x2d.size(0);
-  const bool vector = isa == Isa::kAvx512 && K % 32 == 0;
-  const std::vector<float> xf = activations_to_float<T>(x2d, vector);
   std::vector<float> yf(M * N);
+  bool done = false;
 #if MINIDORA_X86
-  if (vector) {
-    at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-      fused_forward_avx512_rows<round_mode<T>()>(w, xf.data(), M, N, K, n0, n1, yf.data());
-    });
+  if constexpr (std::is_same<T, c10::BFloat16>::value) {
+    if (isa >= Isa::kAvx512Bf16 && K % 32 == 0) {  // bfloat16 x used as it is
+      const uint16_t* xb = reinterpret_cast<const uint16_t*>(x2d.data_ptr<T>());
+      at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+        fused_forward_bf16_rows(w, xb, M, N, K, n0, n1, yf.data());
+      });
+      done = true;
+    }
   }
 #endif
-  if (!vector) fused_forward_scalar<T>(w, xf.data(), M, N, K, yf.data());
+  if (!done) {
+    const bool vector = isa >= Isa::kAvx512 && K % 32 == 0;
+    const std::vector<float> xf = activations_to_float<T>(x2d, vector);
+#if MINIDORA_X86
+    if (vector) {
+      at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+        fused_forward_avx512_rows<round_mode<T>()>(w, xf.data(), M, N, K, n0, n1, yf.data());
+      });
+    }
+#endif
+    if (!vector) fused_forward_scalar<T>(w, xf.data(), M, N, K, yf.data());
+  }
   at::Tensor y = at::empty({M, N}, x2d.options());
   T* out = y.data_ptr<T>();
   const T* b = bias.has_value() ? bias->data_ptr<T>() : nullptr;
@@ -572,7 +674,7 @@ at::Tensor grad_fused(Isa isa, const NF4View& w, const at::Tensor& gy2d, int64_t
   const int64_t M = gy2d.size(0);
   const std::vector<float> gf = activations_to_float<T>(gy2d, false);
   std::vector<float> gx(M * K, 0.f);
-  const bool vector = isa == Isa::kAvx512 && K % 32 == 0;
+  const bool vector = isa >= Isa::kAvx512 && K % 32 == 0;
 #if MINIDORA_X86
   if (vector) {
     at::parallel_for(0, K / 32, 4, [&](int64_t c0, int64_t c1) {
@@ -713,21 +815,22 @@ at::Tensor nf4_linear_grad_input_cpu(const at::Tensor& grad_y, const at::Tensor&
 
 // ---- kernel selection, exposed to Python through minidora._C (see ops.cpp) ---------------------
 
-std::string cpu_isa() { return active_isa() == Isa::kAvx512 ? "avx512" : "scalar"; }
+std::string cpu_isa() { return kIsaNames[static_cast<int>(active_isa())]; }
 
-std::string cpu_isa_best() { return cpu_has_avx512() ? "avx512" : "scalar"; }
+std::string cpu_isa_best() { return kIsaNames[static_cast<int>(best_isa())]; }
 
 bool set_cpu_isa(const std::string& name) {
   if (name == "auto") {
     g_forced_isa = -1;
-  } else if (name == "scalar") {
-    g_forced_isa = static_cast<int>(Isa::kScalar);
-  } else if (name == "avx512" && cpu_has_avx512()) {
-    g_forced_isa = static_cast<int>(Isa::kAvx512);
-  } else {
-    return false;
+    return true;
   }
-  return true;
+  for (int level = 0; level <= static_cast<int>(best_isa()); ++level) {
+    if (name == kIsaNames[level]) {
+      g_forced_isa = level;
+      return true;
+    }
+  }
+  return false;
 }
 
 TORCH_LIBRARY_IMPL(minidora, CPU, m) {

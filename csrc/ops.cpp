@@ -48,7 +48,8 @@ PyObject* py_set_cpu_isa(PyObject*, PyObject* arg) {
   if (name == nullptr) return nullptr;  // not a str: TypeError already set
   if (!minidora::set_cpu_isa(name)) {
     PyErr_Format(PyExc_ValueError,
-                 "cpu isa must be 'auto', 'scalar' or (on a CPU that has it) 'avx512', got '%s'",
+                 "cpu isa must be 'auto', 'scalar', or where the CPU has them 'avx512' or "
+                 "'avx512bf16', got '%s'",
                  name);
     return nullptr;
   }
@@ -56,10 +57,11 @@ PyObject* py_set_cpu_isa(PyObject*, PyObject* arg) {
 }
 
 PyMethodDef kMethods[] = {
-    {"cpu_isa", py_cpu_isa, METH_NOARGS, "Kernel set the CPU ops use now: 'avx512' or 'scalar'."},
+    {"cpu_isa", py_cpu_isa, METH_NOARGS,
+     "Kernel set the CPU ops use now: 'avx512bf16', 'avx512' or 'scalar'."},
     {"cpu_isa_best", py_cpu_isa_best, METH_NOARGS, "Best kernel set this CPU supports."},
     {"set_cpu_isa", py_set_cpu_isa, METH_O,
-     "Choose the CPU kernels: 'auto' (best available), 'scalar' or 'avx512'."},
+     "Choose the CPU kernels: 'auto' (best available), 'scalar', 'avx512' or 'avx512bf16'."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_C",
