@@ -283,8 +283,10 @@ def load_adapters(model: nn.Module, path) -> nn.Module:
         from safetensors import safe_open
         with safe_open(str(path), "pt") as f:
             config = json.loads((f.metadata() or {}).get("minidora_config", "null"))
-    if not isinstance(config, dict) or config.get("format") != "minidora-adapters":
-        raise ValueError(f"{str(json_path)!r} is not a minidora adapter config")
+    if (not isinstance(config, dict) or config.get("format") != "minidora-adapters"
+            or not isinstance(config.get("layers"), dict) or "method" not in config):
+        raise ValueError(f"{str(json_path)!r} is not a minidora adapter config (expected the JSON "
+                         "that save_adapters writes, with 'format', 'method' and 'layers')")
     layers = adapter_layers(model)
     if not layers:
         raise ValueError(f"model has no adapter layers: call minidora.wrap(model, "
@@ -299,8 +301,8 @@ def load_adapters(model: nn.Module, path) -> nn.Module:
     for n, layer in layers.items():
         want, got = config["layers"][n], _layer_config(layer)
         for key in ("kind", "r", "alpha", "rslora", "in_features", "out_features"):
-            if want[key] != got[key]:
-                raise ValueError(f"layer {n!r}: the file has {key}={want[key]!r}, "
+            if not isinstance(want, dict) or want.get(key) != got[key]:
+                raise ValueError(f"layer {n!r}: the file has {key}={want.get(key)!r}, "
                                  f"the model has {key}={got[key]!r}")
     tensors = load_file(str(path))
     with torch.no_grad():

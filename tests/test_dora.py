@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from minidora import DoRALinear, NF4Linear, dora_reference, nf4
 from minidora.dora import EPS, w0_row_norms_sq
@@ -293,3 +294,39 @@ def test_merge_nf4_base_error_and_exact_unmerge():
     layer.unmerge()
     assert torch.equal(base.packed, packed)
     close(layer(x), y, rtol=0, atol=0)
+
+
+# --- no [out, in] temporary ------------------------------------------------------------------
+
+class _LargestOutput(TorchDispatchMode):
+    """Records the largest new tensor any aten op allocates (forward and backward); views of
+    the inputs (a transposed weight, say) allocate nothing and do not count."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        leaves = torch.utils._pytree.tree_leaves((args, kwargs))
+        inputs = {t.untyped_storage().data_ptr() for t in leaves if isinstance(t, torch.Tensor)}
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("detach_norm", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_training_step_builds_no_full_size_temporary(detach_norm, dtype):
+    n_out, n_in, m = 96, 160, 5
+    layer = randomize(DoRALinear(dense(n_out, n_in, dtype=dtype), r=4, alpha=8,
+                                 detach_norm=detach_norm))
+    x = torch.randn(m, n_in, dtype=dtype, requires_grad=True)
+    with _LargestOutput() as probe:
+        layer(x).float().sum().backward()
+    assert probe.largest < n_out * n_in // 4, probe.largest     # [M, out], [out, r], [r, in]...
+    with _LargestOutput() as control:                            # the plain formula builds W'
+        dora_reference(x.float(), layer.base.weight.float(), None, layer.lora_A, layer.lora_B,
+                       layer.magnitude, layer.scaling).sum().backward()
+    assert control.largest >= n_out * n_in

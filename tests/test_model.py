@@ -371,3 +371,20 @@ def test_load_peft_adapter_bad_input(tmp_path):
     model = minidora.wrap(hf_model("llama_base"), "dora", ["q_proj", "v_proj"], r=4, alpha=8)
     with pytest.raises(ValueError, match="is DoRALinear but the file is lora"):
         minidora.load_peft_adapter(model, GOLDEN_PEFT / "llama_lora_qv")
+
+
+def test_wrap_a_bare_linear_returns_the_adapter_layer():
+    lin = nn.Linear(8, 6)
+    layer = minidora.wrap(lin, "dora", "", r=2)          # "" is the module itself
+    assert isinstance(layer, DoRALinear) and layer.base is lin
+    x = torch.randn(3, 8)
+    assert torch.equal(layer(x), lin(x))
+
+
+def test_load_adapters_refuses_a_foreign_json(tmp_path):
+    path = tmp_path / "a.safetensors"
+    model = minidora.wrap(Net(), "lora", ["q_proj"], r=4)
+    minidora.save_adapters(model, path)
+    (tmp_path / "a.json").write_text(json.dumps({"format": "minidora-adapters", "method": "lora"}))
+    with pytest.raises(ValueError, match="is not a minidora adapter config"):
+        minidora.load_adapters(model, path)
