@@ -15,7 +15,7 @@ Run by ``scripts/gpu_validate.sh`` after it built the extension with CUDA; alone
      (two output roundings at most, on the cuBLAS path with a bias). A wrong nibble, scale or
      row gives errors of the order of |y| and fails it.
 2. Timing: device copy bandwidth (a 1 GiB device-to-device copy), then for W [N, K] in
-   {(4096, 4096), (11008, 4096)} and M in {1, 16, 512}, bfloat16, blocksize 64 with double
+   {(4096, 4096), (11008, 4096)} and M in {1, 16, 64, 512}, bfloat16, blocksize 64 with double
    quantization: the compiled ``nf4_linear``, dense ``F.linear`` with the same (dequantized)
    weight, their ratio, and bytes moved / time as a fraction of the copy bandwidth. Each call is
    timed inside a CUDA graph (no host overhead) with CUDA events, after warmup, median of repeats,
@@ -94,7 +94,7 @@ def validate_exact(gen: torch.Generator, failures: list) -> int:
     dequantize(W, dtype), with no rounding left to hide a single wrong code. Sweeping k over all
     columns (and grad_y over all rows) checks every weight through every M bucket."""
     shapes = [(256, 512, 64), (300, 96, 32), (37, 72, 64), (33, 65, 128), (64, 4128, 4096)]
-    batches = (16, 1, 3, 8, 2, 17)  # cycled through: every fused-kernel bucket, and cuBLAS
+    batches = (16, 1, 3, 8, 2, 17, 33, 65)  # cycled through: every fused-kernel bucket, cuBLAS
     checked = 0
     for n_out, k_in, bs in shapes:
         w = torch.randn(n_out, k_in, generator=gen)
@@ -154,7 +154,7 @@ def validate_linear(gen: torch.Generator, failures: list) -> int:
     # grad-input kernel, odd K the dequantize + cuBLAS path; blocks span rows when K % bs != 0.
     shapes = [(256, 512, 64), (300, 96, 32), (37, 72, 64), (33, 65, 128), (64, 4128, 4096),
               (1024, 4096, 64)]
-    ms = (1, 2, 3, 5, 8, 9, 16, 17, 40)
+    ms = (1, 2, 3, 5, 8, 9, 16, 17, 40, 64, 65)
     checked = 0
     for n_out, k_in, bs in shapes:
         w = torch.randn(n_out, k_in, generator=gen)
@@ -259,7 +259,7 @@ def bench(quick: bool) -> list[dict]:
         qs = [op_args(nf4.NF4Weight(q.packed.clone(), q.absmax.clone(), q.shape, q.dtype, 64,
                                     q.nested_absmax.clone(), q.offset.clone())) for _ in range(nq)]
         ws = [dense.clone() for _ in range(nd)]
-        for m in (1, 16, 512):
+        for m in (1, 16, 64, 512):
             x = torch.randn(m, k_in, generator=gen).to("cuda", dt)
             calls = [lambda a=a: torch.ops.minidora.nf4_linear(x, *a, n_out, k_in, None) for a in qs]
             t_q, g1 = time_us(calls)

@@ -1,8 +1,8 @@
 // CUDA implementations of the minidora NF4 ops (schemas: TORCH_LIBRARY in csrc/ops.cpp).
 //
 //   nf4_dequantize          dequant_vec_kernel (16-byte loads) + dequant_elem_kernel for the tail
-//   nf4_linear              M <= 16 and K % 32 == 0: linear_mma_kernel (bf16 / fp16, tensor cores)
-//                           or linear_rows_kernel (float32, CUDA cores), fused 4-bit decode;
+//   nf4_linear              K % 32 == 0 and M <= 64: linear_mma_kernel (bf16 / fp16, tensor cores),
+//                           M <= 16: linear_rows_kernel (float32, CUDA cores), fused 4-bit decode;
 //                           otherwise dequantize to x's dtype, then at::linear (cuBLAS)
 //   nf4_linear_grad_input   M <= 8 and K % 8 == 0: grad_input_kernel + sum_splits_kernel;
 //                           otherwise dequantize to grad_y's dtype, then at::matmul (cuBLAS)
@@ -29,7 +29,8 @@ namespace {
 using cuda::Scales;
 
 constexpr int kThreads = 256;        // threads per block of the element-wise kernels
-constexpr int64_t kMaxRowsM = 16;    // largest M of the fused linear kernel
+constexpr int64_t kMaxRowsM = 16;    // largest M of the fused CUDA-core linear kernel
+constexpr int64_t kMaxMmaM = 64;     // largest M of the fused tensor-core linear kernel
 constexpr int64_t kMaxColsM = 8;     // largest M of the fused grad-input kernel
 
 // An NF4 weight as the kernels see it: checked, contiguous, on one CUDA device.
@@ -171,14 +172,21 @@ void dispatch_rows(const Weight& w, const T* x, const T* bias, T* y, int M, int6
   else launch_rows<T, DQ, 16>(w, x, bias, y, M, N, K);
 }
 
-template <typename T, bool DQ>
+template <typename T, bool DQ, int TILES>
 void launch_mma(const Weight& w, const T* x, const T* bias, T* y, int M, int64_t N, int64_t K) {
   const int64_t grid = (N + 7) / 8;
-  cuda::linear_mma_kernel<T, DQ>
+  cuda::linear_mma_kernel<T, DQ, TILES>
       <<<static_cast<unsigned>(grid), cuda::kMmaWarps * 32, 0, at::cuda::getCurrentCUDAStream()>>>(
           x, reinterpret_cast<const uint4*>(w.packed.data_ptr<uint8_t>()), w.scales(), w.bs_shift,
           bias, y, M, N, K);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T, bool DQ>
+void dispatch_mma(const Weight& w, const T* x, const T* bias, T* y, int M, int64_t N, int64_t K) {
+  if (M <= 16) launch_mma<T, DQ, 1>(w, x, bias, y, M, N, K);
+  else if (M <= 32) launch_mma<T, DQ, 2>(w, x, bias, y, M, N, K);
+  else launch_mma<T, DQ, 4>(w, x, bias, y, M, N, K);
 }
 
 // MINIDORA_CUDA_LINEAR=simt makes bf16/fp16 use the CUDA-core kernel instead of the tensor-core
@@ -199,8 +207,8 @@ void fused_linear(const Weight& w, const at::Tensor& x2, const std::optional<at:
   T* y = reinterpret_cast<T*>(y2.data_ptr<AT>());
   if constexpr (!std::is_same_v<T, float>) {
     if (use_tensor_cores()) {
-      if (w.dq) launch_mma<T, true>(w, x, b, y, M, N, K);
-      else launch_mma<T, false>(w, x, b, y, M, N, K);
+      if (w.dq) dispatch_mma<T, true>(w, x, b, y, M, N, K);
+      else dispatch_mma<T, false>(w, x, b, y, M, N, K);
       return;
     }
   }
@@ -239,7 +247,8 @@ at::Tensor nf4_linear_cuda(const at::Tensor& x, const at::Tensor& packed, const 
   const at::Tensor x2 = x.reshape({M, in_features}).contiguous();  // [M, K]
   const std::optional<at::Tensor> b =
       bias.has_value() ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt;
-  const bool fused = M <= kMaxRowsM && dt != at::kDouble && in_features % 32 == 0 &&
+  const int64_t max_m = (dt == at::kFloat || !use_tensor_cores()) ? kMaxRowsM : kMaxMmaM;
+  const bool fused = M <= max_m && dt != at::kDouble && in_features % 32 == 0 &&
                      aligned(w.packed.data_ptr(), 16) && aligned(x2.data_ptr(), 16);
   if (!fused) {
     const at::Tensor weight = dequantize_to(w, {out_features, in_features}, dt);  // [N, K]

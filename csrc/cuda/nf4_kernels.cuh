@@ -17,8 +17,9 @@
 //   linear_rows_kernel     y = x W^T for M <= 16 on CUDA cores: one warp per output row, 16-byte
 //                          loads of the packed row, each byte read once and used for all M rows
 //                          of x (float32 x; bf16 / fp16 with MINIDORA_CUDA_LINEAR=simt).
-//   linear_mma_kernel      the same on tensor cores for bf16 / fp16 (mma.sync m16n8k16): a block
-//                          owns 8 output rows, x padded to 16 rows, 4 warps split K.
+//   linear_mma_kernel      y = x W^T for M <= 64 on tensor cores for bf16 / fp16 (mma.sync
+//                          m16n8k16): a block owns 8 output rows, each decoded weight serves up
+//                          to 4 tiles of 16 rows of x, 4 warps split K.
 //   grad_input_kernel      grad_x = grad_y W for M <= 8: each thread owns 8 columns of W (one
 //                          4-byte word per row), the rows are split over blocks; per-split partial
 //                          sums are added in a fixed order by sum_splits_kernel (deterministic).
@@ -315,20 +316,21 @@ template <> struct Mma<__half> {
 constexpr int kMmaWarps = 4;   // warps per block; they split K and share 8 output rows
 constexpr int kMmaUnroll = 4;  // 16-byte weight loads in flight per lane
 
-// x [M, K] (M <= 16), W [N, K] (K % 32 == 0, packed and x 16-byte aligned), y [M, N].
+// x [M, K] (M <= 16 * TILES), W [N, K] (K % 32 == 0, packed and x 16-byte aligned), y [M, N].
 // A block owns output rows n0 .. n0+7. Lane (g = lane / 4, q = lane % 4) holds weight row n0 + g
-// and, in each 128-column group, the 32 columns [32q, 32q + 32): one 16-byte load, 4 words.
+// and, in each 128-column group, the 32 columns [32q, 32q + 32): one 16-byte load, 4 words,
+// decoded once and used for all TILES tiles of 16 rows of x.
 // The mma's k index is a sum index, so any order of the columns is fine as long as x (operand A)
 // and W (operand B) use the same one: step (t, s) of a group takes columns 32q + 8t + 4s + r,
 // r = 0..3, where the fragment layout wants k = 2q + r (r < 2) and 2q + 8 + r - 2 (r >= 2); then
 // lane (g, q) needs x[g][32q + 8t + 4s + r] and x[g + 8][...], 8 contiguous bytes per row.
-template <typename T, bool DQ>
+template <typename T, bool DQ, int TILES>
 __global__ void __launch_bounds__(kMmaWarps * 32)
 linear_mma_kernel(const T* __restrict__ x, const uint4* __restrict__ packed, Scales s,
                   int bs_shift, const T* __restrict__ bias, T* __restrict__ y, int M, int64_t N,
                   int64_t K) {
   __shared__ float cb[16];
-  __shared__ float red[kMmaWarps - 1][4][32];  // accumulators of warps 1.. [warp - 1][i][lane]
+  __shared__ float red[kMmaWarps - 1][TILES][4][32];  // accumulators of warps 1.., by lane
   load_codebook(cb);
   const float offset = load_offset<DQ>(s);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -337,8 +339,11 @@ linear_mma_kernel(const T* __restrict__ x, const uint4* __restrict__ packed, Sca
   const int64_t n = n0 + g;                  // weight row of this lane (column g of operand B)
   const int64_t chunks = K >> 5;             // 16-byte chunks per weight row
   const int64_t groups = (chunks + 3) >> 2;  // 128-column groups
-  const bool x0_ok = g < M, x1_ok = g + 8 < M;
-  float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  float c[TILES][4];
+#pragma unroll
+  for (int mt = 0; mt < TILES; ++mt)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) c[mt][i] = 0.0f;
 
   for (int64_t G0 = warp; G0 < groups; G0 += kMmaWarps * kMmaUnroll) {
     uint4 v[kMmaUnroll];
@@ -363,37 +368,48 @@ linear_mma_kernel(const T* __restrict__ x, const uint4* __restrict__ packed, Sca
       for (int t = 0; t < 4; ++t) {
         float w[8];
         decode8(words[t], cb, scale[u], w);  // columns 32 chunk + 8t + 0..7 of row n
-        const int64_t k = chunk * 32 + 8 * t;
-        const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
-        const uint4 xa = (ok && x0_ok) ? __ldg(reinterpret_cast<const uint4*>(x + g * K + k)) : zero;
-        const uint4 xb = (ok && x1_ok) ? __ldg(reinterpret_cast<const uint4*>(x + (g + 8) * K + k)) : zero;
         // s = 0: columns 8t + 0..3; s = 1: columns 8t + 4..7.
-        const uint32_t a0[4] = {xa.x, xb.x, xa.y, xb.y};
         const uint32_t b0[2] = {Mma<T>::pack(w[0], w[1]), Mma<T>::pack(w[2], w[3])};
-        Mma<T>::mma(c, a0, b0);
-        const uint32_t a1[4] = {xa.z, xb.z, xa.w, xb.w};
         const uint32_t b1[2] = {Mma<T>::pack(w[4], w[5]), Mma<T>::pack(w[6], w[7])};
-        Mma<T>::mma(c, a1, b1);
+        const int64_t k = chunk * 32 + 8 * t;
+#pragma unroll
+        for (int mt = 0; mt < TILES; ++mt) {
+          const int m0 = 16 * mt + g, m1 = m0 + 8;  // rows of x in this lane's A fragment
+          if (16 * mt >= M) break;                  // the same for the whole warp
+          const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+          const uint4 xa = (ok && m0 < M) ? __ldg(reinterpret_cast<const uint4*>(x + m0 * K + k)) : zero;
+          const uint4 xb = (ok && m1 < M) ? __ldg(reinterpret_cast<const uint4*>(x + m1 * K + k)) : zero;
+          const uint32_t a0[4] = {xa.x, xb.x, xa.y, xb.y};
+          Mma<T>::mma(c[mt], a0, b0);
+          const uint32_t a1[4] = {xa.z, xb.z, xa.w, xb.w};
+          Mma<T>::mma(c[mt], a1, b1);
+        }
       }
     }
   }
-  // c[0], c[1]: y[g][n0 + 2q + 0, 1]; c[2], c[3]: y[g + 8][n0 + 2q + 0, 1]. Warps add in order.
+  // c[mt][0, 1]: y[16 mt + g][n0 + 2q + 0, 1]; c[mt][2, 3]: y[16 mt + g + 8][...]. Warps add
+  // their sums in order (warp 0 + 1 + 2 + 3).
   if (warp > 0) {
 #pragma unroll
-    for (int i = 0; i < 4; ++i) red[warp - 1][i][lane] = c[i];
+    for (int mt = 0; mt < TILES; ++mt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) red[warp - 1][mt][i][lane] = c[mt][i];
   }
   __syncthreads();
   if (warp == 0) {
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      float sum = c[i];
+    for (int mt = 0; mt < TILES; ++mt) {
 #pragma unroll
-      for (int w = 0; w < kMmaWarps - 1; ++w) sum += red[w][i][lane];
-      const int m = g + (i >= 2 ? 8 : 0);
-      const int64_t nn = n0 + 2 * q + (i & 1);
-      if (m < M && nn < N) {
-        const float b = bias != nullptr ? Elem<T>::to_float(bias[nn]) : 0.0f;
-        y[m * N + nn] = Elem<T>::from_float(sum + b);
+      for (int i = 0; i < 4; ++i) {
+        float sum = c[mt][i];
+#pragma unroll
+        for (int w = 0; w < kMmaWarps - 1; ++w) sum += red[w][mt][i][lane];
+        const int m = 16 * mt + g + (i >= 2 ? 8 : 0);
+        const int64_t nn = n0 + 2 * q + (i & 1);
+        if (m < M && nn < N) {
+          const float b = bias != nullptr ? Elem<T>::to_float(bias[nn]) : 0.0f;
+          y[m * N + nn] = Elem<T>::from_float(sum + b);
+        }
       }
     }
   }
