@@ -1,0 +1,242 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 6. The fast path: a fused dequantize-matmul
+#
+# The readable reference computes an NF4 layer in two steps: decode the whole weight to a dense
+# matrix, then call `F.linear`. Correct, and the specification, but it moves far more memory
+# than the 4-bit format needs. minidora's compiled op `torch.ops.minidora.nf4_linear` does both
+# in one pass. This tutorial:
+#
+# 1. explains why small-batch inference ("decode") is limited by memory traffic, not arithmetic;
+# 2. writes the fused loop in plain Python, to see what the kernel does;
+# 3. checks the compiled op against the reference;
+# 4. runs a small benchmark, with ratios against a dense layer measured in the same run.
+
+# %%
+import os
+import statistics
+import sys
+import time
+
+import matplotlib
+
+if "ipykernel" not in sys.modules:  # a script: draw off screen
+    matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import torch
+import torch.nn.functional as F
+
+from minidora import nf4, ops
+
+SIZE = os.environ.get("MINIDORA_TUTORIAL_SIZE", "default")
+if SIZE not in ("default", "small"):
+    raise ValueError(f"MINIDORA_TUTORIAL_SIZE must be 'default' or 'small', got {SIZE!r}")
+SMALL = SIZE == "small"
+FIGDIR = os.environ.get("MINIDORA_TUTORIAL_FIGDIR")  # set it to also save the figures as PNG
+
+
+def show(fig, name):
+    """Show a figure inline in a notebook; save it when FIGDIR is set; free it."""
+    if FIGDIR:
+        fig.savefig(os.path.join(FIGDIR, name), dpi=110, bbox_inches="tight")
+    if "ipykernel" in sys.modules:
+        plt.show()
+    plt.close(fig)
+
+
+torch.set_num_threads(1)  # one core: reproducible timings on a shared machine
+torch.manual_seed(0)
+HAVE_C = ops.extension_available()
+print("compiled extension minidora._C:", "built" if HAVE_C else "NOT built (reference only)")
+
+# %% [markdown]
+# ## 1. Why decode is memory-bound
+#
+# A linear layer $y = x W^\top$ with $x$ of shape [M, K] and $W$ of shape [N, K] does
+# $2MNK$ floating-point operations and must at least read $W$ once: $NK \cdot b/8$ bytes at
+# $b$ bits per weight. Generating text one token at a time means $M = 1$ (or a handful of
+# sequences): **2 operations per weight read**. The *arithmetic intensity* is
+#
+# $$ I = \frac{2MNK}{NK\,b/8 + \text{(activations)}} \approx \frac{16M}{b}\ \text{FLOP/byte}. $$
+#
+# A processor can do far more than that per byte it loads from memory (a modern GPU several
+# hundred FLOP per byte of HBM bandwidth, a CPU core tens per byte of DRAM bandwidth), so at
+# small $M$ the time is set by the bytes: **fewer bits per weight means proportionally less
+# time**, if, and only if, the weight is read in its compressed form.
+#
+# The two-step reference does the opposite: it reads the 4-bit weight, *writes* a dense copy
+# (4 bytes per weight in float32), then reads that copy again for the matmul.
+
+# %%
+N, K = (1024, 1024) if SMALL else (4096, 4096)
+bits = {"dense float32": 32, "dense bfloat16": 16, "NF4 + DQ, fused": 4.127,
+        "NF4, dequantize then matmul (float32)": 4.127 + 32 + 32}
+print(f"bytes moved for the weight of one {N}x{K} layer at M = 1:")
+for name, b in bits.items():
+    print(f"  {name:40s} {N * K * b / 8 / 2**20:8.2f} MiB  -> intensity {2 * 8 / b:5.2f} FLOP/byte")
+
+Ms = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
+fig, ax = plt.subplots(figsize=(7, 3.3))
+for name, b in bits.items():
+    ax.loglog(Ms, [2 * M * N * K / (N * K * b / 8 + 2 * M * K * 4) for M in Ms], "o-", ms=3,
+              label=name)
+ax.set_xlabel("M (tokens in the batch)")
+ax.set_ylabel("FLOP per byte moved")
+ax.set_title("arithmetic intensity of y = x W^T")
+ax.legend(fontsize=7)
+show(fig, "fast_path_intensity.png")
+
+# %% [markdown]
+# ## 2. The fused loop, in plain Python
+#
+# For every output row $n$, walk along the row's packed bytes one block of 64 weights (32
+# bytes) at a time: split each byte into its two 4-bit codes (high nibble first), look the codes
+# up in the 16-entry table, multiply by the block's scale, and accumulate the dot product with
+# $x$. The dense weight never exists; the 16 NF4 values live in registers.
+#
+# The loop below does exactly that, vectorised over the M rows of $x$ and over the 64 weights of
+# a block so that it finishes in a reasonable time. It assumes K is a multiple of the block size
+# (blocks do not span rows); the compiled kernels also handle the general case.
+
+# %%
+def fused_nf4_linear(x, q):
+    """y = x @ dequantize(q).T without a dense weight. x [M, K] float32 -> [M, N]."""
+    n_out, k = q.shape
+    bs = q.blocksize
+    assert k % bs == 0, "this teaching version needs whole blocks per row"
+    table = nf4.NF4_CODEBOOK                                # [16], "in registers"
+    scales = q.scales()                                     # [n_blocks] float32
+    y = torch.zeros(x.shape[0], n_out)
+    blocks_per_row = k // bs
+    for n in range(n_out):
+        acc = torch.zeros(x.shape[0])                       # float32 accumulator per row of x
+        for j in range(blocks_per_row):
+            b = n * blocks_per_row + j                      # block index
+            byte = q.packed[b * bs // 2:(b + 1) * bs // 2]  # 32 bytes = 64 codes
+            codes = torch.stack([byte >> 4, byte & 0xF], 1).view(-1).long()   # [64]
+            w = table[codes] * scales[b]                    # [64], the decoded block
+            acc += x[:, j * bs:(j + 1) * bs] @ w            # [M]
+        y[:, n] = acc
+    return y
+
+
+q_small = nf4.quantize(torch.randn(48, 256) * 0.02, blocksize=64, double_quant=True)
+x_small = torch.randn(3, 256)
+y_fused = fused_nf4_linear(x_small, q_small)
+y_ref = F.linear(x_small, nf4.dequantize(q_small, torch.float32))
+# same products, summed in a different order: float32 rounding, bounded by sum |x||w|
+bound = 1e-6 * (x_small.abs() @ nf4.dequantize(q_small, torch.float32).abs().T) + 1e-7
+assert ((y_fused - y_ref).abs() <= bound).all()
+print(f"fused Python loop vs dequantize + F.linear: max difference {(y_fused - y_ref).abs().max():.1e}")
+
+# %% [markdown]
+# ## 3. The compiled op against the reference
+#
+# All NF4 matmuls in minidora go through one dispatch point, `minidora.ops.nf4_linear(x, q,
+# bias, backend=...)`: `"reference"` is the two-step PyTorch version above, `"compiled"` the
+# C++ (CPU) or CUDA kernels of `minidora._C`, `"auto"` the compiled one when it is built.
+# (`minidora.ops.use_reference()` forces the reference inside a `with` block.)
+#
+# Dequantization must be **bit-exact**; the matmul may differ by float32 rounding only (the
+# kernel sums in a different order), which we bound by $\epsilon \sum_k |x_k||w_k|$.
+
+# %%
+q = nf4.quantize(torch.randn(N, K) * 0.02, blocksize=64, double_quant=True)
+W_dense = nf4.dequantize(q, torch.float32)                 # [N, K]
+if HAVE_C:
+    assert torch.equal(ops.nf4_dequantize(q, torch.float32, backend="compiled"), W_dense)
+    assert torch.equal(ops.nf4_dequantize(q, torch.bfloat16, backend="compiled"),
+                       nf4.dequantize(q, torch.bfloat16))
+    for M in (1, 5, 64):
+        x = torch.randn(M, K, requires_grad=True)
+        y_c = ops.nf4_linear(x, q, backend="compiled")
+        y_r = ops.nf4_linear(x, q, backend="reference")
+        bound = 2e-6 * (x.detach().abs() @ W_dense.abs().T) + 1e-6
+        assert ((y_c - y_r).abs() <= bound).all(), M
+        g = torch.randn(M, N)
+        gx_c, = torch.autograd.grad(y_c, x, g)
+        gx_r, = torch.autograd.grad(y_r, x, g)
+        assert ((gx_c - gx_r).abs() <= 2e-6 * (g.abs() @ W_dense.abs()) + 1e-6).all(), M
+    print("compiled dequantize: bit-exact; compiled linear and its input gradient: within "
+          "float32 rounding of the reference, M = 1, 5, 64")
+    print("CPU kernels in use:", ops.cpu_isa())
+else:
+    print("minidora._C is not built: build it with `make build` to compare and time it")
+
+# %% [markdown]
+# ## 4. A small benchmark
+#
+# Every variant computes the same $y = x W^\top$ for the same 4-bit weight; the dense layers use
+# its dequantized values. Each variant is timed in turn, repeatedly, and the median is reported
+# together with its ratio to the dense float32 layer measured in the same run: absolute times
+# depend on the machine (and its load), ratios much less. The full benchmark, with more sizes
+# and bitsandbytes, is `benchmarks/bench_nf4.py` (see the benchmark pages).
+
+# %%
+def median_time(fn, repeats):
+    fn()                                                    # warm up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+W_bf16 = W_dense.to(torch.bfloat16)
+variants = {
+    "dense float32": lambda x: F.linear(x, W_dense),
+    "dense bfloat16": lambda x: F.linear(x.to(torch.bfloat16), W_bf16),
+    "NF4 reference": lambda x: ops.nf4_linear(x, q, backend="reference"),
+}
+if HAVE_C:
+    variants["NF4 compiled"] = lambda x: ops.nf4_linear(x, q, backend="compiled")
+Ms_bench = [1, 16] if SMALL else [1, 8, 64]
+repeats = 5 if SMALL else 15
+results = {}
+with torch.no_grad():
+    for M in Ms_bench:
+        x = torch.randn(M, K)
+        results[M] = {name: median_time(lambda f=f: f(x), repeats) for name, f in variants.items()}
+
+print(f"y = x W^T, W {N}x{K}, one thread; median of {repeats} runs")
+print(f"{'M':>4} " + "".join(f"{name:>17}" for name in variants))
+for M, row in results.items():
+    base_t = row["dense float32"]
+    print(f"{M:>4} " + "".join(f"{1e3 * t:>8.2f} ms {base_t / t:>5.2f}x" for t in row.values()))
+print("(ratio = dense float32 time / this variant's time: above 1 is faster than dense float32)")
+for row in results.values():
+    assert all(t > 0 for t in row.values())
+
+fig, ax = plt.subplots(figsize=(7.5, 3.3))
+width = 0.8 / len(variants)
+for i, name in enumerate(variants):
+    ax.bar([j + i * width for j in range(len(Ms_bench))],
+           [1e3 * results[M][name] for M in Ms_bench], width, label=name)
+ax.set_xticks([j + 0.4 - width / 2 for j in range(len(Ms_bench))], [f"M = {M}" for M in Ms_bench])
+ax.set_yscale("log")
+ax.set_ylabel("ms (median)")
+ax.set_title(f"y = x W^T, W {N} x {K}, one CPU thread")
+ax.legend(fontsize=8)
+show(fig, "fast_path_benchmark.png")
+
+# %% [markdown]
+# What to look for in the table: at $M = 1$ the reference is the slowest by far, since it
+# decodes and writes the whole weight before a single multiply; the fused kernel reads 4.127
+# bits per weight instead of 32, and its speed relative to dense float32 shows how close it
+# comes to the memory-traffic limit on this machine. As $M$ grows, the same weight is reused for
+# more rows of $x$, the layer becomes compute-bound, and the dense BLAS matmul (highly tuned) is
+# hard to beat; that is why the compiled op hands large $M$ to a dequantize-then-GEMM path on
+# CUDA (see the CUDA benchmark page).
