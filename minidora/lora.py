@@ -120,7 +120,9 @@ class LoRALinear(nn.Module):
         return self.scaling * (self.lora_B @ self.lora_A)
 
     def add_lora(self, y: torch.Tensor, xd: torch.Tensor, k: torch.Tensor | None = None):
-        """y + s x~ A^T (k B)^T in one fused addmm (k: optional per-output-row scale, for DoRA).
+        """y + x~ A^T (s k B)^T: s (and DoRA's per-row k) scale B, an [out, r] product, rather
+        than the [..., out] result. (Not ``torch.add(..., alpha=s)``: torch.compile in torch
+        2.13 drops that alpha when it fuses the add into the matmul.)
 
         Args:
             y: [..., out_features] in the accumulation dtype.
@@ -128,10 +130,8 @@ class LoRALinear(nn.Module):
             k: [out_features] or None.
         """
         a = xd.to(self.lora_A.dtype) @ self.lora_A.T                        # [..., r]
-        B = self.lora_B if k is None else k[:, None] * self.lora_B           # [out, r]
-        out = torch.addmm(y.reshape(-1, self.out_features), a.reshape(-1, self.r).to(y.dtype),
-                          B.T.to(y.dtype), alpha=self.scaling)               # [N, out]
-        return out.view(y.shape)
+        B = self.scaling * (self.lora_B if k is None else k[:, None] * self.lora_B)  # [out, r]
+        return y + a.to(y.dtype) @ B.T.to(y.dtype)                          # [..., out]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [..., in_features] -> [..., out_features] in x's dtype."""

@@ -302,7 +302,8 @@ def load_adapters(model: nn.Module, path) -> nn.Module:
         want, got = config["layers"][n], _layer_config(layer)
         for key in ("kind", "r", "alpha", "rslora", "in_features", "out_features"):
             if not isinstance(want, dict) or want.get(key) != got[key]:
-                raise ValueError(f"layer {n!r}: the file has {key}={want.get(key)!r}, "
+                have = want.get(key) if isinstance(want, dict) else want
+                raise ValueError(f"layer {n!r}: the file has {key}={have!r}, "
                                  f"the model has {key}={got[key]!r}")
     tensors = load_file(str(path))
     with torch.no_grad():
