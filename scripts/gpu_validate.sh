@@ -62,28 +62,27 @@ for inc in "$SITE"/nvidia/cu*/include "$SITE"/nvidia/cublas/include "$SITE"/nvid
 done
 export PATH="$(dirname "$PY"):$PATH"   # ninja from the same environment
 BUILD_LOG="${OUT_DIR:-/tmp}/build.log"
-# torch >= 2.14's headers need C++20: a "-std=c++17" from setup.py becomes "-std=c++20" here
-# (a no-op once setup.py leaves the standard to torch). Same wrapper as cuda_compile_check.sh.
-WRAP=$(mktemp "${TMPDIR:-/tmp}/setup_cxx20.XXXXXX.py")
+# setup.py passes -std=c++17, which torch 2.14's headers reject: run it with every -std flag
+# dropped, so that the installed torch adds the standard its own headers need (a no-op once
+# setup.py leaves the standard to torch). Same wrapper as in cuda_compile_check.sh.
+WRAP=$(mktemp "${TMPDIR:-/tmp}/setup_torch_std.XXXXXX.py")
 cat > "$WRAP" <<'PYEOF'
 import runpy
 import sys
 
-import torch
 import torch.utils.cpp_extension as ce
 
 
-def _cxx20(make_extension):
+def _torch_std(make_extension):
     def make(name, sources, *args, **kwargs):
         flags = kwargs.get("extra_compile_args", {})
         for key in flags:
-            flags[key] = ["-std=c++20" if f == "-std=c++17" else f for f in flags[key]]
+            flags[key] = [f for f in flags[key] if not f.startswith("-std=")]
         return make_extension(name, sources, *args, **kwargs)
     return make
 
 
-if tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 14):
-    ce.CppExtension, ce.CUDAExtension = _cxx20(ce.CppExtension), _cxx20(ce.CUDAExtension)
+ce.CppExtension, ce.CUDAExtension = _torch_std(ce.CppExtension), _torch_std(ce.CUDAExtension)
 sys.argv = ["setup.py"] + sys.argv[1:]
 runpy.run_path("setup.py", run_name="__main__")
 PYEOF
