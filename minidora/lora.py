@@ -7,9 +7,9 @@ Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", 2021, arXiv 210
            A \in \mathbb{R}^{r \times in},\; B \in \mathbb{R}^{out \times r}
 
 with :math:`s = \alpha / r`, or :math:`s = \alpha / \sqrt r` with rsLoRA (Kalajdzievski, 2023,
-arXiv 2312.03732, eq. 1). A starts Kaiming-uniform (a = sqrt(5), i.e. U(+-1/sqrt(in))) or, with
-``init="gaussian"``, N(0, 1/r); B starts at zero, so at init the layer equals its base exactly.
-Merged, the layer is the plain linear map :math:`W = W_0 + s B A` (eq. 3 again).
+arXiv 2312.03732). A starts Kaiming-uniform (a = sqrt(5), i.e. U(+-1/sqrt(in))) or, with
+``init="gaussian"``, normal with std 1/r (as PEFT); B starts at zero, so at init the layer
+equals its base exactly. Merged, the layer is the plain linear map :math:`W = W_0 + s B A`.
 
 The base is an ``nn.Linear`` or a :class:`~minidora.nf4_linear.NF4Linear`: QLoRA (Dettmers et
 al., 2023, arXiv 2305.14314, eq. 5) is exactly this class over a 4-bit base. The adapter weights
@@ -77,7 +77,7 @@ class LoRALinear(nn.Module):
         alpha: scale numerator (> 0); s = alpha / r, or alpha / sqrt(r) with ``rslora``.
         dropout: dropout probability on the adapter's input, in [0, 1).
         rslora: use s = alpha / sqrt(r).
-        init: ``"kaiming"`` (A ~ U(+-1/sqrt(in))) or ``"gaussian"`` (A ~ N(0, 1/r)); B = 0.
+        init: ``"kaiming"`` (A ~ U(+-1/sqrt(in))) or ``"gaussian"`` (A normal, std 1/r); B = 0.
         adapter_dtype: dtype of A and B (float32; float64 for gradient checks).
     """
 
