@@ -44,6 +44,9 @@ def _bnb():
         return None
 
 
+CLOCK = time.perf_counter  # --clock cpu: time.process_time (meaningful with --threads 1)
+
+
 def measure(variants: dict, repeats: int, min_seconds: float = 0.02) -> dict:
     """Median seconds per call of each variant, interleaved. variants: name -> callable."""
     calls = {}
@@ -56,10 +59,10 @@ def measure(variants: dict, repeats: int, min_seconds: float = 0.02) -> dict:
     samples = {name: [] for name in variants}
     for _ in range(repeats):
         for name, fn in variants.items():
-            start = time.perf_counter()
+            start = CLOCK()
             for _ in range(calls[name]):
                 fn()
-            samples[name].append((time.perf_counter() - start) / calls[name])
+            samples[name].append((CLOCK() - start) / calls[name])
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
@@ -166,7 +169,7 @@ def machine() -> str:
         pass
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads, kernels: {ops.cpu_isa()}, "
+            f"{torch.get_num_threads()} threads, clock: {CLOCK.__name__}, kernels: {ops.cpu_isa()}, "
             f"load average {load:.2f}")
 
 
@@ -179,10 +182,15 @@ def main() -> None:
     parser.add_argument("--shapes", default=None, help="e.g. 4096x4096,11008x4096 (out x in)")
     parser.add_argument("--rows", default=None, help="e.g. 1,16,512 (M values)")
     parser.add_argument("--only", default=None, choices=["forward", "backward", "dequantize"])
+    parser.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                        help="cpu: the process's CPU time, robust to other jobs with --threads 1")
     args = parser.parse_args()
     ops._require_extension()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.clock == "cpu":
+        global CLOCK
+        CLOCK = time.process_time
     shapes = [(512, 256), (1024, 512)] if args.quick else [(4096, 4096), (11008, 4096)]
     if args.shapes:
         shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]

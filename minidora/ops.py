@@ -106,7 +106,7 @@ def use_cpu_isa(isa: str):
     try:
         yield
     finally:
-        _C.set_cpu_isa(previous)
+        _C.set_cpu_isa("auto" if previous == _C.cpu_isa_best() else previous)
 
 
 def _require_extension() -> None:
