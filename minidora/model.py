@@ -188,17 +188,20 @@ class Report:
 
 
 def report(model: nn.Module) -> Report:
-    """Count trainable and total parameters and the bytes that hold the weights."""
+    """Count trainable and total parameters and the bytes that hold the weights (a tensor shared
+    by several modules, such as tied embeddings, counts once)."""
     trainable = total = nbytes = 0
+    seen = set()
     for m in model.modules():
-        own = list(m.parameters(recurse=False))
+        own = [p for p in m.parameters(recurse=False) if id(p) not in seen]
+        bufs = [b for b in m.buffers(recurse=False) if id(b) not in seen]
+        seen.update(map(id, own + bufs))
         if isinstance(m, NF4Linear):
             total += m.in_features * m.out_features + (m.bias.numel() if m.bias is not None else 0)
         else:
             total += sum(p.numel() for p in own)
         trainable += sum(p.numel() for p in own if p.requires_grad)
-        nbytes += sum(t.numel() * t.element_size() for t in own)
-        nbytes += sum(b.numel() * b.element_size() for b in m.buffers(recurse=False))
+        nbytes += sum(t.numel() * t.element_size() for t in own + bufs)
     return Report(getattr(model, "minidora_method", None), len(adapter_layers(model)),
                   trainable, total, nbytes)
 

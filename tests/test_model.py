@@ -388,3 +388,44 @@ def test_load_adapters_refuses_a_foreign_json(tmp_path):
     (tmp_path / "a.json").write_text(json.dumps({"format": "minidora-adapters", "method": "lora"}))
     with pytest.raises(ValueError, match="is not a minidora adapter config"):
         minidora.load_adapters(model, path)
+
+
+def test_report_counts_tied_weights_once():
+    model = hf_model("gpt2_base")                    # lm_head.weight is wte.weight
+    assert model.lm_head.weight is model.transformer.wte.weight
+    unique = {id(p): p.numel() for p in model.parameters()}   # parameters() deduplicates too
+    rep = minidora.report(model)
+    assert rep.total_params == sum(unique.values()) == model.num_parameters()
+
+
+@pytest.mark.parametrize("wrapper", ["ddp", "fsdp2"])
+def test_qdora_trains_under_torch_distributed(tmp_path, wrapper, one_thread):
+    """One-process gloo group: the uint8 NF4 parameters and float32 buffers pass DDP's broadcast
+    and FSDP2's sharding unchanged, and the gradients equal the undistributed ones."""
+    import torch.distributed as dist
+    ref, model = Net(), Net()
+    for m in (ref, model):
+        minidora.wrap(m, "qdora", ["q_proj", "up_proj"], compute_dtype=torch.float32)
+    randomize_adapters(ref)
+    model.load_state_dict(ref.state_dict())          # the same NF4 bytes and adapters
+    x = torch.randn(6, 32)
+    ref(x).square().sum().backward()
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0,
+                            world_size=1)
+    try:
+        if wrapper == "ddp":
+            wrapped = nn.parallel.DistributedDataParallel(model)
+        else:
+            from torch.distributed.fsdp import fully_shard
+            for layer in minidora.adapter_layers(model).values():
+                fully_shard(layer)
+            wrapped = fully_shard(model)
+        wrapped(x).square().sum().backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        want = {n: p.grad for n, p in ref.named_parameters() if p.requires_grad}
+        assert set(grads) == set(want) and len(want) == 4 * 3
+        for n, g in grads.items():
+            g = g.full_tensor() if hasattr(g, "full_tensor") else g
+            assert torch.allclose(g, want[n], rtol=1e-5, atol=1e-6), n
+    finally:
+        dist.destroy_process_group()
