@@ -3,7 +3,9 @@
 // Specification: minidora/nf4.py (`dequantize`) and minidora/ops.py (the reference path
 // F.linear(x, dequantize(W, x.dtype), bias)). Each kernel exists twice: a scalar version that
 // reads like the specification and runs everywhere, and an AVX-512 version compiled with a
-// `target` attribute and chosen at run time when the CPU has it (no -march=native needed).
+// `target` attribute and chosen at run time when the CPU has it (no -march=native needed); CPUs
+// with AVX512-BF16 also get a bfloat16 dot-product kernel for bfloat16 activations. Tests run
+// every level this CPU has (minidora.ops.use_cpu_isa).
 //
 // Dequantized values are always float32(codebook[code]) * float32(scale), cast once to the
 // output dtype: that makes nf4_dequantize bit-exact with the reference. Because every element of
