@@ -4,8 +4,8 @@ Liu et al., "DoRA: Weight-Decomposed Low-Rank Adaptation", ICML 2024, arXiv 2402
 For a weight W_t (after t steps) against its pre-trained W_0, over the k output rows
 (the paper writes columns of W^{in x out}; in PyTorch's W [out, in] they are rows):
 
-.. math::  \Delta M_t = \frac1k \sum_{n=1}^{k} \big|\, \lVert W_t[n] \rVert - \lVert W_0[n] \rVert \,\big|
-           \qquad (3)
+.. math::  \Delta M_t = \frac1k \sum_{n=1}^{k}
+           \big|\, \lVert W_t[n] \rVert - \lVert W_0[n] \rVert \,\big|   \qquad (3)
 
 .. math::  \Delta D_t = \frac1k \sum_{n=1}^{k} \big(1 - \cos(W_t[n], W_0[n])\big)   \qquad (4)
 

@@ -154,7 +154,7 @@ class DoRALinear(LoRALinear):
         self.w0_norm_sq = keep.to(self.lora_A.device)
         return self
 
-    # --- merging: W = (m / c) V'; unmerge divides by the k = m / c cached here ----------------------
+    # --- merging: W = (m / c) V'; unmerge divides by the k = m / c cached here --------------
 
     def _merge_weight(self, w0: torch.Tensor) -> torch.Tensor:
         v = w0 + self.delta_weight().to(w0.dtype)                      # [out, in]
@@ -166,7 +166,8 @@ class DoRALinear(LoRALinear):
 
     def _unmerge_weight(self, w: torch.Tensor) -> torch.Tensor:
         k = self._merge_k.to(w.dtype)
-        w0 = w / torch.where(k == 0, torch.ones_like(k), k)[:, None] - self.delta_weight().to(w.dtype)
+        safe_k = torch.where(k == 0, torch.ones_like(k), k)
+        w0 = w / safe_k[:, None] - self.delta_weight().to(w.dtype)
         zero, rows = self._merge_rows
         w0[zero] = rows.to(w.dtype)
         del self._merge_k, self._merge_rows

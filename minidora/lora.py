@@ -57,7 +57,8 @@ def base_linear(base: nn.Module, x: torch.Tensor, bias: bool = True) -> torch.Te
 
 def _check_args(base, r, alpha, dropout, init) -> None:
     if not isinstance(base, (nn.Linear, NF4Linear)):
-        raise TypeError(f"base must be an nn.Linear or minidora.NF4Linear, got {type(base).__name__}")
+        raise TypeError("base must be an nn.Linear or minidora.NF4Linear, "
+                        f"got {type(base).__name__}")
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
         raise ValueError(f"r must be an integer >= 1, got {r!r}")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:

@@ -46,7 +46,8 @@ _PEFT_PREFIX = "base_model.model."
 
 def _is_conv1d(m: nn.Module) -> bool:
     """Hugging Face's transformers.pytorch_utils.Conv1D (GPT-2), without importing transformers."""
-    return type(m).__name__ == "Conv1D" and hasattr(m, "nf") and getattr(m, "weight", None) is not None
+    return (type(m).__name__ == "Conv1D" and hasattr(m, "nf")
+            and getattr(m, "weight", None) is not None)
 
 
 def _linear_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -74,7 +75,9 @@ def _select(model: nn.Module, target_modules) -> list[str]:
                         f"names, got {target_modules!r}")
     if entries_missing:
         names = list(linears)
-        shown = ", ".join(names[:60]) + (f", ... ({len(names) - 60} more)" if len(names) > 60 else "")
+        shown = ", ".join(names[:60])
+        if len(names) > 60:
+            shown += f", ... ({len(names) - 60} more)"
         raise ValueError(f"target_modules entr{'y' if len(entries_missing) == 1 else 'ies'} "
                          f"{entries_missing} match no linear layer; the model's linear layers "
                          f"are: [{shown or 'none'}]")
@@ -160,7 +163,7 @@ def wrap(model: nn.Module, method: str, target_modules, r: int = 8, alpha: float
     return model
 
 
-# --- report ----------------------------------------------------------------------------------------
+# --- report ------------------------------------------------------------------------------
 
 @dataclass
 class Report:
@@ -224,7 +227,7 @@ def unmerge(model: nn.Module) -> None:
             layer.unmerge()
 
 
-# --- minidora adapter files -------------------------------------------------------------------------
+# --- minidora adapter files --------------------------------------------------------------
 
 def _layer_config(layer: LoRALinear) -> dict:
     return {"kind": "dora" if isinstance(layer, DoRALinear) else "lora",
@@ -346,14 +349,16 @@ def load_peft_adapter(model: nn.Module, path, **wrap_kwargs) -> nn.Module:
         raise ValueError(f"peft_type must be 'LORA', got {cfg.get('peft_type')!r}")
     for key in ("rank_pattern", "alpha_pattern"):
         if cfg.get(key):
-            raise ValueError(f"PEFT {key} (per-layer ranks/alphas) is not supported, got {cfg[key]}")
+            raise ValueError(f"PEFT {key} (per-layer ranks/alphas) is not supported, "
+                             f"got {cfg[key]}")
     if cfg.get("lora_bias") or cfg.get("bias", "none") != "none":
         raise ValueError("PEFT adapters with trained biases (bias / lora_bias) are not supported")
     method = "dora" if cfg.get("use_dora") else "lora"
     tensors = load_file(str(st_path))
     bad = [k for k in tensors if not k.startswith(_PEFT_PREFIX)]
     if bad:
-        raise ValueError(f"keys must start with {_PEFT_PREFIX!r} (PEFT ignores others), got {bad[:3]}")
+        raise ValueError(f"keys must start with {_PEFT_PREFIX!r} (PEFT ignores others), "
+                         f"got {bad[:3]}")
     names = sorted({k[len(_PEFT_PREFIX):].rsplit(".lora_A.weight", 1)[0]
                     for k in tensors if k.endswith(".lora_A.weight")})
     if not names:
@@ -381,8 +386,9 @@ def load_peft_adapter(model: nn.Module, path, **wrap_kwargs) -> nn.Module:
             for suffix, p in pairs.items():
                 t = tensors.get(f"{_PEFT_PREFIX}{n}.{suffix}")
                 if t is None or tuple(t.shape) != tuple(p.shape):
+                    got = None if t is None else tuple(t.shape)
                     raise ValueError(f"{_PEFT_PREFIX}{n}.{suffix}: expected shape "
-                                     f"{tuple(p.shape)}, got {None if t is None else tuple(t.shape)}")
+                                     f"{tuple(p.shape)}, got {got}")
                 p.copy_(t)
     return model
 
@@ -430,8 +436,10 @@ def load_bnb_nf4_linears(model: nn.Module, state_dict: dict[str, torch.Tensor],
     by an :class:`NF4Linear` holding those exact bytes. Returns the names replaced."""
     done = []
     for name, m in list(model.named_modules()):
-        if isinstance(m, nn.Linear) and f"{name}.weight.quant_state.bitsandbytes__nf4" in state_dict:
-            layer = NF4Linear.from_bnb_state_dict(state_dict, f"{name}.", compute_dtype=compute_dtype)
+        if (isinstance(m, nn.Linear)
+                and f"{name}.weight.quant_state.bitsandbytes__nf4" in state_dict):
+            layer = NF4Linear.from_bnb_state_dict(state_dict, f"{name}.",
+                                                  compute_dtype=compute_dtype)
             if (layer.in_features, layer.out_features) != (m.in_features, m.out_features):
                 raise ValueError(f"{name}: the checkpoint holds a {layer.out_features}x"
                                  f"{layer.in_features} weight, the model a {m.out_features}x"

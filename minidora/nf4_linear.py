@@ -2,7 +2,8 @@ r"""A frozen linear layer whose weight is stored in NF4: the base of QLoRA and Q
 
 QLoRA (Dettmers et al., 2023, arXiv 2305.14314), eq. 5, without the adapter term:
 
-.. math::  Y^{\text{BF16}} = X^{\text{BF16}}\,\text{doubleDequant}(c_1, c_2, W^{\text{NF4}})^\top + b
+.. math::  Y^{\text{BF16}} = X^{\text{BF16}}\,
+           \text{doubleDequant}(c_1, c_2, W^{\text{NF4}})^\top + b
 
 The weight never trains; only an adapter on top of it does. Every matmul goes through the single
 dispatch point :func:`minidora.ops.nf4_linear` (compiled kernel when built, plain PyTorch
@@ -133,7 +134,7 @@ class NF4Linear(nn.Module):
     # --- bitsandbytes checkpoint layout ---------------------------------------------------------
 
     def to_bnb_state_dict(self, prefix: str = "") -> dict[str, torch.Tensor]:
-        """Keys a bitsandbytes ``Linear4bit`` writes: ``weight``, ``weight.absmax``, ... (+ bias)."""
+        """The keys a bitsandbytes ``Linear4bit`` writes (``weight``, ``weight.absmax``, ...)."""
         sd = nf4.to_bnb_state_dict(self.weight_nf4, prefix + "weight")
         if self.bias is not None:
             sd[prefix + "bias"] = self.bias.detach()

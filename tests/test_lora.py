@@ -231,7 +231,8 @@ def test_merge_nf4_reports_requantization_error_and_unmerge_restores_bytes():
     base = NF4Linear.from_linear(lin, compute_dtype=torch.float32)
     layer = randomize(LoRALinear(base, r=4, alpha=8))
     packed, absmax = base.packed.clone(), base.absmax.clone()
-    exact = nf4.dequantize(base.weight_nf4, torch.float32) + layer.scaling * layer.lora_B @ layer.lora_A
+    delta = layer.scaling * layer.lora_B @ layer.lora_A
+    exact = nf4.dequantize(base.weight_nf4, torch.float32) + delta
     err = layer.merge()
     stored = nf4.dequantize(nf4.quantize(exact, 64, True), torch.float32)
     assert torch.equal(base.dequantize_weight(torch.float32), stored)
@@ -258,5 +259,6 @@ def test_bad_options(kwargs, match):
 
 
 def test_bad_base():
-    with pytest.raises(TypeError, match="base must be an nn.Linear or minidora.NF4Linear, got Conv1d"):
+    with pytest.raises(TypeError, match="base must be an nn.Linear or minidora.NF4Linear, "
+                                        "got Conv1d"):
         LoRALinear(nn.Conv1d(3, 3, 1))

@@ -291,7 +291,8 @@ PEFT_CASES = {
     "llama_dora_all_rslora": ("llama_base", "llama_dora_all_rslora"),
     "gpt2_base": ("gpt2_base", None), "gpt2_lora_cattn": ("gpt2_base", "gpt2_lora_cattn"),
     "gpt2_dora_cattn_cproj": ("gpt2_base", "gpt2_dora_cattn_cproj"),
-    "llama_nf4_base": ("llama_base_nf4", None), "llama_nf4_lora_qv": ("llama_base_nf4", "llama_lora_qv"),
+    "llama_nf4_base": ("llama_base_nf4", None),
+    "llama_nf4_lora_qv": ("llama_base_nf4", "llama_lora_qv"),
     "llama_nf4_dora_qv": ("llama_base_nf4", "llama_dora_qv"),
     "llama_nf4_dora_all_rslora": ("llama_base_nf4", "llama_dora_all_rslora"),
 }
