@@ -102,8 +102,9 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
-def wrap(model: nn.Module, method: str, target_modules, r: int = 8, alpha: float = 16,
-         dropout: float = 0.0, rslora: bool = False, init: str = "kaiming",
+def wrap(model: nn.Module, method: str, target_modules: str | list[str] | tuple[str, ...],
+         r: int = 8, alpha: float = 16, dropout: float = 0.0, rslora: bool = False,
+         init: str = "kaiming",
          detach_norm: bool = True, blocksize: int = 64, double_quant: bool = True,
          compute_dtype: torch.dtype = torch.bfloat16,
          adapter_dtype: torch.dtype = torch.float32) -> nn.Module:
