@@ -14,8 +14,8 @@
 #   3. benchmarks/bench_nf4_cuda.py: bit-exact dequantize, exact one-hot and error-bounded random
 #      linear / grad-input checks, then the timing table against dense bf16 F.linear and the
 #      measured device copy bandwidth (see docs/bench-cuda.md).
-# Output goes to stdout; with $OUT set, also $OUT/bench_nf4_cuda.json, $OUT/pytest.txt and
-# $OUT/build.log. Usage: bash scripts/gpu_validate.sh [--quick]  (--quick: one weight shape).
+# Output goes to stdout; with $OUT set, also $OUT/bench_nf4_cuda.json, bench_nf4_cuda.txt,
+# pytest.txt and build.log. Usage: bash scripts/gpu_validate.sh [--quick]  (--quick: one weight shape).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 start=$SECONDS
@@ -49,7 +49,7 @@ log "python $PY: torch $("$PY" -c 'import torch; print(torch.__version__, torch.
 log "nvcc: $(command -v nvcc || echo none) $(nvcc --version 2>/dev/null | sed -n 's/.*release \([0-9.]*\).*/\1/p')"
 
 # --- 1. build in place with CUDA ------------------------------------------------------------
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export MINIDORA_FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$ARCH" MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 unset MINIDORA_NO_CUDA MINIDORA_NATIVE
 if [ -z "${CUDA_HOME:-}" ]; then
@@ -118,6 +118,8 @@ fi
 
 # --- 3. validation and benchmark ----------------------------------------------------------------
 log "benchmarks/bench_nf4_cuda.py"
-"$PY" benchmarks/bench_nf4_cuda.py ${OUT_DIR:+--json "$OUT_DIR/bench_nf4_cuda.json"} "$@" || status=1
+"$PY" benchmarks/bench_nf4_cuda.py ${OUT_DIR:+--json "$OUT_DIR/bench_nf4_cuda.json"} "$@" 2>&1 \
+    | tee "${OUT_DIR:-/tmp}/bench_nf4_cuda.txt"
+[ "${PIPESTATUS[0]}" = 0 ] || status=1
 log "done in $((SECONDS - start)) s, status $status"
 exit $status
