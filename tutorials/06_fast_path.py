@@ -72,7 +72,8 @@ print("compiled extension minidora._C:", "built" if HAVE_C else "NOT built (refe
 # $$ I = \frac{2MNK}{NK\,b/8 + \text{(activations)}} \approx \frac{16M}{b}\ \text{FLOP/byte}. $$
 #
 # A processor can do far more than that per byte it loads from memory (a modern GPU several
-# hundred FLOP per byte of HBM bandwidth, a CPU core tens per byte of DRAM bandwidth), so at
+# hundred FLOP per byte of HBM bandwidth, a CPU core with AVX-512 several to a few tens per
+# byte of DRAM bandwidth), so at
 # small $M$ the time is set by the bytes: **fewer bits per weight means proportionally less
 # time**, if, and only if, the weight is read in its compressed form.
 #
@@ -238,5 +239,5 @@ show(fig, "fast_path_benchmark.png")
 # bits per weight instead of 32, and its speed relative to dense float32 shows how close it
 # comes to the memory-traffic limit on this machine. As $M$ grows, the same weight is reused for
 # more rows of $x$, the layer becomes compute-bound, and the dense BLAS matmul (highly tuned) is
-# hard to beat; that is why the compiled op hands large $M$ to a dequantize-then-GEMM path on
-# CUDA (see the CUDA benchmark page).
+# hard to beat; that is why the CUDA op switches to dequantize-then-GEMM for large $M$ (see the
+# CUDA benchmark page).
