@@ -221,12 +221,14 @@ for ax, (method, (loss_b, points)) in zip(axes, results.items()):
     dd = [p[n][1] for p in points for n in HIDDEN]
     corr[method] = analysis.correlation(dm, dd)
     for j, n in enumerate(HIDDEN):
-        ax.scatter([p[n][1] for p in points], [p[n][0] for p in points], c=range(len(points)),
-                   cmap="viridis", marker=markers[j], label=f"layer {n}")
+        sc = ax.scatter([p[n][1] for p in points], [p[n][0] for p in points],
+                        c=[steps // n_ckpt * (i + 1) for i in range(len(points))],
+                        cmap="viridis", marker=markers[j], label=f"layer {n}")
     ax.set_xlabel("ΔD (direction)")
     ax.set_ylabel("ΔM (magnitude)")
     ax.set_title(f"{TITLES[method]}: corr {corr[method]:+.2f} (paper {PAPER[method]:+.2f})")
     ax.legend(fontsize=7)
+fig.colorbar(sc, ax=axes, label="training step", fraction=0.02)
 show(fig, "magnitude_direction.png")
 
 print(f"{'method':>18} {'correlation here':>18} {'paper':>8}")
