@@ -28,7 +28,7 @@ def _want_cuda() -> bool:
 
 def extensions():
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
-    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    cxx = ["-O3", "-fopenmp"]  # torch.utils.cpp_extension picks the C++ standard its headers need
     if os.environ.get("MINIDORA_NATIVE") == "1":
         cxx.append("-march=native")
     args = {"cxx": cxx}
@@ -36,7 +36,7 @@ def extensions():
     if _want_cuda():
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
         args["cxx"].append("-DMINIDORA_WITH_CUDA")
-        args["nvcc"] = ["-O3", "-std=c++17", "-DMINIDORA_WITH_CUDA"]
+        args["nvcc"] = ["-O3", "-DMINIDORA_WITH_CUDA"]
         return [CUDAExtension("minidora._C", sources, extra_compile_args=args, **kwargs)]
     return [CppExtension("minidora._C", sources, extra_compile_args=args, **kwargs)]
 
