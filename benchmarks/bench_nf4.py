@@ -45,6 +45,7 @@ def _bnb():
 
 
 CLOCK = time.perf_counter  # --clock cpu: time.process_time (meaningful with --threads 1)
+STAT = statistics.median   # --stat min: the least disturbed sample on a busy machine
 
 
 def measure(variants: dict, repeats: int, min_seconds: float = 0.02) -> dict:
@@ -63,7 +64,7 @@ def measure(variants: dict, repeats: int, min_seconds: float = 0.02) -> dict:
             for _ in range(calls[name]):
                 fn()
             samples[name].append((CLOCK() - start) / calls[name])
-    return {name: statistics.median(s) for name, s in samples.items()}
+    return {name: STAT(s) for name, s in samples.items()}
 
 
 def ms(t: float | None) -> str:
@@ -169,7 +170,8 @@ def machine() -> str:
         pass
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads, clock: {CLOCK.__name__}, kernels: {ops.cpu_isa()}, "
+            f"{torch.get_num_threads()} threads, clock: {CLOCK.__name__}, {STAT.__name__} of repeats, "
+            f"kernels: {ops.cpu_isa()}, "
             f"load average {load:.2f}")
 
 
@@ -184,8 +186,12 @@ def main() -> None:
     parser.add_argument("--only", default=None, choices=["forward", "backward", "dequantize"])
     parser.add_argument("--clock", default="wall", choices=["wall", "cpu"],
                         help="cpu: the process's CPU time, robust to other jobs with --threads 1")
+    parser.add_argument("--stat", default="median", choices=["median", "min"],
+                        help="statistic over the repeats (min: least disturbed by other jobs)")
     args = parser.parse_args()
     ops._require_extension()
+    global STAT
+    STAT = min if args.stat == "min" else statistics.median
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.clock == "cpu":
