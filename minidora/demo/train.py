@@ -35,9 +35,10 @@ __all__ = ["METHODS", "LEARNING_RATES", "RunConfig", "DemoError", "pretrain", "f
            "default_cache_dir"]
 
 METHODS = ("full", "lora", "dora", "qlora", "qdora")
-# Learning rates (AdamW, cosine decay to 10% after a 10% warm-up). Full fine-tuning moves every
-# weight and needs a smaller step; adapters start at B = 0 and take the usual 10x larger one.
-LEARNING_RATES = {"full": 1e-3, "lora": 1e-2, "dora": 1e-2, "qlora": 1e-2, "qdora": 1e-2}
+# Peak learning rates (AdamW, 10% warm-up, cosine decay to 10%), each the best held-out loss of a
+# small sweep (docs/demo.md). Full fine-tuning moves every weight and wants a smaller step than
+# the adapters, which start at B = 0.
+LEARNING_RATES = {"full": 3e-3, "lora": 1e-2, "dora": 1e-2, "qlora": 1e-2, "qdora": 1e-2}
 CACHE_FORMAT = 1
 
 
@@ -54,7 +55,7 @@ class RunConfig:
     batch_size: int = 32
     pretrain_steps: int = 600
     pretrain_lr: float = 3e-3
-    steps: int = 200
+    steps: int = 300
     rank: int = 8
     alpha: float = 16.0
     n_checkpoints: int = 10        # weight snapshots for the dM / dD analysis
