@@ -248,6 +248,8 @@ assert curves[(r_max, True)][-1] < curves[(r_max, False)][-1]  # rsLoRA ahead at
 fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.4))
 ax1.loglog(ranks, gnorm[False], "o-", label="s = α / r  (LoRA)")
 ax1.loglog(ranks, gnorm[True], "s-", label="s = α / √r  (rsLoRA)")
+ax1.set_xticks(ranks, [str(r) for r in ranks])
+ax1.minorticks_off()
 ax1.set_xlabel("rank r")
 ax1.set_ylabel("|dL/dB| at init")
 ax1.legend()

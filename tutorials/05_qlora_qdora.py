@@ -141,9 +141,8 @@ assert rows["lora"][1] < 0.1 * rows["full"][1]
 
 fig, ax = plt.subplots(figsize=(7, 3.2))
 names = list(rows)
-ax.bar([n + "\nweights" for n in names], [rows[n][2] / 2**20 for n in names], color="C0",
-       label="weights")
-ax.bar([n + "\nweights" for n in names], [(rows[n][3] - rows[n][2]) / 2**20 for n in names],
+ax.bar(names, [rows[n][2] / 2**20 for n in names], color="C0", label="weights")
+ax.bar(names, [(rows[n][3] - rows[n][2]) / 2**20 for n in names],
        bottom=[rows[n][2] / 2**20 for n in names], color="C1", label="grads + Adam states")
 ax.set_ylabel("MiB")
 ax.set_title(f"training memory of a {rows['full'][0] / 1e6:.1f} M-parameter GPT (no activations)")
