@@ -32,7 +32,7 @@ bench: build
 	$(PY) benchmarks/bench_dora.py
 
 docs: build
-	$(PY) -m pip install -q -e '.[docs]' --no-build-isolation
+	$(PY) -m pip install -q -r docs/requirements.txt
 	$(PY) -m mkdocs build --strict
 
 cuda-check:
