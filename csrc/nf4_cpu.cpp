@@ -57,8 +57,8 @@ constexpr int64_t kTileBytes = 8 << 20;
 
 // Ordered: each level includes the one below. kAvx512Bf16 adds the bfloat16 dot product
 // (vdpbf16ps) for bfloat16 activations in the few-rows forward kernel.
-enum class Isa : int { kScalar = 0, kAvx512 = 1, kAvx512Bf16 = 2 };
-constexpr const char* kIsaNames[] = {"scalar", "avx512", "avx512bf16"};
+enum class Isa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
+constexpr const char* kIsaNames[] = {"scalar", "avx2", "avx512", "avx512bf16"};
 
 Isa best_isa() {
 #if MINIDORA_X86
@@ -67,7 +67,8 @@ Isa best_isa() {
     const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
                         __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    if (!avx512) return Isa::kScalar;
+    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    if (!avx512) return avx2 ? Isa::kAvx2 : Isa::kScalar;
     return __builtin_cpu_supports("avx512bf16") ? Isa::kAvx512Bf16 : Isa::kAvx512;
   }();
   return best;
@@ -559,6 +560,145 @@ MD_AVX512BF16 void fused_forward_bf16_rows(const NF4View& w, const uint16_t* x, 
   for (; o < n1; ++o) fused_forward_bf16_rows_mr<1>(w, x, M, K, o, y, N);
 }
 
+// ---- AVX2 kernels (CPUs without AVX-512) -------------------------------------------------------
+#define MD_AVX2 __attribute__((target("avx2,fma")))
+
+// The 8 codes of elements e..e+7 (e % 8 == 0: 4 whole bytes), each in the low 4 bits of a lane,
+// natural order: element i is bits 8*(i/2) + 4*(1 - i%2) of the little-endian word.
+MD_AVX2 __attribute__((always_inline)) inline __m256i codes8_avx2(const uint8_t* p) {
+  uint32_t word;
+  std::memcpy(&word, p, 4);
+  const __m256i shifts = _mm256_setr_epi32(4, 0, 12, 8, 20, 16, 28, 24);
+  return _mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(word)), shifts);
+}
+
+// A 16-entry lookup with 8-entry permutes: both halves of the table, then a blend on bit 3.
+MD_AVX2 __attribute__((always_inline)) inline __m256 lookup16_avx2(__m256i idx, __m256 lo,
+                                                                  __m256 hi) {
+  const __m256 a = _mm256_permutevar8x32_ps(lo, idx);
+  const __m256 b = _mm256_permutevar8x32_ps(hi, idx);
+  return _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+}
+
+MD_AVX2 inline __m256i bf16_bits_avx2(__m256 v) {  // as bf16_bits, 8 lanes
+  const __m256i b = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
+  return _mm256_srli_epi32(_mm256_add_epi32(b, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))),
+                           16);
+}
+
+// The block's table, codebook * scale, rounded through the activation dtype (MODE as in
+// rounded_table), as two halves of 8.
+template <int MODE>
+MD_AVX2 inline void table_avx2(float scale, __m256& lo, __m256& hi) {
+  const __m256 s = _mm256_set1_ps(scale);
+  lo = _mm256_mul_ps(_mm256_loadu_ps(kNF4Codebook), s);
+  hi = _mm256_mul_ps(_mm256_loadu_ps(kNF4Codebook + 8), s);
+  if constexpr (MODE == 1) {
+    lo = _mm256_castsi256_ps(_mm256_slli_epi32(bf16_bits_avx2(lo), 16));
+    hi = _mm256_castsi256_ps(_mm256_slli_epi32(bf16_bits_avx2(hi), 16));
+  } else if constexpr (MODE == 2) {
+    alignas(32) float t[16];
+    _mm256_store_ps(t, lo);
+    _mm256_store_ps(t + 8, hi);
+    for (float& v : t) v = round_through<c10::Half>(v);
+    lo = _mm256_load_ps(t);
+    hi = _mm256_load_ps(t + 8);
+  }
+}
+
+template <typename T>
+MD_AVX2 inline void store8_avx2(__m256 v, T* out) {
+  if constexpr (std::is_same<T, float>::value) {
+    _mm256_storeu_ps(out, v);
+  } else if constexpr (std::is_same<T, double>::value) {
+    _mm256_storeu_pd(out, _mm256_cvtps_pd(_mm256_castps256_ps128(v)));
+    _mm256_storeu_pd(out + 4, _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
+  } else if constexpr (std::is_same<T, c10::BFloat16>::value) {
+    const __m256i r = bf16_bits_avx2(v);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out),
+                     _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1)));
+  } else {
+    alignas(32) float t[8];
+    _mm256_store_ps(t, v);
+    for (int j = 0; j < 8; ++j) out[j] = static_cast<T>(t[j]);
+  }
+}
+
+// Same contract as decode_span_scalar.
+template <typename T>
+MD_AVX2 void decode_span_avx2(const NF4View& w, int64_t e0, int64_t n, T* out) {
+  int64_t i = 0;
+  const int64_t head = std::min<int64_t>(n, (8 - (e0 & 7)) & 7);
+  for (; i < head; ++i) out[i] = static_cast<T>(w.value(e0 + i));
+  int64_t current = -1;
+  __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();
+  for (; i + 8 <= n; i += 8) {  // 8 elements from a multiple of 8: inside one block
+    const int64_t e = e0 + i;
+    const int64_t block = e >> w.shift;
+    if (block != current) {
+      current = block;
+      table_avx2<0>(w.scale(block), lo, hi);
+    }
+    store8_avx2<T>(lookup16_avx2(codes8_avx2(w.packed + (e >> 1)), lo, hi), out + i);
+  }
+  for (; i < n; ++i) out[i] = static_cast<T>(w.value(e0 + i));
+}
+
+MD_AVX2 inline float hsum_avx2(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_hadd_ps(s, s);
+  return _mm_cvtss_f32(_mm_hadd_ps(s, s));
+}
+
+// Fused forward, MR rows of x (float32, natural layout) times NR rows of W; K % 8 == 0.
+template <int MR, int NR, int MODE>
+MD_AVX2 void fused_forward_avx2_block(const NF4View& w, const float* xf, int64_t K, int64_t o0,
+                                      float* y, int64_t N) {
+  __m256 acc[MR][NR], lo[NR], hi[NR];
+  int64_t current[NR];
+  for (int r = 0; r < NR; ++r) {
+    current[r] = -1;
+    lo[r] = hi[r] = _mm256_setzero_ps();
+    for (int m = 0; m < MR; ++m) acc[m][r] = _mm256_setzero_ps();
+  }
+  for (int64_t k = 0; k < K; k += 8) {
+    __m256 wv[NR];
+    for (int r = 0; r < NR; ++r) {
+      const int64_t e = (o0 + r) * K + k;
+      const int64_t block = e >> w.shift;
+      if (block != current[r]) {
+        current[r] = block;
+        table_avx2<MODE>(w.scale(block), lo[r], hi[r]);
+      }
+      wv[r] = lookup16_avx2(codes8_avx2(w.packed + (e >> 1)), lo[r], hi[r]);
+    }
+    for (int m = 0; m < MR; ++m) {
+      const __m256 xv = _mm256_loadu_ps(xf + m * K + k);
+      for (int r = 0; r < NR; ++r) acc[m][r] = _mm256_fmadd_ps(xv, wv[r], acc[m][r]);
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int r = 0; r < NR; ++r) y[m * N + o0 + r] = hsum_avx2(acc[m][r]);
+}
+
+template <int MODE>
+MD_AVX2 void fused_forward_avx2_rows(const NF4View& w, const float* xf, int64_t M, int64_t N,
+                                     int64_t K, int64_t n0, int64_t n1, float* y) {
+  for (int64_t m0 = 0; m0 < M; m0 += 2) {
+    const float* xm = xf + m0 * K;
+    float* ym = y + m0 * N;
+    int64_t o = n0;
+    if (M - m0 == 1) {
+      for (; o + 4 <= n1; o += 4) fused_forward_avx2_block<1, 4, MODE>(w, xm, K, o, ym, N);
+      for (; o < n1; ++o) fused_forward_avx2_block<1, 1, MODE>(w, xm, K, o, ym, N);
+    } else {
+      for (; o + 2 <= n1; o += 2) fused_forward_avx2_block<2, 2, MODE>(w, xm, K, o, ym, N);
+      for (; o < n1; ++o) fused_forward_avx2_block<2, 1, MODE>(w, xm, K, o, ym, N);
+    }
+  }
+}
+
 #endif  // MINIDORA_X86
 
 // ---- dispatch between the two kernel sets ------------------------------------------------------
@@ -567,6 +707,7 @@ template <typename T>
 void decode_span(Isa isa, const NF4View& w, int64_t e0, int64_t n, T* out) {
 #if MINIDORA_X86
   if (isa >= Isa::kAvx512) return decode_span_avx512<T>(w, e0, n, out);
+  if (isa == Isa::kAvx2) return decode_span_avx2<T>(w, e0, n, out);
 #endif
   decode_span_scalar<T>(w, e0, n, out);
 }
@@ -621,14 +762,19 @@ at::Tensor linear_fused(Isa isa, const NF4View& w, const at::Tensor& x2d,
   if (!done) {
     const bool vector = isa >= Isa::kAvx512 && K % 32 == 0;
     const std::vector<float> xf = activations_to_float<T>(x2d, vector);
+    const bool avx2 = !vector && isa >= Isa::kAvx2 && K % 8 == 0;
 #if MINIDORA_X86
     if (vector) {
       at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
         fused_forward_avx512_rows<round_mode<T>()>(w, xf.data(), M, N, K, n0, n1, yf.data());
       });
+    } else if (avx2) {
+      at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+        fused_forward_avx2_rows<round_mode<T>()>(w, xf.data(), M, N, K, n0, n1, yf.data());
+      });
     }
 #endif
-    if (!vector) fused_forward_scalar<T>(w, xf.data(), M, N, K, yf.data());
+    if (!vector && !avx2) fused_forward_scalar<T>(w, xf.data(), M, N, K, yf.data());
   }
   at::Tensor y = at::empty({M, N}, x2d.options());
   T* out = y.data_ptr<T>();

@@ -48,8 +48,8 @@ PyObject* py_set_cpu_isa(PyObject*, PyObject* arg) {
   if (name == nullptr) return nullptr;  // not a str: TypeError already set
   if (!minidora::set_cpu_isa(name)) {
     PyErr_Format(PyExc_ValueError,
-                 "cpu isa must be 'auto', 'scalar', or where the CPU has them 'avx512' or "
-                 "'avx512bf16', got '%s'",
+                 "cpu isa must be 'auto', 'scalar', or where the CPU has them 'avx2', 'avx512' "
+                 "or 'avx512bf16', got '%s'",
                  name);
     return nullptr;
   }
@@ -58,10 +58,10 @@ PyObject* py_set_cpu_isa(PyObject*, PyObject* arg) {
 
 PyMethodDef kMethods[] = {
     {"cpu_isa", py_cpu_isa, METH_NOARGS,
-     "Kernel set the CPU ops use now: 'avx512bf16', 'avx512' or 'scalar'."},
+     "Kernel set the CPU ops use now: 'avx512bf16', 'avx512', 'avx2' or 'scalar'."},
     {"cpu_isa_best", py_cpu_isa_best, METH_NOARGS, "Best kernel set this CPU supports."},
     {"set_cpu_isa", py_set_cpu_isa, METH_O,
-     "Choose the CPU kernels: 'auto' (best available), 'scalar', 'avx512' or 'avx512bf16'."},
+     "Choose the CPU kernels: 'auto' (best available), 'scalar', 'avx2', 'avx512' or 'avx512bf16'."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_C",

@@ -24,7 +24,7 @@ DEVICES = ["cpu"] + (["cuda"] if minidora.ops.cuda_available() else [])
 
 def _kernels():
     """(device, cpu kernel set) pairs: each CPU kernel set this machine can run, and CUDA."""
-    levels = ["scalar", "avx512", "avx512bf16"]  # each includes the one before
+    levels = ["scalar", "avx2", "avx512", "avx512bf16"]  # each includes the one before
     best = ops._C.cpu_isa_best() if ops.extension_available() else "scalar"
     isas = levels[: levels.index(best) + 1]
     return [("cpu", isa) for isa in isas] + [(d, None) for d in DEVICES if d != "cpu"]
