@@ -299,8 +299,10 @@ def test_torch_compile_fullgraph(device):
         assert_close_to_reference(gb, ref_b, grad_y.double().abs().sum((0, 1)), 2 * rows)
 
 
-@pytest.mark.parametrize("rows", [(3,), (2, 13)], ids=["M3", "M26"])
+@pytest.mark.parametrize("rows", [(3,), (2, 3)], ids=["M3", "2x3"])
 def test_gradcheck_float64(device, rows):
+    """Gradients of x and bias, and of the backward itself (nf4_linear_grad_input is
+    differentiable), against finite differences in float64."""
     q = _quantized((12, 40), 32, True, device, seed=9)
     x = _randn(*rows, 40, dtype=torch.float64, device=device, seed=1).requires_grad_()
     b = _randn(12, dtype=torch.float64, device=device, seed=2).requires_grad_()
