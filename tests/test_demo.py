@@ -46,8 +46,10 @@ def quick_run(tmp_path_factory):
     """One in-process quick run with every method (cold cache)."""
     base = tmp_path_factory.mktemp("demo")
     out, cache = base / "out", base / "cache"
+    threads = torch.get_num_threads()
     rc, stdout, stderr = _run_main(["demo", "--quick", "--out", str(out), "--cache-dir", str(cache)])
     assert rc == 0, stderr
+    assert torch.get_num_threads() == threads   # the run restores the caller's thread count
     return {"out": out, "cache": cache, "stdout": stdout,
             "doc": json.loads((out / "results.json").read_text())}
 
@@ -146,6 +148,20 @@ def test_second_run_uses_the_cache_and_gives_the_same_numbers(quick_run, tmp_pat
     assert len(list(quick_run["cache"].glob("pretrained-*.safetensors"))) == 1
 
 
+def test_corrupt_cache_entry_is_ignored_and_replaced(quick_run, tmp_path):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    for f in quick_run["cache"].iterdir():
+        (cache / f.name).write_bytes(f.read_bytes())
+    weights = next(cache.glob("pretrained-*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:100])           # truncated
+    rc, stdout, stderr = _run_main(["demo", "--quick", "--methods", "full", "--out", str(tmp_path / "o"),
+                                    "--cache-dir", str(cache)])
+    assert rc == 0, stderr
+    assert "ignoring the unreadable cache entry" in stdout and "skipping pretraining" not in stdout
+    assert weights.read_bytes() == next(quick_run["cache"].glob("pretrained-*.safetensors")).read_bytes()
+
+
 def test_entry_point_subprocess(tmp_path):
     env = {**os.environ, "MINIDORA_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "minidora", "demo", "--quick", "--methods", "lora,qdora",
@@ -165,6 +181,7 @@ def test_entry_point_subprocess(tmp_path):
     (["--rank", "0"], "--rank"),
     (["--steps", "-3"], "--steps"),
     (["--alpha", "-1"], "--alpha"),
+    (["--threads", "0"], "--threads"),
 ])
 def test_bad_input_exits_with_one_line(tmp_path, args, needle):
     rc, stdout, stderr = _run_main(["demo", "--quick", "--out", str(tmp_path / "o"),

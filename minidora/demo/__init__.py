@@ -11,11 +11,12 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import torch
+
 from . import report
-from .data import load_corpora
+from .data import eval_windows, load_corpora
 from .model import GPT
 from .train import METHODS, RunConfig, answer_accuracy, evaluate, finetune, pretrain
-from .data import eval_windows
 
 __all__ = ["run", "RunConfig", "METHODS"]
 
@@ -26,6 +27,15 @@ def run(cfg: RunConfig, methods: list[str], out: Path, cache_dir: Path | None, l
     Returns:
         The results document (as written to ``results.json``, before the JSON null conversion).
     """
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)
+    try:
+        return _run(cfg, methods, out, cache_dir, log)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _run(cfg: RunConfig, methods: list[str], out: Path, cache_dir: Path | None, log) -> dict:
     t0 = time.perf_counter()
     tok, text_a, text_b = load_corpora()
     state, pre = pretrain(cfg, text_a, tok.alphabet, cache_dir, log=log)

@@ -106,7 +106,7 @@ def plot_losses(path: Path, results: dict[str, dict], baseline: dict) -> None:
     plt = _plt()
     from matplotlib import ticker
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(15, 4), constrained_layout=True)
     for name, r in results.items():
         curve = np.array(r["train_curve"])
         k = max(1, len(curve) // 20)
@@ -114,14 +114,18 @@ def plot_losses(path: Path, results: dict[str, dict], baseline: dict) -> None:
         ax1.plot(np.arange(k, len(curve) + 1), smooth, label=name)
         steps, held = zip(*r["held_out_curve"])
         ax2.plot(steps, held, marker=".", label=name)
+        late = [(s, h) for s, h in r["held_out_curve"] if s >= steps[-1] / 3]
+        ax3.plot(*zip(*late), marker=".", label=name)
     for ax, title in ((ax1, "training loss (moving average)"), (ax2, "held-out loss")):
         ax.axhline(baseline["held_out_loss" if ax is ax2 else "train_loss"], color="gray", ls=":",
                    label="pretrained")
         ax.set_yscale("log")
         ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
         ax.yaxis.set_minor_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-        ax.set_xlabel("step")
         ax.set_title(title)
+    ax3.set_title("held-out loss, last two thirds (linear scale)")
+    for ax in (ax1, ax2, ax3):
+        ax.set_xlabel("step")
         ax.legend()
     fig.suptitle("Fine-tuning on text B, same steps, batches and seed for every method")
     fig.savefig(path, dpi=110)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -56,12 +57,14 @@ class RunConfig:
     pretrain_steps: int = 600
     pretrain_lr: float = 3e-3
     steps: int = 300
+    finetune_batch_size: int = 16  # text B's lines are short: 16 x 64 characters hold ~30 problems
     rank: int = 8
     alpha: float = 16.0
     n_checkpoints: int = 10        # weight snapshots for the dM / dD analysis
     eval_every: int = 20
     backend: str = "auto"          # NF4 matmul: auto | reference | compiled
     compute_dtype: str = "float32"  # dtype of the dequantized 4-bit base in the q-methods
+    threads: int = 1               # torch CPU threads (the summation order, hence the bits, depend on it)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -96,6 +99,7 @@ def evaluate(model: nn.Module, windows: tuple[torch.Tensor, torch.Tensor], batch
 def _cache_key(cfg: RunConfig, corpus: Corpus, alphabet: str) -> str:
     spec = {"format": CACHE_FORMAT, "model": cfg.model.to_dict(), "seed": cfg.seed,
             "batch_size": cfg.batch_size, "steps": cfg.pretrain_steps, "lr": cfg.pretrain_lr,
+            "threads": cfg.threads,
             "text": corpus.sha256, "alphabet": alphabet, "torch": torch.__version__.split("+")[0]}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -111,10 +115,18 @@ def pretrain(cfg: RunConfig, corpus: Corpus, alphabet: str, cache_dir: Path | No
     if cache_dir is not None:
         weights, meta = cache_dir / f"pretrained-{key}.safetensors", cache_dir / f"pretrained-{key}.json"
         if weights.is_file() and meta.is_file():
-            info = json.loads(meta.read_text())
-            log(f"pretraining: cached weights found in {weights} (key {key}); skipping pretraining")
-            return load_file(weights), {**info, "cached": True}
-    log(f"pretraining on {corpus.name}: {cfg.pretrain_steps} steps (no cached weights for key {key})")
+            try:
+                info, state = json.loads(meta.read_text()), load_file(weights)
+                if not isinstance(info, dict):
+                    raise ValueError(f"{meta} holds no JSON object")
+                GPT(cfg.model).load_state_dict(state)  # names and shapes must fit
+            except (OSError, ValueError, RuntimeError, SafetensorError) as e:
+                log(f"pretraining: ignoring the unreadable cache entry {weights} "
+                    f"({type(e).__name__}: {str(e).splitlines()[0][:100]})")
+            else:
+                log(f"pretraining: cached weights found in {weights} (key {key}); skipping pretraining")
+                return state, {**info, "cached": True}
+    log(f"pretraining on {corpus.name}: {cfg.pretrain_steps} steps (no usable cached weights for key {key})")
     torch.manual_seed(cfg.seed)
     model = GPT(cfg.model)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain_lr, weight_decay=0.01)
@@ -241,7 +253,7 @@ def finetune(method: str, state: dict[str, torch.Tensor], cfg: RunConfig, tok, c
         for step in bar:
             for g in opt.param_groups:
                 g["lr"] = _lr_at(step, cfg.steps, LEARNING_RATES[method])
-            x, y = random_batch(corpus.train, cfg.batch_size, cfg.model.block_size, gen)
+            x, y = random_batch(corpus.train, cfg.finetune_batch_size, cfg.model.block_size, gen)
             meter = PeakTensorMemory(_model_tensors(model)) if step == 0 else contextlib.nullcontext()
             t0 = time.perf_counter()
             with meter:
