@@ -91,14 +91,15 @@ def use_reference():
 
 
 def cpu_isa() -> str:
-    """Which CPU kernels the compiled ops use now: ``"avx512bf16"``, ``"avx512"`` or ``"scalar"``."""
+    """Which CPU kernels the compiled ops use now: ``"avx512bf16"``, ``"avx512"``, ``"avx2"`` or
+    ``"scalar"``."""
     _require_extension()
     return _C.cpu_isa()
 
 
 @contextlib.contextmanager
 def use_cpu_isa(isa: str):
-    """Force the CPU kernels (``"scalar"``, ``"avx512"``, ``"avx512bf16"`` or ``"auto"``) inside
+    """Force the CPU kernels (``"scalar"``, ``"avx2"``, ``"avx512"``, ``"avx512bf16"`` or ``"auto"``) inside
     the block (for tests and benchmarks; a level the CPU lacks raises ValueError)."""
     _require_extension()
     previous = _C.cpu_isa()
