@@ -100,7 +100,8 @@ def cpu_isa() -> str:
 @contextlib.contextmanager
 def use_cpu_isa(isa: str):
     """Force the CPU kernels (``"scalar"``, ``"avx2"``, ``"avx512"``, ``"avx512bf16"`` or
-    ``"auto"``) inside the block (for tests and benchmarks; a level the CPU lacks raises ValueError)."""
+    ``"auto"``) inside the block (for tests and benchmarks; a level the CPU lacks raises
+    ValueError)."""
     _require_extension()
     previous = _C.cpu_isa()
     _C.set_cpu_isa(isa)
