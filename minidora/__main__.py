@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         cache = None
         if not args.no_cache:
             cache = _writable_dir(args.cache_dir or _default_cache(), "--cache-dir")
-        from .demo import run
+        from .demo.main import run
 
         run(cfg, methods, out, cache)
     except (UsageError, DemoError) as e:
