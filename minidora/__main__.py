@@ -36,7 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--backend", choices=("auto", "reference", "compiled"), default="auto",
                    help="NF4 path of the q-methods: compiled op, plain PyTorch reference, or auto")
     d.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default="float32",
-                   help="compute dtype of the 4-bit base in the q-methods (default float32: faster on CPU)")
+                   help="compute dtype of the 4-bit base in the q-methods (default float32: the q-methods then "
+                        "differ from lora/dora by the quantization alone; bfloat16 is QLoRA's default)")
     d.add_argument("--out", type=Path, default=Path("minidora_out"), help="output folder (default minidora_out)")
     d.add_argument("--cache-dir", type=Path, default=None,
                    help="pretrained-weights cache (default $MINIDORA_CACHE or ~/.cache/minidora)")
