@@ -1,23 +1,16 @@
 """minidora.dora: PEFT's float64 numbers, the plain formula, the efficient norm, gradcheck of the
 exact gradient, the spec's closed forms for the detached one, zero rows, QDoRA, merging."""
 
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from minidora import DoRALinear, NF4Linear, dora_reference, nf4
 from minidora.dora import EPS, w0_row_norms_sq
 
-from test_lora import backend, close, dense, gradcheck_layer  # noqa: F401 (fixture)
-
-GOLDEN = Path(__file__).resolve().parents[1].parent / "shared" / "golden"
-PEFT = np.load(GOLDEN / "adapters_peft.npz")
-F64 = dict(adapter_dtype=torch.float64)
+from adapter_helpers import F64, check_peft_case, close, dense, gradcheck_layer
 
 
 def randomize(layer, seed=1):
@@ -40,28 +33,8 @@ def reference(layer, x, detach_norm=False, w0=None):
 
 @pytest.mark.parametrize("key", ["dora", "dora_rslora"])
 def test_matches_peft_float64(key):
-    g = lambda n: torch.from_numpy(np.asarray(PEFT[f"{key}.{n}"]))
-    W0 = g("W0")
-    lin = nn.Linear(W0.shape[1], W0.shape[0], dtype=torch.float64)
-    with torch.no_grad():
-        lin.weight.copy_(W0)
-        lin.bias.copy_(g("bias"))
-    layer = DoRALinear(lin, r=int(g("r")), alpha=float(g("alpha")), rslora="rslora" in key, **F64)
-    assert layer.scaling == float(g("scaling"))
-    with torch.no_grad():
-        layer.lora_A.copy_(g("A"))
-        layer.lora_B.copy_(g("B"))
-        layer.magnitude.copy_(g("m"))
-    x = g("x").clone().requires_grad_(True)
-    y = layer(x)
-    (y * g("grad_y")).sum().backward()
     # PEFT builds W' and the norm directly; the identity differs by a few ulp: 1e-10 is ample.
-    for got, want in [(y, g("y")), (x.grad, g("grad_x")), (layer.lora_A.grad, g("grad_A")),
-                      (layer.lora_B.grad, g("grad_B")), (layer.magnitude.grad, g("grad_m"))]:
-        close(got, want, rtol=1e-10, atol=1e-13)
-    layer.merge()
-    close(layer.base.weight, g("merged_weight"), rtol=1e-10, atol=1e-13)
-    close(layer.base.bias, g("merged_bias"), rtol=0.0)
+    check_peft_case(DoRALinear, key, [("magnitude", "m")])
 
 
 # --- the norm without an [out, in] temporary -----------------------------------------------------

@@ -2,46 +2,15 @@
 dequantized weight, init, dropout, merging, bad input."""
 
 import math
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minidora import LoRALinear, NF4Linear, lora_reference, nf4, ops
+from minidora import LoRALinear, NF4Linear, lora_reference, nf4
 
-GOLDEN = Path(__file__).resolve().parents[1].parent / "shared" / "golden"
-PEFT = np.load(GOLDEN / "adapters_peft.npz")
-F64 = dict(adapter_dtype=torch.float64)
-
-
-@pytest.fixture(params=["reference", "auto"])
-def backend(request):
-    """Run an NF4 test on the plain PyTorch reference and on the default dispatch (the compiled
-    kernels when minidora._C is built)."""
-    previous = ops.get_backend()
-    ops.set_backend(request.param)
-    yield request.param
-    ops.set_backend(previous)
-
-
-def close(a, b, rtol, atol=0.0):
-    """|a - b| <= atol + rtol * |b| elementwise."""
-    a, b = a.detach().double(), b.detach().double()
-    err = (a - b).abs() - (atol + rtol * b.abs())
-    assert err.max() <= 0, f"max |a-b| = {(a - b).abs().max():.3e} (rtol {rtol}, atol {atol})"
-
-
-def dense(out_f, in_f, dtype=torch.float64, bias=True, seed=0):
-    torch.manual_seed(seed)
-    lin = nn.Linear(in_f, out_f, bias=bias, dtype=dtype)
-    with torch.no_grad():
-        lin.weight.normal_(0, 0.3)
-        if bias:
-            lin.bias.normal_(0, 0.3)
-    return lin
+from adapter_helpers import F64, check_peft_case, close, dense, gradcheck_layer
 
 
 def randomize(layer, seed=1):
@@ -56,27 +25,8 @@ def randomize(layer, seed=1):
 
 @pytest.mark.parametrize("key", ["lora", "lora_rslora"])
 def test_matches_peft_float64(key):
-    g = lambda n: torch.from_numpy(np.asarray(PEFT[f"{key}.{n}"]))
-    W0 = g("W0")
-    lin = nn.Linear(W0.shape[1], W0.shape[0], dtype=torch.float64)
-    with torch.no_grad():
-        lin.weight.copy_(W0)
-        lin.bias.copy_(g("bias"))
-    layer = LoRALinear(lin, r=int(g("r")), alpha=float(g("alpha")), rslora="rslora" in key, **F64)
-    assert layer.scaling == float(g("scaling"))
-    with torch.no_grad():
-        layer.lora_A.copy_(g("A"))
-        layer.lora_B.copy_(g("B"))
-    x = g("x").clone().requires_grad_(True)
-    y = layer(x)
-    (y * g("grad_y")).sum().backward()
     # Same formula in float64; only summation order may differ: 1e-10 relative is 1e6 ulp slack.
-    for got, want in [(y, g("y")), (x.grad, g("grad_x")), (layer.lora_A.grad, g("grad_A")),
-                      (layer.lora_B.grad, g("grad_B"))]:
-        close(got, want, rtol=1e-10, atol=1e-13)
-    layer.merge()
-    close(layer.base.weight, g("merged_weight"), rtol=1e-10, atol=1e-13)
-    close(layer.base.bias, g("merged_bias"), rtol=0.0)
+    check_peft_case(LoRALinear, key)
 
 
 # --- the formula and the gradients ---------------------------------------------------------
@@ -95,29 +45,6 @@ def test_forward_backward_equal_plain_formula(shape):
     close(layer(x), ref, rtol=1e-12, atol=1e-13)
     for got, want in [(x.grad, x2.grad), (layer.lora_A.grad, A.grad), (layer.lora_B.grad, B.grad)]:
         close(got, want, rtol=1e-12, atol=1e-13)
-
-
-def swap_params(layer, names, values):
-    """Run the layer with plain tensors in place of its adapter parameters (for gradcheck)."""
-    saved = {n: layer._parameters.pop(n) for n in names}
-    for n, v in zip(names, values):
-        setattr(layer, n, v)
-    return saved
-
-
-def gradcheck_layer(layer, x, names):
-    leaves = [getattr(layer, n).detach().clone().requires_grad_(True) for n in names]
-
-    def fn(x, *vals):
-        saved = swap_params(layer, names, vals)
-        try:
-            return layer(x)
-        finally:
-            for n in names:
-                delattr(layer, n)
-            layer._parameters.update(saved)
-
-    assert torch.autograd.gradcheck(fn, (x, *leaves), eps=1e-6, atol=1e-8, rtol=1e-6)
 
 
 def test_gradcheck_lora_dense():

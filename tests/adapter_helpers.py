@@ -1,0 +1,80 @@
+"""Shared by the adapter tests: PEFT's golden float64 cases, a tolerance check, random dense
+layers and a gradcheck of a layer's adapter parameters."""
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+GOLDEN = Path(__file__).resolve().parents[1].parent / "shared" / "golden"
+PEFT = np.load(GOLDEN / "adapters_peft.npz")
+F64 = dict(adapter_dtype=torch.float64)
+
+
+def close(a, b, rtol, atol=0.0):
+    """|a - b| <= atol + rtol * |b| elementwise."""
+    a, b = a.detach().double(), b.detach().double()
+    err = (a - b).abs() - (atol + rtol * b.abs())
+    assert err.max() <= 0, f"max |a-b| = {(a - b).abs().max():.3e} (rtol {rtol}, atol {atol})"
+
+
+def dense(out_f, in_f, dtype=torch.float64, bias=True, seed=0):
+    torch.manual_seed(seed)
+    lin = nn.Linear(in_f, out_f, bias=bias, dtype=dtype)
+    with torch.no_grad():
+        lin.weight.normal_(0, 0.3)
+        if bias:
+            lin.bias.normal_(0, 0.3)
+    return lin
+
+
+def swap_params(layer, names, values):
+    """Run the layer with plain tensors in place of its adapter parameters (for gradcheck)."""
+    saved = {n: layer._parameters.pop(n) for n in names}
+    for n, v in zip(names, values):
+        setattr(layer, n, v)
+    return saved
+
+
+def gradcheck_layer(layer, x, names):
+    leaves = [getattr(layer, n).detach().clone().requires_grad_(True) for n in names]
+
+    def fn(x, *vals):
+        saved = swap_params(layer, names, vals)
+        try:
+            return layer(x)
+        finally:
+            for n in names:
+                delattr(layer, n)
+            layer._parameters.update(saved)
+
+    assert torch.autograd.gradcheck(fn, (x, *leaves), eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
+def check_peft_case(cls, key, extra=()):
+    """Rebuild PEFT's float64 case `key` with cls (LoRALinear or DoRALinear): outputs, the
+    gradients of x and of every adapter parameter, and the merged layer agree to 1e-10 relative.
+    extra: further (parameter, golden name) pairs, e.g. DoRA's ("magnitude", "m")."""
+    g = lambda n: torch.from_numpy(np.asarray(PEFT[f"{key}.{n}"]))
+    W0 = g("W0")
+    lin = nn.Linear(W0.shape[1], W0.shape[0], dtype=torch.float64)
+    with torch.no_grad():
+        lin.weight.copy_(W0)
+        lin.bias.copy_(g("bias"))
+    layer = cls(lin, r=int(g("r")), alpha=float(g("alpha")), rslora="rslora" in key, **F64)
+    assert layer.scaling == float(g("scaling"))
+    params = [("lora_A", "A"), ("lora_B", "B"), *extra]
+    with torch.no_grad():
+        for name, golden in params:
+            getattr(layer, name).copy_(g(golden))
+    x = g("x").clone().requires_grad_(True)
+    y = layer(x)
+    (y * g("grad_y")).sum().backward()
+    pairs = [(y, g("y")), (x.grad, g("grad_x"))]
+    pairs += [(getattr(layer, name).grad, g("grad_" + golden)) for name, golden in params]
+    for got, want in pairs:
+        close(got, want, rtol=1e-10, atol=1e-13)
+    layer.merge()
+    close(layer.base.weight, g("merged_weight"), rtol=1e-10, atol=1e-13)
+    close(layer.base.bias, g("merged_bias"), rtol=0.0)
