@@ -1,4 +1,4 @@
-"""Shared by the adapter tests: PEFT's golden float64 cases, a tolerance check, random dense
+"""Shared by the tests: the golden folder, PEFT's float64 cases, a tolerance check, random dense
 layers and a gradcheck of a layer's adapter parameters."""
 
 from pathlib import Path
@@ -19,13 +19,14 @@ def close(a, b, rtol, atol=0.0):
     assert err.max() <= 0, f"max |a-b| = {(a - b).abs().max():.3e} (rtol {rtol}, atol {atol})"
 
 
-def dense(out_f, in_f, dtype=torch.float64, bias=True, seed=0):
+def dense(out_f, in_f, dtype=torch.float64, bias=True, seed=0, std=0.3):
+    """An nn.Linear with N(0, std^2) weight and bias drawn from the given seed."""
     torch.manual_seed(seed)
     lin = nn.Linear(in_f, out_f, bias=bias, dtype=dtype)
     with torch.no_grad():
-        lin.weight.normal_(0, 0.3)
+        lin.weight.normal_(0, std)
         if bias:
-            lin.bias.normal_(0, 0.3)
+            lin.bias.normal_(0, std)
     return lin
 
 

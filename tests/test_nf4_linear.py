@@ -1,8 +1,6 @@
 """minidora.nf4_linear: state layout, forward vs the dequantized reference, state_dict and
 bitsandbytes checkpoint round trips, dtype safety, bad input."""
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -11,18 +9,13 @@ import torch.nn.functional as F
 
 from minidora import NF4Linear, nf4
 
-GOLDEN = Path(__file__).resolve().parents[1].parent / "shared" / "golden"
+from adapter_helpers import GOLDEN, dense
+
 GOLDEN_NF4 = np.load(GOLDEN / "nf4_bitsandbytes.npz")
 
 
 def linear(out_f, in_f, bias=True, seed=0, dtype=torch.float32):
-    torch.manual_seed(seed)
-    lin = nn.Linear(in_f, out_f, bias=bias, dtype=dtype)
-    with torch.no_grad():
-        lin.weight.normal_(0, 0.2)
-        if bias:
-            lin.bias.normal_(0, 0.2)
-    return lin
+    return dense(out_f, in_f, dtype=dtype, bias=bias, seed=seed, std=0.2)
 
 
 @pytest.mark.parametrize("double_quant", [True, False])
