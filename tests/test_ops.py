@@ -198,6 +198,25 @@ def test_linear_forward(device, case, batch, dtype):
                                       rounded_before=(x.double() @ w.double().T).abs())
 
 
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_linear_several_tiles(device, dtype):
+    """The many-rows regime decodes W in tiles (2 MiB of 16-bit rows, 8 MiB otherwise, for the
+    forward; 8 MiB of columns for the gradient): 2100 x 1056 takes two or three tiles of each
+    kind, the last one partial, with rows starting inside a block (1056 % 64 != 0)."""
+    out_f, in_f = 2100, 1056
+    q = _quantized((out_f, in_f), 64, True, device, 11)
+    w = nf4.dequantize(q, dtype)
+    x = _randn(40, in_f, dtype=dtype, device=device, seed=12).requires_grad_()
+    bias = _randn(out_f, dtype=dtype, device=device, seed=13)
+    y = ops.nf4_linear(x, q, bias, backend="compiled")
+    assert_close_to_reference(y, F.linear(x, w, bias), x.double().abs() @ w.double().abs().T
+                              + bias.double().abs(), in_f,
+                              rounded_before=(x.double() @ w.double().T).abs())
+    grad_y = _randn(40, out_f, dtype=dtype, device=device, seed=14)
+    (gx,) = torch.autograd.grad(y, x, grad_y)
+    assert_close_to_reference(gx, grad_y @ w, grad_y.double().abs() @ w.double().abs(), out_f)
+
+
 @pytest.mark.parametrize("case", LINEAR_CASES, ids=lambda c: "x".join(map(str, c[:2])) + f"-bs{c[2]}")
 @pytest.mark.parametrize("batch", BATCHES, ids=lambda b: "x".join(map(str, b)))
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
