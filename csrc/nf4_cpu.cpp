@@ -52,11 +52,6 @@ constexpr int64_t kMaxFusedRows = 16;         // M up to this: fused decode-in-t
 // Dense tile of W in the many-rows regime: large enough that x (or grad_y) is re-read from memory
 // only a few times, small enough to stay in the 32 MiB L3 while BLAS consumes it.
 constexpr int64_t kTileBytes = 8 << 20;
-// The forward's row tiles for 16-bit activations: with 8 MiB ones (1024 rows of a 4096-wide
-// bfloat16 W) the product ran 1.12x to 1.2x slower than on a dense weight in about half of all
-// processes (the decoded tile not staying in cache while BLAS read it, by the evidence: 2 MiB tiles
-// were fast in every process tried); float32 and the gradient's column tiles lose with 2 MiB.
-constexpr int64_t kTileBytes16 = 2 << 20;
 
 // ---- which kernels run ------------------------------------------------------------------------
 
@@ -822,8 +817,7 @@ at::Tensor linear_tiled(Isa isa, const NF4View& w, const at::Tensor& x2d,
                         const c10::optional<at::Tensor>& bias, int64_t N, int64_t K) {
   const int64_t M = x2d.size(0);
   at::Tensor y = at::empty({M, N}, x2d.options());
-  const int64_t tile_bytes = sizeof(T) == 2 ? kTileBytes16 : kTileBytes;
-  const int64_t rows = std::min<int64_t>(N, std::max<int64_t>(16, tile_bytes / (K * sizeof(T))));
+  const int64_t rows = std::min<int64_t>(N, std::max<int64_t>(16, kTileBytes / (K * sizeof(T))));
   at::Tensor buffer = workspace(rows * K, x2d.options());
   for (int64_t n0 = 0; n0 < N; n0 += rows) {
     const int64_t nt = std::min(rows, N - n0);

@@ -200,10 +200,10 @@ def test_linear_forward(device, case, batch, dtype):
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 def test_linear_several_tiles(device, dtype):
-    """The many-rows regime decodes W in tiles (2 MiB of 16-bit rows, 8 MiB otherwise, for the
-    forward; 8 MiB of columns for the gradient): 2100 x 1056 takes two or three tiles of each
-    kind, the last one partial, with rows starting inside a block (1056 % 64 != 0)."""
-    out_f, in_f = 2100, 1056
+    """The many-rows regime decodes W in 8 MiB tiles (of rows for the forward, of columns for
+    the gradient): 4200 x 1056 takes two to five tiles of each kind, the last one partial, with
+    rows starting inside a block (1056 % 64 != 0)."""
+    out_f, in_f = 4200, 1056
     q = _quantized((out_f, in_f), 64, True, device, 11)
     w = nf4.dequantize(q, dtype)
     x = _randn(40, in_f, dtype=dtype, device=device, seed=12).requires_grad_()
