@@ -1,7 +1,6 @@
 """minidora.dora: PEFT's float64 numbers, the plain formula, the efficient norm, gradcheck of the
 exact gradient, the spec's closed forms for the detached one, zero rows, QDoRA, merging."""
 
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,7 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from minidora import DoRALinear, NF4Linear, dora_reference, nf4
 from minidora.dora import EPS, w0_row_norms_sq
 
-from adapter_helpers import F64, check_peft_case, close, dense, gradcheck_layer
+from helpers import F64, check_peft_case, close, dense, gradcheck_layer
 
 
 def randomize(layer, seed=1):

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from minidora import LoRALinear, NF4Linear, lora_reference, nf4
 
-from adapter_helpers import F64, check_peft_case, close, dense, gradcheck_layer
+from helpers import F64, check_peft_case, close, dense, gradcheck_layer
 
 
 def randomize(layer, seed=1):

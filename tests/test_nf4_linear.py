@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from minidora import NF4Linear, nf4
 
-from adapter_helpers import GOLDEN, dense
+from helpers import GOLDEN, dense
 
 GOLDEN_NF4 = np.load(GOLDEN / "nf4_bitsandbytes.npz")
 
