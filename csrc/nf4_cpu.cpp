@@ -265,15 +265,33 @@ MD_AVX512 __attribute__((always_inline)) inline void fused_lookup(const uint8_t*
   second = _mm512_permutexvar_ps(_mm512_srli_epi32(idx, 16), table);  // elements 8p + 4 + l
 }
 
+// 32 vpermw indices for the 32 codes of a chunk's 16 bytes, in natural order: word 2j = byte j >> 4
+// (element 2j), word 2j+1 = byte j (element 2j+1 in its low 4 bits; vpermw also reads bit 4, the
+// high nibble's lowest bit, so the 16-bit tables hold their 16 values twice). The bytes are
+// broadcast to the four 128-bit lanes; vpshufb copies byte 4L + i/2 into word i of lane L, with a
+// zero high byte, and a per-word shift moves the high nibble of the even words down.
+struct WordIndexPattern {
+  alignas(64) uint8_t bytes[64];
+  constexpr WordIndexPattern() : bytes() {
+    for (int i = 0; i < 32; ++i) {
+      bytes[2 * i] = static_cast<uint8_t>(4 * (i / 8) + (i % 8) / 2);
+      bytes[2 * i + 1] = 0x80;  // vpshufb writes zero
+    }
+  }
+};
+constexpr WordIndexPattern kWordIndexPattern;
+
+MD_AVX512 __attribute__((always_inline)) inline __m512i word_indices(const uint8_t* p) {
+  const __m512i bytes = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  const __m512i words = _mm512_shuffle_epi8(bytes, _mm512_load_si512(kWordIndexPattern.bytes));
+  return _mm512_srlv_epi16(words, _mm512_set1_epi32(4));  // even words >> 4, odd words >> 0
+}
+
 // Decodes 32 elements starting at a multiple of 32 (so inside one block) into out.
 template <typename T>
 MD_AVX512 inline void decode_chunk(const uint8_t* p, __m512 table, __m512i table16, T* out) {
   if constexpr (sizeof(T) == 2) {
-    // 32 word indices: word 2j = byte j >> 4, word 2j+1 = byte j (vpermw reads its low 5 bits,
-    // and table16 holds the 16 values twice).
-    const __m512i z = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-    const __m512i idx = _mm512_or_si512(_mm512_srli_epi32(z, 4), _mm512_slli_epi32(z, 16));
-    _mm512_storeu_si512(out, _mm512_permutexvar_epi16(idx, table16));
+    _mm512_storeu_si512(out, _mm512_permutexvar_epi16(word_indices(p), table16));
   } else {
     __m512i ilo, ihi;
     chunk_indices(p, ilo, ihi);
@@ -338,6 +356,47 @@ __attribute__((always_inline)) inline void prefetch_next_group(const uint8_t* gr
                  _MM_HINT_T0);
 }
 
+// dyn[code] for 16 codes (0..255) from the 256-entry table in registers: vpermt2ps looks up 32
+// entries at once, and bits 5, 6 and 7 of the code choose among the eight results.
+MD_AVX512 inline __m512 lookup256(const __m512 (&t)[16], __m512i code) {
+  __m512 v[8];
+  for (int j = 0; j < 8; ++j) v[j] = _mm512_permutex2var_ps(t[2 * j], code, t[2 * j + 1]);
+  for (int bit = 5, n = 8; bit < 8; ++bit, n /= 2) {
+    const __mmask16 m = _mm512_test_epi32_mask(code, _mm512_set1_epi32(1 << bit));
+    for (int j = 0; j < n / 2; ++j) v[j] = _mm512_mask_mov_ps(v[2 * j], m, v[2 * j + 1]);
+  }
+  return v[0];
+}
+
+constexpr int64_t kScaleSpan = 64;  // blocks whose scales the kernels decode at once
+
+// The scales of blocks [b0, b0 + n), as NF4View::scale gives them (bit-exact), 16 at a time.
+MD_AVX512 void block_scales(const NF4View& w, int64_t b0, int64_t n, float* out) {
+  int64_t i = 0;
+  if (w.absmax == nullptr) {
+    __m512 dyn[16];
+    for (int j = 0; j < 16; ++j) dyn[j] = _mm512_loadu_ps(w.dyn + 16 * j);
+    const __m512i lanes = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    const __m512 offset = _mm512_set1_ps(w.offset);
+    for (; i + 16 <= n; i += 16) {
+      const int64_t b = b0 + i;
+      const __m512i code =
+          _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.codes + b)));
+      // 16 consecutive blocks span at most two nested blocks of 256
+      const __mmask16 second = _mm512_cmpge_epi32_mask(
+          _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(b % kNestedBlocksize)), lanes),
+          _mm512_set1_epi32(kNestedBlocksize));
+      const __m512 nested =
+          _mm512_mask_blend_ps(second, _mm512_set1_ps(w.nested[b / kNestedBlocksize]),
+                               _mm512_set1_ps(w.nested[(b + 15) / kNestedBlocksize]));
+      __m512 p = _mm512_mul_ps(lookup256(dyn, code), nested);
+      __asm__("" : "+v"(p));  // rounded to float32 before the offset is added, as mul_then_add
+      _mm512_storeu_ps(out + i, _mm512_add_ps(p, offset));
+    }
+  }
+  for (; i < n; ++i) out[i] = w.scale(b0 + i);
+}
+
 // One 32-element chunk at column k of NR rows: two lookups per row, then the FMAs.
 template <int MR, int NR, int NA>
 MD_AVX512 __attribute__((always_inline)) inline void forward_chunk(
@@ -375,12 +434,19 @@ MD_AVX512 void fused_forward_block(const NF4View& w, const float* xs, int64_t K,
   for (int r = 0; r < NR; ++r) rows[r] = w.packed + (((o0 + r) * K) >> 1);
   const int64_t bs = int64_t{1} << w.shift;
   if (K % bs == 0) {
-    // every row starts on a block boundary: one table per row and block, no checks inside
-    for (int64_t kb = 0; kb < K; kb += bs) {
-      for (int r = 0; r < NR; ++r)
-        table[r] = rounded_table<MODE>(w.scale(((o0 + r) * K + kb) >> w.shift));
-      for (int64_t k = kb; k < kb + bs; k += 32)
-        forward_chunk<MR, NR, NA>(rows, table, xs, K, k, acc);
+    // every row starts on a block boundary: one table per row and block, no checks inside; the
+    // scales of a span of blocks are decoded at once
+    const int64_t nb = K >> w.shift;
+    float scales[NR][kScaleSpan];
+    for (int64_t b0 = 0; b0 < nb; b0 += kScaleSpan) {
+      const int64_t n = std::min(kScaleSpan, nb - b0);
+      for (int r = 0; r < NR; ++r) block_scales(w, (o0 + r) * nb + b0, n, scales[r]);
+      for (int64_t j = 0; j < n; ++j) {
+        for (int r = 0; r < NR; ++r) table[r] = rounded_table<MODE>(scales[r][j]);
+        const int64_t kb = (b0 + j) << w.shift;
+        for (int64_t k = kb; k < kb + bs; k += 32)
+          forward_chunk<MR, NR, NA>(rows, table, xs, K, k, acc);
+      }
     }
   } else {
     for (int64_t k = 0; k < K; k += 32) {
@@ -496,11 +562,12 @@ MD_AVX512 void fused_grad_avx512_chunks(const NF4View& w, const float* gy, int64
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma")))
 
 // The block's 16 values rounded to bfloat16 (nearest even; vcvtneps2bf16 flushes float32
-// subnormals, i.e. scales below ~1e-38, to zero), in the low 16 words; the upper words are zero.
+// subnormals, i.e. scales below ~1e-38, to zero), in words 0-15 and again in words 16-31.
 MD_AVX512BF16 inline __m512i bf16_table16(float scale) {
   const __m256bh h = _mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(kNF4Codebook),
                                                       _mm512_set1_ps(scale)));
-  return _mm512_zextsi256_si512(reinterpret_cast<const __m256i&>(h));
+  const __m256i t = reinterpret_cast<const __m256i&>(h);
+  return _mm512_inserti64x4(_mm512_castsi256_si512(t), t, 1);  // twice, as word_indices needs
 }
 
 // MR rows of bfloat16 x (natural layout) times NR rows of W. The 32 codes of a chunk become 32
@@ -519,13 +586,22 @@ MD_AVX512BF16 void fused_forward_bf16_block(const NF4View& w, const uint16_t* x,
     current[r] = -1;
     for (int m = 0; m < MR; ++m) acc[m][r] = _mm512_setzero_ps();
   }
-  const __m512i nibble = _mm512_set1_epi32(0x000F000F);
   const int64_t bs = int64_t{1} << w.shift;
   const bool aligned = K % bs == 0;  // rows start on block boundaries: a new table every bs
+  const int64_t nb = K >> w.shift;
+  float scales[NR][kScaleSpan];      // aligned: the scales of kScaleSpan blocks, decoded at once
   for (int64_t k = 0; k < K; k += 32) {
     __m512i wv[NR];
     if ((k & 127) == 0) prefetch_next_group<NR>(rows[0], K, k);
-    if (!aligned || (k & (bs - 1)) == 0) {
+    if (aligned) {
+      const int64_t b = k >> w.shift;
+      if ((k & (bs - 1)) == 0) {
+        if (b % kScaleSpan == 0)
+          for (int r = 0; r < NR; ++r)
+            block_scales(w, (o0 + r) * nb + b, std::min(kScaleSpan, nb - b), scales[r]);
+        for (int r = 0; r < NR; ++r) table[r] = bf16_table16(scales[r][b % kScaleSpan]);
+      }
+    } else {
       for (int r = 0; r < NR; ++r) {
         const int64_t block = ((o0 + r) * K + k) >> w.shift;
         if (block != current[r]) {
@@ -534,13 +610,8 @@ MD_AVX512BF16 void fused_forward_bf16_block(const NF4View& w, const uint16_t* x,
         }
       }
     }
-    for (int r = 0; r < NR; ++r) {
-      const __m512i z =
-          _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rows[r] + (k >> 1))));
-      const __m512i idx =
-          _mm512_and_si512(_mm512_or_si512(_mm512_srli_epi32(z, 4), _mm512_slli_epi32(z, 16)), nibble);
-      wv[r] = _mm512_permutexvar_epi16(idx, table[r]);
-    }
+    for (int r = 0; r < NR; ++r)
+      wv[r] = _mm512_permutexvar_epi16(word_indices(rows[r] + (k >> 1)), table[r]);
     for (int m = 0; m < MR; ++m) {
       const __m512i xv = _mm512_loadu_si512(x + m * K + k);
       for (int r = 0; r < NR; ++r)

@@ -155,10 +155,12 @@ def assert_close_to_reference(out, ref, magnitude, n_terms, rounded_before=None)
 # (out_features, in_features, blocksize, double_quant): odd sizes, partial blocks, rows that
 # start inside a block (in % blocksize != 0, with in % 32 == 0 for the vector kernels), more than
 # 256 blocks (several nested scales), out % 4 != 0 and in % 128 != 0 (the remainder paths of the
-# vector kernels), a block larger than the whole weight.
+# vector kernels), a block larger than the whole weight. 40x2592 with blocksize 32 has 81 blocks
+# per row: the kernels decode the scales of 64 blocks at a time, 16 at once, and such a run of 16
+# may straddle two nested scales (in 12 of the 40 rows).
 LINEAR_CASES = [(50, 160, 32, True), (33, 65, 64, False), (64, 512, 32, True),
                 (20, 4096, 4096, True), (130, 257, 128, False), (42, 96, 64, True),
-                (27, 224, 512, False)]
+                (27, 224, 512, False), (40, 2592, 32, True)]
 # batch shapes: M = 1, 3, 7, 16 take the fused few-rows kernels; 17, 30 and 300 the tiled one.
 BATCHES = [(1,), (3,), (7,), (16,), (17,), (2, 3, 5), (300,)]
 
