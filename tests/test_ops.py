@@ -202,9 +202,10 @@ def test_linear_forward(device, case, batch, dtype):
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 def test_linear_several_tiles(device, dtype):
-    """The many-rows regime decodes W in 8 MiB tiles (of rows for the forward, of columns for
-    the gradient): 4200 x 1056 takes two to five tiles of each kind, the last one partial, with
-    rows starting inside a block (1056 % 64 != 0)."""
+    """The many-rows regime decodes W in tiles of about 2 MiB, each thread its own (rows of W
+    for the forward and the float32/float64 gradient, whose per-thread sums are added at the
+    end; columns for the 16-bit gradient): 4200 x 1056 takes 5 to 17 tiles of each kind, the
+    last one partial, with rows starting inside a block (1056 % 64 != 0)."""
     out_f, in_f = 4200, 1056
     q = _quantized((out_f, in_f), 64, True, device, 11)
     w = nf4.dequantize(q, dtype)
