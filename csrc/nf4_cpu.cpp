@@ -590,20 +590,10 @@ MD_AVX512BF16 void fused_forward_bf16_block(const NF4View& w, const uint16_t* x,
   }
   const int64_t bs = int64_t{1} << w.shift;
   const bool aligned = K % bs == 0;  // rows start on block boundaries: a new table every bs
-  const int64_t nb = K >> w.shift;
-  float scales[NR][kScaleSpan];      // aligned: the scales of kScaleSpan blocks, decoded at once
   for (int64_t k = 0; k < K; k += 32) {
     __m512i wv[NR];
     if ((k & 127) == 0) prefetch_next_group<NR>(rows[0], K, k);
-    if (aligned) {
-      const int64_t b = k >> w.shift;
-      if ((k & (bs - 1)) == 0) {
-        if (b % kScaleSpan == 0)
-          for (int r = 0; r < NR; ++r)
-            block_scales(w, (o0 + r) * nb + b, std::min(kScaleSpan, nb - b), scales[r]);
-        for (int r = 0; r < NR; ++r) table[r] = bf16_table16(scales[r][b % kScaleSpan]);
-      }
-    } else {
+    if (!aligned || (k & (bs - 1)) == 0) {
       for (int r = 0; r < NR; ++r) {
         const int64_t block = ((o0 + r) * K + k) >> w.shift;
         if (block != current[r]) {
