@@ -220,6 +220,27 @@ def test_linear_several_tiles(device, dtype):
     assert_close_to_reference(gx, grad_y @ w, grad_y.double().abs() @ w.double().abs(), out_f)
 
 
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_linear_tiles_any_thread_count(threads, dtype):
+    """Each thread owns some of the tiles, at least two per thread when W is small: 700 x 544
+    takes 5 or 6 tiles, on one thread (no parallel region) or spread unevenly over three (the
+    float32 gradient then adds three per-thread sums)."""
+    q = _quantized((700, 544), 64, True, "cpu", 21)
+    w = nf4.dequantize(q, dtype)
+    x = _randn(50, 544, dtype=dtype, device="cpu", seed=22).requires_grad_()
+    grad_y = _randn(50, 700, dtype=dtype, device="cpu", seed=23)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        y = ops.nf4_linear(x, q, backend="compiled")
+        (gx,) = torch.autograd.grad(y, x, grad_y)
+    finally:
+        torch.set_num_threads(before)
+    assert_close_to_reference(y, F.linear(x, w), x.double().abs() @ w.double().abs().T, 544)
+    assert_close_to_reference(gx, grad_y @ w, grad_y.double().abs() @ w.double().abs(), 700)
+
+
 @pytest.mark.parametrize("case", LINEAR_CASES, ids=lambda c: "x".join(map(str, c[:2])) + f"-bs{c[2]}")
 @pytest.mark.parametrize("batch", BATCHES, ids=lambda b: "x".join(map(str, b)))
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
