@@ -200,12 +200,31 @@ def test_linear_forward(device, case, batch, dtype):
                                       rounded_before=(x.double() @ w.double().T).abs())
 
 
+@pytest.mark.parametrize("rows", [16, 81], ids=["fused", "tiled"])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_linear_one_hot_rows_read_weights_exactly(device, rows, dtype):
+    """x = e_k makes y = W[:, k] with one exact product and exact zeros, so each kernel must
+    return the dequantized weight bit for bit: this checks the scale of every block of every
+    row exactly (the fused float32 kernel decodes 16 double-quantized scales at once, with the
+    reference's two float32 roundings). 40x2592, blocksize 32: 81 blocks per row, runs of 16
+    scales straddling two nested scales; column 32 b + (b % 32) lies in block b."""
+    q = _quantized((40, 2592), 32, True, device, 31)
+    w = nf4.dequantize(q, dtype)                                   # [40, 2592]
+    cols = torch.tensor([32 * b + b % 32 for b in range(81)])
+    for start in range(0, 81, rows):
+        pick = cols[start:start + rows]
+        x = torch.zeros(len(pick), 2592, dtype=dtype, device=device)
+        x[torch.arange(len(pick)), pick] = 1
+        y = ops.nf4_linear(x, q, backend="compiled")               # [len(pick), 40]
+        assert torch.equal(y, w[:, pick].T.contiguous()), (start, dtype)
+
+
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 def test_linear_several_tiles(device, dtype):
     """The many-rows regime decodes W in tiles of about 2 MiB, each thread its own (rows of W
     for the forward and the float32/float64 gradient, whose per-thread sums are added at the
-    end; columns for the 16-bit gradient): 4200 x 1056 takes 5 to 17 tiles of each kind, the
-    last one partial, with rows starting inside a block (1056 % 64 != 0)."""
+    end; columns for the 16-bit gradient): with two threads 4200 x 1056 takes 5 to 17 tiles of
+    each kind, the last one partial, with rows starting inside a block (1056 % 64 != 0)."""
     out_f, in_f = 4200, 1056
     q = _quantized((out_f, in_f), 64, True, device, 11)
     w = nf4.dequantize(q, dtype)
@@ -224,8 +243,8 @@ def test_linear_several_tiles(device, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_linear_tiles_any_thread_count(threads, dtype):
     """Each thread owns some of the tiles, at least two per thread when W is small: 700 x 544
-    takes 5 or 6 tiles, on one thread (no parallel region) or spread unevenly over three (the
-    float32 gradient then adds three per-thread sums)."""
+    takes 2 tiles of each kind on one thread (no parallel region), and 5 or 6 spread unevenly
+    over three threads (the float32 gradient then adds three per-thread sums)."""
     q = _quantized((700, 544), 64, True, "cpu", 21)
     w = nf4.dequantize(q, dtype)
     x = _randn(50, 544, dtype=dtype, device="cpu", seed=22).requires_grad_()
