@@ -30,7 +30,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cstring>
 #include <string>
 #include <type_traits>
@@ -79,12 +78,12 @@ Isa best_isa() {
 #endif
 }
 
-std::atomic<int> g_forced_isa{-1};  // -1: best available
+// The level forced by set_cpu_isa, per thread (-1: best available), so that threads choosing
+// different kernels never see each other's choice. Only the thread that calls an op reads it, once,
+// before any parallel region: the worker threads get the level as an argument.
+thread_local int t_forced_isa = -1;
 
-Isa active_isa() {
-  const int forced = g_forced_isa.load();
-  return forced >= 0 ? static_cast<Isa>(forced) : best_isa();
-}
+Isa active_isa() { return t_forced_isa >= 0 ? static_cast<Isa>(t_forced_isa) : best_isa(); }
 
 // ---- reading an NF4 weight --------------------------------------------------------------------
 
@@ -1003,8 +1002,8 @@ at::Tensor grad_tiled(Isa isa, const NF4View& w, const at::Tensor& gy2d, int64_t
   return gx;
 }
 
-void check_cpu(const char* op, const at::Tensor& packed) {
-  TORCH_CHECK(packed.device().is_cpu(), op, ": the CPU kernel got packed on ", packed.device());
+void check_cpu(const char* op, const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), op, ": the CPU kernel got ", name, " on ", t.device());
 }
 
 std::vector<int64_t> with_last(at::IntArrayRef sizes, int64_t last) {
@@ -1023,13 +1022,10 @@ at::Tensor nf4_dequantize_cpu(const at::Tensor& packed, const at::Tensor& absmax
   const char* op = "nf4_dequantize";
   TORCH_CHECK(is_float_activation(dtype), op,
               ": dtype must be float32, bfloat16, float16 or float64, got ", dtype);
-  int64_t numel = 1;
-  for (const int64_t s : shape) {
-    TORCH_CHECK(s > 0, op, ": shape must have positive sizes, got ", shape);
-    numel *= s;
-  }
-  check_nf4_weight(op, packed, absmax, nested_absmax, nested_code, offset, blocksize, numel);
-  check_cpu(op, packed);
+  const int64_t numel = shape_numel(op, shape);
+  check_cpu(op, packed, "packed");
+  check_nf4_weight(op, packed, absmax, nested_absmax, nested_code, offset, blocksize, numel,
+                   packed.device(), "packed");
   const NF4Operand w = make_operand(packed, absmax, nested_absmax, nested_code, offset, blocksize);
   at::Tensor out = at::empty(shape, packed.options().dtype(dtype));
   const Isa isa = active_isa();
@@ -1046,25 +1042,18 @@ at::Tensor nf4_linear_cpu(const at::Tensor& x, const at::Tensor& packed, const a
                           int64_t out_features, int64_t in_features,
                           const c10::optional<at::Tensor>& bias) {
   const char* op = "nf4_linear";
-  check_features(op, out_features, in_features);
-  check_nf4_weight(op, packed, absmax, nested_absmax, nested_code, offset, blocksize,
-                   out_features * in_features);
-  check_cpu(op, packed);
-  check_activation(op, "x", x, in_features, "in_features", packed.device());
-  c10::optional<at::Tensor> b;
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->scalar_type() == x.scalar_type(), op, ": bias must have x's dtype ",
-                x.scalar_type(), ", got ", bias->scalar_type());
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out_features, op,
-                ": bias must have shape [out_features] = [", out_features, "], got ",
-                bias->sizes());
-    TORCH_CHECK(bias->device() == x.device(), op, ": bias must be on ", x.device(), ", got ",
-                bias->device());
-    b = bias->contiguous();
-  }
+  const int64_t numel = check_features(op, out_features, in_features);
+  const int64_t rows = check_activation(op, "x", x, in_features, "in_features", out_features,
+                                        "out_features");
+  check_cpu(op, x, "x");
+  check_nf4_weight(op, packed, absmax, nested_absmax, nested_code, offset, blocksize, numel,
+                   x.device(), "x");
+  check_bias(op, bias, x, out_features);
   const auto out_shape = with_last(x.sizes(), out_features);
-  const at::Tensor x2d = x.reshape({-1, in_features}).contiguous();   // [M, K]
-  if (x2d.size(0) == 0) return at::empty(out_shape, x.options());
+  if (rows == 0) return at::empty(out_shape, x.options());
+  const c10::optional<at::Tensor> b =
+      bias.has_value() ? c10::optional<at::Tensor>(bias->contiguous()) : c10::nullopt;
+  const at::Tensor x2d = x.reshape({rows, in_features}).contiguous();   // [M, K]
   const NF4Operand w = make_operand(packed, absmax, nested_absmax, nested_code, offset, blocksize);
   const Isa isa = active_isa();
   const bool fused = x2d.size(0) <= kMaxFusedRows && x.scalar_type() != at::kDouble;
@@ -1083,14 +1072,15 @@ at::Tensor nf4_linear_grad_input_cpu(const at::Tensor& grad_y, const at::Tensor&
                                      const c10::optional<at::Tensor>& offset, int64_t blocksize,
                                      int64_t out_features, int64_t in_features) {
   const char* op = "nf4_linear_grad_input";
-  check_features(op, out_features, in_features);
-  check_nf4_weight(op, packed, absmax, nested_absmax, nested_code, offset, blocksize,
-                   out_features * in_features);
-  check_cpu(op, packed);
-  check_activation(op, "grad_y", grad_y, out_features, "out_features", packed.device());
+  const int64_t numel = check_features(op, out_features, in_features);
+  const int64_t rows = check_activation(op, "grad_y", grad_y, out_features, "out_features",
+                                        in_features, "in_features");
+  check_cpu(op, grad_y, "grad_y");
+  check_nf4_weight(op, packed, absmax, nested_absmax, nested_code, offset, blocksize, numel,
+                   grad_y.device(), "grad_y");
   const auto out_shape = with_last(grad_y.sizes(), in_features);
-  const at::Tensor gy2d = grad_y.reshape({-1, out_features}).contiguous();   // [M, N]
-  if (gy2d.size(0) == 0) return at::empty(out_shape, grad_y.options());
+  if (rows == 0) return at::empty(out_shape, grad_y.options());
+  const at::Tensor gy2d = grad_y.reshape({rows, out_features}).contiguous();   // [M, N]
   const NF4Operand w = make_operand(packed, absmax, nested_absmax, nested_code, offset, blocksize);
   const Isa isa = active_isa();
   const bool fused = gy2d.size(0) <= kMaxFusedRows && grad_y.scalar_type() != at::kDouble;
@@ -1111,14 +1101,14 @@ std::string cpu_isa() { return kIsaNames[static_cast<int>(active_isa())]; }
 
 std::string cpu_isa_best() { return kIsaNames[static_cast<int>(best_isa())]; }
 
-bool set_cpu_isa(const std::string& name) {
+bool set_cpu_isa(const std::string& name) {  // for the calling thread only
   if (name == "auto") {
-    g_forced_isa = -1;
+    t_forced_isa = -1;
     return true;
   }
   for (int level = 0; level <= static_cast<int>(best_isa()); ++level) {
     if (name == kIsaNames[level]) {
-      g_forced_isa = level;
+      t_forced_isa = level;
       return true;
     }
   }

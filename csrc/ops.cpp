@@ -9,9 +9,9 @@
 #include <string>
 
 namespace minidora {
-std::string cpu_isa();
+std::string cpu_isa();                      // of the calling thread
 std::string cpu_isa_best();
-bool set_cpu_isa(const std::string& name);
+bool set_cpu_isa(const std::string& name);  // for the calling thread only
 }  // namespace minidora
 
 TORCH_LIBRARY(minidora, m) {
@@ -58,10 +58,12 @@ PyObject* py_set_cpu_isa(PyObject*, PyObject* arg) {
 
 PyMethodDef kMethods[] = {
     {"cpu_isa", py_cpu_isa, METH_NOARGS,
-     "Kernel set the CPU ops use now: 'avx512bf16', 'avx512', 'avx2' or 'scalar'."},
+     "Kernel set the CPU ops called from this thread use now: 'avx512bf16', 'avx512', 'avx2' or "
+     "'scalar'."},
     {"cpu_isa_best", py_cpu_isa_best, METH_NOARGS, "Best kernel set this CPU supports."},
     {"set_cpu_isa", py_set_cpu_isa, METH_O,
-     "Choose the CPU kernels: 'auto' (best available), 'scalar', 'avx2', 'avx512' or 'avx512bf16'."},
+     "Choose the CPU kernels of the ops called from this thread (other threads keep theirs): "
+     "'auto' (best available), 'scalar', 'avx2', 'avx512' or 'avx512bf16'."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_C",

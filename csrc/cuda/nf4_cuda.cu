@@ -54,12 +54,16 @@ struct Weight {
   }
 };
 
+// `device_name` names the tensor whose device every weight tensor must share (x, grad_y, packed).
 Weight make_weight(const char* op, const at::Tensor& packed, const at::Tensor& absmax,
                    const std::optional<at::Tensor>& nested_absmax,
                    const std::optional<at::Tensor>& nested_code,
-                   const std::optional<at::Tensor>& offset, int64_t blocksize, int64_t numel) {
-  TORCH_CHECK(packed.is_cuda(), op, ": packed must be a CUDA tensor, got ", packed.device());
-  check_nf4_weight(op, packed, absmax, nested_absmax, nested_code, offset, blocksize, numel);
+                   const std::optional<at::Tensor>& offset, int64_t blocksize, int64_t numel,
+                   const at::Device& device, const char* device_name) {
+  TORCH_CHECK(device.is_cuda(), op, ": the CUDA kernel got ", device_name, " on ", device);
+  check_nf4_weight(op, packed, absmax, nested_absmax, nested_code, offset, blocksize, numel,
+                   device, device_name);
+  const c10::cuda::CUDAGuard guard(device);  // for the contiguous copies
   Weight w;
   w.packed = packed.contiguous();
   w.absmax = absmax.contiguous();
@@ -76,6 +80,13 @@ Weight make_weight(const char* op, const at::Tensor& packed, const at::Tensor& a
 
 bool aligned(const void* p, uintptr_t bytes) {
   return reinterpret_cast<uintptr_t>(p) % bytes == 0;
+}
+
+// A grid size, checked against the 2^31 - 1 blocks a launch can have in x.
+unsigned grid_x(const char* kernel, int64_t blocks) {
+  TORCH_CHECK(blocks > 0 && blocks <= INT32_MAX, kernel, ": ", blocks,
+              " thread blocks do not fit in one launch (at most 2^31 - 1)");
+  return static_cast<unsigned>(blocks);
 }
 
 int blocks_for(int64_t work, int threads) {
@@ -139,15 +150,12 @@ at::Tensor nf4_dequantize_cuda(const at::Tensor& packed, const at::Tensor& absma
                                const std::optional<at::Tensor>& offset, int64_t blocksize,
                                at::IntArrayRef shape, at::ScalarType dtype) {
   const char* op = "nf4_dequantize";
-  int64_t numel = 1;
-  for (const int64_t d : shape) {
-    TORCH_CHECK(d > 0, op, ": shape must have positive sizes, got ", shape);
-    numel *= d;
-  }
+  const int64_t numel = shape_numel(op, shape);
   TORCH_CHECK(is_float_activation(dtype), op,
               ": dtype must be float32, bfloat16, float16 or float64, got ", dtype);
+  const Weight w = make_weight(op, packed, absmax, nested_absmax, nested_code, offset, blocksize,
+                               numel, packed.device(), "packed");
   const c10::cuda::CUDAGuard guard(packed.device());
-  const Weight w = make_weight(op, packed, absmax, nested_absmax, nested_code, offset, blocksize, numel);
   return dequantize_to(w, shape.vec(), dtype);
 }
 
@@ -157,7 +165,8 @@ template <typename T, bool DQ, int MT>
 void launch_rows(const Weight& w, const T* x, const T* bias, T* y, int M, int64_t N, int64_t K) {
   const int64_t grid = (N + cuda::kRowsWarps - 1) / cuda::kRowsWarps;
   cuda::linear_rows_kernel<T, DQ, MT>
-      <<<static_cast<unsigned>(grid), cuda::kRowsWarps * 32, 0, at::cuda::getCurrentCUDAStream()>>>(
+      <<<grid_x("linear_rows_kernel", grid), cuda::kRowsWarps * 32, 0,
+         at::cuda::getCurrentCUDAStream()>>>(
           x, reinterpret_cast<const uint4*>(w.packed.data_ptr<uint8_t>()), w.scales(), w.bs_shift,
           bias, y, M, N, K);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -176,7 +185,8 @@ template <typename T, bool DQ, int TILES>
 void launch_mma(const Weight& w, const T* x, const T* bias, T* y, int M, int64_t N, int64_t K) {
   const int64_t grid = (N + 7) / 8;
   cuda::linear_mma_kernel<T, DQ, TILES>
-      <<<static_cast<unsigned>(grid), cuda::kMmaWarps * 32, 0, at::cuda::getCurrentCUDAStream()>>>(
+      <<<grid_x("linear_mma_kernel", grid), cuda::kMmaWarps * 32, 0,
+         at::cuda::getCurrentCUDAStream()>>>(
           x, reinterpret_cast<const uint4*>(w.packed.data_ptr<uint8_t>()), w.scales(), w.bs_shift,
           bias, y, M, N, K);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -223,24 +233,15 @@ at::Tensor nf4_linear_cuda(const at::Tensor& x, const at::Tensor& packed, const 
                            int64_t out_features, int64_t in_features,
                            const std::optional<at::Tensor>& bias) {
   const char* op = "nf4_linear";
-  check_features(op, out_features, in_features);
-  TORCH_CHECK(packed.is_cuda(), op, ": packed must be a CUDA tensor, got ", packed.device());
-  check_activation(op, "x", x, in_features, "in_features", packed.device());
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->scalar_type() == x.scalar_type(), op, ": bias must have x's dtype ",
-                x.scalar_type(), ", got ", bias->scalar_type());
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out_features, op,
-                ": bias must have shape [out_features] = [", out_features, "], got ",
-                bias->sizes());
-    TORCH_CHECK(bias->device() == x.device(), op, ": bias must be on ", x.device(), ", got ",
-                bias->device());
-  }
-  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t numel = check_features(op, out_features, in_features);
+  const int64_t M = check_activation(op, "x", x, in_features, "in_features", out_features,
+                                     "out_features");
   const Weight w = make_weight(op, packed, absmax, nested_absmax, nested_code, offset, blocksize,
-                               out_features * in_features);
+                               numel, x.device(), "x");
+  check_bias(op, bias, x, out_features);
+  const c10::cuda::CUDAGuard guard(x.device());
   std::vector<int64_t> out_shape = x.sizes().vec();
   out_shape.back() = out_features;
-  const int64_t M = x.numel() / in_features;
   if (M == 0) return at::empty(out_shape, x.options());
 
   const at::ScalarType dt = x.scalar_type();
@@ -269,8 +270,8 @@ at::Tensor nf4_linear_cuda(const at::Tensor& x, const at::Tensor& packed, const 
 template <typename T, bool DQ, int MT>
 void launch_cols(const Weight& w, const T* gy, float* partial, int M, int64_t N, int64_t K,
                  int64_t splits, int64_t rows_per_split) {
-  const dim3 grid(static_cast<unsigned>((K + cuda::kColsPerBlock - 1) / cuda::kColsPerBlock),
-                  static_cast<unsigned>(splits));
+  const dim3 grid(grid_x("grad_input_kernel", (K + cuda::kColsPerBlock - 1) / cuda::kColsPerBlock),
+                  static_cast<unsigned>(splits));  // splits <= 4 * SMs
   cuda::grad_input_kernel<T, DQ, MT><<<grid, cuda::kColsWarps * 32, 0, at::cuda::getCurrentCUDAStream()>>>(
       gy, reinterpret_cast<const uint32_t*>(w.packed.data_ptr<uint8_t>()), w.scales(), w.bs_shift,
       partial, M, N, K, rows_per_split);
@@ -316,15 +317,14 @@ at::Tensor nf4_linear_grad_input_cuda(const at::Tensor& grad_y, const at::Tensor
                                       const std::optional<at::Tensor>& offset, int64_t blocksize,
                                       int64_t out_features, int64_t in_features) {
   const char* op = "nf4_linear_grad_input";
-  check_features(op, out_features, in_features);
-  TORCH_CHECK(packed.is_cuda(), op, ": packed must be a CUDA tensor, got ", packed.device());
-  check_activation(op, "grad_y", grad_y, out_features, "out_features", packed.device());
-  const c10::cuda::CUDAGuard guard(grad_y.device());
+  const int64_t numel = check_features(op, out_features, in_features);
+  const int64_t M = check_activation(op, "grad_y", grad_y, out_features, "out_features",
+                                     in_features, "in_features");
   const Weight w = make_weight(op, packed, absmax, nested_absmax, nested_code, offset, blocksize,
-                               out_features * in_features);
+                               numel, grad_y.device(), "grad_y");
+  const c10::cuda::CUDAGuard guard(grad_y.device());
   std::vector<int64_t> out_shape = grad_y.sizes().vec();
   out_shape.back() = in_features;
-  const int64_t M = grad_y.numel() / out_features;
   if (M == 0) return at::empty(out_shape, grad_y.options());
 
   const at::ScalarType dt = grad_y.scalar_type();
