@@ -14,6 +14,12 @@ The backward pass needs only the input gradient, :math:`\\partial L/\\partial x 
 autograd formula of ``nf4_linear`` together with the fake (shape-only) implementations that let
 ``torch.compile`` trace through the ops.
 
+Which path ``backend="auto"`` takes, and which CPU kernels the compiled ops run, are chosen per
+thread: :func:`set_backend`, :func:`use_backend`, :func:`use_reference` and :func:`use_cpu_isa`
+affect only the calling thread, so threads (a data loader, a server's workers, parallel tests) never
+see each other's choice. A thread that has chosen no backend follows the process default,
+:func:`set_default_backend` (``"auto"`` unless changed).
+
 Build the extension with ``make build`` (or ``pip install -e .`` then
 ``python setup.py build_ext --inplace``).
 """
@@ -22,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +37,8 @@ from . import nf4
 
 __all__ = [
     "nf4_linear", "nf4_dequantize", "extension_available", "cuda_available",
-    "set_backend", "get_backend", "use_reference", "cpu_isa", "use_cpu_isa",
+    "set_backend", "get_backend", "set_default_backend", "use_backend", "use_reference",
+    "cpu_isa", "use_cpu_isa",
 ]
 
 try:
@@ -42,7 +50,8 @@ except ImportError as e:  # not built: the reference path still works
 
 _BACKENDS = ("auto", "reference", "compiled")
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-_backend = "auto"  # what backend="auto" means; see set_backend / use_reference
+_default_backend = "auto"   # what backend="auto" means in a thread that chose nothing
+_thread = threading.local()  # .backend: this thread's choice (absent or None: the default)
 
 
 def _kernel_devices() -> frozenset:
@@ -66,33 +75,54 @@ def cuda_available() -> bool:
     return "cuda" in _DEVICES and torch.cuda.is_available()
 
 
-def set_backend(backend: str) -> None:
-    """Choose what ``backend="auto"`` means: ``"auto"`` (compiled when possible), ``"reference"``
-    or ``"compiled"``."""
-    global _backend
+def _check_backend(backend) -> None:
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
-    _backend = backend
+
+
+def set_backend(backend: str | None) -> None:
+    """Choose what ``backend="auto"`` means in the calling thread: ``"auto"`` (compiled when
+    possible), ``"reference"`` or ``"compiled"``; None returns the thread to the process default.
+    Other threads keep their own choice."""
+    if backend is not None:
+        _check_backend(backend)
+    _thread.backend = backend
+
+
+def set_default_backend(backend: str) -> None:
+    """Choose what ``backend="auto"`` means in every thread that has not chosen for itself."""
+    global _default_backend
+    _check_backend(backend)
+    _default_backend = backend
 
 
 def get_backend() -> str:
-    return _backend
+    """What ``backend="auto"`` means in the calling thread now."""
+    return getattr(_thread, "backend", None) or _default_backend
 
 
 @contextlib.contextmanager
-def use_reference():
-    """Run every ``backend="auto"`` call inside the block on the plain PyTorch reference."""
-    previous = _backend
-    set_backend("reference")
+def use_backend(backend: str):
+    """Run every ``backend="auto"`` call made by this thread inside the block on ``backend``;
+    the thread's previous choice (or the lack of one) comes back on exit."""
+    _check_backend(backend)
+    previous = getattr(_thread, "backend", None)
+    _thread.backend = backend
     try:
         yield
     finally:
-        set_backend(previous)
+        _thread.backend = previous
+
+
+def use_reference():
+    """Run every ``backend="auto"`` call made by this thread inside the block on the plain
+    PyTorch reference (``with ops.use_reference(): ...``)."""
+    return use_backend("reference")
 
 
 def cpu_isa() -> str:
-    """Which CPU kernels the compiled ops use now: ``"avx512bf16"``, ``"avx512"``, ``"avx2"`` or
-    ``"scalar"``."""
+    """Which CPU kernels the compiled ops called from this thread use now: ``"avx512bf16"``,
+    ``"avx512"``, ``"avx2"`` or ``"scalar"``."""
     _require_extension()
     return _C.cpu_isa()
 
@@ -100,8 +130,9 @@ def cpu_isa() -> str:
 @contextlib.contextmanager
 def use_cpu_isa(isa: str):
     """Force the CPU kernels (``"scalar"``, ``"avx2"``, ``"avx512"``, ``"avx512bf16"`` or
-    ``"auto"``) inside the block (for tests and benchmarks; a level the CPU lacks raises
-    ValueError)."""
+    ``"auto"``) of the ops this thread calls inside the block (for tests and benchmarks; a level
+    the CPU lacks raises ValueError). Other threads keep their own; the worker threads of one op
+    run the level of the thread that called it."""
     _require_extension()
     previous = _C.cpu_isa()
     _C.set_cpu_isa(isa)
@@ -121,10 +152,9 @@ def _require_extension() -> None:
 
 
 def _use_compiled(backend: str, device: torch.device) -> bool:
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    _check_backend(backend)
     if backend == "auto":
-        backend = _backend
+        backend = get_backend()
     if backend == "reference":
         return False
     if backend == "compiled":
@@ -138,23 +168,60 @@ def _use_compiled(backend: str, device: torch.device) -> bool:
 
 # --- argument checks: metadata only (shapes, dtypes, devices), so they trace under torch.compile
 
+def _check_part(t, name: str, dtype: torch.dtype, numel: int, what: str, why: str = "") -> None:
+    """t must be a 1-D tensor of dtype with numel elements (`what`: how many, and why)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != dtype:
+        raise TypeError(f"{name} must be {dtype}{why}, got {t.dtype}")
+    if t.dim() != 1 or t.numel() != numel:
+        raise ValueError(f"{name} must be 1-D with {what}, got shape {tuple(t.shape)}")
+
+
 def _check_weight(q, name: str = "q") -> None:
+    """Every tensor of the NF4 weight has the dtype and size its shape and blocksize imply."""
     if not isinstance(q, nf4.NF4Weight):
         raise TypeError(f"{name} must be an NF4Weight, got {type(q).__name__}")
+    shape = q.shape
+    if (not isinstance(shape, (tuple, list))
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape)):
+        raise ValueError(f"{name}.shape must be a tuple of positive ints, got {shape!r}")
     nf4._check_blocksize(q.blocksize)
-    n = math.prod(q.shape)
-    if q.packed.dtype != torch.uint8 or q.packed.numel() != (n + 1) // 2:
-        raise ValueError(f"{name}.packed must be uint8 with ceil(n/2) = {(n + 1) // 2} bytes for "
-                         f"shape {tuple(q.shape)}, got {q.packed.dtype} with {q.packed.numel()}")
+    n = math.prod(shape)
     n_blocks = -(-n // q.blocksize)
-    if q.absmax.numel() != n_blocks:
-        raise ValueError(f"{name}.absmax must hold ceil(n/blocksize) = {n_blocks} scales for shape "
-                         f"{tuple(q.shape)} and blocksize {q.blocksize}, got {q.absmax.numel()}")
-    want = torch.uint8 if q.double_quant else torch.float32
-    if q.absmax.dtype != want:
-        raise TypeError(f"{name}.absmax must be {want} "
-                        f"({'with' if q.double_quant else 'without'} double quantization), "
-                        f"got {q.absmax.dtype}")
+    where = f"for shape {tuple(shape)} and blocksize {q.blocksize}"
+    _check_part(q.packed, f"{name}.packed", torch.uint8, (n + 1) // 2,
+                f"ceil(n/2) = {(n + 1) // 2} bytes {where}")
+    dq = q.double_quant
+    _check_part(q.absmax, f"{name}.absmax", torch.uint8 if dq else torch.float32, n_blocks,
+                f"ceil(n/blocksize) = {n_blocks} scales {where}",
+                " (with double quantization)" if dq else " (without double quantization)")
+    if not dq:
+        if q.offset is not None:
+            raise ValueError(f"{name}.offset must be None without double quantization "
+                             "(nested_absmax is None)")
+        return
+    n_nested = -(-n_blocks // nf4.NESTED_BLOCKSIZE)
+    _check_part(q.nested_absmax, f"{name}.nested_absmax", torch.float32, n_nested,
+                f"ceil(n_blocks/256) = {n_nested} values for {n_blocks} blocks")
+    if not isinstance(q.offset, torch.Tensor) or q.offset.dtype != torch.float32:
+        got = q.offset.dtype if isinstance(q.offset, torch.Tensor) else type(q.offset).__name__
+        raise TypeError(f"{name}.offset must be a torch.float32 tensor with double quantization, "
+                        f"got {got}")
+    if q.offset.dim() > 1 or q.offset.numel() != 1:
+        raise ValueError(f"{name}.offset must hold one element (0-dim), got shape "
+                         f"{tuple(q.offset.shape)}")
+
+
+def _check_device(t, name: str, device: torch.device, device_name: str) -> None:
+    if t is not None and t.device != device:
+        raise ValueError(f"{name} is on {t.device} but {device_name} is on {device}; "
+                         "every tensor of the call must be on one device")
+
+
+def _check_weight_device(q, device: torch.device, device_name: str, name: str = "q") -> None:
+    for part in ("packed", "absmax", "nested_absmax", "offset"):
+        _check_device(getattr(q, part), f"{name}.{part}", device, device_name)
 
 
 def _check_dtype(dtype, name: str) -> None:
@@ -182,6 +249,7 @@ def nf4_dequantize(q: nf4.NF4Weight, dtype: torch.dtype | None = None,
         [*q.shape] tensor of ``dtype`` on q's device.
     """
     _check_weight(q)
+    _check_weight_device(q, q.packed.device, "q.packed")
     dtype = q.dtype if dtype is None else dtype
     _check_dtype(dtype, "dtype")
     if not _use_compiled(backend, q.packed.device):
@@ -213,15 +281,15 @@ def nf4_linear(x: torch.Tensor, q: nf4.NF4Weight, bias: torch.Tensor | None = No
     if x.dim() < 1 or x.shape[-1] != in_features:
         raise ValueError(f"x must have last dimension in_features = {in_features}, "
                          f"got shape {tuple(x.shape)}")
-    if q.packed.device != x.device:
-        raise ValueError(f"x is on {x.device} but the NF4 weight is on {q.packed.device}")
+    _check_weight_device(q, x.device, "x")
     if bias is not None:
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+        _check_device(bias, "bias", x.device, "x")
         if bias.dtype != x.dtype:
             raise TypeError(f"bias must have x's dtype {x.dtype}, got {bias.dtype}")
         if tuple(bias.shape) != (out_features,):
             raise ValueError(f"bias must have shape ({out_features},), got {tuple(bias.shape)}")
-        if bias.device != x.device:
-            raise ValueError(f"bias is on {bias.device} but x is on {x.device}")
     if not _use_compiled(backend, x.device):
         return F.linear(x, nf4.dequantize(q, x.dtype), bias)
     return torch.ops.minidora.nf4_linear(x, *_weight_args(q), out_features, in_features, bias)
@@ -229,22 +297,39 @@ def nf4_linear(x: torch.Tensor, q: nf4.NF4Weight, bias: torch.Tensor | None = No
 
 # --- fake implementations and autograd formulas of the compiled ops ---------------------------
 
+def _check_one_device(op: str, device: torch.device, device_name: str, **tensors) -> None:
+    """The fake kernels' device check (the dispatcher sends a call with any meta tensor to them,
+    so a CPU x with a meta scale would otherwise get an uninitialised CPU result)."""
+    for name, t in tensors.items():
+        if t is not None and t.device != device:
+            raise RuntimeError(f"{op}: {name} is on {t.device} but {device_name} is on {device}; "
+                               "every tensor of the call must be on one device")
+
+
 if _C is not None:
 
     @torch.library.register_fake("minidora::nf4_dequantize")
     def _dequantize_fake(packed, absmax, nested_absmax, nested_code, offset, blocksize, shape,
                          dtype):
+        _check_one_device("nf4_dequantize", packed.device, "packed", absmax=absmax,
+                          nested_absmax=nested_absmax, nested_code=nested_code, offset=offset)
         return packed.new_empty(shape, dtype=dtype)
 
     @torch.library.register_fake("minidora::nf4_linear")
     def _linear_fake(x, packed, absmax, nested_absmax, nested_code, offset, blocksize,
                      out_features, in_features, bias):
+        _check_one_device("nf4_linear", x.device, "x", packed=packed, absmax=absmax,
+                          nested_absmax=nested_absmax, nested_code=nested_code, offset=offset,
+                          bias=bias)
         torch._check(x.shape[-1] == in_features, lambda: "x's last dimension must be in_features")
         return x.new_empty((*x.shape[:-1], out_features))
 
     @torch.library.register_fake("minidora::nf4_linear_grad_input")
     def _grad_input_fake(grad_y, packed, absmax, nested_absmax, nested_code, offset, blocksize,
                          out_features, in_features):
+        _check_one_device("nf4_linear_grad_input", grad_y.device, "grad_y", packed=packed,
+                          absmax=absmax, nested_absmax=nested_absmax, nested_code=nested_code,
+                          offset=offset)
         torch._check(grad_y.shape[-1] == out_features,
                      lambda: "grad_y's last dimension must be out_features")
         return grad_y.new_empty((*grad_y.shape[:-1], in_features))

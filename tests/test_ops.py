@@ -8,16 +8,20 @@ The suite requires the built extension (``make test`` builds it): without it the
 fail, they do not skip.
 """
 
+import contextlib
 import math
+import threading
 import zlib
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import minidora
 from minidora import nf4, ops
+from minidora.nf4_linear import NF4Linear
 
 DEVICES = ["cpu"] + (["cuda"] if minidora.ops.cuda_available() else [])
 
@@ -376,6 +380,45 @@ def test_gradcheck_float64(device, rows):
     assert torch.autograd.gradgradcheck(f, (x, b))
 
 
+def _moved(q, to):
+    """The same NF4 weight with every tensor passed through `to`."""
+    return nf4.NF4Weight(to(q.packed), to(q.absmax), q.shape, q.dtype, q.blocksize,
+                         to(q.nested_absmax), to(q.offset))
+
+
+def test_meta_tensors_use_fake_kernels():
+    """A whole model on the meta device (x and every weight tensor) gets shapes from the fake
+    kernels of the ops, and from the reference path through ops.nf4_linear."""
+    q = _moved(_quantized((24, 96), 32, True, "cpu"), lambda t: t.to("meta"))
+    x = torch.empty(2, 5, 96, device="meta")
+    w = ops._weight_args(q)
+    y = torch.ops.minidora.nf4_linear(x, *w, 24, 96, torch.empty(24, device="meta"))
+    assert y.device.type == "meta" and y.shape == (2, 5, 24)
+    gx = torch.ops.minidora.nf4_linear_grad_input(y, *w, 24, 96)
+    assert gx.device.type == "meta" and gx.shape == (2, 5, 96)
+    d = torch.ops.minidora.nf4_dequantize(*w, [24, 96], torch.bfloat16)
+    assert d.device.type == "meta" and d.shape == (24, 96) and d.dtype == torch.bfloat16
+    assert ops.nf4_linear(x, q).shape == (2, 5, 24)
+    layer = NF4Linear(_quantized((24, 96), 32, True, "cpu"), torch.randn(24)).to("meta")
+    assert layer(x).shape == (2, 5, 24)
+
+
+def test_fake_tensor_tracing():
+    """Under FakeTensorMode (what torch.compile traces with) the compiled path runs the fake
+    kernels, forward and backward; a weight tensor on another device than x still raises."""
+    mode = FakeTensorMode(allow_non_fake_inputs=True)  # the constant dynamic map stays real
+    q = _moved(_quantized((24, 96), 32, True, "cpu"), mode.from_tensor)
+    x = mode.from_tensor(torch.randn(2, 5, 96, requires_grad=True))
+    with mode:
+        y = ops.nf4_linear(x, q, backend="compiled")
+        (gx,) = torch.autograd.grad(y.sum(), x)
+        d = ops.nf4_dequantize(q, torch.float16, backend="compiled")
+    assert y.shape == (2, 5, 24) and gx.shape == (2, 5, 96) and d.shape == (24, 96)
+    q.nested_absmax = mode.from_tensor(q.nested_absmax.to("meta"))
+    with mode, pytest.raises(RuntimeError, match="nf4_linear: nested_absmax is on meta but x is on cpu"):
+        torch.ops.minidora.nf4_linear(x, *ops._weight_args(q), 24, 96, None)
+
+
 # --- dispatch: which path runs --------------------------------------------------------------
 
 class _RecordOps(TorchDispatchMode):
@@ -431,6 +474,86 @@ def test_compiled_backend_unsupported_device():
         ops.nf4_linear(torch.empty(2, 64, device="meta"), q, backend="compiled")
 
 
+def test_default_backend_and_thread_choice():
+    """A thread that chose nothing follows the process default; set_backend(None) returns to it."""
+    seen = []
+    worker = lambda: seen.append(ops.get_backend())  # noqa: E731
+    try:
+        ops.set_default_backend("reference")
+        assert ops.get_backend() == "reference"
+        ops.set_backend("compiled")                  # this thread only
+        assert ops.get_backend() == "compiled"
+        thread = threading.Thread(target=worker)
+        thread.start()
+        thread.join()
+        assert seen == ["reference"]
+        ops.set_backend(None)
+        assert ops.get_backend() == "reference"
+    finally:
+        ops.set_backend(None)
+        ops.set_default_backend("auto")
+    assert ops.get_backend() == "auto"
+    with pytest.raises(ValueError, match="backend must be one of"):
+        ops.set_default_backend("fast")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        ops.use_backend("fast").__enter__()
+
+
+def test_backend_and_cpu_isa_are_per_thread():
+    """Threads enter use_reference / use_cpu_isa one after another and leave in the same order
+    (with a process-wide setting, each would save the previous thread's choice and the last
+    one to leave would restore it for good): inside, each thread sees its own backend and CPU
+    kernels, checked by which ops run and by the bits of the result (the float32 fused kernels
+    of each level sum in their own order); afterwards every thread and the process are back on
+    the defaults."""
+    levels = ["scalar", "avx2", "avx512", "avx512bf16"]
+    isas = levels[: levels.index(ops._C.cpu_isa_best()) + 1]
+    q = _quantized((64, 512), 64, True, "cpu", seed=41)
+    x = _randn(3, 512, dtype=torch.float32, device="cpu", seed=42)     # fused kernels (M <= 16)
+    expected = {}
+    for isa in isas:
+        with ops.use_cpu_isa(isa):
+            expected[isa] = ops.nf4_linear(x, q, backend="compiled")
+    if len(isas) > 1:
+        assert not torch.equal(expected["scalar"], expected[isas[-1]])
+    n_threads = 2 * len(isas)
+    barrier = threading.Barrier(n_threads, timeout=60)
+    errors = []
+
+    def worker(i):
+        backend, isa = ("reference" if i % 2 else "auto"), isas[i // 2]
+        try:
+            with contextlib.ExitStack() as stack:
+                for turn in range(n_threads):                    # enter one after another
+                    if turn == i:
+                        if backend == "reference":
+                            stack.enter_context(ops.use_reference())
+                        stack.enter_context(ops.use_cpu_isa(isa))
+                    barrier.wait()
+                for _ in range(3):                               # all inside at once
+                    assert (ops.get_backend(), ops.cpu_isa()) == (backend, isa)
+                    names = _ops_called(lambda: ops.nf4_linear(x, q))
+                    assert ("minidora.nf4_linear.default" in names) == (backend == "auto")
+                    assert torch.equal(ops.nf4_linear(x, q, backend="compiled"), expected[isa])
+                    barrier.wait()
+                for turn in range(n_threads):                    # leave in the same order
+                    if turn == i:
+                        stack.close()
+                    barrier.wait()
+            assert (ops.get_backend(), ops.cpu_isa()) == ("auto", isas[-1])
+        except BaseException as e:  # noqa: BLE001 (reported by the main thread)
+            errors.append(f"thread {i} ({backend}, {isa}): {e!r}")
+            barrier.abort()
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(n_threads)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert (ops.get_backend(), ops.cpu_isa()) == ("auto", isas[-1])
+
+
 # --- bad input: Python boundary (ValueError / TypeError) and C++ (TORCH_CHECK) --------------
 
 def _bad_input_weight():
@@ -445,7 +568,7 @@ def test_bad_input_python():
         ops.nf4_linear(x.to(torch.int32), q)
     with pytest.raises(ValueError, match="x must have last dimension in_features = 64"):
         ops.nf4_linear(torch.randn(3, 65), q)
-    with pytest.raises(ValueError, match="x is on meta but the NF4 weight is on cpu"):
+    with pytest.raises(ValueError, match="q.packed is on cpu but x is on meta"):
         ops.nf4_linear(x.to("meta"), q)
     with pytest.raises(TypeError, match="bias must have x's dtype"):
         ops.nf4_linear(x, q, torch.randn(16, dtype=torch.float64))
@@ -459,11 +582,11 @@ def test_bad_input_python():
         ops.nf4_linear(x, _quantized((4, 4, 64), 32, True, "cpu"))
     bad = nf4.NF4Weight(q.packed, q.absmax[:-1], q.shape, q.dtype, q.blocksize, q.nested_absmax,
                         q.offset)
-    with pytest.raises(ValueError, match=r"absmax must hold ceil\(n/blocksize\) = 32 scales"):
+    with pytest.raises(ValueError, match=r"q.absmax must be 1-D with ceil\(n/blocksize\) = 32 scales"):
         ops.nf4_linear(x, bad)
     bad = nf4.NF4Weight(q.packed[:-1], q.absmax, q.shape, q.dtype, q.blocksize, q.nested_absmax,
                         q.offset)
-    with pytest.raises(ValueError, match=r"packed must be uint8 with ceil\(n/2\) = 512 bytes"):
+    with pytest.raises(ValueError, match=r"q.packed must be 1-D with ceil\(n/2\) = 512 bytes"):
         ops.nf4_linear(x, bad)
     bad = nf4.NF4Weight(q.packed, q.absmax, q.shape, q.dtype, 48, q.nested_absmax, q.offset)
     with pytest.raises(ValueError, match="blocksize must be a power of two in 32..4096, got 48"):
@@ -517,6 +640,175 @@ def test_bad_input_cpp():
     with pytest.raises(RuntimeError, match=r"packed must hold ceil\(n/2\) = 520 bytes"):
         torch.ops.minidora.nf4_dequantize(packed, absmax, nested, code, offset, bs, [16, 65],
                                           torch.float32)
+
+
+def test_bad_weight_python():
+    """Every tensor of an NF4Weight is checked at the Python boundary, not first in C++."""
+    q, x = _bad_input_weight()
+    cases = [
+        (dict(offset=None), TypeError, "q.offset must be a torch.float32 tensor"),
+        (dict(offset=q.offset.double()), TypeError, "q.offset must be a torch.float32 tensor"),
+        (dict(offset=q.offset.repeat(2)), ValueError, r"q.offset must hold one element"),
+        (dict(nested_absmax=q.nested_absmax.repeat(2)), ValueError,
+         r"q.nested_absmax must be 1-D with ceil\(n_blocks/256\) = 1 values"),
+        (dict(nested_absmax=q.nested_absmax.double()), TypeError,
+         "q.nested_absmax must be torch.float32"),
+        (dict(nested_absmax=None, absmax=q.scales()[:, None]), ValueError,
+         r"q.absmax must be 1-D .*, got shape \(32, 1\)"),
+        (dict(nested_absmax=None, absmax=q.scales()), ValueError,
+         "q.offset must be None without double quantization"),
+        (dict(packed=q.packed.view(-1, 2)), ValueError, r"q.packed must be 1-D .*got shape \(256, 2\)"),
+        (dict(packed=q.packed.numpy()), TypeError, "q.packed must be a torch.Tensor"),
+        (dict(shape=(16, 0)), ValueError, "q.shape must be a tuple of positive ints"),
+        (dict(shape=(-16, -64)), ValueError, "q.shape must be a tuple of positive ints"),
+    ]
+    for change, error, message in cases:
+        fields = dict(packed=q.packed, absmax=q.absmax, shape=q.shape, dtype=q.dtype,
+                      blocksize=q.blocksize, nested_absmax=q.nested_absmax, offset=q.offset)
+        bad = nf4.NF4Weight(**{**fields, **change})
+        for backend in ("compiled", "reference"):
+            with pytest.raises(error, match=message):
+                ops.nf4_linear(x, bad, backend=backend)
+            with pytest.raises(error, match=message):
+                ops.nf4_dequantize(bad, backend=backend)
+
+
+WEIGHT_PARTS = ["packed", "absmax", "nested_absmax", "offset"]
+
+
+@pytest.mark.parametrize("part", WEIGHT_PARTS + ["bias"])
+def test_mixed_devices_python(part):
+    """One tensor on the meta device, the rest on the CPU: a ValueError naming the tensor and
+    both devices on every path (the dispatcher sends a call with any meta tensor to the
+    shape-only fake kernel, which would return uninitialised memory on the CPU)."""
+    q, x = _bad_input_weight()
+    bias = torch.randn(16)
+    layer = NF4Linear(q, bias, compute_dtype=torch.float32)
+    if part == "bias":
+        bias, name = bias.to("meta"), "bias"
+    else:
+        setattr(q, part, getattr(q, part).to("meta"))
+        name = f"q.{part}"
+    for backend in ("compiled", "reference", "auto"):
+        with pytest.raises(ValueError, match=f"{name} is on meta but x is on cpu"):
+            ops.nf4_linear(x, q, bias, backend=backend)
+        if part not in ("bias", "packed"):
+            with pytest.raises(ValueError, match=f"{name} is on meta but q.packed is on cpu"):
+                ops.nf4_dequantize(q, backend=backend)
+    old = getattr(layer, part)
+    new = old.to("meta")
+    setattr(layer, part, torch.nn.Parameter(new, requires_grad=False)
+            if isinstance(old, torch.nn.Parameter) else new)
+    with pytest.raises(ValueError, match=f"{name} is on meta but x is on cpu"):
+        layer(x)
+
+
+OP_TENSORS = {  # the tensor arguments of each op, in order (x or grad_y first for the matmuls)
+    "nf4_linear": ["x", "packed", "absmax", "nested_absmax", "nested_code", "offset", "bias"],
+    "nf4_linear_grad_input": ["grad_y", "packed", "absmax", "nested_absmax", "nested_code",
+                              "offset"],
+    "nf4_dequantize": ["packed", "absmax", "nested_absmax", "nested_code", "offset"],
+}
+
+
+def _op_call(op, q, x, moved=None):
+    """(packet, arguments) of a direct call of `op` with the tensor `moved` on the meta device."""
+    packed, absmax, nested, code, offset, bs = ops._weight_args(q)
+    tensors = dict(x=x, grad_y=torch.randn(3, 16), packed=packed, absmax=absmax,
+                   nested_absmax=nested, nested_code=code, offset=offset, bias=torch.randn(16))
+    if moved is not None:
+        tensors[moved] = tensors[moved].to("meta")
+    t = [tensors[name] for name in OP_TENSORS[op]]
+    if op == "nf4_linear":
+        args = (*t[:6], bs, 16, 64, t[6])
+    elif op == "nf4_linear_grad_input":
+        args = (*t, bs, 16, 64)
+    else:
+        args = (*t, bs, [16, 64], torch.float32)
+    return getattr(torch.ops.minidora, op).default, args
+
+
+@pytest.mark.parametrize("op", list(OP_TENSORS))
+def test_mixed_devices_ops(op):
+    """Called directly, each op rejects one tensor on another device with a RuntimeError naming
+    it: in the fake kernel (where the dispatcher sends a call with a meta tensor) and in the C++
+    checks shared by the CPU and CUDA kernels (reached here by redispatching to the CPU kernel)."""
+    q, x = _bad_input_weight()
+    cpu_kernel = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
+    first = OP_TENSORS[op][0]
+    for moved in OP_TENSORS[op][1:]:
+        overload, args = _op_call(op, q, x, moved)
+        message = f"{op}: {moved} is on meta but {first} is on cpu"
+        with pytest.raises(RuntimeError, match=message):
+            overload(*args)
+        with pytest.raises(RuntimeError, match=message):
+            overload.redispatch(cpu_kernel, *args)
+    overload, args = _op_call(op, q, x, first)  # the tensor the others are compared with
+    second = OP_TENSORS[op][1]
+    with pytest.raises(RuntimeError, match=f"{op}: {second} is on cpu but {first} is on meta"):
+        overload(*args)
+    with pytest.raises(RuntimeError, match=f"{op}: the CPU kernel got {first} on meta"):
+        overload.redispatch(cpu_kernel, *args)
+
+
+def test_sizes_checked_cpp():
+    """Each int an op receives is checked before any kernel runs: positive, its products within
+    int64, and consistent with the tensors passed. Sized so that a wrapped-around product passes
+    the tensor checks, these calls would otherwise index far past packed."""
+    q = _quantized((4, 4), 32, False, "cpu")      # 16 elements: 8 bytes of codes, one block
+    w = ops._weight_args(q)
+    linear = torch.ops.minidora.nf4_linear
+    grad = torch.ops.minidora.nf4_linear_grad_input
+    dequantize = torch.ops.minidora.nf4_dequantize
+    big = 2**62 + 4                                # big * 4 wraps around to 16 in int64
+    with pytest.raises(RuntimeError, match=rf"nf4_linear: out_features \* in_features = {big} \* 4 overflows int64"):
+        linear(torch.randn(3, 4), *w, big, 4, None)
+    with pytest.raises(RuntimeError, match=rf"nf4_linear_grad_input: out_features \* in_features = 4 \* {big} overflows int64"):
+        grad(torch.randn(3, 4), *w, 4, big)
+    with pytest.raises(RuntimeError, match=rf"nf4_dequantize: shape \[{big}, 4\] has too many elements"):
+        dequantize(*w, [big, 4], torch.float32)
+    # a stride-0 batch of 2^60 rows: its result would have 2^66 elements
+    rows = 2**60
+    wide = ops._weight_args(_quantized((64, 4), 32, False, "cpu"))
+    with pytest.raises(RuntimeError, match=rf"nf4_linear: x's rows \* out_features = {rows} \* 64 overflows"):
+        linear(torch.ones(1, 4).expand(rows, 4), *wide, 64, 4, None)
+    tall = ops._weight_args(_quantized((4, 64), 32, False, "cpu"))
+    with pytest.raises(RuntimeError, match=rf"grad_input: grad_y's rows \* in_features = {rows} \* 64 overflows"):
+        grad(torch.ones(1, 4).expand(rows, 4), *tall, 4, 64)
+    # zero and negative sizes
+    for out_f, in_f, name, value in [(0, 4, "out_features", 0), (-4, 4, "out_features", -4),
+                                     (4, 0, "in_features", 0), (4, -4, "in_features", -4)]:
+        with pytest.raises(RuntimeError, match=f"nf4_linear: {name} must be positive, got {value}"):
+            linear(torch.randn(3, max(in_f, 1)), *w, out_f, in_f, None)
+        with pytest.raises(RuntimeError, match=f"grad_input: {name} must be positive, got {value}"):
+            grad(torch.randn(3, max(out_f, 1)), *w, out_f, in_f)
+    for shape in ([-4, -4], [4, 0], [0]):
+        with pytest.raises(RuntimeError, match=r"nf4_dequantize: shape must have positive sizes"):
+            dequantize(*w, shape, torch.float32)
+    for blocksize in (0, -64, 8192):
+        with pytest.raises(RuntimeError, match=f"blocksize must be a power of two in 32..4096, got {blocksize}"):
+            linear(torch.randn(3, 4), *w[:5], blocksize, 4, 4, None)
+
+
+def test_tensor_sizes_checked_cpp():
+    """Each tensor of the weight must have the size the ints imply (and the offset one element)."""
+    q, x = _bad_input_weight()
+    packed, absmax, nested, code, offset, bs = ops._weight_args(q)
+    linear = torch.ops.minidora.nf4_linear
+    with pytest.raises(RuntimeError, match=r"offset must be a float32 tensor of one element \(0-dim or \[1\]\), got Float of shape \[1, 1\]"):
+        linear(x, packed, absmax, nested, code, offset.view(1, 1), bs, 16, 64, None)
+    with pytest.raises(RuntimeError, match="offset must be a float32 tensor of one element"):
+        linear(x, packed, absmax, nested, code, offset.repeat(2), bs, 16, 64, None)
+    with pytest.raises(RuntimeError, match=r"packed must be 1-D \[ceil\(n/2\)\] = \[512\]"):
+        linear(x, packed.view(256, 2), absmax, nested, code, offset, bs, 16, 64, None)
+    with pytest.raises(RuntimeError, match=r"packed must hold ceil\(n/2\) = 512 bytes"):
+        linear(x, torch.cat([packed, packed]), absmax, nested, code, offset, bs, 16, 64, None)
+    with pytest.raises(RuntimeError, match=r"absmax must be 1-D with ceil\(n/blocksize\) = 32 scales"):
+        linear(x, packed, absmax[:, None], nested, code, offset, bs, 16, 64, None)
+    with pytest.raises(RuntimeError, match=r"nested_code must be the float32 \[256\] dynamic map"):
+        linear(x, packed, absmax, nested, torch.cat([code, code[:1]]), offset, bs, 16, 64, None)
+    with pytest.raises(RuntimeError, match=r"bias must have shape \[out_features\] = \[16\], got \[1, 16\]"):
+        linear(x, packed, absmax, nested, code, offset, bs, 16, 64, torch.randn(1, 16))
 
 
 def test_cpu_isa_selection():
