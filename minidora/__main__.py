@@ -1,7 +1,12 @@
-"""Command line: ``python -m minidora demo [options]`` (also installed as ``minidora``).
+"""Command line of minidora, ``demo`` and ``verify`` (also installed as ``minidora``).
 
-Bad input ends with exit status 1 (2 for what argparse itself rejects) and a one-line message on
-stderr, never a traceback.
+- ``python -m minidora demo [options]``: the fine-tuning demo. Bad input ends with exit status 1
+  (2 for what argparse itself rejects).
+- ``python -m minidora verify MODULE:FUNCTION --kind nf4|lora|dora``: check your own
+  implementation with :mod:`minidora.testing` (:mod:`minidora.testing.cli`). Exit status 0 when
+  every check passed, 1 when one failed, 2 for a usage error.
+
+Either way, errors are a one-line message on stderr, never a traceback.
 """
 
 from __future__ import annotations
@@ -46,6 +51,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="CPU threads for torch (default 1: at this model size a second thread gains "
                         "1.7x on an idle machine and loses several times over on a busy one)")
     d.add_argument("--quick", action="store_true", help="a tiny model and a few steps: seconds (for tests)")
+    from .testing.cli import add_parser
+
+    add_parser(sub)
     return p
 
 
@@ -93,6 +101,10 @@ def _writable_dir(path: Path, what: str) -> Path:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m minidora`` and of the ``minidora`` script. Returns the exit status."""
     args = _parser().parse_args(argv)
+    if args.command == "verify":
+        from .testing.cli import run as verify
+
+        return verify(args)
     from .demo.train import DemoError
 
     try:

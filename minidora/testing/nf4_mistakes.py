@@ -1,0 +1,159 @@
+"""NF4 with one classic mistake at a time: what a wrong quantizer or dequantizer produces.
+
+:func:`~minidora.testing.check_nf4` uses these to say *why* an implementation differs: when
+your bytes equal, say, :func:`quantize` with ``mistake="ties_up"``, your quantizer rounds exact
+ties the wrong way. With ``mistake=None`` both functions are the format itself (the tests hold
+them to :mod:`minidora.nf4`); each mistake changes exactly one step of it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .. import nf4
+
+__all__ = ["MISTAKES", "QUANTIZE_MISTAKES", "DEQUANTIZE_MISTAKES", "quantize", "dequantize",
+           "unpack"]
+
+# key: (short name, what the format wants instead)
+MISTAKES = {
+    "nibbles": ("nibble order swapped",
+                "the first element of each pair goes in the HIGH nibble: byte = (q[2i] << 4) | q[2i+1]"),
+    "ties_up": ("ties rounded to the upper code",
+                "a value exactly on a midpoint takes the LOWER code (torch.bucketize(scaled, midpoints, right=False))"),
+    "divide": ("division instead of the reciprocal",
+               "bitsandbytes multiplies by the float32 reciprocal, scaled = x * (1 / absmax); x / absmax "
+               "rounds differently next to a midpoint"),
+    "input_dtype": ("scaled in the input dtype",
+                    "upcast bfloat16/float16 weights to float32 before scaling"),
+    "codebook4": ("codebook rounded to 4 decimals",
+                  "use the float32 values derived from normal quantiles (minidora.nf4.NF4_CODEBOOK); "
+                  "torchao's rounded table is not bit-compatible"),
+    "pad0": ("odd element count padded with code 0",
+             "pad the last byte with code 7 (the value 0.0)"),
+    "per_row": ("blocks restart at every row",
+                "flatten the weight row-major first: blocks of blocksize elements span rows"),
+    "signed_max": ("max x instead of max |x|", "absmax is the largest |x| of the block"),
+    "no_offset": ("offset (mean of the scales) not subtracted",
+                  "double quantization codes absmax - mean(absmax), in blocks of 256 scales"),
+    "exact_dynamic": ("exact nearest 8-bit code instead of bitsandbytes' lookup grid",
+                      "bitsandbytes maps v = (absmax - offset) / nested_absmax to grid point "
+                      "i = trunc(((v + 1) / 2) * 65535 + 0.5) and takes the dynamic-map entry nearest "
+                      "to -1 + 2i / 65535; a few codes per thousand differ from the exact nearest entry"),
+    "offset_f64": ("offset averaged in float64", "offset = absmax.mean() in float32"),
+    "row_scales": ("scales indexed per row",
+                   "element (i, j) uses absmax[(i * in_features + j) // blocksize]; "
+                   "i * (in_features // blocksize) + j // blocksize (bitsandbytes' AVX-512 CPU kernel) "
+                   "is wrong when in_features is not a multiple of blocksize"),
+    "no_offset_back": ("offset not added back",
+                       "scale = float32(dynamic_map[code] * nested_absmax) + offset"),
+    "low_precision": ("product in the output dtype",
+                      "multiply the float32 code value by the float32 scale, then cast once"),
+}
+QUANTIZE_MISTAKES = ("nibbles", "ties_up", "divide", "input_dtype", "codebook4", "pad0", "per_row",
+                     "signed_max", "no_offset", "exact_dynamic", "offset_f64")
+DEQUANTIZE_MISTAKES = ("nibbles", "row_scales", "no_offset_back", "low_precision")
+_GRID = 65535   # steps of bitsandbytes' lookup grid for the 8-bit scale codes
+NESTED = 256    # scales per double-quantization block (fixed by bitsandbytes)
+
+
+def _mid(code: torch.Tensor) -> torch.Tensor:
+    return (code[:-1] + code[1:]) / 2
+
+
+def _pack(codes: torch.Tensor, pad: int = 7, swap: bool = False) -> torch.Tensor:
+    if codes.numel() % 2:
+        codes = torch.cat([codes, codes.new_full((1,), pad)])
+    hi, lo = (codes[1::2], codes[0::2]) if swap else (codes[0::2], codes[1::2])
+    return ((hi << 4) | lo).to(torch.uint8)                              # [ceil(n/2)]
+
+
+def unpack(packed: torch.Tensor, swap: bool = False) -> torch.Tensor:
+    """[m] uint8 -> [2m] int64 codes, high nibble first (the padding nibble included)."""
+    pair = (packed & 0xF, packed >> 4) if swap else (packed >> 4, packed & 0xF)
+    return torch.stack(pair, dim=1).view(-1).long()
+
+
+def _blocks(weight: torch.Tensor, bs: int, per_row: bool):
+    """-> (blocks [n_blocks, bs] float32, mask of the real elements [n_blocks, bs])."""
+    x = weight.detach().float()
+    rows = x.reshape(x.shape[0], -1) if per_row and x.dim() > 1 else x.reshape(1, -1)  # [rows, len]
+    pad = -rows.shape[1] % bs
+    keep = F.pad(torch.ones_like(rows, dtype=torch.bool), (0, pad))
+    return F.pad(rows, (0, pad)).view(-1, bs), keep.view(-1, bs)
+
+
+def quantize(weight: torch.Tensor, blocksize: int, double_quant: bool,
+             mistake: str | None = None) -> dict[str, torch.Tensor]:
+    """NF4-quantize ``weight`` (any shape) with one mistake (a key of MISTAKES) or none.
+
+    Returns:
+        dict: packed [ceil(n/2)] uint8, absmax [n_blocks] (float32, or uint8 codes with double
+        quantization), and with double quantization nested_absmax [ceil(n_blocks/256)] and
+        offset (0-dim float32).
+    """
+    blocks, keep = _blocks(weight, blocksize, mistake == "per_row")    # [nb, bs]
+    absmax = blocks.amax(1) if mistake == "signed_max" else blocks.abs().amax(1)
+    safe = absmax.clamp_min(1e-38)[:, None]
+    if mistake == "divide":
+        scaled = blocks / safe
+    elif mistake == "input_dtype" and weight.dtype in (torch.bfloat16, torch.float16):
+        scaled = (blocks.to(weight.dtype) * (1.0 / safe).to(weight.dtype)).float()
+    else:
+        scaled = blocks * (1.0 / safe)
+    code = nf4.NF4_CODEBOOK
+    if mistake == "codebook4":
+        code = torch.round(code.double() * 1e4).div(1e4).float()
+    codes = torch.bucketize(scaled, _mid(code), right=mistake == "ties_up")[keep]   # [n]
+    out = {"packed": _pack(codes, 0 if mistake == "pad0" else 7, mistake == "nibbles"),
+           "absmax": absmax}
+    if double_quant:
+        out.update(_double_quantize(absmax, mistake))
+    return out
+
+
+def _double_quantize(absmax: torch.Tensor, mistake: str | None) -> dict[str, torch.Tensor]:
+    offset = absmax.double().mean().float() if mistake == "offset_f64" else absmax.mean()
+    if mistake == "no_offset":
+        offset = torch.zeros((), dtype=torch.float32)
+    n_blocks, per = absmax.numel(), NESTED
+    blocks = F.pad(absmax - offset, (0, -n_blocks % per)).view(-1, per)   # [nb2, 256]
+    nested = blocks.abs().amax(1)
+    safe = nested.clamp_min(1e-38)[:, None]
+    scaled = (blocks * (1.0 / safe)).clamp(-1, 1)
+    dyn = nf4.DYNAMIC_CODE
+    if mistake == "exact_dynamic":
+        codes = torch.bucketize(scaled, _mid(dyn))
+    else:
+        grid = -1.0 + (2.0 * torch.arange(_GRID + 1, dtype=torch.float32)) / _GRID
+        table = torch.bucketize(grid, _mid(dyn))                       # [65536] codes
+        codes = table[(((scaled + 1.0) * 0.5) * _GRID + 0.5).long()]
+    codes[nested == 0] = 0
+    return {"absmax": codes.view(-1)[:n_blocks].to(torch.uint8), "nested_absmax": nested,
+            "offset": offset}
+
+
+def dequantize(fields: dict[str, torch.Tensor], shape: tuple, blocksize: int, dtype: torch.dtype,
+               mistake: str | None = None) -> torch.Tensor:
+    """Decode ``fields`` (as :func:`quantize` returns them) to ``shape`` in ``dtype``."""
+    n = math.prod(shape)
+    codes = unpack(fields["packed"], mistake == "nibbles")[:n]            # [n]
+    scales = fields["absmax"]
+    if fields.get("nested_absmax") is not None:
+        per = NESTED
+        nested = fields["nested_absmax"].repeat_interleave(per)[: scales.numel()]
+        scales = nf4.DYNAMIC_CODE[scales.long()] * nested
+        if mistake != "no_offset_back":
+            scales = scales + fields["offset"]
+    index = torch.arange(n) // blocksize                                  # [n]
+    if mistake == "row_scales" and len(shape) == 2:
+        rows, cols = shape
+        col = torch.arange(cols)
+        index = (torch.arange(rows)[:, None] * (cols // blocksize) + col // blocksize).view(-1)
+        index = index.clamp_max(scales.numel() - 1)
+    if mistake == "low_precision":
+        return (nf4.NF4_CODEBOOK.to(dtype)[codes] * scales.to(dtype)[index]).view(shape)
+    return (nf4.NF4_CODEBOOK[codes] * scales[index]).to(dtype).view(shape)
