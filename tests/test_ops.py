@@ -179,7 +179,8 @@ def _layout(x, layout):
         out = x.movedim(-1, 0).contiguous().movedim(0, -1)
     else:
         return x
-    assert torch.equal(out, x) and (x.numel() == x.shape[-1] or not out.is_contiguous())
+    one_row_or_column = x.numel() == x.shape[-1] or x.shape[-1] == 1  # then always contiguous
+    assert torch.equal(out, x) and (one_row_or_column or not out.is_contiguous())
     return out
 
 
