@@ -13,10 +13,12 @@ both busy: the 2-thread examples then wait for a core at every parallel region).
 """
 
 import contextlib
+import tempfile
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, configuration, given, settings
 from hypothesis import strategies as st
 
 from minidora import nf4, ops
@@ -29,6 +31,9 @@ ISAS = LEVELS[: LEVELS.index(ops._C.cpu_isa_best() if ops.extension_available() 
 
 SETTINGS = settings(derandomize=True, database=None, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])
+# Even without a database hypothesis caches the constants it finds in the source in .hypothesis/
+# under the working directory: keep that out of the repository.
+configuration.set_hypothesis_home_dir(Path(tempfile.gettempdir()) / "minidora-hypothesis")
 
 blocksizes = st.sampled_from([32, 64, 128, 256, 512, 1024, 2048, 4096])
 # in_features: any size (scalar kernel paths, rows starting inside a block), or a multiple of 32
