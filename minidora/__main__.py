@@ -12,7 +12,6 @@ Either way, errors are a one-line message on stderr, never a traceback.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 from pathlib import Path

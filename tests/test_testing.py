@@ -19,7 +19,7 @@ import minidora
 from minidora import nf4
 from minidora.__main__ import main
 from minidora.testing import Report, Row, check_dora, check_lora, check_nf4
-from minidora.testing import adapter_check, adapter_mistakes, nf4_check, nf4_mistakes
+from minidora.testing import adapter_cases, adapter_mistakes, nf4_cases, nf4_mistakes
 
 HERE = Path(__file__).resolve()
 
@@ -69,19 +69,19 @@ def test_minidora_passes_every_check():
 
 # --- an independent NF4, with switches for the classic mistakes -----------------------------
 
-MID = (nf4.NF4_CODEBOOK[:-1] + nf4.NF4_CODEBOOK[1:]) / 2
 DYN_MID = (nf4.DYNAMIC_CODE[:-1] + nf4.DYNAMIC_CODE[1:]) / 2
 GRID = torch.bucketize(-1 + 2 * torch.arange(65536, dtype=torch.float32) / 65535, DYN_MID)
 
 
 def my_quantize(w, blocksize, double_quant, swap=False, ties_up=False, divide=False,
-                offset=True, clamp=True):
+                offset=True, clamp=True, codebook=nf4.NF4_CODEBOOK):
     x = w.reshape(-1).float()
     blocks = F.pad(x, (0, -x.numel() % blocksize)).view(-1, blocksize)
     absmax = blocks.abs().amax(1)
     div = absmax.clamp_min(1e-38) if clamp else absmax
     scaled = blocks / div[:, None] if divide else blocks * (1 / div)[:, None]
-    q = torch.bucketize(scaled, MID, right=ties_up).view(-1)[: x.numel()]
+    mid = (codebook[:-1] + codebook[1:]) / 2
+    q = torch.bucketize(scaled, mid, right=ties_up).view(-1)[: x.numel()]
     q = torch.cat([q, q.new_full((q.numel() % 2,), 7)])
     hi, lo = (q[1::2], q[0::2]) if swap else (q[0::2], q[1::2])
     out = {"packed": (hi << 4 | lo).to(torch.uint8), "absmax": absmax}
@@ -118,6 +118,8 @@ def test_the_independent_nf4_passes():
     (dict(divide=True), "random: packed codes", "division instead of the reciprocal"),
     (dict(offset=False), "golden: DQ scale codes", "offset (mean of the scales) not subtracted"),
     (dict(clamp=False), "golden: packed codes", "an all-zero block must store code 7"),
+    (dict(codebook=nf4.nf4_codebook(((1 - 1 / 30) + (1 - 1 / 32)) / 2)), "random: packed codes",
+     "codebook from the unrounded offset"),
 ])
 def test_nf4_mistake_is_caught_and_named(mistake, row, message):
     report = check_nf4(lambda w, bs, dq: my_quantize(w, bs, dq, **mistake))
@@ -138,15 +140,20 @@ def test_dequantize_with_scales_indexed_per_row_is_caught():
     assert "scales indexed per row" in row.note
 
 
+def test_the_docs_example_needs_only_the_package():
+    source = (HERE.parents[1] / "docs" / "examples" / "verify_your_implementation.py").read_text()
+    assert "shared" not in source and "MINIDORA_GOLDEN" not in source and "np.load" not in source
+
+
 def test_mistake_tables_without_a_mistake_are_the_reference():
-    for case in nf4_check.random_cases(seed=3)[:4]:
+    for case in nf4_cases.random_cases(seed=3)[:4]:
         for dq in (False, True):
             ref = nf4.quantize(case.weight, case.blocksize, dq)
             got = nf4_mistakes.quantize(case.weight, case.blocksize, dq)
             assert torch.equal(got["packed"], ref.packed) and torch.equal(got["absmax"], ref.absmax)
             out = nf4_mistakes.dequantize(got, tuple(case.weight.shape), case.blocksize, case.weight.dtype)
             assert torch.equal(out, nf4.dequantize(ref))
-    for case in adapter_check.golden_cases(dora=True):
+    for case in adapter_cases.golden_cases(dora=True):
         got = adapter_mistakes.expected(case)
         for q, want in case.golden.items():
             assert torch.allclose(got[q], want, rtol=1e-10, atol=1e-13), q

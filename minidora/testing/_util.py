@@ -83,7 +83,8 @@ class Tally:
         fails = [(label, note) for label, ok, _, note in self.items if ok is False]
         skips = [(label, note) for label, ok, _, note in self.items if ok is None]
         if fails:
-            more = f" (and {len(fails) - 1} more cases)" if len(fails) > 1 else ""
+            k = len(fails) - 1
+            more = f" (and {k} more case{'s' if k > 1 else ''})" if k else ""
             return False, worst, f"{fails[0][0]}: {fails[0][1]}{more}"
         if len(skips) == len(self.items):
             return None, worst, skips[0][1] if skips else "nothing to check"

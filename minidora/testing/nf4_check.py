@@ -15,17 +15,15 @@ says where first and, if your output equals a known mistake
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
 from .. import nf4
-from . import golden
 from . import nf4_mistakes as M
-from ._util import Tally, Malformed, as_tensor, check_signature, describe_error
+from ._util import Malformed, Tally, as_tensor, check_signature, describe_error
+from .nf4_cases import Case, golden_cases, random_cases
 
-__all__ = ["check_nf4", "golden_cases", "random_cases"]
+__all__ = ["check_nf4"]
 
 _FIELDS = {  # row label -> (field, modes where it exists: False plain, True double quant)
     "packed codes": ("packed", (False, True)),
@@ -37,72 +35,6 @@ _FIELDS = {  # row label -> (field, modes where it exists: False plain, True dou
 CONVENTION = ("quantize_fn(weight, blocksize, double_quant) returning an object with attributes "
               "packed, absmax, nested_absmax, offset (like minidora.nf4.NF4Weight) or a dict with "
               "those keys")
-
-
-@dataclass
-class Case:
-    """One weight to quantize. ``expected[dq]``: bitsandbytes' fields, or None (use the oracle)."""
-
-    name: str
-    weight: torch.Tensor
-    blocksize: int
-    expected: dict | None = None
-
-
-def golden_cases() -> list[Case]:
-    """The bitsandbytes 0.50.2 cases of ``nf4_bitsandbytes.npz``, with their expected fields."""
-    g, out = golden.nf4_bitsandbytes(), []
-    for name in golden.nf4_cases():
-        t = lambda k: torch.from_numpy(np.asarray(g[f"{name}.{k}"]))
-        weight = t("input").to(getattr(torch, str(g[f"{name}.dtype"])))
-        plain = {"packed": t("packed").view(-1), "absmax": t("absmax")}
-        dq = {"packed": plain["packed"], "absmax": t("dq.absmax_codes"),
-              "nested_absmax": t("dq.nested_absmax"), "offset": t("dq.offset")}
-        out.append(Case(name, weight, int(g[f"{name}.blocksize"]), {False: plain, True: dq}))
-    return out
-
-
-def _midpoint_ties() -> torch.Tensor:
-    """Blocks whose absmax is a power of two and whose other values sit exactly on midpoints."""
-    mid = (nf4.NF4_CODEBOOK[:-1] + nf4.NF4_CODEBOOK[1:]) / 2               # [15]
-    rows = [torch.cat([torch.tensor([a]), a * mid, torch.zeros(48)]) for a in (1.0, 2.0, 0.25)]
-    return torch.stack(rows)                                               # [3, 64]
-
-
-def _near_midpoints(gen: torch.Generator) -> torch.Tensor:
-    """Blocks of values a few ulps from a midpoint, where x / absmax and x * (1 / absmax) differ."""
-    mid = (nf4.NF4_CODEBOOK[:-1] + nf4.NF4_CODEBOOK[1:]) / 2
-    rows = []
-    for a in (torch.rand(64, generator=gen) * 2 + 0.01).tolist():
-        a = torch.tensor(a, dtype=torch.float32)
-        x = (mid * a)[:, None] * (1 + torch.arange(-8, 9) * 2.0 ** -23)    # [15, 17], +-8 ulp
-        x = x.view(-1)
-        hit = x[torch.bucketize(x * (1.0 / a), mid) != torch.bucketize(x / a, mid)][:63]
-        if hit.numel():
-            rows.append(torch.cat([a.view(1), hit, torch.zeros(63 - hit.numel())]))
-    return torch.stack(rows[:16])                                          # [<=16, 64]
-
-
-def random_cases(seed: int = 0) -> list[Case]:
-    """Fresh weights for the edges of the format, drawn from ``seed``."""
-    gen = torch.Generator().manual_seed(seed)
-    randn = lambda *shape: torch.randn(*shape, generator=gen)
-    zero_blocks = randn(6, 96)
-    zero_blocks.view(-1)[32:96] = 0                                        # two whole blocks
-    zero_blocks.view(-1)[-32:] = 0                                         # the last block
-    return [
-        Case("odd 13x37", randn(13, 37) * 0.02, 64),
-        Case("rows span blocks 5x100 bs32", randn(5, 100), 32),
-        Case("all-zero blocks 6x96 bs32", zero_blocks, 32),
-        Case("bfloat16 24x80", randn(24, 80).bfloat16(), 64),
-        Case("float16 16x72 bs128", (randn(16, 72) * 0.1).half(), 128),
-        Case("heavy tails 40x70", randn(40, 70) * torch.exp(2 * randn(40, 70)), 64),
-        Case("300 blocks 75x256", randn(75, 256) * 0.05, 64),
-        Case("blocksize 4096 3x2000", randn(3, 2000), 4096),
-        Case("vector 1001", randn(1001), 256),
-        Case("exact midpoints", _midpoint_ties(), 64),
-        Case("one ulp from midpoints", _near_midpoints(gen), 64),
-    ]
 
 
 def _fields_of(result) -> dict:
@@ -210,12 +142,13 @@ def _compare(ctx: _Context, field: str) -> tuple[bool, float, str]:
 
 def _check_dequantize(ctx: _Context, dequantize_fn, result) -> tuple[bool, float, str]:
     case = ctx.case
+    names = ("packed", "absmax", "nested_absmax", "offset") if ctx.dq else ("packed", "absmax")
     try:
-        fields = {k: ctx.got(k) for k in ("packed", "absmax", "nested_absmax", "offset")
-                  if ctx.dq or k in ("packed", "absmax")}
+        fields = {k: ctx.got(k) for k in names}
     except Malformed:
         return None, None, "quantize_fn's output is malformed (see above)"
-    fields["offset"] = fields.get("offset", torch.zeros(1)).reshape(())
+    if ctx.dq:
+        fields["offset"] = fields["offset"].reshape(())
     try:
         out = dequantize_fn(result)
     except Exception as e:
@@ -228,7 +161,7 @@ def _check_dequantize(ctx: _Context, dequantize_fn, result) -> tuple[bool, float
                              f"weight's shape {tuple(case.weight.shape)}")
     out = out.detach().cpu()
     q = nf4.NF4Weight(fields["packed"], fields["absmax"], tuple(case.weight.shape), out.dtype,
-                      case.blocksize, fields.get("nested_absmax"), fields["offset"] if ctx.dq else None)
+                      case.blocksize, fields.get("nested_absmax"), fields.get("offset"))
     want = nf4.dequantize(q, out.dtype)
     differ = out.double().view(-1) != want.double().view(-1)
     if not differ.any():
@@ -238,8 +171,7 @@ def _check_dequantize(ctx: _Context, dequantize_fn, result) -> tuple[bool, float
     note = (f"{int(differ.sum())} of {differ.numel()} values differ; first at {_location(case, i)}: "
             f"expected {want.view(-1)[i].item()!r}, got {out.view(-1)[i].item()!r}")
     for key in M.DEQUANTIZE_MISTAKES:
-        v = M.dequantize(fields if ctx.dq else {"packed": fields["packed"], "absmax": fields["absmax"]},
-                         tuple(case.weight.shape), case.blocksize, out.dtype, key)
+        v = M.dequantize(fields, tuple(case.weight.shape), case.blocksize, out.dtype, key)
         if not torch.equal(v, want) and torch.equal(v, out):
             return False, worst, note + "; looks like {}: {}".format(*M.MISTAKES[key])
     return False, worst, note

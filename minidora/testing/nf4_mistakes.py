@@ -32,6 +32,10 @@ MISTAKES = {
     "codebook4": ("codebook rounded to 4 decimals",
                   "use the float32 values derived from normal quantiles (minidora.nf4.NF4_CODEBOOK); "
                   "torchao's rounded table is not bit-compatible"),
+    "offset_codebook": ("codebook from the unrounded offset",
+                        "bitsandbytes derives the 16 values with offset = 0.9677083; the exact "
+                        "((1 - 1/30) + (1 - 1/32)) / 2 = 0.96770833... changes 12 of them in the last "
+                        "bits (minidora.nf4.NF4_CODEBOOK is the table)"),
     "pad0": ("odd element count padded with code 0",
              "pad the last byte with code 7 (the value 0.0)"),
     "per_row": ("blocks restart at every row",
@@ -53,9 +57,10 @@ MISTAKES = {
     "low_precision": ("product in the output dtype",
                       "multiply the float32 code value by the float32 scale, then cast once"),
 }
-QUANTIZE_MISTAKES = ("nibbles", "ties_up", "divide", "input_dtype", "codebook4", "pad0", "per_row",
+QUANTIZE_MISTAKES = ("nibbles", "ties_up", "divide", "input_dtype", "codebook4", "offset_codebook", "pad0", "per_row",
                      "signed_max", "no_offset", "exact_dynamic", "offset_f64")
-DEQUANTIZE_MISTAKES = ("nibbles", "row_scales", "no_offset_back", "low_precision")
+DEQUANTIZE_MISTAKES = ("nibbles", "row_scales", "no_offset_back", "low_precision", "codebook4",
+                       "offset_codebook")
 _GRID = 65535   # steps of bitsandbytes' lookup grid for the 8-bit scale codes
 NESTED = 256    # scales per double-quantization block (fixed by bitsandbytes)
 
@@ -75,6 +80,14 @@ def unpack(packed: torch.Tensor, swap: bool = False) -> torch.Tensor:
     """[m] uint8 -> [2m] int64 codes, high nibble first (the padding nibble included)."""
     pair = (packed & 0xF, packed >> 4) if swap else (packed >> 4, packed & 0xF)
     return torch.stack(pair, dim=1).view(-1).long()
+
+
+def _codebook(mistake: str | None) -> torch.Tensor:
+    if mistake == "codebook4":
+        return torch.round(nf4.NF4_CODEBOOK.double() * 1e4).div(1e4).float()
+    if mistake == "offset_codebook":
+        return nf4.nf4_codebook(((1 - 1 / 30) + (1 - 1 / 32)) / 2)
+    return nf4.NF4_CODEBOOK
 
 
 def _blocks(weight: torch.Tensor, bs: int, per_row: bool):
@@ -104,9 +117,7 @@ def quantize(weight: torch.Tensor, blocksize: int, double_quant: bool,
         scaled = (blocks.to(weight.dtype) * (1.0 / safe).to(weight.dtype)).float()
     else:
         scaled = blocks * (1.0 / safe)
-    code = nf4.NF4_CODEBOOK
-    if mistake == "codebook4":
-        code = torch.round(code.double() * 1e4).div(1e4).float()
+    code = _codebook(mistake)
     codes = torch.bucketize(scaled, _mid(code), right=mistake == "ties_up")[keep]   # [n]
     out = {"packed": _pack(codes, 0 if mistake == "pad0" else 7, mistake == "nibbles"),
            "absmax": absmax}
@@ -154,6 +165,7 @@ def dequantize(fields: dict[str, torch.Tensor], shape: tuple, blocksize: int, dt
         col = torch.arange(cols)
         index = (torch.arange(rows)[:, None] * (cols // blocksize) + col // blocksize).view(-1)
         index = index.clamp_max(scales.numel() - 1)
+    code = _codebook(mistake)
     if mistake == "low_precision":
-        return (nf4.NF4_CODEBOOK.to(dtype)[codes] * scales.to(dtype)[index]).view(shape)
-    return (nf4.NF4_CODEBOOK[codes] * scales[index]).to(dtype).view(shape)
+        return (code.to(dtype)[codes] * scales.to(dtype)[index]).view(shape)
+    return (code[codes] * scales[index]).to(dtype).view(shape)
