@@ -36,6 +36,7 @@ class Row:
 
     @property
     def status(self) -> str:
+        """``"ok"``, ``"FAIL"`` or ``"skip"``."""
         return _STATUS[self.ok]
 
 
@@ -66,6 +67,7 @@ class Report:
         return [r for r in self.rows if r.ok is False]
 
     def summary(self) -> str:
+        """The first line: the title, the number of checks, how many failed or were skipped."""
         n, bad = len(self.rows), len(self.failures)
         skipped = sum(r.ok is None for r in self.rows)
         tail = f", {skipped} skipped" if skipped else ""
