@@ -1,14 +1,11 @@
-"""Shared by the tests: the golden folder, PEFT's float64 cases, a tolerance check, random dense
-layers and a gradcheck of a layer's adapter parameters."""
-
-from pathlib import Path
+"""Shared by the tests: PEFT's float64 cases, a tolerance check, random dense layers and a
+gradcheck of a layer's adapter parameters. Golden files come from minidora.testing.golden."""
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-GOLDEN = Path(__file__).resolve().parents[1].parent / "shared" / "golden"
-PEFT = np.load(GOLDEN / "adapters_peft.npz")
+from minidora.testing import golden as shipped
 F64 = dict(adapter_dtype=torch.float64)
 
 
@@ -57,7 +54,8 @@ def check_peft_case(cls, key, extra=()):
     """Rebuild PEFT's float64 case `key` with cls (LoRALinear or DoRALinear): outputs, the
     gradients of x and of every adapter parameter, and the merged layer agree to 1e-10 relative.
     extra: further (parameter, golden name) pairs, e.g. DoRA's ("magnitude", "m")."""
-    g = lambda n: torch.from_numpy(np.asarray(PEFT[f"{key}.{n}"]))
+    peft = shipped.adapters_peft()
+    g = lambda n: torch.from_numpy(np.asarray(peft[f"{key}.{n}"]))
     W0 = g("W0")
     lin = nn.Linear(W0.shape[1], W0.shape[0], dtype=torch.float64)
     with torch.no_grad():

@@ -1,12 +1,11 @@
 """minidora.model: wrap / report / merge / adapter files / PEFT interop, training, bad input.
 
 The PEFT interop tests need transformers and peft (test extras): the tiny Hugging Face models and
-PEFT adapters in ../shared/golden/peft load from local files only.
+PEFT adapters shipped in minidora/testing/golden/peft load from local files only.
 """
 
 import json
 import pickle
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,8 +14,8 @@ from safetensors.torch import load_file, save_file
 
 import minidora
 from minidora import DoRALinear, LoRALinear, NF4Linear
+from minidora.testing import golden
 
-GOLDEN_PEFT = Path(__file__).resolve().parents[1].parent / "shared" / "golden" / "peft"
 
 
 class Block(nn.Module):
@@ -301,11 +300,11 @@ PEFT_CASES = {
 def hf_model(base):
     from transformers import AutoConfig, AutoModelForCausalLM
     if base != "llama_base_nf4":
-        return AutoModelForCausalLM.from_pretrained(str(GOLDEN_PEFT / base)).eval()
-    config = AutoConfig.from_pretrained(str(GOLDEN_PEFT / base))
+        return AutoModelForCausalLM.from_pretrained(str(golden.peft_dir() / base)).eval()
+    config = AutoConfig.from_pretrained(str(golden.peft_dir() / base))
     del config.quantization_config                   # bitsandbytes layout, read by minidora
     model = AutoModelForCausalLM.from_config(config).eval()
-    sd = load_file(str(GOLDEN_PEFT / base / "model.safetensors"))
+    sd = load_file(str(golden.peft_dir() / base / "model.safetensors"))
     names = minidora.load_bnb_nf4_linears(model, sd, compute_dtype=torch.float32)
     assert len(names) == 14                          # 7 linears x 2 layers; lm_head stays fp32
     rest = {k: v for k, v in sd.items() if not any(k.startswith(n + ".") for n in names)}
@@ -315,7 +314,7 @@ def hf_model(base):
 
 
 def input_ids():
-    return torch.tensor(json.loads((GOLDEN_PEFT / "expected.json").read_text())["input_ids"])
+    return torch.tensor(json.loads((golden.peft_dir() / "expected.json").read_text())["input_ids"])
 
 
 @pytest.mark.parametrize("case", sorted(PEFT_CASES))
@@ -323,13 +322,13 @@ def test_load_peft_adapter_matches_peft_logits(case):
     base, adapter = PEFT_CASES[case]
     model = hf_model(base)
     if adapter:
-        minidora.load_peft_adapter(model, GOLDEN_PEFT / adapter, compute_dtype=torch.float32)
+        minidora.load_peft_adapter(model, golden.peft_dir() / adapter, compute_dtype=torch.float32)
         n = len(minidora.adapter_layers(model))
         assert n == {"llama_lora_qv": 4, "llama_dora_qv": 4, "llama_dora_all_rslora": 14,
                      "gpt2_lora_cattn": 2, "gpt2_dora_cattn_cproj": 6}[adapter]
     with torch.no_grad():
         logits = model(input_ids=input_ids()).logits
-    want = load_file(str(GOLDEN_PEFT / "expected_logits.safetensors"))[case]
+    want = load_file(str(golden.peft_dir() / "expected_logits.safetensors"))[case]
     # float32 forward of a 2-layer model with other summation orders: ~1e-7 observed.
     assert (logits - want).abs().max() < 1e-5
 
@@ -371,7 +370,7 @@ def test_load_peft_adapter_bad_input(tmp_path):
     # LoRA adapter into a model already wrapped with DoRA on the same layers
     model = minidora.wrap(hf_model("llama_base"), "dora", ["q_proj", "v_proj"], r=4, alpha=8)
     with pytest.raises(ValueError, match="is DoRALinear but the file is lora"):
-        minidora.load_peft_adapter(model, GOLDEN_PEFT / "llama_lora_qv")
+        minidora.load_peft_adapter(model, golden.peft_dir() / "llama_lora_qv")
 
 
 def test_wrap_a_bare_linear_returns_the_adapter_layer():

@@ -2,27 +2,26 @@
 
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from minidora import nf4
+from minidora.testing import golden as shipped
 
-GOLDEN = Path(__file__).resolve().parents[1].parent / "shared" / "golden"
-GOLDEN_NF4 = np.load(GOLDEN / "nf4_bitsandbytes.npz")
-CASES = sorted({k.split(".")[0] for k in GOLDEN_NF4.files if "." in k})
+CASES = shipped.nf4_cases()
 FLOAT_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 
 
 def golden(case, key):
-    return torch.from_numpy(np.asarray(GOLDEN_NF4[f"{case}.{key}"]))
+    return torch.from_numpy(np.asarray(shipped.nf4_bitsandbytes()[f"{case}.{key}"]))
 
 
 def golden_weight(case):
-    dtype = getattr(torch, str(GOLDEN_NF4[f"{case}.dtype"]))
-    return golden(case, "input").to(dtype), int(GOLDEN_NF4[f"{case}.blocksize"])
+    g = shipped.nf4_bitsandbytes()
+    dtype = getattr(torch, str(g[f"{case}.dtype"]))
+    return golden(case, "input").to(dtype), int(g[f"{case}.blocksize"])
 
 
 def unpack(packed, n):
@@ -34,13 +33,13 @@ def unpack(packed, n):
 def test_codebook_derived_from_normal_quantiles_equals_bitsandbytes_table():
     derived = nf4.nf4_codebook()
     assert derived.dtype == torch.float32
-    assert torch.equal(derived, torch.from_numpy(GOLDEN_NF4["nf4_codebook"]))
+    assert torch.equal(derived, torch.from_numpy(shipped.nf4_bitsandbytes()["nf4_codebook"]))
     assert derived[7] == 0.0 and derived[0] == -1.0 and derived[15] == 1.0
     assert int((derived > 0).sum()) == 8 and int((derived < 0).sum()) == 7
 
 
 def test_dynamic_map_table_equals_bitsandbytes():
-    assert torch.equal(nf4.DYNAMIC_CODE, torch.from_numpy(GOLDEN_NF4["dynamic_map"]))
+    assert torch.equal(nf4.DYNAMIC_CODE, torch.from_numpy(shipped.nf4_bitsandbytes()["dynamic_map"]))
 
 
 # --- bit-exactness with bitsandbytes ------------------------------------------------------------
@@ -196,8 +195,8 @@ def test_state_dict_round_trip_is_bit_exact(double_quant, dtype):
 def test_loads_a_checkpoint_written_by_bitsandbytes():
     from safetensors.torch import load_file
 
-    nf4_sd = load_file(str(GOLDEN / "peft" / "llama_base_nf4" / "model.safetensors"))
-    dense_sd = load_file(str(GOLDEN / "peft" / "llama_base" / "model.safetensors"))
+    nf4_sd = load_file(str(shipped.path("peft", "llama_base_nf4", "model.safetensors")))
+    dense_sd = load_file(str(shipped.path("peft", "llama_base", "model.safetensors")))
     names = [k[: -len(".quant_state.bitsandbytes__nf4")] for k in nf4_sd if k.endswith("bitsandbytes__nf4")]
     assert len(names) == 14  # 7 linears x 2 layers
     for name in names:

@@ -8,10 +8,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minidora import NF4Linear, nf4
+from minidora.testing import golden
 
-from helpers import GOLDEN, dense
-
-GOLDEN_NF4 = np.load(GOLDEN / "nf4_bitsandbytes.npz")
+from helpers import dense
 
 
 def linear(out_f, in_f, bias=True, seed=0, dtype=torch.float32):
@@ -37,15 +36,15 @@ def test_state_layout(double_quant):
 @pytest.mark.parametrize("double_quant", [True, False])
 def test_bytes_equal_bitsandbytes_golden(double_quant):
     case = "w33x77_f32_odd"
-    w = torch.from_numpy(GOLDEN_NF4[f"{case}.input"])
+    w = torch.from_numpy(golden.nf4_bitsandbytes()[f"{case}.input"])
     lin = nn.Linear(77, 33, bias=False)
     with torch.no_grad():
         lin.weight.copy_(w)
-    layer = NF4Linear.from_linear(lin, blocksize=int(GOLDEN_NF4[f"{case}.blocksize"]),
+    layer = NF4Linear.from_linear(lin, blocksize=int(golden.nf4_bitsandbytes()[f"{case}.blocksize"]),
                                   double_quant=double_quant)
-    assert torch.equal(layer.packed, torch.from_numpy(GOLDEN_NF4[f"{case}.packed"]))
+    assert torch.equal(layer.packed, torch.from_numpy(golden.nf4_bitsandbytes()[f"{case}.packed"]))
     key = f"{case}.dq.dequantized" if double_quant else f"{case}.dequantized"
-    assert torch.equal(layer.dequantize_weight(torch.float32), torch.from_numpy(GOLDEN_NF4[key]))
+    assert torch.equal(layer.dequantize_weight(torch.float32), torch.from_numpy(golden.nf4_bitsandbytes()[key]))
 
 
 @pytest.mark.parametrize("compute_dtype,rtol", [
@@ -106,12 +105,12 @@ def test_bitsandbytes_layout_round_trip(double_quant):
 
 def test_bitsandbytes_checkpoint_from_golden_llama():
     from safetensors.torch import load_file
-    sd = load_file(str(GOLDEN / "peft" / "llama_base_nf4" / "model.safetensors"))
+    sd = load_file(str(golden.path("peft", "llama_base_nf4", "model.safetensors")))
     layer = NF4Linear.from_bnb_state_dict(sd, "model.layers.0.self_attn.k_proj.",
                                           compute_dtype=torch.float32)
     assert (layer.out_features, layer.in_features, layer.double_quant) == (32, 64, False)
     # The fp32 llama the NF4 file was made from: its weight, quantized here, gives the same bytes.
-    base = load_file(str(GOLDEN / "peft" / "llama_base" / "model.safetensors"))
+    base = load_file(str(golden.path("peft", "llama_base", "model.safetensors")))
     w = base["model.layers.0.self_attn.k_proj.weight"]
     assert torch.equal(nf4.quantize(w, 64, False).packed, layer.packed)
 
