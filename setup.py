@@ -3,6 +3,8 @@
 C++ CPU kernels always build. CUDA kernels are added when torch is a CUDA build and a CUDA
 toolkit is found (``CUDA_HOME`` or ``nvcc`` on PATH), unless ``MINIDORA_NO_CUDA=1``.
 Set ``MINIDORA_FORCE_CUDA=1`` to require them (fails loudly instead of skipping).
+``MINIDORA_NO_EXTENSION=1`` builds no extension at all: a pure-Python install that runs every
+method on the plain PyTorch reference path (asking for the compiled ops then says how to build).
 ``MINIDORA_NATIVE=1`` adds ``-march=native`` (only for a binary that runs where it was built).
 """
 
@@ -27,6 +29,8 @@ def _want_cuda() -> bool:
 
 
 def extensions():
+    if os.environ.get("MINIDORA_NO_EXTENSION") == "1":
+        return []
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     cxx = ["-O3", "-fopenmp"]  # torch.utils.cpp_extension picks the C++ standard its headers need
     if os.environ.get("MINIDORA_NATIVE") == "1":
