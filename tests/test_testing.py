@@ -24,6 +24,15 @@ from minidora.testing import adapter_cases, adapter_mistakes, nf4_cases, nf4_mis
 HERE = Path(__file__).resolve()
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The cases are small: one thread is as fast, and steady on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # --- minidora itself, through thin factories ------------------------------------------------
 
 class Minidora(nn.Module):
@@ -367,3 +376,21 @@ def test_python_m_minidora_verify_usage_error_has_no_traceback():
                           cwd=HERE.parents[1])
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.startswith("minidora verify: error: cannot import 'no_such_module_xyz'")
+
+
+def test_dora_without_an_exact_gradient_skips_gradcheck_and_keeps_the_callers_state():
+    def make(**kw):
+        if not kw["detach_norm"]:
+            raise NotImplementedError("only the detached norm")
+        return MyAdapter(**kw)
+
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    with torch.no_grad():                 # the kit turns gradients on for itself
+        report = check_dora(make)
+    assert torch.equal(torch.rand(3), expected_next)          # the caller's RNG is untouched
+    assert report.ok
+    row = report.rows[-1]
+    assert row.name == "gradcheck (float64)" and row.ok is None
+    assert "NotImplementedError: only the detached norm" in row.note

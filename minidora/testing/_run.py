@@ -59,10 +59,8 @@ def _build(factory, case, dropout: float, detach_norm: bool):
         kwargs["detach_norm"] = detach_norm
     try:
         layer = factory(**kwargs, **leaves)
-    except NotImplementedError:
-        raise
     except Exception as e:
-        raise Malformed("layer_factory " + describe_error(e)) from None
+        raise Malformed("layer_factory " + describe_error(e)) from e
     if not callable(layer):
         raise Malformed(f"layer_factory returned {type(layer).__name__}; expected a layer: a "
                         "callable mapping x [..., in_features] to y [..., out_features]")
@@ -78,7 +76,8 @@ def run_layer(factory, case, dropout: float = 0.0, detach_norm: bool = True, gra
     Returns:
         dict: for each of QUANTITIES a float64 tensor, a Malformed (what went wrong), or None
         (merged: the layer has no ``merged_weight()``). With ``functional=True``: instead
-        ``(fn, inputs)`` for gradcheck, fn(x, A, B[, m]) -> y; Malformed is raised then.
+        ``(fn, inputs)`` for gradcheck, fn(x, A, B[, m]) -> y; Malformed is raised then (its
+        ``__cause__`` is the factory's own exception, if it raised one).
     """
     out_shape = tuple(case.x.shape[:-1]) + (case.W0.shape[0],)
     try:
