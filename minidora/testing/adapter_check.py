@@ -61,8 +61,6 @@ def _compare(case: Case, q: str, got, want: torch.Tensor, dora: bool) -> tuple:
 
 def _diagnose(case: Case, q: str, got: torch.Tensor, want: torch.Tensor, dora: bool) -> str:
     for key in M.DORA_MISTAKES if dora else M.LORA_MISTAKES:
-        if key == "detached_grad":
-            continue
         v = M.expected(case, key)[q]
         if not _close(v, want).all() and _close(got, v).all():
             return "looks like {}: {}".format(*M.MISTAKES[key])

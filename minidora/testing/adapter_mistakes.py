@@ -21,7 +21,7 @@ from ..lora import lora_reference
 __all__ = ["MISTAKES", "LORA_MISTAKES", "DORA_MISTAKES", "expected", "scaling"]
 
 # key: (short name, what the method wants instead)
-MISTAKES = {
+MISTAKES = {  # the rows name these; "detached_grad" and "dropout_base" are tested apart
     "alpha": ("scaling alpha instead of alpha/r",
               "the adapter is scaled by s = alpha / r (alpha / sqrt(r) with rsLoRA), not alpha"),
     "rslora_ignored": ("rsLoRA ignored", "with rslora=True the scaling is s = alpha / sqrt(r)"),
@@ -42,7 +42,7 @@ MISTAKES = {
                      "its base x W0^T + b exactly, in training mode too"),
 }
 LORA_MISTAKES = ("alpha", "rslora_ignored", "bias_dropped")
-DORA_MISTAKES = LORA_MISTAKES + ("dim0", "bias_scaled", "w0_norm", "exact_grad", "detached_grad")
+DORA_MISTAKES = LORA_MISTAKES + ("dim0", "bias_scaled", "w0_norm", "exact_grad")
 
 
 def scaling(r: int, alpha: float, rslora: bool) -> float:
