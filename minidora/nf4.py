@@ -135,6 +135,8 @@ def _check_weight(weight) -> None:
         raise TypeError(f"weight must be float32, bfloat16, float16 or float64, got {weight.dtype}")
     if weight.numel() == 0:
         raise ValueError(f"weight must not be empty, got shape {tuple(weight.shape)}")
+    if weight.is_meta:   # no values to check (a model built on the meta device)
+        return
     bad = ~torch.isfinite(weight)
     if bad.any():
         first = tuple(int(i) for i in bad.nonzero()[0])
@@ -168,11 +170,14 @@ _DYNAMIC_TABLE = _dynamic_grid_table()
 def _double_quantize(absmax: torch.Tensor):
     """Scales [n_blocks] float32 -> (uint8 codes, nested_absmax float32, offset 0-dim float32)."""
     offset = absmax.mean()
+    if not absmax.is_meta and not torch.isfinite(offset):
+        # a float32 sum of huge scales overflows where the mean itself does not: sum in float64
+        offset = absmax.double().mean().float()
     blocks, nested = _blockwise_absmax(absmax - offset, NESTED_BLOCKSIZE)       # [nb2, 256], [nb2]
     scaled = (blocks * (1.0 / nested.clamp_min(1e-38))[:, None]).clamp(-1.0, 1.0)
     grid_index = (((scaled + 1.0) * 0.5) * _GRID + 0.5).to(torch.int64)       # truncation
-    codes = _DYNAMIC_TABLE.to(absmax.device)[grid_index]
-    codes[nested == 0] = 0                # an all-equal block of scales: bitsandbytes stores code 0
+    codes = _DYNAMIC_TABLE.to(absmax.device)[grid_index]                      # [nb2, 256]
+    codes = torch.where(nested[:, None] == 0, 0, codes)  # all-equal scales: bitsandbytes stores 0
     return codes.view(-1)[: absmax.numel()].to(torch.uint8), nested, offset
 
 
@@ -218,6 +223,9 @@ def dequantize(q: NF4Weight, dtype: torch.dtype | None = None) -> torch.Tensor:
     dtype = q.dtype if dtype is None else dtype
     if dtype not in _FLOAT_DTYPES:
         raise TypeError(f"dtype must be float32, bfloat16, float16 or float64, got {dtype}")
+    if q.double_quant and not isinstance(q.offset, torch.Tensor):
+        raise TypeError("q.offset must be a float32 tensor (the mean scale) when q.nested_absmax "
+                        f"is set (double quantization), got {type(q.offset).__name__}")
     codes = torch.stack([q.packed >> 4, q.packed & 0xF], dim=1).view(-1)[: q.numel]   # [n]
     scales = q.scales().repeat_interleave(q.blocksize)[: q.numel]                     # [n]
     values = NF4_CODEBOOK.to(q.packed.device)[codes.long()] * scales
@@ -257,6 +265,13 @@ def _expect(sd, key, dtype, shape=None) -> torch.Tensor:
     return t
 
 
+def _expect_finite(t: torch.Tensor, key: str) -> None:
+    bad = ~torch.isfinite(t)
+    if bad.any():
+        raise ValueError(f"{key!r} holds {int(bad.sum())} NaN/Inf scale(s), first at index "
+                         f"{int(bad.nonzero()[0, 0])}: the checkpoint is corrupt")
+
+
 def from_bnb_state_dict(sd: dict[str, torch.Tensor], prefix: str = "weight") -> NF4Weight:
     """Import an NF4 weight from bitsandbytes' checkpoint layout (see :func:`to_bnb_state_dict`).
 
@@ -283,7 +298,7 @@ def from_bnb_state_dict(sd: dict[str, torch.Tensor], prefix: str = "weight") -> 
     if meta["dtype"] not in _DTYPE_NAMES:
         raise ValueError(f"unsupported dtype {meta['dtype']!r} in {blob_key!r}")
     if (not isinstance(shape, list) or not shape
-            or not all(isinstance(s, int) and s > 0 for s in shape)):
+            or not all(type(s) is int and s > 0 for s in shape)):
         raise ValueError(f"shape in {blob_key!r} must be a list of positive ints, got {shape!r}")
     n = math.prod(shape)
     n_blocks = -(-n // blocksize)
@@ -293,14 +308,18 @@ def from_bnb_state_dict(sd: dict[str, torch.Tensor], prefix: str = "weight") -> 
         raise ValueError(f"{prefix}.quant_map is not the NF4 codebook")
     nested = "nested_offset" in meta
     absmax = _expect(sd, f"{prefix}.absmax", torch.uint8 if nested else torch.float32, (n_blocks,))
+    if not nested:
+        _expect_finite(absmax, f"{prefix}.absmax")
     q = NF4Weight(packed, absmax, tuple(shape), _DTYPE_NAMES[meta["dtype"]], blocksize)
     if nested:
         if meta.get("nested_blocksize", NESTED_BLOCKSIZE) != NESTED_BLOCKSIZE:
             raise ValueError(f"nested_blocksize must be {NESTED_BLOCKSIZE}, got {meta['nested_blocksize']!r}")
-        if not isinstance(meta["nested_offset"], (int, float)):
-            raise ValueError(f"nested_offset must be a number, got {meta['nested_offset']!r}")
+        offset = meta["nested_offset"]
+        if type(offset) not in (int, float) or not math.isfinite(offset):
+            raise ValueError(f"nested_offset must be a finite number, got {offset!r}")
         q.nested_absmax = _expect(sd, f"{prefix}.nested_absmax", torch.float32,
                                   (-(-n_blocks // NESTED_BLOCKSIZE),))
+        _expect_finite(q.nested_absmax, f"{prefix}.nested_absmax")
         nested_map = _expect(sd, f"{prefix}.nested_quant_map", torch.float32, (256,))
         if not torch.equal(nested_map, DYNAMIC_CODE):
             raise ValueError(f"{prefix}.nested_quant_map is not the 8-bit dynamic map")

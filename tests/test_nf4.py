@@ -299,9 +299,51 @@ def test_state_dict_corrupt_json(good_sd, blob, match):
 
 @pytest.mark.parametrize("changes,match", [
     ({"shape": [16, -64]}, "list of positive ints"), ({"blocksize": 100}, "blocksize must be"),
-    ({"dtype": "int8"}, "unsupported dtype"), ({"nested_offset": "x"}, "nested_offset must be a number"),
+    ({"dtype": "int8"}, "unsupported dtype"),
+    ({"nested_offset": "x"}, "nested_offset must be a finite number"),
+    ({"nested_offset": float("nan")}, "nested_offset must be a finite number, got nan"),
+    ({"nested_offset": True}, "nested_offset must be a finite number, got True"),
     ({"nested_blocksize": 128}, "nested_blocksize must be 256"), ({"shape": [32, 64]}, "must have shape"),
+    ({"shape": [True, 1024]}, "list of positive ints"), ({"blocksize": True}, "blocksize must be"),
 ])
 def test_state_dict_bad_metadata(good_sd, changes, match):
     with pytest.raises(ValueError, match=match):
         nf4.from_bnb_state_dict(_with_meta(good_sd, **changes))
+
+
+def test_state_dict_nan_scales_are_refused(good_sd):
+    good_sd["weight.nested_absmax"] = torch.tensor([float("inf")])
+    with pytest.raises(ValueError, match=r"'weight.nested_absmax' holds 1 NaN/Inf scale"):
+        nf4.from_bnb_state_dict(good_sd)
+    sd = nf4.to_bnb_state_dict(nf4.quantize(torch.randn(16, 64), 64, double_quant=False))
+    sd["weight.absmax"] = sd["weight.absmax"].clone()
+    sd["weight.absmax"][5] = float("nan")
+    with pytest.raises(ValueError, match=r"'weight.absmax' holds 1 NaN/Inf scale\(s\), first at "
+                                         r"index 5"):
+        nf4.from_bnb_state_dict(sd)
+
+
+def test_double_quant_of_huge_weights():
+    # the float32 sum of the scales overflows long before the weights do
+    w = torch.randn(64, 256, generator=torch.Generator().manual_seed(7)).double() * 1e33
+    q = nf4.quantize(w.float(), 64, double_quant=True)
+    got = nf4.dequantize(q, torch.float64)
+    assert torch.isfinite(q.offset) and torch.isfinite(got).all()
+    assert (got - w).norm() / w.norm() < 0.12        # the usual NF4 error (about 0.09 on N(0, 1))
+    # scales at both ends of the float32 range: |scale - mean| and the decoded scales stay finite
+    w = torch.tensor([3.4028e38] * 32 + [1.0] * 32).repeat(64)
+    got = nf4.dequantize(nf4.quantize(w, 32, double_quant=True))
+    assert torch.isfinite(got).all() and got.max() == w.max()
+
+
+def test_dequantize_without_offset_says_so():
+    q = nf4.quantize(torch.randn(8, 64), 64, double_quant=True)
+    q.offset = None
+    with pytest.raises(TypeError, match="q.offset must be a float32 tensor"):
+        nf4.dequantize(q)
+
+
+def test_quantize_on_the_meta_device():
+    q = nf4.quantize(torch.empty(40, 96, device="meta"), 64, double_quant=True)
+    assert q.packed.is_meta and q.packed.shape == (1920,) and q.absmax.dtype == torch.uint8
+    assert nf4.dequantize(q, torch.float32).shape == (40, 96)
