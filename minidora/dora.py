@@ -19,7 +19,8 @@ m_i = 0 and gets zero gradients: it stays zero, as W_0's row was.
 
 (one base product when dropout is off; k s B is an [out, r] product folded into the adapter's
 second matmul, so the scaling costs no extra pass). Since W_0 is frozen, its squared row norms
-are cached once and no [out, in] temporary is ever formed:
+are cached (computed again only when the base's tensors change) and no [out, in] temporary is
+ever formed:
 
 .. math::  c_i^2 = \lVert W_{0,i}\rVert^2 + 2s\,[(W_0 A^\top)\odot B]_{i,\cdot}\mathbf 1
            + s^2\,[(B A A^\top)\odot B]_{i,\cdot}\mathbf 1
@@ -27,7 +28,7 @@ are cached once and no [out, in] temporary is ever formed:
 W_0 A^T is one base product with A as the input ([out, r]), in the same precision as the
 forward's base product (a bf16 base: bf16 inputs, float32 accumulation; its rounding is then
 below that of the bf16 output); the rest is [out, r] work, summed in float32 or better and
-clamped at zero before the square root. :func:`dora_reference` keeps the plain formula as the
+clamped at eps^2 before the square root. :func:`dora_reference` keeps the plain formula as the
 specification; the tests hold the fast path to it.
 """
 
@@ -40,7 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import ops
-from .lora import LoRALinear, base_linear
+from .lora import LoRALinear, _NeedsState, base_linear
 from .nf4 import NF4Weight
 from .nf4_linear import NF4Linear
 
@@ -94,7 +95,7 @@ def base_times_At(base: nn.Module, A: torch.Tensor) -> torch.Tensor:
     return F.linear(A.to(base.weight.dtype), base.weight).T.to(A.dtype)    # [out, r]
 
 
-class DoRALinear(LoRALinear):
+class DoRALinear(LoRALinear, _NeedsState):
     """DoRA (or QDoRA) around a frozen base layer; m (``magnitude``) is [out_features].
 
     Args:
@@ -114,10 +115,28 @@ class DoRALinear(LoRALinear):
                  adapter_dtype: torch.dtype = torch.float32, eps: float = EPS):
         super().__init__(base, r, alpha, dropout, rslora, init, adapter_dtype)
         self.detach_norm, self.eps = bool(detach_norm), eps
-        self.register_buffer("w0_norm_sq", w0_row_norms_sq(base), persistent=False)  # [out] f64
-        with torch.no_grad():
-            m = self.weight_norm_sq().clamp_min(0).sqrt()              # = ||W0|| rows at B = 0
-        self.magnitude = nn.Parameter(m.to(adapter_dtype))             # [out]
+        self._w0_cache = None                                          # (key, [out] float64)
+        self.magnitude = nn.Parameter(torch.empty(self.out_features, dtype=adapter_dtype,
+                                                  device=self.lora_A.device))   # [out]
+        self.reset_adapter()
+
+    @torch.no_grad()
+    def reset_adapter(self) -> None:
+        """A random, B = 0 and m = ||W0|| per row: the layer equals its base."""
+        super().reset_adapter()
+        if hasattr(self, "magnitude"):      # c at B = 0, as forward computes it: k = m / c = 1
+            self.magnitude.copy_(self.weight_norm_sq().clamp_min(0).sqrt())
+
+    def w0_norm_sq(self) -> torch.Tensor:
+        """||W0[i, :]||^2 per row, [out] float64: cached, and computed again whenever a tensor of
+        the base changes (loaded, replaced, moved or written in place: its version counter)."""
+        if self._w0_cache is not None and torch.compiler.is_compiling():
+            return self._w0_cache[1]              # traced graphs use the eager-time cache
+        key = tuple((id(t), t._version, t.data_ptr(), t.device)
+                    for t in (*self.base.parameters(), *self.base.buffers()))
+        if self._w0_cache is None or self._w0_cache[0] != key:
+            self._w0_cache = (key, w0_row_norms_sq(self.base))
+        return self._w0_cache[1]
 
     def weight_norm_sq(self) -> torch.Tensor:
         """c^2 = ||W0 + s B A||^2 per row, by the identity above: [out] in acc_dtype."""
@@ -125,7 +144,7 @@ class DoRALinear(LoRALinear):
         A, B = self.lora_A.to(acc), self.lora_B.to(acc)                # [r, in], [out, r]
         cross = (base_times_At(self.base, A) * B).sum(1)               # [out]
         quad = ((B @ (A @ A.T)) * B).sum(1)                            # [out]
-        return self.w0_norm_sq.to(acc) + 2 * s * cross + s * s * quad
+        return self.w0_norm_sq().to(acc) + 2 * s * cross + s * s * quad
 
     def weight_norm(self) -> torch.Tensor:
         """c = ||W0 + s B A|| per row, clamped at eps (finite value and gradient): [out]."""
@@ -148,29 +167,25 @@ class DoRALinear(LoRALinear):
             y = y * k if b is None else torch.addcmul(b.to(acc), y, k)
         return self.add_lora(y, xd, k).to(x.dtype)                     # + k s x~ A^T B^T
 
-    def _apply(self, fn, recurse=True):
-        keep = self.w0_norm_sq                      # a float64 cache: move it, never cast it
-        super()._apply(fn, recurse)
-        self.w0_norm_sq = keep.to(self.lora_A.device)
-        return self
+    # --- merging: W = (m / c) V'; unmerge divides by the k = m / c that merge keeps ------------
 
-    # --- merging: W = (m / c) V'; unmerge divides by the k = m / c cached here --------------
+    def merged_weight(self) -> torch.Tensor:
+        """The exact merged weight (m / c) V', [out, in] in acc_dtype (nothing is changed)."""
+        v = super().merged_weight()                                    # V' = W0 + s B A
+        c = torch.linalg.vector_norm(v, dim=1).clamp_min(self.eps)     # [out]
+        return (self.magnitude.to(v.dtype) / c)[:, None] * v
 
-    def _merge_weight(self, w0: torch.Tensor) -> torch.Tensor:
-        v = w0 + self.delta_weight().to(w0.dtype)                      # [out, in]
-        c = torch.linalg.vector_norm(v, dim=1).clamp_min(self.eps)
-        self._merge_k = self.magnitude.to(w0.dtype) / c                # [out]
-        zero = (self._merge_k == 0).nonzero().view(-1)  # rows a division cannot bring back
-        self._merge_rows = (zero, w0[zero].clone())
-        return self._merge_k[:, None] * v
+    def _dense_unmerge_state(self, w0: torch.Tensor, exact: torch.Tensor) -> dict:
+        v = super().merged_weight()
+        k = self.magnitude.to(v.dtype) / torch.linalg.vector_norm(v, dim=1).clamp_min(self.eps)
+        zero = (k == 0).nonzero().view(-1)          # rows a division cannot bring back
+        return {"k": k, "zero_rows": zero, "w0_rows": w0[zero].clone()}
 
     def _unmerge_weight(self, w: torch.Tensor) -> torch.Tensor:
-        k = self._merge_k.to(w.dtype)
-        safe_k = torch.where(k == 0, torch.ones_like(k), k)
-        w0 = w / safe_k[:, None] - self.delta_weight().to(w.dtype)
-        zero, rows = self._merge_rows
-        w0[zero] = rows.to(w.dtype)
-        del self._merge_k, self._merge_rows
+        st = self._unmerge_state
+        k = st["k"].to(w.dtype)
+        w0 = w / torch.where(k == 0, torch.ones_like(k), k)[:, None] - self.delta_weight().to(w.dtype)
+        w0[st["zero_rows"]] = st["w0_rows"].to(w.dtype)
         return w0
 
     def extra_repr(self) -> str:

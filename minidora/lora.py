@@ -20,6 +20,7 @@ dtype and the sum is returned in x's dtype.
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn as nn
@@ -31,6 +32,11 @@ from .nf4_linear import NF4Linear
 __all__ = ["LoRALinear", "lora_reference"]
 
 INITS = ("kaiming", "gaussian")
+MERGE_WARN = 0.1   # merge() warns when the stored weight lost more than this share of the update
+
+
+class _NeedsState:
+    """Marks a layer whose dense unmerge needs what merge() cached (DoRA's per-row k)."""
 
 
 def lora_reference(x, W0, bias, A, B, s):
@@ -59,10 +65,15 @@ def _check_args(base, r, alpha, dropout, init) -> None:
     if not isinstance(base, (nn.Linear, NF4Linear)):
         raise TypeError("base must be an nn.Linear or minidora.NF4Linear, "
                         f"got {type(base).__name__}")
+    if base.in_features < 1 or base.out_features < 1:
+        raise ValueError("base must have in_features >= 1 and out_features >= 1, got "
+                         f"{base.in_features} and {base.out_features}")
+    if isinstance(base, nn.Linear) and not base.weight.dtype.is_floating_point:
+        raise TypeError(f"base.weight must be a real floating-point tensor, got {base.weight.dtype}")
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
         raise ValueError(f"r must be an integer >= 1, got {r!r}")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
-        raise ValueError(f"alpha must be a number > 0, got {alpha!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < math.inf:
+        raise ValueError(f"alpha must be a finite number > 0, got {alpha!r}")
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
         raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
     if init not in INITS:
@@ -99,6 +110,7 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, **kw))   # [out, r]
         self.reset_adapter()
         self.merged = False
+        self._unmerge_state = None
 
     @torch.no_grad()
     def reset_adapter(self) -> None:
@@ -143,46 +155,101 @@ class LoRALinear(nn.Module):
 
     # --- merging ---------------------------------------------------------------------------------
 
-    def _merge_weight(self, w0: torch.Tensor) -> torch.Tensor:
+    def merged_weight(self) -> torch.Tensor:
+        """The exact merged weight W0 + s B A, [out, in] in acc_dtype (nothing is changed)."""
+        w0 = base_weight(self.base, self.acc_dtype)
         return w0 + self.delta_weight().to(w0.dtype)
 
     def _unmerge_weight(self, w: torch.Tensor) -> torch.Tensor:
         return w - self.delta_weight().to(w.dtype)
 
     @torch.no_grad()
-    def merge(self) -> float:
+    def merge(self, warn: bool = True) -> float:
         """Fold the adapter into the base weight; forward then runs the base alone.
 
         Returns:
-            The relative Frobenius error ||stored - exact|| / ||exact|| of the merged weight:
-            the rounding to a bf16/fp16 dense base, or the re-quantization error of an NF4 base
-            (dequantize, merge, quantize again: lossy). 0.0 when the base stores it exactly.
+            How much of the adapter's update the stored weight lost, relative to the update:
+            ||stored - exact|| / ||exact - W0|| (0.0 when the base stores it exactly, or when
+            the update is zero). A dense float32/float64 base keeps it exactly; an NF4 base is
+            re-quantized (dequantize, merge, quantize again), which can lose most of a small
+            update: then (``warn``) a warning says so. :func:`minidora.merge_and_unload` keeps
+            the update in a dense layer instead.
         """
         if self.merged:
             raise RuntimeError("this layer is already merged; call unmerge() first")
-        exact = self._merge_weight(base_weight(self.base, self.acc_dtype))   # [out, in]
+        w0 = base_weight(self.base, self.acc_dtype)                          # [out, in]
+        exact = self.merged_weight()                                         # [out, in]
         if isinstance(self.base, NF4Linear):
-            self._saved_nf4 = self.base.weight_nf4    # unmerge restores these bytes exactly
+            self._unmerge_state = {"nf4": self.base.weight_nf4}  # restore these bytes exactly
             q = nf4.quantize(exact.float(), self.base.blocksize, self.base.double_quant)
             q.dtype = self.base.weight_dtype
             self.base._load_weight(q)
         else:
+            self._unmerge_state = self._dense_unmerge_state(w0, exact)
             self.base.weight.copy_(exact)
         self.merged = True
-        stored = base_weight(self.base, exact.dtype)
-        return ((stored - exact).norm() / exact.norm().clamp_min(1e-30)).item()
+        update = (exact - w0).norm()
+        err = 0.0 if update == 0 else ((base_weight(self.base, exact.dtype) - exact).norm()
+                                       / update).item()
+        if warn and err > MERGE_WARN:
+            warnings.warn(f"merging lost {err:.0%} of the adapter's update (the base stores the "
+                          f"merged weight as {self._storage()}); minidora.merge_and_unload keeps "
+                          "it in a dense layer", stacklevel=3)
+        return err
+
+    def _storage(self) -> str:
+        return "NF4" if isinstance(self.base, NF4Linear) else str(self.base.weight.dtype)
+
+    def _dense_unmerge_state(self, w0: torch.Tensor, exact: torch.Tensor) -> dict:
+        return {}
 
     @torch.no_grad()
     def unmerge(self) -> None:
         """Undo :meth:`merge`: exact bytes for an NF4 base, exact up to rounding for a dense one."""
         if not self.merged:
             raise RuntimeError("this layer is not merged")
+        state = getattr(self, "_unmerge_state", None)
+        if state is None and (isinstance(self.base, NF4Linear) or isinstance(self, _NeedsState)):
+            raise RuntimeError("this layer's merged weight came from a loaded state dict: its "
+                               "unmerged weight cannot be recovered from it; load an unmerged "
+                               "state instead")
         if isinstance(self.base, NF4Linear):
-            self.base._load_weight(self._saved_nf4)
-            del self._saved_nf4
+            self.base._load_weight(state["nf4"])
         else:
             self.base.weight.copy_(self._unmerge_weight(base_weight(self.base, self.acc_dtype)))
+        self._unmerge_state = None
         self.merged = False
+
+    # --- state: ``merged`` travels with state_dict; adapters keep their dtype --------------------
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "merged"] = torch.tensor(self.merged)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        flag = state_dict.pop(prefix + "merged", None)    # absent in older state dicts
+        if flag is not None:
+            if not isinstance(flag, torch.Tensor) or flag.numel() != 1 or flag.is_floating_point():
+                error_msgs.append(f"{prefix}merged must be a one-element bool tensor, got {flag!r}")
+            else:
+                self.merged, self._unmerge_state = bool(flag.item()), None
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    def _apply(self, fn, recurse=True):
+        # model.to(torch.bfloat16) must not turn trainable adapters into bf16 behind the user's
+        # back: they keep their dtype (minidora.cast_adapters changes it on purpose).
+        own = {id(t) for p in self._parameters.values() if p is not None
+               for t in (p, p.grad) if t is not None}
+
+        def keep_dtype(t):
+            out = fn(t)
+            if id(t) not in own or out.dtype == t.dtype:
+                return out
+            return t.to(device=out.device)          # a cast: follow the device only
+
+        return super()._apply(keep_dtype, recurse)
 
     def extra_repr(self) -> str:
         return (f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, rslora={self.rslora}, "

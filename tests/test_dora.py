@@ -224,11 +224,15 @@ def test_bf16_dense_base_float32_adapters():
     assert layer.magnitude.grad.dtype == torch.float32 and layer.magnitude.grad.abs().sum() > 0
 
 
-def test_module_casts_keep_the_float64_norm_cache():
+def test_module_cast_keeps_adapters_and_recomputes_the_float64_norm_cache():
     layer = DoRALinear(dense(5, 9, dtype=torch.float32), r=2, alpha=2)
-    cache = layer.w0_norm_sq.clone()
-    layer.to(torch.bfloat16)
-    assert layer.w0_norm_sq.dtype == torch.float64 and torch.equal(layer.w0_norm_sq, cache)
+    before = layer.w0_norm_sq().clone()
+    layer.to(torch.bfloat16)                  # the base is cast; the trainable adapters are not
+    assert layer.base.weight.dtype == torch.bfloat16
+    assert {p.dtype for p in (layer.lora_A, layer.lora_B, layer.magnitude)} == {torch.float32}
+    want = layer.base.weight.double().pow(2).sum(1)       # the norms of what forward now uses
+    got = layer.w0_norm_sq()
+    assert got.dtype == torch.float64 and torch.equal(got, want) and not torch.equal(got, before)
 
 
 # --- merge -----------------------------------------------------------------------------------
@@ -259,10 +263,12 @@ def test_merge_nf4_base_error_and_exact_unmerge():
     packed = base.packed.clone()
     x = torch.randn(3, 64)
     y = layer(x)
-    err = layer.merge()
-    assert 0 < err < 0.2
+    w0, exact = base.dequantize_weight(torch.float32), layer.merged_weight()
+    err = layer.merge()                                 # relative to the update W' - W0
+    stored = base.dequantize_weight(torch.float32)
+    assert abs(err - ((stored - exact).norm() / (exact - w0).norm()).item()) <= 1e-5 * err
     # the merged layer is within the re-quantization error of the adapted one
-    assert (layer(x) - y).norm() / y.norm() < 3 * err
+    assert (layer(x) - y).norm() / y.norm() < 3 * err * (exact - w0).norm() / exact.norm()
     layer.unmerge()
     assert torch.equal(base.packed, packed)
     close(layer(x), y, rtol=0, atol=0)
