@@ -8,7 +8,7 @@ __version__ = "0.1.0"
 from . import analysis
 from .dora import DoRALinear, dora_reference
 from .lora import LoRALinear, lora_reference
-from .model import (METHODS, Report, adapter_layers, load_adapters, load_bnb_nf4_linears,
-                    load_peft_adapter, merge, report, save_adapters, save_peft_adapter, unmerge,
-                    wrap)
+from .model import (METHODS, Report, adapter_layers, cast_adapters, load_adapters,
+                    load_bnb_nf4_linears, load_peft_adapter, merge, merge_and_unload, report,
+                    save_adapters, save_peft_adapter, unmerge, wrap)
 from .nf4_linear import NF4Linear

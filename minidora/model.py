@@ -10,38 +10,37 @@ from their weights), freezes everything else, and returns the model.
   with ``"." + entry`` (``"q_proj"`` matches ``"model.layers.0.self_attn.q_proj"``;
   ``"layers.0.mlp.up_proj"`` matches only that one);
 - a single string: a regular expression that must match the full name (``re.fullmatch``),
-  e.g. ``r".*\\.(q|v)_proj"``.
+  e.g. ``r".*\\.(q|v)_proj"``;
+- ``"all-linear"`` (PEFT's shorthand): every linear layer except the output head (the module
+  ``get_output_embeddings()`` returns in a Hugging Face model, else one named ``lm_head``).
 
 Only linear layers are candidates: ``nn.Linear``, an existing ``NF4Linear``, and Hugging Face's
 GPT-2 ``Conv1D`` (weight stored [in, out], "fan_in_fan_out"; it becomes an ``nn.Linear`` with
 the transposed weight, which computes the same function). A list entry that matches nothing is
 an error that lists the linear layers the model has.
 
-Adapter files are safetensors (never pickle) plus a JSON config next to them; PEFT's
-``adapter_model.safetensors`` + ``adapter_config.json`` can be imported and exported.
+Adapter files (minidora's folder, PEFT's folder, bitsandbytes' NF4 keys) are read and written
+by :mod:`minidora.checkpoint`; its functions are re-exported here and from ``minidora``.
 """
 
 from __future__ import annotations
 
-import json
 import re
+import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
 
 from .dora import DoRALinear
-from .lora import LoRALinear
+from .lora import MERGE_WARN, LoRALinear
 from .nf4_linear import NF4Linear
 
-__all__ = ["wrap", "report", "Report", "merge", "unmerge", "adapter_layers", "save_adapters",
-           "load_adapters", "load_peft_adapter", "save_peft_adapter", "load_bnb_nf4_linears",
-           "METHODS"]
+__all__ = ["wrap", "report", "Report", "merge", "unmerge", "merge_and_unload", "cast_adapters",
+           "adapter_layers", "save_adapters", "load_adapters", "load_peft_adapter",
+           "save_peft_adapter", "load_bnb_nf4_linears", "METHODS"]
 
 METHODS = ("lora", "dora", "qlora", "qdora")
-_PEFT_PREFIX = "base_model.model."
 
 
 def _is_conv1d(m: nn.Module) -> bool:
@@ -60,8 +59,23 @@ def adapter_layers(model: nn.Module) -> dict[str, LoRALinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
+def _output_head(model: nn.Module, linears: dict) -> set[str]:
+    """The output layer "all-linear" leaves out: ``get_output_embeddings()`` of a Hugging Face
+    model, else a module named ``lm_head``."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    return {n for n, m in linears.items()
+            if (head is not None and m is head) or n.rpartition(".")[2] == "lm_head"}
+
+
 def _select(model: nn.Module, target_modules) -> list[str]:
     linears = _linear_modules(model)
+    if target_modules == "all-linear":
+        chosen = [n for n in linears if n not in _output_head(model, linears)]
+        if not chosen:
+            raise ValueError("target_modules='all-linear' matches no linear layer: the model has "
+                             f"none besides its output head ({sorted(linears) or 'none'})")
+        return chosen
     if isinstance(target_modules, str):
         chosen = [n for n in linears if re.fullmatch(target_modules, n)]
         entries_missing = [] if chosen else [target_modules]
@@ -212,13 +226,55 @@ def report(model: nn.Module) -> Report:
 
 # --- merge -------------------------------------------------------------------------------------
 
+def _tied_elsewhere(model: nn.Module, name: str, layer: LoRALinear) -> list[str]:
+    """Names of parameters outside ``layer`` that are the very tensor of its dense base weight."""
+    w = getattr(layer.base, "weight", None)
+    if w is None:
+        return []
+    inside = {f"{name}.{n}" if name else n for n, _ in layer.named_parameters(remove_duplicate=False)}
+    return [n for n, p in model.named_parameters(remove_duplicate=False)
+            if p is w and n not in inside]
+
+
 def merge(model: nn.Module) -> dict[str, float]:
-    """Merge every adapter into its base weight. Returns {layer name: relative weight error}
-    (0.0 for a float32/float64 dense base; the re-quantization error for an NF4 base)."""
+    """Merge every adapter into its base weight, all or none.
+
+    Returns:
+        {layer name: share of the adapter's update the stored weight lost} (see
+        :meth:`LoRALinear.merge`): 0.0 for a float32/float64 dense base; for an NF4 base the
+        re-quantization can lose most of a small update, and one warning then names the worst
+        layers (:func:`merge_and_unload` keeps the update in dense layers instead).
+
+    Raises:
+        ValueError: a base weight is tied to another module (e.g. ``lm_head`` and the input
+            embeddings): merging would change that module too. Untie it first.
+    """
     layers = adapter_layers(model)
     if not layers:
         raise ValueError("model has no minidora adapter layers to merge; call minidora.wrap first")
-    return {n: layer.merge() for n, layer in layers.items()}
+    for n, layer in layers.items():
+        tied = _tied_elsewhere(model, n, layer)
+        if tied and not layer.merged:
+            raise ValueError(f"layer {n!r}: its base weight is also {tied} (tied weights); merging "
+                             "would change those too. Untie it first, e.g. "
+                             f"model.{n}.base.weight = nn.Parameter(model.{n}.base.weight.clone())")
+    errors, done = {}, []
+    try:
+        for n, layer in layers.items():
+            errors[n] = layer.merge(warn=False)
+            done.append(layer)
+    except BaseException:
+        for layer in done:                           # all or none
+            layer.unmerge()
+        raise
+    lossy = sorted(((e, n) for n, e in errors.items() if e > MERGE_WARN), reverse=True)
+    if lossy:
+        worst = ", ".join(f"{n} {e:.0%}" for e, n in lossy[:3])
+        warnings.warn(f"merging lost more than {MERGE_WARN:.0%} of the adapter's update in "
+                      f"{len(lossy)} of {len(errors)} layers ({worst}): re-quantizing to NF4 "
+                      "rounds a small update away; minidora.merge_and_unload(model) keeps it in "
+                      "dense layers", stacklevel=2)
+    return errors
 
 
 def unmerge(model: nn.Module) -> None:
@@ -228,223 +284,57 @@ def unmerge(model: nn.Module) -> None:
             layer.unmerge()
 
 
-# --- minidora adapter files --------------------------------------------------------------
+@torch.no_grad()
+def merge_and_unload(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """Replace every adapter layer by a plain ``nn.Linear`` holding its exact merged weight
+    (an NF4 base is dequantized first, so nothing is re-quantized): a model for export or
+    inference with no minidora module left in it.
 
-def _layer_config(layer: LoRALinear) -> dict:
-    return {"kind": "dora" if isinstance(layer, DoRALinear) else "lora",
-            "quantized": isinstance(layer.base, NF4Linear), "r": layer.r, "alpha": layer.alpha,
-            "rslora": layer.rslora, "in_features": layer.in_features,
-            "out_features": layer.out_features}
-
-
-def _method_of(layers: dict[str, LoRALinear]) -> str:
-    kinds = {("q" if c["quantized"] else "") + c["kind"]
-             for c in map(_layer_config, layers.values())}
-    return kinds.pop() if len(kinds) == 1 else "mixed"
-
-
-def _adapter_tensors(layer: LoRALinear) -> dict[str, torch.Tensor]:
-    t = {"lora_A": layer.lora_A, "lora_B": layer.lora_B}
-    if isinstance(layer, DoRALinear):
-        t["magnitude"] = layer.magnitude
-    return t
-
-
-def save_adapters(model: nn.Module, path) -> Path:
-    """Write only the adapters: ``path`` (safetensors) and ``path`` with suffix ``.json``.
+    Args:
+        model: a wrapped model (unmerged layers).
+        dtype: dtype of the new weights and biases; default: the dense base's dtype, or for an
+            NF4 base the dtype its weight was quantized from.
 
     Returns:
-        The path of the JSON config.
+        The model (or the new ``nn.Linear`` when the model itself was the adapter layer).
     """
-    import minidora
-
     layers = adapter_layers(model)
     if not layers:
-        raise ValueError("model has no minidora adapter layers to save; call minidora.wrap first")
-    path = Path(path)
-    tensors = {f"{n}.{k}": t.detach().contiguous().cpu()
-               for n, layer in layers.items() for k, t in _adapter_tensors(layer).items()}
-    config = {"format": "minidora-adapters", "minidora_version": minidora.__version__,
-              "method": _method_of(layers),
-              "layers": {n: _layer_config(layer) for n, layer in layers.items()}}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata={"minidora_config": json.dumps(config)})
-    json_path = path.with_suffix(".json")
-    json_path.write_text(json.dumps(config, indent=2) + "\n")
-    return json_path
-
-
-def load_adapters(model: nn.Module, path) -> nn.Module:
-    """Load adapters written by :func:`save_adapters` into a model wrapped the same way.
-
-    Method, layer names, ranks, scalings and shapes must all agree; any mismatch raises a
-    ValueError naming it. Reads safetensors and JSON only (nothing is unpickled).
-    """
-    path = Path(path)
-    json_path = path.with_suffix(".json")
-    if not path.is_file():
-        raise FileNotFoundError(f"adapter file {str(path)!r} does not exist")
-    if json_path.is_file():
-        config = json.loads(json_path.read_text())
-    else:
-        from safetensors import safe_open
-        with safe_open(str(path), "pt") as f:
-            config = json.loads((f.metadata() or {}).get("minidora_config", "null"))
-    if (not isinstance(config, dict) or config.get("format") != "minidora-adapters"
-            or not isinstance(config.get("layers"), dict) or "method" not in config):
-        raise ValueError(f"{str(json_path)!r} is not a minidora adapter config (expected the JSON "
-                         "that save_adapters writes, with 'format', 'method' and 'layers')")
-    layers = adapter_layers(model)
-    if not layers:
-        raise ValueError(f"model has no adapter layers: call minidora.wrap(model, "
-                         f"{config['method']!r}, ...) with the saved targets first")
-    if _method_of(layers) != config["method"]:
-        raise ValueError(f"adapter file holds method {config['method']!r} but the model is "
-                         f"wrapped with {_method_of(layers)!r}")
-    saved, have = set(config["layers"]), set(layers)
-    if saved != have:
-        raise ValueError(f"adapter layer names differ: in the file only {sorted(saved - have)}, "
-                         f"in the model only {sorted(have - saved)}")
+        raise ValueError("model has no minidora adapter layers to merge; call minidora.wrap first")
+    new = {}
     for n, layer in layers.items():
-        want, got = config["layers"][n], _layer_config(layer)
-        for key in ("kind", "r", "alpha", "rslora", "in_features", "out_features"):
-            if not isinstance(want, dict) or want.get(key) != got[key]:
-                have = want.get(key) if isinstance(want, dict) else want
-                raise ValueError(f"layer {n!r}: the file has {key}={have!r}, "
-                                 f"the model has {key}={got[key]!r}")
-    tensors = load_file(str(path))
-    with torch.no_grad():
-        for n, layer in layers.items():
-            if layer.merged:
-                raise ValueError(f"layer {n!r} is merged; unmerge before loading adapters")
-            for k, p in _adapter_tensors(layer).items():
-                t = tensors.get(f"{n}.{k}")
-                if t is None or tuple(t.shape) != tuple(p.shape):
-                    raise ValueError(f"tensor {n}.{k}: expected shape {tuple(p.shape)}, got "
-                                     f"{None if t is None else tuple(t.shape)}")
-                p.copy_(t)
+        if layer.merged:
+            raise ValueError(f"layer {n!r} is already merged into its base; unmerge it first")
+        base = layer.base
+        want = dtype or (base.weight_dtype if isinstance(base, NF4Linear) else base.weight.dtype)
+        w = layer.merged_weight()                                          # [out, in]
+        lin = nn.Linear(layer.in_features, layer.out_features, bias=base.bias is not None,
+                        device=w.device, dtype=want)
+        lin.weight.copy_(w)
+        if base.bias is not None:
+            lin.bias.copy_(base.bias)
+        lin.requires_grad_(False)
+        new[n] = lin
+    if "" in new:
+        return new[""]
+    for n, lin in new.items():
+        _set_module(model, n, lin)
     return model
 
 
-# --- PEFT adapter files ------------------------------------------------------------------------
-
-def load_peft_adapter(model: nn.Module, path, **wrap_kwargs) -> nn.Module:
-    """Import a PEFT LoRA/DoRA adapter directory (adapter_config.json + adapter_model.safetensors).
-
-    An unwrapped model is wrapped first (targets: exactly the modules named in the file; method
-    lora or dora, over whatever base each target is: an ``NF4Linear`` gives QLoRA/QDoRA);
-    ``wrap_kwargs`` go to :func:`wrap` (e.g. ``compute_dtype``). Keys are
-    ``base_model.model.<module>.lora_A.weight`` [r, in], ``.lora_B.weight`` [out, r] and for DoRA
-    ``.lora_magnitude_vector`` [out]. GPT-2's Conv1D ("fan_in_fan_out") is handled.
-
-    Returns:
-        The model (the same object) with the adapter weights loaded.
-    """
-    path = Path(path)
-    cfg_path, st_path = path / "adapter_config.json", path / "adapter_model.safetensors"
-    for p in (cfg_path, st_path):
-        if not p.is_file():
-            raise FileNotFoundError(f"PEFT adapter file {str(p)!r} does not exist")
-    cfg = json.loads(cfg_path.read_text())
-    if cfg.get("peft_type") != "LORA":
-        raise ValueError(f"peft_type must be 'LORA', got {cfg.get('peft_type')!r}")
-    for key in ("rank_pattern", "alpha_pattern"):
-        if cfg.get(key):
-            raise ValueError(f"PEFT {key} (per-layer ranks/alphas) is not supported, "
-                             f"got {cfg[key]}")
-    if cfg.get("lora_bias") or cfg.get("bias", "none") != "none":
-        raise ValueError("PEFT adapters with trained biases (bias / lora_bias) are not supported")
-    method = "dora" if cfg.get("use_dora") else "lora"
-    tensors = load_file(str(st_path))
-    bad = [k for k in tensors if not k.startswith(_PEFT_PREFIX)]
-    if bad:
-        raise ValueError(f"keys must start with {_PEFT_PREFIX!r} (PEFT ignores others), "
-                         f"got {bad[:3]}")
-    names = sorted({k[len(_PEFT_PREFIX):].rsplit(".lora_A.weight", 1)[0]
-                    for k in tensors if k.endswith(".lora_A.weight")})
-    if not names:
-        raise ValueError(f"{str(st_path)!r} holds no '.lora_A.weight' tensors")
-    if not adapter_layers(model):
-        opts = dict(r=cfg["r"], alpha=cfg["lora_alpha"], rslora=bool(cfg.get("use_rslora")),
-                    dropout=float(cfg.get("lora_dropout") or 0.0))
-        model = wrap(model, method, names, **{**opts, **wrap_kwargs})
-    layers = adapter_layers(model)
-    if sorted(layers) != names:
-        raise ValueError(f"the model's adapter layers {sorted(layers)} differ from the file's "
-                         f"{names}")
-    with torch.no_grad():
-        for n, layer in layers.items():
-            if isinstance(layer, DoRALinear) != (method == "dora"):
-                raise ValueError(f"layer {n!r} is {type(layer).__name__} but the file is {method}")
-            if layer.r != cfg["r"]:
-                raise ValueError(f"layer {n!r} has r={layer.r}, the file r={cfg['r']}")
-            if bool(cfg.get("fan_in_fan_out")) != getattr(layer.base, "fan_in_fan_out", False):
-                raise ValueError(f"layer {n!r}: fan_in_fan_out={cfg.get('fan_in_fan_out')} in the "
-                                 "file does not fit the model's layer (Conv1D <-> Linear)")
-            pairs = {"lora_A.weight": layer.lora_A, "lora_B.weight": layer.lora_B}
-            if method == "dora":
-                pairs["lora_magnitude_vector"] = layer.magnitude
-            for suffix, p in pairs.items():
-                t = tensors.get(f"{_PEFT_PREFIX}{n}.{suffix}")
-                if t is None or tuple(t.shape) != tuple(p.shape):
-                    got = None if t is None else tuple(t.shape)
-                    raise ValueError(f"{_PEFT_PREFIX}{n}.{suffix}: expected shape "
-                                     f"{tuple(p.shape)}, got {got}")
-                p.copy_(t)
+def cast_adapters(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Cast every adapter's trainable tensors (A, B, m) to ``dtype``. ``model.to(dtype)`` leaves
+    them as they are on purpose (QLoRA trains float32 adapters over a bf16 model)."""
+    if dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+        raise TypeError(f"dtype must be a floating dtype, got {dtype}")
+    for layer in adapter_layers(model).values():
+        for p in layer._parameters.values():
+            if p is not None:
+                p.data = p.data.to(dtype)
     return model
 
 
-def save_peft_adapter(model: nn.Module, path) -> Path:
-    """Export the adapters as a PEFT adapter directory that ``PeftModel.from_pretrained`` loads.
+# --- files (in minidora.checkpoint; re-exported here for older imports) ------------------------
 
-    All layers must share method, r, alpha and rsLoRA (PEFT's per-layer patterns are not written).
-    """
-    layers = adapter_layers(model)
-    if not layers:
-        raise ValueError("model has no minidora adapter layers to export; call minidora.wrap first")
-    confs = {n: _layer_config(layer) for n, layer in layers.items()}
-    shared = {(c["kind"], c["r"], c["alpha"], c["rslora"]) for c in confs.values()}
-    fan = {bool(getattr(layer.base, "fan_in_fan_out", False)) for layer in layers.values()}
-    if len(shared) != 1 or len(fan) != 1:
-        raise ValueError("PEFT export needs one kind, r, alpha, rslora and fan_in_fan_out for all "
-                         f"layers, got {sorted(shared)} and fan_in_fan_out {sorted(fan)}")
-    kind, r, alpha, rslora = shared.pop()
-    tensors = {}
-    for n, layer in layers.items():
-        tensors[f"{_PEFT_PREFIX}{n}.lora_A.weight"] = layer.lora_A.detach().float().contiguous()
-        tensors[f"{_PEFT_PREFIX}{n}.lora_B.weight"] = layer.lora_B.detach().float().contiguous()
-        if kind == "dora":
-            tensors[f"{_PEFT_PREFIX}{n}.lora_magnitude_vector"] = (
-                layer.magnitude.detach().float().contiguous())
-    dropout = {layer.dropout_p for layer in layers.values()}
-    config = {"peft_type": "LORA", "task_type": None, "base_model_name_or_path": None,
-              "r": r, "lora_alpha": alpha, "use_rslora": rslora, "use_dora": kind == "dora",
-              "lora_dropout": max(dropout), "target_modules": sorted(layers),
-              "fan_in_fan_out": fan.pop(), "bias": "none", "init_lora_weights": True,
-              "inference_mode": True}
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.cpu() for k, v in tensors.items()}, str(path / "adapter_model.safetensors"),
-              metadata={"format": "pt"})
-    (path / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    return path
-
-
-def load_bnb_nf4_linears(model: nn.Module, state_dict: dict[str, torch.Tensor],
-                         compute_dtype: torch.dtype = torch.bfloat16) -> list[str]:
-    """Replace each ``nn.Linear`` that ``state_dict`` stores in bitsandbytes' NF4 layout
-    (``<name>.weight`` + ``<name>.weight.absmax`` + ``.quant_state.bitsandbytes__nf4``...)
-    by an :class:`NF4Linear` holding those exact bytes. Returns the names replaced."""
-    done = []
-    for name, m in list(model.named_modules()):
-        if (isinstance(m, nn.Linear)
-                and f"{name}.weight.quant_state.bitsandbytes__nf4" in state_dict):
-            layer = NF4Linear.from_bnb_state_dict(state_dict, f"{name}.",
-                                                  compute_dtype=compute_dtype)
-            if (layer.in_features, layer.out_features) != (m.in_features, m.out_features):
-                raise ValueError(f"{name}: the checkpoint holds a {layer.out_features}x"
-                                 f"{layer.in_features} weight, the model a {m.out_features}x"
-                                 f"{m.in_features} one")
-            _set_module(model, name, layer.to(m.weight.device))
-            done.append(name)
-    return done
+from .checkpoint import (load_adapters, load_bnb_nf4_linears, load_peft_adapter,  # noqa: E402
+                         save_adapters, save_peft_adapter)
