@@ -19,8 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .dora import DoRALinear
-from .lora import LoRALinear, base_weight
+from . import base as frozen
+from .lora import LoRALinear
 
 __all__ = ["weight_decomposition", "effective_weight", "effective_weights", "decompose_model",
            "correlation"]
@@ -51,15 +51,9 @@ def effective_weight(layer: nn.Module) -> torch.Tensor:
     if not isinstance(layer, LoRALinear):
         raise TypeError(f"layer must be an nn.Linear or a minidora adapter layer, "
                         f"got {type(layer).__name__}")
-    acc = layer.acc_dtype
-    w0 = base_weight(layer.base, acc)                                  # [out, in]
     if layer.merged:
-        return w0.float()
-    v = w0 + layer.delta_weight().to(acc)
-    if isinstance(layer, DoRALinear):
-        c = torch.linalg.vector_norm(v, dim=1).clamp_min(layer.eps)
-        v = (layer.magnitude.to(acc) / c)[:, None] * v
-    return v.float()
+        return frozen.weight(layer.base, torch.float32)                # what the base now stores
+    return layer.merged_weight().float()                               # [out, in]
 
 
 def effective_weights(model: nn.Module, names=None) -> dict[str, torch.Tensor]:

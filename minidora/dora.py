@@ -34,16 +34,12 @@ specification; the tests hold the fast path to it.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import ops
-from .lora import LoRALinear, _NeedsState, base_linear
-from .nf4 import NF4Weight
-from .nf4_linear import NF4Linear
+from . import base as frozen
+from .lora import LoRALinear
 
 __all__ = ["DoRALinear", "dora_reference"]
 
@@ -59,43 +55,13 @@ def dora_reference(x, W0, bias, A, B, m, s, detach_norm=False, eps=EPS):
     return F.linear(x, (m / c)[:, None] * V, bias)
 
 
-def w0_row_norms_sq(base: nn.Module, chunk_elems: int = 1 << 20) -> torch.Tensor:
-    """||W0[i, :]||^2 for every row, summed in float64, without an [out, in] temporary: [out].
-
-    W0 is the weight the forward applies: a dense base's own values, an NF4 base's dequantized
-    to its compute dtype, one chunk of whole blocks at a time.
-    """
-    n_out, n_in = base.out_features, base.in_features
-    out = []
-    if isinstance(base, NF4Linear):
-        q = base.weight_nf4
-        bs = q.blocksize
-        scales = q.scales()                                          # [n_blocks] float32
-        unit = bs // math.gcd(n_in, bs)   # rows per whole number of blocks (bs is even)
-        step = max(unit, (chunk_elems // n_in) // unit * unit)
-        for r0 in range(0, n_out, step):
-            r1 = min(n_out, r0 + step)
-            e0, e1 = r0 * n_in, r1 * n_in                            # e0 is block-aligned
-            part = NF4Weight(q.packed[e0 // 2:(e1 + 1) // 2], scales[e0 // bs:-(-e1 // bs)],
-                             (r1 - r0, n_in), torch.float32, bs)
-            w = ops.nf4_dequantize(part, base.compute_dtype)         # [rows, in]
-            out.append(w.double().pow(2).sum(1))
-    else:
-        step = max(1, chunk_elems // n_in)
-        for r0 in range(0, n_out, step):
-            out.append(base.weight[r0:r0 + step].detach().double().pow(2).sum(1))
-    return torch.cat(out)                                            # [out]
-
-
 def base_times_At(base: nn.Module, A: torch.Tensor) -> torch.Tensor:
     """W0 A^T: [out, r] in A's dtype, differentiable in A: one base product with A as the input,
     in the dtype of the forward's base product (e.g. bfloat16 with float32 accumulation)."""
-    if isinstance(base, NF4Linear):
-        return ops.nf4_linear(A.to(base.compute_dtype), base.weight_nf4).T.to(A.dtype)
-    return F.linear(A.to(base.weight.dtype), base.weight).T.to(A.dtype)    # [out, r]
+    return frozen.product(base, A, bias=False).T.to(A.dtype)                  # [out, r]
 
 
-class DoRALinear(LoRALinear, _NeedsState):
+class DoRALinear(LoRALinear):
     """DoRA (or QDoRA) around a frozen base layer; m (``magnitude``) is [out_features].
 
     Args:
@@ -135,7 +101,7 @@ class DoRALinear(LoRALinear, _NeedsState):
         key = tuple((id(t), t._version, t.data_ptr(), t.device)
                     for t in (*self.base.parameters(), *self.base.buffers()))
         if self._w0_cache is None or self._w0_cache[0] != key:
-            self._w0_cache = (key, w0_row_norms_sq(self.base))
+            self._w0_cache = (key, frozen.row_norms_sq(self.base))
         return self._w0_cache[1]
 
     def weight_norm_sq(self) -> torch.Tensor:
@@ -154,16 +120,16 @@ class DoRALinear(LoRALinear, _NeedsState):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [..., in_features] -> [..., out_features] in x's dtype."""
         if self.merged:
-            return base_linear(self.base, x).to(x.dtype)
+            return frozen.product(self.base, x).to(x.dtype)
         acc, b = self.acc_dtype, self.base.bias
         k = self.magnitude.to(acc) / self.weight_norm()                # [out]
         if self.training and self.dropout_p > 0:                       # x~ != x: two base products
             xd = self.dropout(x)                                       # [..., in]
-            y = torch.addcmul(base_linear(self.base, x).to(acc),       # x W0^T + b
-                              base_linear(self.base, xd, bias=False).to(acc), k - 1)
+            y = torch.addcmul(frozen.product(self.base, x).to(acc),       # x W0^T + b
+                              frozen.product(self.base, xd, bias=False).to(acc), k - 1)
         else:                                                          # x~ = x: one base product
             xd = x
-            y = base_linear(self.base, x, bias=False).to(acc)          # [..., out]
+            y = frozen.product(self.base, x, bias=False).to(acc)          # [..., out]
             y = y * k if b is None else torch.addcmul(b.to(acc), y, k)
         return self.add_lora(y, xd, k).to(x.dtype)                     # + k s x~ A^T B^T
 
@@ -175,7 +141,9 @@ class DoRALinear(LoRALinear, _NeedsState):
         c = torch.linalg.vector_norm(v, dim=1).clamp_min(self.eps)     # [out]
         return (self.magnitude.to(v.dtype) / c)[:, None] * v
 
-    def _dense_unmerge_state(self, w0: torch.Tensor, exact: torch.Tensor) -> dict:
+    _unmerge_extra_needed = True
+
+    def _unmerge_extra(self, w0: torch.Tensor) -> dict:
         v = super().merged_weight()
         k = self.magnitude.to(v.dtype) / torch.linalg.vector_norm(v, dim=1).clamp_min(self.eps)
         zero = (k == 0).nonzero().view(-1)          # rows a division cannot bring back

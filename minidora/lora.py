@@ -26,8 +26,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import nf4
-from .nf4_linear import NF4Linear
+from . import base as frozen
+from ._state import AdapterModule
 
 __all__ = ["LoRALinear", "lora_reference"]
 
@@ -35,41 +35,13 @@ INITS = ("kaiming", "gaussian")
 MERGE_WARN = 0.1   # merge() warns when the stored weight lost more than this share of the update
 
 
-class _NeedsState:
-    """Marks a layer whose dense unmerge needs what merge() cached (DoRA's per-row k)."""
-
-
 def lora_reference(x, W0, bias, A, B, s):
     """The formula itself: y = x (W0 + s B A)^T + b. x: [..., in], W0: [out, in] -> [..., out]."""
     return F.linear(x, W0 + s * (B @ A), bias)
 
 
-# --- the frozen base, dense or NF4 -------------------------------------------------------------
-
-def base_weight(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
-    """W0 as a dense [out, in] tensor of ``dtype`` (dequantized for an NF4 base)."""
-    if isinstance(base, NF4Linear):
-        return base.dequantize_weight(dtype)
-    return base.weight.to(dtype)
-
-
-def base_linear(base: nn.Module, x: torch.Tensor, bias: bool = True) -> torch.Tensor:
-    """x [..., in] -> x W0^T (+ b) [..., out], computed in the base's dtype (not cast back)."""
-    if isinstance(base, NF4Linear):
-        return base.linear(x, bias)
-    w = base.weight
-    return F.linear(x.to(w.dtype), w, base.bias if bias else None)
-
-
 def _check_args(base, r, alpha, dropout, init) -> None:
-    if not isinstance(base, (nn.Linear, NF4Linear)):
-        raise TypeError("base must be an nn.Linear or minidora.NF4Linear, "
-                        f"got {type(base).__name__}")
-    if base.in_features < 1 or base.out_features < 1:
-        raise ValueError("base must have in_features >= 1 and out_features >= 1, got "
-                         f"{base.in_features} and {base.out_features}")
-    if isinstance(base, nn.Linear) and not base.weight.dtype.is_floating_point:
-        raise TypeError(f"base.weight must be a real floating-point tensor, got {base.weight.dtype}")
+    frozen.check(base)
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
         raise ValueError(f"r must be an integer >= 1, got {r!r}")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < math.inf:
@@ -80,7 +52,7 @@ def _check_args(base, r, alpha, dropout, init) -> None:
         raise ValueError(f"init must be one of {INITS}, got {init!r}")
 
 
-class LoRALinear(nn.Module):
+class LoRALinear(AdapterModule):
     """LoRA (or QLoRA) around a frozen base layer.
 
     Args:
@@ -92,6 +64,8 @@ class LoRALinear(nn.Module):
         init: ``"kaiming"`` (A ~ U(+-1/sqrt(in))) or ``"gaussian"`` (A normal, std 1/r); B = 0.
         adapter_dtype: dtype of A and B (float32; float64 for gradient checks).
     """
+
+    _unmerge_extra_needed = False    # DoRA: a dense unmerge needs what merge() kept (its k)
 
     def __init__(self, base: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.0,
                  rslora: bool = False, init: str = "kaiming",
@@ -148,7 +122,7 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [..., in_features] -> [..., out_features] in x's dtype."""
-        y = base_linear(self.base, x)                                       # [..., out]
+        y = frozen.product(self.base, x)                                    # [..., out]
         if self.merged:
             return y.to(x.dtype)
         return self.add_lora(y.to(self.acc_dtype), self.dropout(x)).to(x.dtype)
@@ -157,7 +131,7 @@ class LoRALinear(nn.Module):
 
     def merged_weight(self) -> torch.Tensor:
         """The exact merged weight W0 + s B A, [out, in] in acc_dtype (nothing is changed)."""
-        w0 = base_weight(self.base, self.acc_dtype)
+        w0 = frozen.weight(self.base, self.acc_dtype)
         return w0 + self.delta_weight().to(w0.dtype)
 
     def _unmerge_weight(self, w: torch.Tensor) -> torch.Tensor:
@@ -177,30 +151,22 @@ class LoRALinear(nn.Module):
         """
         if self.merged:
             raise RuntimeError("this layer is already merged; call unmerge() first")
-        w0 = base_weight(self.base, self.acc_dtype)                          # [out, in]
+        w0 = frozen.weight(self.base, self.acc_dtype)                        # [out, in]
         exact = self.merged_weight()                                         # [out, in]
-        if isinstance(self.base, NF4Linear):
-            self._unmerge_state = {"nf4": self.base.weight_nf4}  # restore these bytes exactly
-            q = nf4.quantize(exact.float(), self.base.blocksize, self.base.double_quant)
-            q.dtype = self.base.weight_dtype
-            self.base._load_weight(q)
-        else:
-            self._unmerge_state = self._dense_unmerge_state(w0, exact)
-            self.base.weight.copy_(exact)
+        extra = self._unmerge_extra(w0)
+        self._unmerge_state = {"base": frozen.store(self.base, exact), **extra}
         self.merged = True
         update = (exact - w0).norm()
-        err = 0.0 if update == 0 else ((base_weight(self.base, exact.dtype) - exact).norm()
+        err = 0.0 if update == 0 else ((frozen.weight(self.base, exact.dtype) - exact).norm()
                                        / update).item()
         if warn and err > MERGE_WARN:
             warnings.warn(f"merging lost {err:.0%} of the adapter's update (the base stores the "
-                          f"merged weight as {self._storage()}); minidora.merge_and_unload keeps "
-                          "it in a dense layer", stacklevel=3)
+                          f"merged weight as {frozen.storage(self.base)}); "
+                          "minidora.merge_and_unload keeps it in a dense layer", stacklevel=3)
         return err
 
-    def _storage(self) -> str:
-        return "NF4" if isinstance(self.base, NF4Linear) else str(self.base.weight.dtype)
-
-    def _dense_unmerge_state(self, w0: torch.Tensor, exact: torch.Tensor) -> dict:
+    def _unmerge_extra(self, w0: torch.Tensor) -> dict:
+        """What unmerging a dense base needs besides the merged weight (DoRA: its k = m / c)."""
         return {}
 
     @torch.no_grad()
@@ -208,48 +174,17 @@ class LoRALinear(nn.Module):
         """Undo :meth:`merge`: exact bytes for an NF4 base, exact up to rounding for a dense one."""
         if not self.merged:
             raise RuntimeError("this layer is not merged")
-        state = getattr(self, "_unmerge_state", None)
-        if state is None and (isinstance(self.base, NF4Linear) or isinstance(self, _NeedsState)):
+        state = self._unmerge_state
+        if state is None and (not isinstance(self.base, nn.Linear) or self._unmerge_extra_needed):
             raise RuntimeError("this layer's merged weight came from a loaded state dict: its "
                                "unmerged weight cannot be recovered from it; load an unmerged "
                                "state instead")
-        if isinstance(self.base, NF4Linear):
-            self.base._load_weight(state["nf4"])
-        else:
-            self.base.weight.copy_(self._unmerge_weight(base_weight(self.base, self.acc_dtype)))
+        if state is not None and state["base"] is not None:      # the exact old bytes
+            frozen.restore(self.base, state["base"])
+        else:                                                    # a dense base: W0 = W - s B A
+            frozen.store(self.base, self._unmerge_weight(frozen.weight(self.base, self.acc_dtype)))
         self._unmerge_state = None
         self.merged = False
-
-    # --- state: ``merged`` travels with state_dict; adapters keep their dtype --------------------
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        destination[prefix + "merged"] = torch.tensor(self.merged)
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):
-        flag = state_dict.pop(prefix + "merged", None)    # absent in older state dicts
-        if flag is not None:
-            if not isinstance(flag, torch.Tensor) or flag.numel() != 1 or flag.is_floating_point():
-                error_msgs.append(f"{prefix}merged must be a one-element bool tensor, got {flag!r}")
-            else:
-                self.merged, self._unmerge_state = bool(flag.item()), None
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
-
-    def _apply(self, fn, recurse=True):
-        # model.to(torch.bfloat16) must not turn trainable adapters into bf16 behind the user's
-        # back: they keep their dtype (minidora.cast_adapters changes it on purpose).
-        own = {id(t) for p in self._parameters.values() if p is not None
-               for t in (p, p.grad) if t is not None}
-
-        def keep_dtype(t):
-            out = fn(t)
-            if id(t) not in own or out.dtype == t.dtype:
-                return out
-            return t.to(device=out.device)          # a cast: follow the device only
-
-        return super()._apply(keep_dtype, recurse)
 
     def extra_repr(self) -> str:
         return (f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, rslora={self.rslora}, "

@@ -112,6 +112,23 @@ class NF4Weight:
         """The float32 per-block scales, decoding the double quantization if present."""
         return _decode_scales(self.absmax, self.nested_absmax, self.offset)
 
+    def plain_scales(self) -> NF4Weight:
+        """The same weight with its double-quantized scales decoded to float32 (same values)."""
+        return NF4Weight(self.packed, self.scales(), self.shape, self.dtype, self.blocksize)
+
+    def rows(self, r0: int, r1: int) -> NF4Weight:
+        """Rows r0:r1 of a 2-D weight with float32 scales, sharing storage. The rows must start
+        a block and a byte (r0 * in_features a multiple of blocksize); the last block may be
+        partial, as at the end of any weight."""
+        n_out, n_in = self.shape
+        e0, e1 = r0 * n_in, r1 * n_in
+        if self.double_quant or e0 % self.blocksize or not 0 <= r0 < r1 <= n_out:
+            raise ValueError(f"rows({r0}, {r1}) needs float32 scales (plain_scales()), rows within "
+                             f"{n_out}, and r0 * {n_in} a multiple of blocksize {self.blocksize}")
+        bs = self.blocksize
+        return NF4Weight(self.packed[e0 // 2:(e1 + 1) // 2], self.absmax[e0 // bs:-(-e1 // bs)],
+                         (r1 - r0, n_in), self.dtype, bs)
+
 
 def storage_bits_per_param(numel: int, blocksize: int = 64, double_quant: bool = True) -> float:
     """Bits per parameter of an NF4 tensor with ``numel`` elements (codes + scales)."""

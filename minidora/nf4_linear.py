@@ -23,6 +23,8 @@ are plain attributes. The 16 NF4 values are a constant of the ops.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 
@@ -99,6 +101,33 @@ class NF4Linear(nn.Module):
     def dequantize_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dense weight, [out_features, in_features], in ``dtype`` (default compute_dtype)."""
         return ops.nf4_dequantize(self.weight_nf4, dtype or self.compute_dtype)
+
+    def row_norms_sq(self, chunk_elems: int = 1 << 20) -> torch.Tensor:
+        """||W[i, :]||^2 of the weight the forward applies (dequantized to compute_dtype), summed
+        in float64, a chunk of whole blocks at a time: [out_features] float64."""
+        q = self.weight_nf4.plain_scales()
+        unit = q.blocksize // math.gcd(self.in_features, q.blocksize)  # rows per whole blocks
+        step = max(unit, (chunk_elems // self.in_features) // unit * unit)
+        out = []
+        for r0 in range(0, self.out_features, step):
+            w = ops.nf4_dequantize(q.rows(r0, min(self.out_features, r0 + step)),
+                                   self.compute_dtype)                       # [rows, in]
+            out.append(w.double().pow(2).sum(1))
+        return torch.cat(out)                                                # [out]
+
+    @torch.no_grad()
+    def replace_weight(self, w: torch.Tensor) -> nf4.NF4Weight:
+        """Quantize the dense ``w`` [out, in] in place of the stored weight (same blocksize and
+        double quantization); returns the old weight for :meth:`restore_weight`."""
+        old = self.weight_nf4
+        q = nf4.quantize(w.float(), self.blocksize, self.double_quant)
+        q.dtype = self.weight_dtype
+        self._load_weight(q)
+        return old
+
+    def restore_weight(self, q: nf4.NF4Weight) -> None:
+        """Put back the exact bytes :meth:`replace_weight` returned."""
+        self._load_weight(q)
 
     def linear(self, x: torch.Tensor, bias: bool = True) -> torch.Tensor:
         """x [..., in] -> x W^T (+ b) [..., out], in compute_dtype (no cast back)."""

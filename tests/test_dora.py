@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from minidora import DoRALinear, NF4Linear, dora_reference, nf4
-from minidora.dora import EPS, w0_row_norms_sq
+from minidora.base import row_norms_sq as w0_row_norms_sq
+from minidora.dora import EPS
 
 from helpers import F64, check_peft_case, close, dense, gradcheck_layer
 

@@ -303,6 +303,7 @@ def test_merged_flag_travels_with_the_state_dict(method):
     assert state["layers.0.q_proj.merged"].item() is True
     b = minidora.wrap(Net(), method, ["q_proj"], compute_dtype=torch.float32)
     b.load_state_dict(state)                  # a fresh model must not add the adapter again
+    assert "layers.0.q_proj.merged" in state  # the caller's dict is left as it was
     assert all(l.merged for l in minidora.adapter_layers(b).values())
     assert torch.equal(b(x), a(x))
     tol = 1e-5 if method in ("lora", "dora") else 0.05

@@ -347,3 +347,18 @@ def test_quantize_on_the_meta_device():
     q = nf4.quantize(torch.empty(40, 96, device="meta"), 64, double_quant=True)
     assert q.packed.is_meta and q.packed.shape == (1920,) and q.absmax.dtype == torch.uint8
     assert nf4.dequantize(q, torch.float32).shape == (40, 96)
+
+
+def test_row_range_view():
+    q = nf4.quantize(torch.randn(40, 96, generator=torch.Generator().manual_seed(3)), 64, True)
+    plain = q.plain_scales()
+    assert torch.equal(nf4.dequantize(plain), nf4.dequantize(q))
+    part = plain.rows(2, 7)                      # rows 2..6 start at element 192: block 3
+    assert part.packed.data_ptr() == plain.packed.data_ptr() + 96
+    assert torch.equal(nf4.dequantize(part), nf4.dequantize(q)[2:7])
+    assert torch.equal(nf4.dequantize(plain.rows(38, 40)), nf4.dequantize(q)[38:])  # partial end
+    for bad in [(1, 3), (0, 41), (5, 5)]:
+        with pytest.raises(ValueError, match=r"rows\(.*multiple of blocksize 64"):
+            plain.rows(*bad)
+    with pytest.raises(ValueError, match="needs float32 scales"):
+        q.rows(0, 2)
