@@ -12,6 +12,9 @@ Three rules hold for every function here:
   over the old one; the config is also embedded in the tensors' safetensors metadata, and a load
   refuses a JSON that disagrees with it (what an interrupted save would leave behind).
 
+(bitsandbytes' NF4 checkpoint keys are in :mod:`minidora.bnb_checkpoint`;
+:func:`load_bnb_nf4_linears` is re-exported here.)
+
 minidora's layout is one folder per adapter: ``minidora_adapters.safetensors`` (tensors
 ``<module>.lora_A`` [r, in], ``<module>.lora_B`` [out, r], ``<module>.magnitude`` [out]) and
 ``minidora_adapters.json``. The older single-file layout (``NAME.safetensors`` beside
@@ -32,7 +35,8 @@ from safetensors.torch import save_file
 
 from .dora import DoRALinear
 from .lora import LoRALinear
-from .model import _is_conv1d, _set_module, adapter_layers, wrap
+from .bnb_checkpoint import load_bnb_nf4_linears
+from .model import _is_conv1d, adapter_layers, wrap
 from .nf4_linear import NF4Linear
 
 __all__ = ["save_adapters", "load_adapters", "save_peft_adapter", "load_peft_adapter",
@@ -391,35 +395,3 @@ def save_peft_adapter(model: nn.Module, path) -> Path:
                    {"format": "pt", "minidora_peft_config": json.dumps(config)})
     _write_json(folder / PEFT_CONFIG_FILE, config)
     return folder
-
-
-# --- bitsandbytes NF4 checkpoints ------------------------------------------------------------
-
-def load_bnb_nf4_linears(model: nn.Module, state_dict: dict[str, torch.Tensor],
-                         compute_dtype: torch.dtype = torch.bfloat16) -> list[str]:
-    """Replace each ``nn.Linear`` that ``state_dict`` stores in bitsandbytes' NF4 layout
-    (``<name>.weight`` + ``<name>.weight.absmax`` + ``.quant_state.bitsandbytes__nf4``...)
-    by an :class:`~minidora.NF4Linear` holding those exact bytes. The checkpoint must hold a bias
-    exactly where the model's layer has one. Every layer is built and checked before any is
-    replaced. Returns the names replaced."""
-    new = {}
-    for name, m in model.named_modules():
-        if (isinstance(m, nn.Linear)
-                and f"{name}.weight.quant_state.bitsandbytes__nf4" in state_dict):
-            has_bias = f"{name}.bias" in state_dict
-            if has_bias != (m.bias is not None):
-                raise ValueError(f"{name}: the checkpoint {'has' if has_bias else 'has no'} "
-                                 f"{name}.bias but the model's layer has "
-                                 f"{'one' if m.bias is not None else 'none'}")
-            layer = NF4Linear.from_bnb_state_dict(state_dict, f"{name}.",
-                                                  compute_dtype=compute_dtype)
-            if (layer.in_features, layer.out_features) != (m.in_features, m.out_features):
-                raise ValueError(f"{name}: the checkpoint holds a {layer.out_features}x"
-                                 f"{layer.in_features} weight, the model a {m.out_features}x"
-                                 f"{m.in_features} one")
-            if layer.bias is not None and not torch.isfinite(layer.bias).all():
-                raise ValueError(f"{name}.bias holds NaN/Inf values")
-            new[name] = layer.to(m.weight.device)
-    for name, layer in new.items():
-        _set_module(model, name, layer)
-    return list(new)

@@ -46,8 +46,9 @@ __all__ = ["DoRALinear", "dora_reference"]
 EPS = 1e-12  # clamp of the row norm c, as torch.nn.functional.normalize
 
 
-def dora_reference(x, W0, bias, A, B, m, s, detach_norm=False, eps=EPS):
-    """The formula itself: builds V' and W'. x: [..., in], W0: [out, in], m: [out] -> [..., out]."""
+def dora_reference(x, W0, bias, A, B, m, s, detach_norm=True, eps=EPS):
+    """The formula itself: builds V' and W'. x: [..., in], W0: [out, in], m: [out] -> [..., out].
+    ``detach_norm`` as in :class:`DoRALinear` (True: c is a constant in backward, sec. 4.3)."""
     V = W0 + s * (B @ A)                                       # [out, in]
     c = torch.linalg.vector_norm(V, dim=1).clamp_min(eps)      # [out]
     if detach_norm:

@@ -336,5 +336,6 @@ def cast_adapters(model: nn.Module, dtype: torch.dtype) -> nn.Module:
 
 # --- files (in minidora.checkpoint; re-exported here for older imports) ------------------------
 
-from .checkpoint import (load_adapters, load_bnb_nf4_linears, load_peft_adapter,  # noqa: E402
-                         save_adapters, save_peft_adapter)
+from .bnb_checkpoint import load_bnb_nf4_linears  # noqa: E402
+from .checkpoint import (load_adapters, load_peft_adapter, save_adapters,  # noqa: E402
+                         save_peft_adapter)

@@ -164,7 +164,9 @@ class NF4Linear(nn.Module):
 
     def to_bnb_state_dict(self, prefix: str = "") -> dict[str, torch.Tensor]:
         """The keys a bitsandbytes ``Linear4bit`` writes (``weight``, ``weight.absmax``, ...)."""
-        sd = nf4.to_bnb_state_dict(self.weight_nf4, prefix + "weight")
+        from .bnb_checkpoint import to_bnb_state_dict
+
+        sd = to_bnb_state_dict(self.weight_nf4, prefix + "weight")
         if self.bias is not None:
             sd[prefix + "bias"] = self.bias.detach()
         return {k: v.detach() for k, v in sd.items()}
@@ -173,7 +175,9 @@ class NF4Linear(nn.Module):
     def from_bnb_state_dict(cls, sd: dict[str, torch.Tensor], prefix: str = "",
                             compute_dtype: torch.dtype = torch.bfloat16) -> NF4Linear:
         """Build the layer from bitsandbytes' checkpoint keys (``weight.*`` and optional bias)."""
-        q = nf4.from_bnb_state_dict(sd, prefix + "weight")
+        from .bnb_checkpoint import from_bnb_state_dict
+
+        q = from_bnb_state_dict(sd, prefix + "weight")
         if len(q.shape) != 2:
             raise ValueError(f"{prefix}weight must be 2-D for a linear layer, got shape {q.shape}")
         return cls(q, sd.get(prefix + "bias"), compute_dtype=compute_dtype)

@@ -1,12 +1,20 @@
 """Shared by the tests: PEFT's float64 cases, a tolerance check, random dense layers and a
 gradcheck of a layer's adapter parameters. Golden files come from minidora.testing.golden."""
 
+import zlib
+
 import numpy as np
 import torch
 import torch.nn as nn
 
 from minidora.testing import golden as shipped
 F64 = dict(adapter_dtype=torch.float64)
+
+
+def case_seed(*parts) -> int:
+    """A seed that depends on the test case only: the same in every process (Python's str
+    hashes are salted per process, so hash() would make a failure impossible to replay)."""
+    return zlib.crc32(repr(parts).encode())
 
 
 def close(a, b, rtol, atol=0.0):

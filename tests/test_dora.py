@@ -23,7 +23,7 @@ def randomize(layer, seed=1):
     return layer
 
 
-def reference(layer, x, detach_norm=False, w0=None):
+def reference(layer, x, detach_norm, w0=None):
     w0 = layer.base.weight if w0 is None else w0
     return dora_reference(x, w0, layer.base.bias.to(x.dtype), layer.lora_A, layer.lora_B,
                           layer.magnitude, layer.scaling, detach_norm=detach_norm)
@@ -208,7 +208,7 @@ def test_qdora_equals_dora_over_dequantized_weight(compute_dtype, rtol, backend)
     layer = randomize(DoRALinear(base, r=4, alpha=8, adapter_dtype=compute_dtype))
     w = nf4.dequantize(nf4.quantize(lin.weight, 64, True), compute_dtype)
     x = torch.randn(5, 45, dtype=compute_dtype)
-    close(layer(x), reference(layer, x, w0=w), rtol=rtol, atol=rtol)
+    close(layer(x), reference(layer, x, True, w0=w), rtol=rtol, atol=rtol)
 
 
 def test_bf16_dense_base_float32_adapters():
@@ -324,3 +324,17 @@ def test_torch_compile_fullgraph_matches_eager():
     y.sum().backward()
     for got, w in zip([x.grad, layer.lora_A.grad, layer.magnitude.grad], want):
         close(got, w, rtol=1e-5, atol=1e-6)
+
+
+def test_reference_and_layer_share_the_detach_norm_default():
+    layer = randomize(DoRALinear(dense(7, 12), r=2, alpha=4, **F64))
+    x = torch.randn(5, 12, dtype=torch.float64)
+    gy = torch.randn(5, 7, dtype=torch.float64)
+    (layer(x) * gy).sum().backward()
+    A = layer.lora_A.detach().clone().requires_grad_(True)
+    m = layer.magnitude.detach().clone().requires_grad_(True)
+    ref = dora_reference(x, layer.base.weight, layer.base.bias, A, layer.lora_B.detach(), m,
+                         layer.scaling)                              # both with their defaults
+    (ref * gy).sum().backward()
+    close(layer.lora_A.grad, A.grad, rtol=1e-10, atol=1e-12)
+    close(layer.magnitude.grad, m.grad, rtol=1e-10, atol=1e-12)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from minidora import nf4
+from minidora import bnb_checkpoint, nf4
 from minidora.testing import golden as shipped
 
 CASES = shipped.nf4_cases()
@@ -161,7 +161,7 @@ def test_bits_per_parameter():
 
 def test_state_dict_layout_matches_spec_table():
     w = torch.randn(256, 512).to(torch.bfloat16)
-    sd = nf4.to_bnb_state_dict(nf4.quantize(w, 64, double_quant=True))
+    sd = bnb_checkpoint.to_bnb_state_dict(nf4.quantize(w, 64, double_quant=True))
     table = {
         "weight": ((65536, 1), torch.uint8), "weight.absmax": ((2048,), torch.uint8),
         "weight.quant_map": ((16,), torch.float32), "weight.nested_absmax": ((8,), torch.float32),
@@ -182,7 +182,8 @@ def test_state_dict_layout_matches_spec_table():
 def test_state_dict_round_trip_is_bit_exact(double_quant, dtype):
     w = torch.randn(19, 131).to(dtype)
     q = nf4.quantize(w, 128, double_quant=double_quant)
-    back = nf4.from_bnb_state_dict(nf4.to_bnb_state_dict(q, prefix="layer.weight"), prefix="layer.weight")
+    sd = bnb_checkpoint.to_bnb_state_dict(q, prefix="layer.weight")
+    back = bnb_checkpoint.from_bnb_state_dict(sd, prefix="layer.weight")
     assert back.shape == q.shape and back.dtype == q.dtype and back.blocksize == q.blocksize
     assert torch.equal(back.packed, q.packed) and torch.equal(back.absmax, q.absmax)
     if double_quant:
@@ -200,7 +201,7 @@ def test_loads_a_checkpoint_written_by_bitsandbytes():
     names = [k[: -len(".quant_state.bitsandbytes__nf4")] for k in nf4_sd if k.endswith("bitsandbytes__nf4")]
     assert len(names) == 14  # 7 linears x 2 layers
     for name in names:
-        q = nf4.from_bnb_state_dict(nf4_sd, prefix=name)
+        q = bnb_checkpoint.from_bnb_state_dict(nf4_sd, prefix=name)
         mine = nf4.quantize(dense_sd[name], q.blocksize, double_quant=False)
         assert torch.equal(q.packed, mine.packed) and torch.equal(q.absmax, mine.absmax), name
         assert torch.equal(nf4.dequantize(q), nf4.dequantize(mine))
@@ -246,7 +247,7 @@ def test_dequantize_rejects_non_float_dtype():
 
 @pytest.fixture
 def good_sd():
-    return nf4.to_bnb_state_dict(nf4.quantize(torch.randn(16, 64), 64, double_quant=True))
+    return bnb_checkpoint.to_bnb_state_dict(nf4.quantize(torch.randn(16, 64), 64, True))
 
 
 def _with_meta(sd, **changes):
@@ -263,7 +264,7 @@ def _with_meta(sd, **changes):
 def test_state_dict_missing_key(good_sd, key):
     del good_sd[key]
     with pytest.raises(KeyError, match=f"missing '{key}'"):
-        nf4.from_bnb_state_dict(good_sd)
+        bnb_checkpoint.from_bnb_state_dict(good_sd)
 
 
 @pytest.mark.parametrize("key,value,match", [
@@ -277,15 +278,15 @@ def test_state_dict_missing_key(good_sd, key):
 def test_state_dict_wrong_shape_or_dtype(good_sd, key, value, match):
     good_sd[key] = value
     with pytest.raises(ValueError, match=match):
-        nf4.from_bnb_state_dict(good_sd)
+        bnb_checkpoint.from_bnb_state_dict(good_sd)
 
 
 def test_state_dict_unknown_quant_type(good_sd):
     with pytest.raises(ValueError, match="unknown quant_type 'fp4'"):
-        nf4.from_bnb_state_dict(_with_meta(good_sd, quant_type="fp4"))
+        bnb_checkpoint.from_bnb_state_dict(_with_meta(good_sd, quant_type="fp4"))
     renamed = {k.replace("bitsandbytes__nf4", "bitsandbytes__fp4"): v for k, v in good_sd.items()}
     with pytest.raises(ValueError, match="unknown quant_type"):
-        nf4.from_bnb_state_dict(renamed)
+        bnb_checkpoint.from_bnb_state_dict(renamed)
 
 
 @pytest.mark.parametrize("blob,match", [
@@ -294,7 +295,7 @@ def test_state_dict_unknown_quant_type(good_sd):
 def test_state_dict_corrupt_json(good_sd, blob, match):
     good_sd["weight.quant_state.bitsandbytes__nf4"] = torch.tensor(list(blob), dtype=torch.uint8)
     with pytest.raises(ValueError, match=match):
-        nf4.from_bnb_state_dict(good_sd)
+        bnb_checkpoint.from_bnb_state_dict(good_sd)
 
 
 @pytest.mark.parametrize("changes,match", [
@@ -308,19 +309,19 @@ def test_state_dict_corrupt_json(good_sd, blob, match):
 ])
 def test_state_dict_bad_metadata(good_sd, changes, match):
     with pytest.raises(ValueError, match=match):
-        nf4.from_bnb_state_dict(_with_meta(good_sd, **changes))
+        bnb_checkpoint.from_bnb_state_dict(_with_meta(good_sd, **changes))
 
 
 def test_state_dict_nan_scales_are_refused(good_sd):
     good_sd["weight.nested_absmax"] = torch.tensor([float("inf")])
     with pytest.raises(ValueError, match=r"'weight.nested_absmax' holds 1 NaN/Inf scale"):
-        nf4.from_bnb_state_dict(good_sd)
-    sd = nf4.to_bnb_state_dict(nf4.quantize(torch.randn(16, 64), 64, double_quant=False))
+        bnb_checkpoint.from_bnb_state_dict(good_sd)
+    sd = bnb_checkpoint.to_bnb_state_dict(nf4.quantize(torch.randn(16, 64), 64, False))
     sd["weight.absmax"] = sd["weight.absmax"].clone()
     sd["weight.absmax"][5] = float("nan")
     with pytest.raises(ValueError, match=r"'weight.absmax' holds 1 NaN/Inf scale\(s\), first at "
                                          r"index 5"):
-        nf4.from_bnb_state_dict(sd)
+        bnb_checkpoint.from_bnb_state_dict(sd)
 
 
 def test_double_quant_of_huge_weights():
@@ -362,3 +363,11 @@ def test_row_range_view():
             plain.rows(*bad)
     with pytest.raises(ValueError, match="needs float32 scales"):
         q.rows(0, 2)
+
+
+def test_old_names_of_the_checkpoint_functions_still_work():
+    q = nf4.quantize(torch.randn(8, 64), 64, True)
+    with pytest.warns(DeprecationWarning, match="moved to minidora.bnb_checkpoint.to_bnb_state"):
+        sd = nf4.to_bnb_state_dict(q)
+    with pytest.warns(DeprecationWarning, match="from_bnb_state_dict"):
+        assert torch.equal(nf4.from_bnb_state_dict(sd).packed, q.packed)

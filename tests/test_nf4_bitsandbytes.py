@@ -3,12 +3,18 @@
 bitsandbytes is a test dependency (pinned in pyproject's `test` extra); its CPU build runs here.
 """
 
+import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 
-from minidora import nf4
+from minidora import bnb_checkpoint, nf4
+
+from helpers import case_seed
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -23,7 +29,7 @@ SHAPES = [(40, 96), (33, 77), (7, 2048), (129, 130), (300, 64), (1, 4099)]
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("blocksize", [32, 64, 256, 4096])
 def test_quantize_matches_bitsandbytes(shape, dtype, blocksize):
-    gen = torch.Generator().manual_seed(hash((shape, str(dtype), blocksize)) % 2**31)
+    gen = torch.Generator().manual_seed(case_seed(shape, str(dtype), blocksize))
     w = (torch.randn(shape, generator=gen) * torch.rand(shape[0], 1, generator=gen)).to(dtype)
     for double_quant in (False, True):
         packed, state = bnbF.quantize_4bit(w, blocksize=blocksize, compress_statistics=double_quant,
@@ -48,10 +54,18 @@ def test_state_dict_is_byte_identical_to_linear4bit(double_quant):
     layer.load_state_dict(dense.state_dict())
     layer = layer.to("cpu")  # quantizes
     theirs = layer.state_dict()
-    mine = nf4.to_bnb_state_dict(nf4.quantize(dense.weight.data, 64, double_quant=double_quant))
+    mine = bnb_checkpoint.to_bnb_state_dict(nf4.quantize(dense.weight.data, 64, double_quant))
     assert set(theirs) - {"bias"} == set(mine)
     for key, value in mine.items():
         assert value.dtype == theirs[key].dtype and torch.equal(value, theirs[key]), key
     # and what bitsandbytes wrote loads back into the same weight
-    back = nf4.from_bnb_state_dict(theirs)
+    back = bnb_checkpoint.from_bnb_state_dict(theirs)
     assert torch.equal(nf4.dequantize(back), nf4.dequantize(nf4.quantize(dense.weight.data, 64, double_quant)))
+
+
+def test_case_seeds_are_the_same_in_every_process():
+    code = "from helpers import case_seed; print(case_seed((64, 96), 'torch.float32', 64))"
+    seeds = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True, cwd=Path(__file__).parent,
+                            env={**os.environ, "PYTHONHASHSEED": h}).stdout for h in ("1", "2")}
+    assert len(seeds) == 1

@@ -40,7 +40,7 @@ if "ipykernel" not in sys.modules:  # a script: draw off screen
 import matplotlib.pyplot as plt
 import torch
 
-from minidora import nf4
+from minidora import bnb_checkpoint, nf4
 
 SIZE = os.environ.get("MINIDORA_TUTORIAL_SIZE", "default")
 if SIZE not in ("default", "small"):
@@ -323,17 +323,17 @@ assert params * 16 / per_param_dq > 3.8 * params  # almost 4x smaller than bfloa
 #
 # ## 6. On disk: bitsandbytes' checkpoint keys
 #
-# `minidora.nf4.to_bnb_state_dict` writes exactly the keys a bitsandbytes `Linear4bit` saves, so
-# QLoRA checkpoints move both ways. The non-tensor facts (block size, dtype, shape, offset) ride
+# `minidora.bnb_checkpoint.to_bnb_state_dict` writes exactly the keys a bitsandbytes `Linear4bit`
+# saves, so QLoRA checkpoints move both ways. The non-tensor facts (block size, dtype, shape, offset) ride
 # along as UTF-8 JSON in a uint8 tensor.
 
 # %%
 q_256 = nf4.quantize(torch.randn(256, 512), double_quant=True)
-sd = nf4.to_bnb_state_dict(q_256, "weight")
+sd = bnb_checkpoint.to_bnb_state_dict(q_256, "weight")
 for key, t in sd.items():
     print(f"  {key:42s} {str(tuple(t.shape)):12s} {t.dtype}")
 print(bytes(sd["weight.quant_state.bitsandbytes__nf4"].tolist()).decode())
-back = nf4.from_bnb_state_dict(sd, "weight")
+back = bnb_checkpoint.from_bnb_state_dict(sd, "weight")
 assert all(torch.equal(getattr(back, k), getattr(q_256, k))
            for k in ("packed", "absmax", "nested_absmax", "offset"))
 assert torch.equal(nf4.dequantize(back), nf4.dequantize(q_256))
