@@ -39,8 +39,7 @@ def extensions():
     kwargs = dict(extra_link_args=["-fopenmp"])
     if _want_cuda():
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
-        args["cxx"].append("-DMINIDORA_WITH_CUDA")
-        args["nvcc"] = ["-O3", "-DMINIDORA_WITH_CUDA"]
+        args["nvcc"] = ["-O3"]
         return [CUDAExtension("minidora._C", sources, extra_compile_args=args, **kwargs)]
     return [CppExtension("minidora._C", sources, extra_compile_args=args, **kwargs)]
 

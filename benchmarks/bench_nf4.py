@@ -67,6 +67,18 @@ def measure(variants: dict, repeats: int, min_seconds: float = 0.02) -> dict:
     return {name: STAT(s) for name, s in samples.items()}
 
 
+def check(got: torch.Tensor, want: torch.Tensor, a: torch.Tensor, w: torch.Tensor,
+          what: str) -> None:
+    """Nothing is timed before it is checked: the compiled result must equal the reference within
+    the float rounding of its dtype, |got - want| <= 4 eps (|a| @ |w|^T) (a sum computed in
+    another order, rounded once to the output dtype)."""
+    bound = 4 * torch.finfo(got.dtype).eps * (a.float().abs() @ w.float().abs().T) + 1e-30
+    err = (got.float() - want.float()).abs()
+    if (err > bound).any():
+        raise SystemExit(f"{what}: the compiled result differs from the reference by up to "
+                         f"{err.max().item():.3g} (bound {bound.max().item():.3g}); not timing it")
+
+
 def ms(t: float | None) -> str:
     return "—" if t is None else (f"{t * 1e3:.3f}" if t < 0.01 else f"{t * 1e3:.1f}")
 
@@ -100,6 +112,9 @@ def forward_table(shapes, rows_list, repeats, bnb) -> list[str]:
                     "dense32": lambda: F.linear(x32, w32),
                     "dense16": lambda: F.linear(x16, w16),
                 }
+                with torch.no_grad():
+                    check(variants["compiled"](), variants["reference"](), x, w32,
+                          f"forward {out_f}x{in_f} M={rows} {name}")
                 if dtype in bnb_weights:
                     packed, state = bnb_weights[dtype]
                     variants["bnb"] = lambda: bnb.matmul_4bit(x, packed.t(), quant_state=state)
@@ -130,6 +145,9 @@ def backward_table(shapes, rows, repeats) -> list[str]:
             def step(fn):
                 return lambda: torch.autograd.grad(fn(), x, grad_y)
 
+            got = step(lambda: ops.nf4_linear(x, q, backend="compiled"))()[0]
+            want = step(lambda: ops.nf4_linear(x, q, backend="reference"))()[0]
+            check(got, want, grad_y, wd.T, f"input gradient {out_f}x{in_f} M={rows} {name}")
             t = measure({
                 "reference": step(lambda: ops.nf4_linear(x, q, backend="reference")),
                 "compiled": step(lambda: ops.nf4_linear(x, q, backend="compiled")),
@@ -150,6 +168,10 @@ def dequantize_table(shapes, repeats) -> list[str]:
     for out_f, in_f in shapes:
         q = nf4.quantize(torch.randn(out_f, in_f), 64, double_quant=True)
         for dtype, name in DTYPE_NAMES.items():
+            if not torch.equal(ops.nf4_dequantize(q, dtype, backend="compiled"),
+                               ops.nf4_dequantize(q, dtype, backend="reference")):
+                raise SystemExit(f"dequantize {out_f}x{in_f} {name}: the compiled result is not "
+                                 "bit-exact with the reference; not timing it")
             t = measure({"reference": lambda: ops.nf4_dequantize(q, dtype, backend="reference"),
                          "compiled": lambda: ops.nf4_dequantize(q, dtype, backend="compiled")},
                         repeats)
@@ -178,7 +200,7 @@ def machine() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
-    parser.add_argument("--repeats", type=int, default=None, help="samples per variant (median)")
+    parser.add_argument("--repeats", type=int, default=None, help="samples per variant")
     parser.add_argument("--skip-bnb", action="store_true", help="leave bitsandbytes out")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--shapes", default=None, help="e.g. 4096x4096,11008x4096 (out x in)")
@@ -209,13 +231,13 @@ def main() -> None:
     print(f"machine: {machine()}")
     print(f"bitsandbytes: {bnb.__version__ if bnb else 'not used'}\n")
     if args.only in (None, "forward"):
-        print("## NF4 linear forward, milliseconds per call (median)\n")
+        print(f"## NF4 linear forward, milliseconds per call ({args.stat})\n")
         forward_table(shapes, rows_list, repeats, bnb)
     if args.only in (None, "backward"):
-        print(f"\n## Forward + backward (input gradient) at M = {rows_list[-1]}, ms\n")
+        print(f"\n## Forward + backward (input gradient) at M = {rows_list[-1]}, ms ({args.stat})\n")
         backward_table(shapes, rows_list[-1], repeats)
     if args.only in (None, "dequantize"):
-        print("\n## Dequantize to a dense tensor, ms\n")
+        print(f"\n## Dequantize to a dense tensor, ms ({args.stat})\n")
         dequantize_table(shapes[:1], repeats)
     print(f"\nmachine at the end: {machine()}")
 

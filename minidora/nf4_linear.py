@@ -14,7 +14,7 @@ float32, float16, or float64 for gradient checks), the product and the bias run 
 and the result is cast back to the input's dtype, as bitsandbytes' ``Linear4bit`` does, so the
 layer drops into a float32 model unchanged.
 
-**State.** As spec/nf4.md asks, so that DDP/FSDP2 and ``state_dict`` handle it without help:
+**State.** As docs/format.md describes, so that DDP/FSDP2 and ``state_dict`` handle it without help:
 packed codes (and double-quant scale codes) are frozen uint8 ``nn.Parameter``; float32 scales,
 nested scales and the offset are buffers (kept float32 even under ``module.double()`` or
 ``module.to(torch.bfloat16)``, which would otherwise corrupt them); shape, blocksize and dtypes

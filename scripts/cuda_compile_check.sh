@@ -62,30 +62,7 @@ if [ "${KEEP_BUILD:-0}" != 1 ]; then trap 'rm -rf "$BUILD"' EXIT; fi
 echo "cuda-check: nvcc $(nvcc --version | sed -n 's/.*release \([0-9.]*\).*/\1/p'), torch $("$PY" -c 'import torch; print(torch.__version__)'), arch list $TORCH_CUDA_ARCH_LIST, MAX_JOBS=$MAX_JOBS"
 echo "cuda-check: building into $BUILD"
 t0=$SECONDS
-# torch 2.14's headers need C++20 and setup.py passes -std=c++17: the build runs setup.py with
-# every -std flag dropped, so that torch adds the standard its own headers need (a no-op once
-# setup.py leaves the standard to torch).
-cat > "$BUILD/setup_torch_std.py" <<'PYEOF'
-import runpy
-import sys
-
-import torch.utils.cpp_extension as ce
-
-
-def _torch_std(make_extension):
-    def make(name, sources, *args, **kwargs):
-        flags = kwargs.get("extra_compile_args", {})
-        for key in flags:
-            flags[key] = [f for f in flags[key] if not f.startswith("-std=")]
-        return make_extension(name, sources, *args, **kwargs)
-    return make
-
-
-ce.CppExtension, ce.CUDAExtension = _torch_std(ce.CppExtension), _torch_std(ce.CUDAExtension)
-sys.argv = ["setup.py"] + sys.argv[1:]
-runpy.run_path("setup.py", run_name="__main__")
-PYEOF
-if ! "$PY" "$BUILD/setup_torch_std.py" -q build_ext --build-lib "$BUILD/lib" --build-temp "$BUILD/temp" > "$BUILD/build.log" 2>&1; then
+if ! "$PY" setup.py -q build_ext --build-lib "$BUILD/lib" --build-temp "$BUILD/temp" > "$BUILD/build.log" 2>&1; then
     grep -E -B2 -A6 "error|Error" "$BUILD/build.log" | head -80 >&2 || tail -60 "$BUILD/build.log" >&2
     echo "cuda-check: FAILED to compile (full log: $BUILD/build.log)" >&2
     trap - EXIT

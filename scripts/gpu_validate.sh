@@ -62,38 +62,13 @@ for inc in "$SITE"/nvidia/cu*/include "$SITE"/nvidia/cublas/include "$SITE"/nvid
 done
 export PATH="$(dirname "$PY"):$PATH"   # ninja from the same environment
 BUILD_LOG="${OUT_DIR:-/tmp}/build.log"
-# setup.py passes -std=c++17, which torch 2.14's headers reject: run it with every -std flag
-# dropped, so that the installed torch adds the standard its own headers need (a no-op once
-# setup.py leaves the standard to torch). Same wrapper as in cuda_compile_check.sh.
-WRAP=$(mktemp "${TMPDIR:-/tmp}/setup_torch_std.XXXXXX.py")
-cat > "$WRAP" <<'PYEOF'
-import runpy
-import sys
-
-import torch.utils.cpp_extension as ce
-
-
-def _torch_std(make_extension):
-    def make(name, sources, *args, **kwargs):
-        flags = kwargs.get("extra_compile_args", {})
-        for key in flags:
-            flags[key] = [f for f in flags[key] if not f.startswith("-std=")]
-        return make_extension(name, sources, *args, **kwargs)
-    return make
-
-
-ce.CppExtension, ce.CUDAExtension = _torch_std(ce.CppExtension), _torch_std(ce.CUDAExtension)
-sys.argv = ["setup.py"] + sys.argv[1:]
-runpy.run_path("setup.py", run_name="__main__")
-PYEOF
 log "building minidora._C in place (CUDA arch $ARCH, MAX_JOBS=$MAX_JOBS)"
 t0=$SECONDS
-if ! "$PY" "$WRAP" -q build_ext --inplace > "$BUILD_LOG" 2>&1; then
+if ! "$PY" setup.py -q build_ext --inplace > "$BUILD_LOG" 2>&1; then
     grep -E -B2 -A6 "error" "$BUILD_LOG" | head -60
     log "FAILED: build (log: $BUILD_LOG)"
     exit 1
 fi
-rm -f "$WRAP"
 log "built in $((SECONDS - t0)) s"
 "$PY" -c "
 import torch, minidora.ops as ops

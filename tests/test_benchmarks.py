@@ -1,0 +1,45 @@
+"""The benchmarks run, say which statistic they print, and refuse to time a wrong kernel."""
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from minidora import ops
+
+ROOT = Path(__file__).resolve().parents[1]
+needs_ext = pytest.mark.skipif(not ops.extension_available(), reason="minidora._C not built")
+
+
+def _bench_module():
+    spec = importlib.util.spec_from_file_location("bench_nf4", ROOT / "benchmarks" / "bench_nf4.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@needs_ext
+@pytest.mark.parametrize("stat", ["median", "min"])
+def test_bench_nf4_runs_and_names_its_statistic(stat):
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_nf4.py"), "--shapes", "64x96",
+         "--rows", "1,3", "--repeats", "1", "--skip-bnb", "--threads", "1", "--stat", stat],
+        capture_output=True, text=True, timeout=300, check=True).stdout
+    assert f"milliseconds per call ({stat})" in out and f"ms ({stat})" in out
+    other = {"median", "min"} - {stat}
+    assert f"({other.pop()})" not in out
+
+
+def test_bench_check_refuses_a_result_off_by_more_than_rounding():
+    check = _bench_module().check
+    g = torch.Generator().manual_seed(0)
+    a, w = torch.randn(3, 40, generator=g), torch.randn(7, 40, generator=g)
+    want = a @ w.T
+    check(want + 1e-7 * want.abs(), want, a, w, "fine")          # within float32 rounding
+    bad = want.clone()
+    bad[1, 2] += 1e-3
+    with pytest.raises(SystemExit, match="bad: the compiled result differs"):
+        check(bad, want, a, w, "bad")
