@@ -24,14 +24,8 @@
 #    by side.
 
 # %%
-import os
-import sys
 import time
 
-import matplotlib
-
-if "ipykernel" not in sys.modules:  # a script: draw off screen
-    matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
 import torch.nn as nn
@@ -40,25 +34,10 @@ import torch.nn.functional as F
 import minidora
 from minidora import nf4
 from minidora.demo.model import GPT, GPTConfig
+from minidora.tutorial import setup
 
-SIZE = os.environ.get("MINIDORA_TUTORIAL_SIZE", "default")
-if SIZE not in ("default", "small"):
-    raise ValueError(f"MINIDORA_TUTORIAL_SIZE must be 'default' or 'small', got {SIZE!r}")
-SMALL = SIZE == "small"
-FIGDIR = os.environ.get("MINIDORA_TUTORIAL_FIGDIR")  # set it to also save the figures as PNG
+SMALL, show = setup()  # MINIDORA_TUTORIAL_SIZE=small: the quick size; one thread, seed 0
 
-
-def show(fig, name):
-    """Show a figure inline in a notebook; save it when FIGDIR is set; free it."""
-    if FIGDIR:
-        fig.savefig(os.path.join(FIGDIR, name), dpi=110, bbox_inches="tight")
-    if "ipykernel" in sys.modules:
-        plt.show()
-    plt.close(fig)
-
-
-torch.set_num_threads(1)  # these small problems run fastest (and reproducibly) on one thread
-torch.manual_seed(0)
 
 # %% [markdown]
 # ## 1. One QLoRA layer

@@ -25,41 +25,20 @@
 # 4. runs a small benchmark, with ratios against a dense layer measured in the same run.
 
 # %%
-import os
 import statistics
-import sys
 import time
 
-import matplotlib
-
-if "ipykernel" not in sys.modules:  # a script: draw off screen
-    matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
 
 from minidora import nf4, ops
+from minidora.tutorial import setup
 
-SIZE = os.environ.get("MINIDORA_TUTORIAL_SIZE", "default")
-if SIZE not in ("default", "small"):
-    raise ValueError(f"MINIDORA_TUTORIAL_SIZE must be 'default' or 'small', got {SIZE!r}")
-SMALL = SIZE == "small"
-FIGDIR = os.environ.get("MINIDORA_TUTORIAL_FIGDIR")  # set it to also save the figures as PNG
-
-
-def show(fig, name):
-    """Show a figure inline in a notebook; save it when FIGDIR is set; free it."""
-    if FIGDIR:
-        fig.savefig(os.path.join(FIGDIR, name), dpi=110, bbox_inches="tight")
-    if "ipykernel" in sys.modules:
-        plt.show()
-    plt.close(fig)
-
-
-torch.set_num_threads(1)  # one core: reproducible timings on a shared machine
-torch.manual_seed(0)
+SMALL, show = setup()  # MINIDORA_TUTORIAL_SIZE=small: the quick size; one thread, seed 0
 HAVE_C = ops.extension_available()
 print("compiled extension minidora._C:", "built" if HAVE_C else "NOT built (reference only)")
+
 
 # %% [markdown]
 # ## 1. Why decode is memory-bound
