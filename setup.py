@@ -24,7 +24,8 @@ def _want_cuda() -> bool:
     have = torch.version.cuda is not None and CUDA_HOME is not None
     if os.environ.get("MINIDORA_FORCE_CUDA") == "1" and not have:
         raise RuntimeError("MINIDORA_FORCE_CUDA=1 but torch is not a CUDA build or no CUDA toolkit "
-                           f"was found (torch.version.cuda={torch.version.cuda}, CUDA_HOME={CUDA_HOME})")
+                           f"was found (torch.version.cuda={torch.version.cuda}, "
+                           f"CUDA_HOME={CUDA_HOME})")
     return have
 
 

@@ -141,8 +141,8 @@ def run_setting(title, base_dtype, quantized, n, m, r, repeats, use_peft, clock)
     times = measure(steps, repeats, clock)
     peaks = {name: min(peak_step_mib(fn) for _ in range(2)) for name, fn in steps.items()}
     print(f"\n{title}: W [{n}, {n}], x [{m}, {n}], r = {r}, one forward + backward")
-    print(f"| variant | ms / step | vs LoRA | vs base | peak step memory (MiB) |")
-    print(f"|---|---:|---:|---:|---:|")
+    print("| variant | ms / step | vs LoRA | vs base | peak step memory (MiB) |")
+    print("|---|---:|---:|---:|---:|")
     for name in steps:
         ref = "PEFT LoRA" if name.startswith("PEFT") else "LoRA"
         print(f"| {name} | {1e3 * times[name]:.1f} | {times[name] / times[ref]:.2f}x | "

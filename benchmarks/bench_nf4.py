@@ -192,7 +192,8 @@ def machine() -> str:
         pass
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads, clock: {CLOCK.__name__}, {STAT.__name__} of repeats, "
+            f"{torch.get_num_threads()} threads, clock: {CLOCK.__name__}, "
+            f"{STAT.__name__} of repeats, "
             f"kernels: {ops.cpu_isa()}, "
             f"load average {load:.2f}")
 
@@ -234,7 +235,8 @@ def main() -> None:
         print(f"## NF4 linear forward, milliseconds per call ({args.stat})\n")
         forward_table(shapes, rows_list, repeats, bnb)
     if args.only in (None, "backward"):
-        print(f"\n## Forward + backward (input gradient) at M = {rows_list[-1]}, ms ({args.stat})\n")
+        print(f"\n## Forward + backward (input gradient) at M = {rows_list[-1]}, "
+              f"ms ({args.stat})\n")
         backward_table(shapes, rows_list[-1], repeats)
     if args.only in (None, "dequantize"):
         print(f"\n## Dequantize to a dense tensor, ms ({args.stat})\n")

@@ -103,7 +103,7 @@ def validate_exact(gen: torch.Generator, failures: list) -> int:
             args = op_args(q)
             for dt in DTYPES:
                 wd = nf4.dequantize(q, dt)                                        # [N, K]
-                for what, size, other in (("linear", k_in, n_out), ("grad_input", n_out, k_in)):
+                for what, size in (("linear", k_in), ("grad_input", n_out)):
                     start, i = 0, 0
                     while start < size:
                         mb = min(batches[i % len(batches)], size - start)
@@ -261,7 +261,8 @@ def bench(quick: bool) -> list[dict]:
         ws = [dense.clone() for _ in range(nd)]
         for m in (1, 16, 64, 512):
             x = torch.randn(m, k_in, generator=gen).to("cuda", dt)
-            calls = [lambda a=a: torch.ops.minidora.nf4_linear(x, *a, n_out, k_in, None) for a in qs]
+            calls = [lambda a=a: torch.ops.minidora.nf4_linear(x, *a, n_out, k_in, None)
+                     for a in qs]
             t_q, g1 = time_us(calls)
             t_simt = None
             if m <= 16:  # version 1 of the fused kernel, on CUDA cores, for comparison

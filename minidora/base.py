@@ -31,7 +31,8 @@ def check(base: nn.Module) -> None:
         raise ValueError("base must have in_features >= 1 and out_features >= 1, got "
                          f"{base.in_features} and {base.out_features}")
     if isinstance(base, nn.Linear) and not base.weight.dtype.is_floating_point:
-        raise TypeError(f"base.weight must be a real floating-point tensor, got {base.weight.dtype}")
+        raise TypeError("base.weight must be a real floating-point tensor, "
+                        f"got {base.weight.dtype}")
 
 
 def product(base: nn.Module, x: torch.Tensor, bias: bool = True) -> torch.Tensor:

@@ -17,9 +17,14 @@ import math
 import torch
 import torch.nn as nn
 
-from .nf4 import (_DTYPE_NAMES, DYNAMIC_CODE, NESTED_BLOCKSIZE, NF4_CODEBOOK, NF4Weight,
-                  _check_blocksize)
-from .model import _set_module
+from .nf4 import (
+    _DTYPE_NAMES,
+    DYNAMIC_CODE,
+    NESTED_BLOCKSIZE,
+    NF4_CODEBOOK,
+    NF4Weight,
+    _check_blocksize,
+)
 from .nf4_linear import NF4Linear
 
 __all__ = ["to_bnb_state_dict", "from_bnb_state_dict", "load_bnb_nf4_linears"]
@@ -80,7 +85,8 @@ def from_bnb_state_dict(sd: dict[str, torch.Tensor], prefix: str = "weight") -> 
     if not isinstance(meta, dict):
         raise ValueError(f"{blob_key!r} must hold a JSON object, got {type(meta).__name__}")
     if meta.get("quant_type") != "nf4":
-        raise ValueError(f"unknown quant_type {meta.get('quant_type')!r} in {blob_key!r}: expected 'nf4'")
+        raise ValueError(f"unknown quant_type {meta.get('quant_type')!r} in {blob_key!r}: "
+                         "expected 'nf4'")
     for field in ("blocksize", "dtype", "shape"):
         if field not in meta:
             raise ValueError(f"{blob_key!r} is missing the field {field!r}")
@@ -104,7 +110,8 @@ def from_bnb_state_dict(sd: dict[str, torch.Tensor], prefix: str = "weight") -> 
     q = NF4Weight(packed, absmax, tuple(shape), _DTYPE_NAMES[meta["dtype"]], blocksize)
     if nested:
         if meta.get("nested_blocksize", NESTED_BLOCKSIZE) != NESTED_BLOCKSIZE:
-            raise ValueError(f"nested_blocksize must be {NESTED_BLOCKSIZE}, got {meta['nested_blocksize']!r}")
+            raise ValueError(f"nested_blocksize must be {NESTED_BLOCKSIZE}, "
+                             f"got {meta['nested_blocksize']!r}")
         offset = meta["nested_offset"]
         if type(offset) not in (int, float) or not math.isfinite(offset):
             raise ValueError(f"nested_offset must be a finite number, got {offset!r}")
@@ -125,6 +132,8 @@ def load_bnb_nf4_linears(model: nn.Module, state_dict: dict[str, torch.Tensor],
     by an :class:`~minidora.NF4Linear` holding those exact bytes. The checkpoint must hold a bias
     exactly where the model's layer has one. Every layer is built and checked before any is
     replaced. Returns the names replaced."""
+    from .model import _set_module
+
     new = {}
     for name, m in model.named_modules():
         if (isinstance(m, nn.Linear)

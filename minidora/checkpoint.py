@@ -33,9 +33,9 @@ import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .bnb_checkpoint import load_bnb_nf4_linears
 from .dora import DoRALinear
 from .lora import LoRALinear
-from .bnb_checkpoint import load_bnb_nf4_linears
 from .model import _is_conv1d, adapter_layers, wrap
 from .nf4_linear import NF4Linear
 

@@ -153,7 +153,8 @@ class DoRALinear(LoRALinear):
     def _unmerge_weight(self, w: torch.Tensor) -> torch.Tensor:
         st = self._unmerge_state
         k = st["k"].to(w.dtype)
-        w0 = w / torch.where(k == 0, torch.ones_like(k), k)[:, None] - self.delta_weight().to(w.dtype)
+        safe_k = torch.where(k == 0, torch.ones_like(k), k)
+        w0 = w / safe_k[:, None] - self.delta_weight().to(w.dtype)
         w0[st["zero_rows"]] = st["w0_rows"].to(w.dtype)
         return w0
 

@@ -20,7 +20,7 @@ the transposed weight, which computes the same function). A list entry that matc
 an error that lists the linear layers the model has.
 
 Adapter files (minidora's folder, PEFT's folder, bitsandbytes' NF4 keys) are read and written
-by :mod:`minidora.checkpoint`; its functions are re-exported here and from ``minidora``.
+by :mod:`minidora.checkpoint` and :mod:`minidora.bnb_checkpoint` (also exported by ``minidora``).
 """
 
 from __future__ import annotations
@@ -37,8 +37,7 @@ from .lora import MERGE_WARN, LoRALinear
 from .nf4_linear import NF4Linear
 
 __all__ = ["wrap", "report", "Report", "merge", "unmerge", "merge_and_unload", "cast_adapters",
-           "adapter_layers", "save_adapters", "load_adapters", "load_peft_adapter",
-           "save_peft_adapter", "load_bnb_nf4_linears", "METHODS"]
+           "adapter_layers", "METHODS"]
 
 METHODS = ("lora", "dora", "qlora", "qdora")
 
@@ -231,7 +230,8 @@ def _tied_elsewhere(model: nn.Module, name: str, layer: LoRALinear) -> list[str]
     w = getattr(layer.base, "weight", None)
     if w is None:
         return []
-    inside = {f"{name}.{n}" if name else n for n, _ in layer.named_parameters(remove_duplicate=False)}
+    inside = {f"{name}.{n}" if name else n
+              for n, _ in layer.named_parameters(remove_duplicate=False)}
     return [n for n, p in model.named_parameters(remove_duplicate=False)
             if p is w and n not in inside]
 
@@ -334,8 +334,16 @@ def cast_adapters(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     return model
 
 
-# --- files (in minidora.checkpoint; re-exported here for older imports) ------------------------
+# --- files: in minidora.checkpoint and minidora.bnb_checkpoint; the old names work here too ----
 
-from .bnb_checkpoint import load_bnb_nf4_linears  # noqa: E402
-from .checkpoint import (load_adapters, load_peft_adapter, save_adapters,  # noqa: E402
-                         save_peft_adapter)
+_MOVED = {"save_adapters": "checkpoint", "load_adapters": "checkpoint",
+          "save_peft_adapter": "checkpoint", "load_peft_adapter": "checkpoint",
+          "load_bnb_nf4_linears": "bnb_checkpoint"}
+
+
+def __getattr__(name: str):
+    if name in _MOVED:
+        import importlib
+
+        return getattr(importlib.import_module(f"minidora.{_MOVED[name]}"), name)
+    raise AttributeError(f"module 'minidora.model' has no attribute {name!r}")

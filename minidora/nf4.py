@@ -6,7 +6,8 @@ This is a plain PyTorch reference that reproduces bitsandbytes bit for bit.
 **NormalFloat4.** The 16 code values are quantiles of N(0, 1), rescaled to [-1, 1], with an exact
 zero and 8 positive / 7 negative values ("two ranges"):
 
-.. math::  q_i = Q(p_i) / Q(\delta), \quad \delta = \tfrac12\big((1 - \tfrac1{30}) + (1 - \tfrac1{32})\big)
+.. math::  q_i = Q(p_i) / Q(\delta), \quad
+           \delta = \tfrac12\big((1 - \tfrac1{30}) + (1 - \tfrac1{32})\big)
 
 **Blockwise absmax.** Flatten W row-major, cut it into blocks of ``blocksize`` elements, store
 per block :math:`a_b = \max |x|` and per element the index of the code value nearest to
@@ -22,7 +23,6 @@ around. bitsandbytes' checkpoint keys are written and read by :mod:`minidora.bnb
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 
@@ -169,7 +169,8 @@ def _blockwise_absmax(x: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, to
 
 
 # bitsandbytes finds the 8-bit code of a scale through a 65536-entry table rather than an exact
-# search: the normalised value v in [-1, 1] picks grid point i = trunc(((v + 1) * 0.5) * 65535 + 0.5),
+# search: the normalised value v in [-1, 1] picks grid point
+# i = trunc(((v + 1) * 0.5) * 65535 + 0.5),
 # and the table holds the nearest dynamic-map entry to that grid point, -1 + 2i / 65535. A value
 # within about 1.5e-5 of a midpoint can so land one code away from its exact nearest one (a few
 # codes per thousand). Reproducing the grid keeps the scale codes bit-exact.

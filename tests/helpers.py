@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 from minidora.testing import golden as shipped
+
 F64 = dict(adapter_dtype=torch.float64)
 
 
@@ -38,7 +39,7 @@ def dense(out_f, in_f, dtype=torch.float64, bias=True, seed=0, std=0.3):
 def swap_params(layer, names, values):
     """Run the layer with plain tensors in place of its adapter parameters (for gradcheck)."""
     saved = {n: layer._parameters.pop(n) for n in names}
-    for n, v in zip(names, values):
+    for n, v in zip(names, values, strict=True):
         setattr(layer, n, v)
     return saved
 

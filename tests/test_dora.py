@@ -6,11 +6,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from helpers import F64, check_peft_case, close, dense, gradcheck_layer
 from minidora import DoRALinear, NF4Linear, dora_reference, nf4
 from minidora.base import row_norms_sq as w0_row_norms_sq
 from minidora.dora import EPS
-
-from helpers import F64, check_peft_case, close, dense, gradcheck_layer
 
 
 def randomize(layer, seed=1):
@@ -107,7 +106,7 @@ def test_forward_backward_equal_plain_formula(detach_norm, shape):
     (reference(layer, x, detach_norm) * gy).sum().backward()
     want = [x.grad, layer.lora_A.grad, layer.lora_B.grad, layer.magnitude.grad]
     close(layer(x), reference(layer, x, detach_norm), rtol=1e-12, atol=1e-13)
-    for a, b in zip(got, want):
+    for a, b in zip(got, want, strict=True):
         close(a, b, rtol=1e-11, atol=1e-13)
 
 
@@ -322,7 +321,7 @@ def test_torch_compile_fullgraph_matches_eager():
     y = torch.compile(layer, fullgraph=True)(x)               # no graph break anywhere
     close(y, layer(x), rtol=1e-5, atol=1e-6)
     y.sum().backward()
-    for got, w in zip([x.grad, layer.lora_A.grad, layer.magnitude.grad], want):
+    for got, w in zip([x.grad, layer.lora_A.grad, layer.magnitude.grad], want, strict=True):
         close(got, w, rtol=1e-5, atol=1e-6)
 
 

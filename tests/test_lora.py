@@ -9,9 +9,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minidora import DoRALinear, LoRALinear, NF4Linear, lora_reference, nf4
-
 from helpers import F64, check_peft_case, close, dense, gradcheck_layer
+from minidora import DoRALinear, LoRALinear, NF4Linear, lora_reference, nf4
 
 
 def randomize(layer, seed=1):

@@ -39,7 +39,8 @@ def test_codebook_derived_from_normal_quantiles_equals_bitsandbytes_table():
 
 
 def test_dynamic_map_table_equals_bitsandbytes():
-    assert torch.equal(nf4.DYNAMIC_CODE, torch.from_numpy(shipped.nf4_bitsandbytes()["dynamic_map"]))
+    want = torch.from_numpy(shipped.nf4_bitsandbytes()["dynamic_map"])
+    assert torch.equal(nf4.DYNAMIC_CODE, want)
 
 
 # --- bit-exactness with bitsandbytes ------------------------------------------------------------
@@ -187,7 +188,8 @@ def test_state_dict_round_trip_is_bit_exact(double_quant, dtype):
     assert back.shape == q.shape and back.dtype == q.dtype and back.blocksize == q.blocksize
     assert torch.equal(back.packed, q.packed) and torch.equal(back.absmax, q.absmax)
     if double_quant:
-        assert torch.equal(back.nested_absmax, q.nested_absmax) and torch.equal(back.offset, q.offset)
+        assert torch.equal(back.nested_absmax, q.nested_absmax)
+        assert torch.equal(back.offset, q.offset)
     else:
         assert back.nested_absmax is None and back.offset is None
     assert torch.equal(nf4.dequantize(back), nf4.dequantize(q))
@@ -198,7 +200,8 @@ def test_loads_a_checkpoint_written_by_bitsandbytes():
 
     nf4_sd = load_file(str(shipped.path("peft", "llama_base_nf4", "model.safetensors")))
     dense_sd = load_file(str(shipped.path("peft", "llama_base", "model.safetensors")))
-    names = [k[: -len(".quant_state.bitsandbytes__nf4")] for k in nf4_sd if k.endswith("bitsandbytes__nf4")]
+    suffix = ".quant_state.bitsandbytes__nf4"
+    names = [k[: -len(suffix)] for k in nf4_sd if k.endswith(suffix)]
     assert len(names) == 14  # 7 linears x 2 layers
     for name in names:
         q = bnb_checkpoint.from_bnb_state_dict(nf4_sd, prefix=name)
@@ -209,7 +212,8 @@ def test_loads_a_checkpoint_written_by_bitsandbytes():
 
 # --- bad input ----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("weight", [torch.ones(4, 4, dtype=torch.int32), torch.ones(4, dtype=torch.complex64),
+@pytest.mark.parametrize("weight", [torch.ones(4, 4, dtype=torch.int32),
+                                    torch.ones(4, dtype=torch.complex64),
                                     torch.ones(4, dtype=torch.bool)])
 def test_rejects_non_floating_weight(weight):
     with pytest.raises(TypeError, match="weight must be float32, bfloat16, float16 or float64"):
@@ -259,7 +263,8 @@ def _with_meta(sd, **changes):
     return sd
 
 
-@pytest.mark.parametrize("key", ["weight", "weight.absmax", "weight.quant_map", "weight.nested_absmax",
+@pytest.mark.parametrize("key", ["weight", "weight.absmax", "weight.quant_map",
+                                 "weight.nested_absmax",
                                  "weight.nested_quant_map", "weight.quant_state.bitsandbytes__nf4"])
 def test_state_dict_missing_key(good_sd, key):
     del good_sd[key]
@@ -290,7 +295,8 @@ def test_state_dict_unknown_quant_type(good_sd):
 
 
 @pytest.mark.parametrize("blob,match", [
-    (b"{not json", "valid UTF-8 JSON"), (b"\xff\xfe", "valid UTF-8 JSON"), (b"[1, 2]", "JSON object"),
+    (b"{not json", "valid UTF-8 JSON"), (b"\xff\xfe", "valid UTF-8 JSON"),
+    (b"[1, 2]", "JSON object"),
 ])
 def test_state_dict_corrupt_json(good_sd, blob, match):
     good_sd["weight.quant_state.bitsandbytes__nf4"] = torch.tensor(list(blob), dtype=torch.uint8)
@@ -304,7 +310,8 @@ def test_state_dict_corrupt_json(good_sd, blob, match):
     ({"nested_offset": "x"}, "nested_offset must be a finite number"),
     ({"nested_offset": float("nan")}, "nested_offset must be a finite number, got nan"),
     ({"nested_offset": True}, "nested_offset must be a finite number, got True"),
-    ({"nested_blocksize": 128}, "nested_blocksize must be 256"), ({"shape": [32, 64]}, "must have shape"),
+    ({"nested_blocksize": 128}, "nested_blocksize must be 256"),
+    ({"shape": [32, 64]}, "must have shape"),
     ({"shape": [True, 1024]}, "list of positive ints"), ({"blocksize": True}, "blocksize must be"),
 ])
 def test_state_dict_bad_metadata(good_sd, changes, match):

@@ -12,9 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from minidora import bnb_checkpoint, nf4
-
 from helpers import case_seed
+from minidora import bnb_checkpoint, nf4
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -60,7 +59,8 @@ def test_state_dict_is_byte_identical_to_linear4bit(double_quant):
         assert value.dtype == theirs[key].dtype and torch.equal(value, theirs[key]), key
     # and what bitsandbytes wrote loads back into the same weight
     back = bnb_checkpoint.from_bnb_state_dict(theirs)
-    assert torch.equal(nf4.dequantize(back), nf4.dequantize(nf4.quantize(dense.weight.data, 64, double_quant)))
+    want = nf4.dequantize(nf4.quantize(dense.weight.data, 64, double_quant))
+    assert torch.equal(nf4.dequantize(back), want)
 
 
 def test_case_seeds_are_the_same_in_every_process():

@@ -1,16 +1,14 @@
 """minidora.nf4_linear: state layout, forward vs the dequantized reference, state_dict and
 bitsandbytes checkpoint round trips, dtype safety, bad input."""
 
-import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from helpers import dense
 from minidora import NF4Linear, nf4
 from minidora.testing import golden
-
-from helpers import dense
 
 
 def linear(out_f, in_f, bias=True, seed=0, dtype=torch.float32):
@@ -40,11 +38,12 @@ def test_bytes_equal_bitsandbytes_golden(double_quant):
     lin = nn.Linear(77, 33, bias=False)
     with torch.no_grad():
         lin.weight.copy_(w)
-    layer = NF4Linear.from_linear(lin, blocksize=int(golden.nf4_bitsandbytes()[f"{case}.blocksize"]),
+    g = golden.nf4_bitsandbytes()
+    layer = NF4Linear.from_linear(lin, blocksize=int(g[f"{case}.blocksize"]),
                                   double_quant=double_quant)
     assert torch.equal(layer.packed, torch.from_numpy(golden.nf4_bitsandbytes()[f"{case}.packed"]))
     key = f"{case}.dq.dequantized" if double_quant else f"{case}.dequantized"
-    assert torch.equal(layer.dequantize_weight(torch.float32), torch.from_numpy(golden.nf4_bitsandbytes()[key]))
+    assert torch.equal(layer.dequantize_weight(torch.float32), torch.from_numpy(g[key]))
 
 
 @pytest.mark.parametrize("compute_dtype,rtol", [

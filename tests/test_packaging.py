@@ -59,6 +59,6 @@ def test_sdist_holds_golden_files_sources_and_generator(built):
         names = {n.split("/", 1)[1] for n in t.getnames() if "/" in n}
     for rel in shipped_files():
         assert f"minidora/testing/golden/{rel}" in names, rel
-    for want in ("csrc/ops.cpp", "csrc/nf4_common.h", "csrc/cuda/nf4_cuda.cu", "tools/make_golden.py",
-                 "setup.py"):
+    for want in ("csrc/ops.cpp", "csrc/nf4_common.h", "csrc/cuda/nf4_cuda.cu",
+                 "tools/make_golden.py", "setup.py"):
         assert want in names

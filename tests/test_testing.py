@@ -18,8 +18,17 @@ import torch.nn.functional as F
 import minidora
 from minidora import nf4
 from minidora.__main__ import main
-from minidora.testing import Report, Row, check_dora, check_lora, check_nf4
-from minidora.testing import adapter_cases, adapter_mistakes, nf4_cases, nf4_mistakes
+from minidora.testing import (
+    Report,
+    Row,
+    adapter_cases,
+    adapter_mistakes,
+    check_dora,
+    check_lora,
+    check_nf4,
+    nf4_cases,
+    nf4_mistakes,
+)
 
 HERE = Path(__file__).resolve()
 

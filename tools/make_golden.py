@@ -95,7 +95,9 @@ def adapters_file(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
     out = {}
     for case in sorted({k.split(".")[0] for k in inputs}):
-        g = lambda n: torch.from_numpy(inputs[f"{case}.{n}"])  # noqa: E731
+        def g(n, case=case):
+            return torch.from_numpy(inputs[f"{case}.{n}"])
+
         W0, r, alpha = g("W0"), int(g("r")), float(g("alpha"))
         dora = case.startswith("dora")
         lin = nn.Linear(W0.shape[1], W0.shape[0], dtype=torch.float64)
@@ -200,8 +202,8 @@ def main() -> None:
     from safetensors.torch import save_file
 
     (args.out / "peft" / "llama_base_nf4").mkdir(parents=True, exist_ok=True)
-    np.savez(args.out / "nf4_bitsandbytes.npz", **nf4_file(_npz(args.inputs / "nf4_bitsandbytes.npz")))
-    np.savez(args.out / "adapters_peft.npz", **adapters_file(_npz(args.inputs / "adapters_peft.npz")))
+    for name, make in (("nf4_bitsandbytes.npz", nf4_file), ("adapters_peft.npz", adapters_file)):
+        np.savez(args.out / name, **make(_npz(args.inputs / name)))
     save_file(nf4_checkpoint(args.inputs / "peft" / "llama_base"),
               str(args.out / "peft" / "llama_base_nf4" / "model.safetensors"))
     save_file(expected_logits(args.inputs), str(args.out / "peft" / "expected_logits.safetensors"))

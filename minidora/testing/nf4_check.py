@@ -15,6 +15,7 @@ says where first and, if your output equals a known mistake
 from __future__ import annotations
 
 import math
+
 import numpy as np
 import torch
 
