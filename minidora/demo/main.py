@@ -10,13 +10,16 @@ import torch
 from . import report
 from .data import eval_windows, load_corpora
 from .model import GPT
-from .train import METHODS, RunConfig, answer_accuracy, evaluate, finetune, pretrain
+from .train import RunConfig, answer_accuracy, evaluate, finetune, pretrain
 
-__all__ = ["run"]
+__all__ = ["OUTPUTS", "run"]
+
+OUTPUTS = ("results.json", "losses.png", "decomposition.png")
 
 
 def run(cfg: RunConfig, methods: list[str], out: Path, cache_dir: Path | None, log=print) -> dict:
-    """Run the comparison and write ``results.json``, ``losses.png``, ``decomposition.png`` to ``out``.
+    """Run the comparison and write :data:`OUTPUTS` (``results.json``, ``losses.png``,
+    ``decomposition.png``) to ``out``.
 
     Returns:
         The results document (as written to ``results.json``, before the JSON null conversion).

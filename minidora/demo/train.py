@@ -33,7 +33,7 @@ from .memory import PeakTensorMemory
 from .model import GPT, GPTConfig
 
 __all__ = ["METHODS", "LEARNING_RATES", "RunConfig", "DemoError", "pretrain", "finetune", "evaluate",
-           "default_cache_dir"]
+           "default_cache_dir", "max_rank"]
 
 METHODS = ("full", "lora", "dora", "qlora", "qdora")
 # Peak learning rates (AdamW, 10% warm-up, cosine decay to 10%), each the best held-out loss of a
@@ -195,6 +195,16 @@ def build_model(method: str, state: dict[str, torch.Tensor], cfg: RunConfig) -> 
 
 def target_modules(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if n.split(".")[-1] in GPTConfig.TARGETS}
+
+
+def max_rank(cfg: GPTConfig) -> int:
+    """The largest useful adapter rank: min(in_features, out_features) over the adapted layers.
+
+    B @ A has rank at most min(out, in) whatever r is, so a larger r only adds parameters.
+    """
+    with torch.device("meta"):          # shapes only: no memory, no initialisation work
+        model = GPT(cfg)
+    return min(min(m.weight.shape) for m in target_modules(model).values())
 
 
 @torch.no_grad()
