@@ -1,7 +1,7 @@
 """Command line of minidora, ``demo`` and ``verify`` (also installed as ``minidora``).
 
 - ``python -m minidora demo [options]``: the fine-tuning demo. Bad input ends with exit status 1
-  (2 for what argparse itself rejects).
+  (2 for what argparse itself rejects) before any work starts.
 - ``python -m minidora verify MODULE:FUNCTION --kind nf4|lora|dora``: check your own
   implementation with :mod:`minidora.testing` (:mod:`minidora.testing.cli`). Exit status 0 when
   every check passed, 1 when one failed, 2 for a usage error.
@@ -12,15 +12,31 @@ Either way, errors are a one-line message on stderr, never a traceback.
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 import tempfile
 from pathlib import Path
 
 __all__ = ["main"]
 
+# Bounds of the demo's options. Far above the core count, torch's thread pool fails to start and
+# takes the process down with it; more steps than this is not a demo any more; alpha / r scales
+# the update, and an alpha far above the usual 8..512 only drives float32 to inf and NaN.
+MAX_THREADS = 256
+MAX_STEPS = 100_000
+MAX_ALPHA = 1e6
+MAX_SEED = 2**63 - 1     # torch takes it as a signed or an unsigned 64-bit seed; so does seed + 1
+
 
 class UsageError(Exception):
     """Bad input found after parsing: reported as one line on stderr, exit status 1."""
+
+
+def _path(text: str) -> Path:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty path; expected a folder")
+    return Path(text)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -32,23 +48,29 @@ def _parser() -> argparse.ArgumentParser:
                                    "and write plots and JSON.")
     d.add_argument("--methods", nargs="+", default=None, metavar="M",
                    help="methods to run, space or comma separated (default: full lora dora qlora qdora)")
-    d.add_argument("--rank", type=int, default=None, help="adapter rank r (default 8)")
-    d.add_argument("--alpha", type=float, default=None, help="adapter alpha; scaling = alpha / r (default 16)")
-    d.add_argument("--steps", type=int, default=None, help="fine-tuning steps per method (default 300)")
-    d.add_argument("--pretrain-steps", type=int, default=None, help="pretraining steps (default 600)")
-    d.add_argument("--seed", type=int, default=0, help="seed of model init, batches and adapters (default 0)")
+    d.add_argument("--rank", type=int, default=None,
+                   help="adapter rank r, at most min(in, out) of the adapted layers (default 8)")
+    d.add_argument("--alpha", type=float, default=None,
+                   help=f"adapter alpha in (0, {MAX_ALPHA:.0f}]; scaling = alpha / r (default 16)")
+    d.add_argument("--steps", type=int, default=None,
+                   help=f"fine-tuning steps per method, 1..{MAX_STEPS} (default 300)")
+    d.add_argument("--pretrain-steps", type=int, default=None,
+                   help=f"pretraining steps, 1..{MAX_STEPS} (default 600)")
+    d.add_argument("--seed", type=int, default=0,
+                   help="seed of model init, batches and adapters, 0..2**63-1 (default 0)")
     d.add_argument("--backend", choices=("auto", "reference", "compiled"), default="auto",
                    help="NF4 path of the q-methods: compiled op, plain PyTorch reference, or auto")
     d.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default="float32",
                    help="compute dtype of the 4-bit base in the q-methods (default float32: the q-methods then "
                         "differ from lora/dora by the quantization alone; bfloat16 is QLoRA's default)")
-    d.add_argument("--out", type=Path, default=Path("minidora_out"), help="output folder (default minidora_out)")
-    d.add_argument("--cache-dir", type=Path, default=None,
+    d.add_argument("--out", type=_path, default=Path("minidora_out"),
+                   help="output folder (default minidora_out)")
+    d.add_argument("--cache-dir", type=_path, default=None,
                    help="pretrained-weights cache (default $MINIDORA_CACHE or ~/.cache/minidora)")
     d.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
     d.add_argument("--threads", type=int, default=1,
-                   help="CPU threads for torch (default 1: at this model size a second thread gains "
-                        "1.7x on an idle machine and loses several times over on a busy one)")
+                   help=f"CPU threads for torch, 1..{MAX_THREADS} (default 1: at this model size a second "
+                        "thread gains 1.7x on an idle machine and loses several times over on a busy one)")
     d.add_argument("--quick", action="store_true", help="a tiny model and a few steps: seconds (for tests)")
     from .testing.cli import add_parser
 
@@ -56,9 +78,15 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _check_int(option: str, value: int, lo: int, hi: int, why: str = "") -> int:
+    if not lo <= value <= hi:
+        raise UsageError(f"{option}: got {value}; expected an integer in {lo}..{hi}{why}")
+    return value
+
+
 def _config(args):
     from .demo.model import GPTConfig
-    from .demo.train import METHODS, RunConfig
+    from .demo.train import METHODS, RunConfig, max_rank
 
     methods = [m.strip() for item in (args.methods or METHODS) for m in item.split(",") if m.strip()]
     if not methods:
@@ -67,34 +95,62 @@ def _config(args):
         if m not in METHODS:
             raise UsageError(f"--methods: unknown method {m!r}; expected some of {', '.join(METHODS)}")
     methods = list(dict.fromkeys(methods))
+    _check_int("--seed", args.seed, 0, MAX_SEED, " (2**63 - 1)")
     if args.quick:
         cfg = RunConfig(seed=args.seed, model=GPTConfig(n_embd=32, n_head=2), batch_size=8,
                         finetune_batch_size=8, pretrain_steps=40, steps=16, n_checkpoints=4, eval_every=4)
     else:
         cfg = RunConfig(seed=args.seed)
-    for name in ("rank", "steps", "pretrain_steps", "threads"):
-        v = getattr(args, name)
-        if v is not None:
-            if v < 1:
-                raise UsageError(f"--{name.replace('_', '-')}: got {v}; expected an integer >= 1")
-            setattr(cfg, name, v)
+    why_rank = " (min(in_features, out_features) of the adapted layers" + (" in --quick)" if args.quick else ")")
+    bounds = {"rank": (max_rank(cfg.model), why_rank), "steps": (MAX_STEPS, ""),
+              "pretrain_steps": (MAX_STEPS, ""), "threads": (MAX_THREADS, "")}
+    for name, (hi, why) in bounds.items():
+        if getattr(args, name) is not None:
+            setattr(cfg, name, _check_int("--" + name.replace("_", "-"), getattr(args, name), 1, hi, why))
     if args.alpha is not None:
-        if not args.alpha > 0 or args.alpha == float("inf"):
-            raise UsageError(f"--alpha: got {args.alpha}; expected a finite number > 0")
+        if not (math.isfinite(args.alpha) and 0 < args.alpha <= MAX_ALPHA):
+            raise UsageError(f"--alpha: got {args.alpha}; expected a finite number > 0 and "
+                             f"<= {MAX_ALPHA:.0f}")
         cfg.alpha = args.alpha
     cfg.n_checkpoints = min(cfg.n_checkpoints, cfg.steps)
     cfg.backend, cfg.compute_dtype = args.backend, args.compute_dtype
     return cfg, methods
 
 
-def _writable_dir(path: Path, what: str) -> Path:
+def _writable_dir(path: Path, what: str, files: tuple[str, ...] = (), hint: str = "") -> Path:
+    """``path`` as a folder we can write ``files`` into (created if missing), else UsageError."""
     try:
+        if path.exists() and not path.is_dir():
+            raise UsageError(f"{what}: {str(path)!r} exists and is not a folder{hint}")
+        for name in files:
+            if (path / name).exists() and not (path / name).is_file():
+                raise UsageError(f"{what}: {str(path / name)!r} is in the way: it exists and is not a file")
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=path):
             pass
     except OSError as e:
-        raise UsageError(f"{what}: cannot write to {str(path)!r} ({e.strerror or e})") from None
+        raise UsageError(f"{what}: cannot write to {str(path)!r} ({e.strerror or e}){hint}") from None
     return path
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo.main import OUTPUTS, run
+    from .demo.train import DemoError, default_cache_dir
+
+    try:
+        cfg, methods = _config(args)
+        out = _writable_dir(args.out, "--out", OUTPUTS)
+        cache = None
+        if not args.no_cache:
+            what = ("--cache-dir" if args.cache_dir else
+                    "$MINIDORA_CACHE" if os.environ.get("MINIDORA_CACHE") else "cache folder")
+            cache = _writable_dir(args.cache_dir or default_cache_dir(), what,
+                                  hint="; choose another with --cache-dir or run with --no-cache")
+        run(cfg, methods, out, cache)
+    except (UsageError, DemoError) as e:
+        print(f"minidora demo: error: {e}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,27 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         from .testing.cli import run as verify
 
         return verify(args)
-    from .demo.train import DemoError
-
-    try:
-        cfg, methods = _config(args)
-        out = _writable_dir(args.out, "--out")
-        cache = None
-        if not args.no_cache:
-            cache = _writable_dir(args.cache_dir or _default_cache(), "--cache-dir")
-        from .demo.main import run
-
-        run(cfg, methods, out, cache)
-    except (UsageError, DemoError) as e:
-        print(f"minidora demo: error: {e}", file=sys.stderr)
-        return 1
-    return 0
-
-
-def _default_cache() -> Path:
-    from .demo.train import default_cache_dir
-
-    return default_cache_dir()
+    return _demo(args)
 
 
 if __name__ == "__main__":

@@ -176,19 +176,69 @@ def test_entry_point_subprocess(tmp_path):
 
 # --- bad input -----------------------------------------------------------------------------------
 
+@pytest.fixture
+def no_run(monkeypatch):
+    """Fail the test if the demo gets as far as running: bad input must be rejected before any work
+    (some of it used to crash the process or train for minutes once the run had started)."""
+    monkeypatch.delenv("MINIDORA_DEBUG", raising=False)
+
+    def run(*args, **kwargs):
+        pytest.fail("the run started")    # a BaseException: main() cannot swallow it
+
+    monkeypatch.setattr("minidora.demo.main.run", run)
+
+
 @pytest.mark.parametrize("args, needle", [
     (["--methods", "lora,bogus"], "--methods"),
+    (["--methods", ",,"], "--methods: no method given"),
     (["--rank", "0"], "--rank"),
+    (["--rank", "33"], "--rank: got 33; expected an integer in 1..32"),     # --quick layers: 32 wide
+    (["--rank", "100000"], "min(in_features, out_features)"),
     (["--steps", "-3"], "--steps"),
+    (["--steps", "100001"], "--steps: got 100001; expected an integer in 1..100000"),
+    (["--pretrain-steps", "100001"], "--pretrain-steps: got 100001"),
     (["--alpha", "-1"], "--alpha"),
+    (["--alpha", "nan"], "--alpha: got nan"),
+    (["--alpha", "inf"], "--alpha: got inf"),
+    (["--alpha", "1e308"], "--alpha: got 1e+308; expected a finite number > 0 and <= 1000000"),
     (["--threads", "0"], "--threads"),
+    (["--threads", "100000"], "--threads: got 100000; expected an integer in 1..256"),
+    (["--seed", "-1"], "--seed: got -1; expected an integer in 0..9223372036854775807"),
+    (["--seed", str(2**63)], "--seed"),
+    (["--seed", str(2**70)], "--seed: got 1180591620717411303424"),
 ])
-def test_bad_input_exits_with_one_line(tmp_path, args, needle):
+def test_bad_input_exits_with_one_line(no_run, tmp_path, args, needle):
     rc, stdout, stderr = _run_main(["demo", "--quick", "--out", str(tmp_path / "o"),
                                     "--cache-dir", str(tmp_path / "c"), *args])
-    assert rc == 1
-    assert len(stderr.strip().splitlines()) == 1 and needle in stderr and "Traceback" not in stderr
+    assert rc == 1, stderr
+    assert stderr.startswith("minidora demo: error: ") and stderr.count("\n") == 1, stderr
+    assert needle in stderr and "Traceback" not in stderr
     assert not (tmp_path / "c").exists()   # rejected before any work
+
+
+def test_bounds_are_inclusive(tmp_path):
+    """The largest seed, rank and alpha and the smallest step counts all run."""
+    rc, _, stderr = _run_main(["demo", "--quick", "--methods", "lora", "--seed", str(2**63 - 1),
+                               "--rank", "32", "--alpha", "1e6", "--steps", "1", "--pretrain-steps", "1",
+                               "--out", str(tmp_path), "--no-cache"])
+    assert rc == 0, stderr
+    cfg = json.loads((tmp_path / "results.json").read_text())["config"]
+    assert (cfg["seed"], cfg["rank"], cfg["alpha"], cfg["steps"]) == (2**63 - 1, 32, 1e6, 1)
+
+
+def test_output_and_cache_paths_in_the_way(no_run, tmp_path, monkeypatch):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    (tmp_path / "o" / "results.json").mkdir(parents=True)
+    cases = [(["--out", str(a_file)], f"--out: {str(a_file)!r} exists and is not a folder"),
+             (["--out", str(a_file / "o")], "--out: cannot write to"),
+             (["--out", str(tmp_path / "o")], "results.json' is in the way"),
+             (["--cache-dir", str(a_file)], "--cache-dir: "),
+             ([], "$MINIDORA_CACHE: ")]
+    monkeypatch.setenv("MINIDORA_CACHE", str(a_file))
+    for args, needle in cases:
+        rc, _, stderr = _run_main(["demo", "--quick", "--out", str(tmp_path / "p"), *args])
+        assert rc == 1 and stderr.count("\n") == 1 and needle in stderr, (args, stderr)
 
 
 def test_unwritable_output_folder_subprocess(tmp_path):
@@ -201,9 +251,15 @@ def test_unwritable_output_folder_subprocess(tmp_path):
     assert len(p.stderr.strip().splitlines()) == 1 and "--out" in p.stderr, p.stderr
 
 
-def test_argparse_errors_exit_2(tmp_path):
-    rc, _, stderr = _run_main(["demo", "--backend", "fast"])
-    assert rc == 2 and "--backend" in stderr
+@pytest.mark.parametrize("args, needle", [
+    (["--backend", "fast"], "--backend"),
+    (["--rank", "1.5"], "--rank"),
+    (["--out", ""], "argument --out: empty path"),          # Path("") would be the current folder
+    (["--cache-dir", " "], "argument --cache-dir: empty path"),
+])
+def test_argparse_errors_exit_2(no_run, args, needle):
+    rc, _, stderr = _run_main(["demo", "--quick", *args])
+    assert rc == 2 and needle in stderr, stderr
 
 
 def test_compiled_backend(tmp_path):
