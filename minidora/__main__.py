@@ -6,7 +6,10 @@
   implementation with :mod:`minidora.testing` (:mod:`minidora.testing.cli`). Exit status 0 when
   every check passed, 1 when one failed, 2 for a usage error.
 
-Either way, errors are a one-line message on stderr, never a traceback.
+Either way, errors are a one-line message on stderr, never a traceback. Ctrl-C prints
+``minidora demo: interrupted`` (or ``verify``) and exits with status 130. An unexpected error
+inside a run prints one line with its type and message and exits with status 1; set
+``MINIDORA_DEBUG=1`` to let it (and Ctrl-C) propagate with the full traceback instead.
 """
 
 from __future__ import annotations
@@ -153,14 +156,33 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _one_line(e: BaseException) -> str:
+    msg = (str(e).strip().splitlines() or [""])[0]
+    return type(e).__name__ + (f": {msg[:200]}" if msg else "")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m minidora`` and of the ``minidora`` script. Returns the exit status."""
     args = _parser().parse_args(argv)
-    if args.command == "verify":
-        from .testing.cli import run as verify
+    name = f"minidora {args.command}"
+    debug = os.environ.get("MINIDORA_DEBUG", "") not in ("", "0")
+    try:
+        if args.command == "verify":
+            from .testing.cli import run as verify
 
-        return verify(args)
-    return _demo(args)
+            return verify(args)
+        return _demo(args)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"{name}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if debug:
+            raise
+        print(f"{name}: error: {_one_line(e)} (run with MINIDORA_DEBUG=1 for the traceback)",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -12,9 +12,11 @@ import json
 import math
 import os
 import re
+import signal
 import struct
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -260,6 +262,66 @@ def test_unwritable_output_folder_subprocess(tmp_path):
 def test_argparse_errors_exit_2(no_run, args, needle):
     rc, _, stderr = _run_main(["demo", "--quick", *args])
     assert rc == 2 and needle in stderr, stderr
+
+
+@pytest.mark.parametrize("error", [RuntimeError("disk on fire\nsecond line"), KeyboardInterrupt()])
+def test_unexpected_error_and_interrupt_in_process(tmp_path, monkeypatch, error):
+    def run(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr("minidora.demo.main.run", run)
+    monkeypatch.delenv("MINIDORA_DEBUG", raising=False)
+    argv = ["demo", "--quick", "--out", str(tmp_path / "o"), "--no-cache"]
+    try:
+        rc, _, stderr = _run_main(argv)
+    except KeyboardInterrupt:    # would end the whole test session
+        pytest.fail("KeyboardInterrupt escaped main()")
+    if isinstance(error, KeyboardInterrupt):
+        assert (rc, stderr) == (130, "minidora demo: interrupted\n")
+    else:
+        assert (rc, stderr) == (1, "minidora demo: error: RuntimeError: disk on fire "
+                                   "(run with MINIDORA_DEBUG=1 for the traceback)\n")
+    monkeypatch.setenv("MINIDORA_DEBUG", "1")
+    with pytest.raises(type(error)):
+        main(argv)
+
+
+def _interrupt_after_first_line(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """Start ``cmd``, wait for its first line on stdout (it is under way), send SIGINT, collect."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    env.pop("MINIDORA_DEBUG", None)
+    # A shell that starts the tests in the background ignores SIGINT, and the child would inherit that.
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    watchdog = threading.Timer(300, p.kill)
+    watchdog.start()
+    try:
+        first = p.stdout.readline()
+        assert first, p.communicate()[1]           # it printed nothing and exited
+        p.send_signal(signal.SIGINT)
+        stdout, stderr = p.communicate()
+    finally:
+        watchdog.cancel()
+    return subprocess.CompletedProcess(cmd, p.returncode, first + stdout, stderr)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGINT to a child process is POSIX")
+def test_ctrl_c_demo_subprocess(tmp_path):
+    p = _interrupt_after_first_line(
+        [sys.executable, "-m", "minidora", "demo", "--quick", "--pretrain-steps", "100000", "--no-cache",
+         "--out", str(tmp_path / "o")], tmp_path)
+    assert p.stdout.startswith("pretraining on")
+    assert p.returncode == 130, p.stderr
+    assert "Traceback" not in p.stderr and p.stderr.splitlines()[-1] == "minidora demo: interrupted"
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGINT to a child process is POSIX")
+def test_ctrl_c_verify_subprocess(tmp_path):
+    (tmp_path / "slow.py").write_text("import time\nprint('importing', flush=True)\ntime.sleep(300)\n")
+    p = _interrupt_after_first_line([sys.executable, "-m", "minidora", "verify", "slow.py:quantize",
+                                     "--kind", "nf4"], tmp_path)
+    assert p.returncode == 130, p.stderr
+    assert "Traceback" not in p.stderr and p.stderr.splitlines()[-1] == "minidora verify: interrupted"
 
 
 def test_compiled_backend(tmp_path):
