@@ -14,16 +14,29 @@
 # %% [markdown]
 # # 1. LoRA from scratch
 #
+# **Learning objectives.** You will be able to:
+#
+# - write a LoRA layer in a dozen lines of PyTorch and check it against a reference, outputs and
+#   gradients;
+# - explain why $A$ starts random and $B$ at zero, and what breaks with any other choice;
+# - say how the scalings $\alpha/r$ and rsLoRA's $\alpha/\sqrt r$ behave as the rank grows;
+# - count an adapter's trainable parameters, and merge it into the weight.
+#
+# **Prerequisites.** You should know PyTorch's `nn.Linear`, `nn.Parameter` and autograd
+# (`loss.backward()`); matrix products and the rank of a matrix; what an optimiser step does.
+#
 # LoRA (Hu et al., 2021, arXiv 2106.09685) fine-tunes a large model by training, next to each
-# frozen weight $W_0$, a low-rank update $s\,BA$. This tutorial builds it in a dozen lines of
-# plain PyTorch and checks it against `minidora.LoRALinear`:
+# frozen weight $W_0$, a low-rank update $s\,BA$. This tutorial builds it in plain PyTorch and
+# checks it against `minidora.LoRALinear`:
 #
 # 1. why a low-rank update is enough;
 # 2. the factorisation, and why it is never multiplied out while training;
 # 3. the initialisation (A random, B zero) and what goes wrong otherwise;
 # 4. the scaling $s = \alpha / r$ and rsLoRA's $\alpha / \sqrt r$;
 # 5. parameter counts;
-# 6. merging the update into the weight.
+# 6. merging the update into the weight;
+#
+# and ends with three exercises.
 #
 # Conventions (PyTorch's, used throughout minidora): $W_0$ is [out, in], $A$ is [r, in],
 # $B$ is [out, r], and a layer computes $y = x W^\top + b$ for $x$ of shape [..., in].
@@ -70,7 +83,8 @@ W_full = torch.linalg.lstsq(X, Y).solution.T                     # [out, in]
 dW = W_full - W0
 sv = torch.linalg.svdvals(dW)
 energy = (sv**2).cumsum(0) / (sv**2).sum()
-print(f"singular values of the full fine-tuning update: {[round(v, 3) for v in sv[:8].tolist()]} ...")
+print(f"singular values of the full fine-tuning update: {[round(v, 3) for v in sv[:8].tolist()]}"
+      " ...")
 print(f"fraction of the update's energy in the top 4 directions: {energy[3]:.4f}")
 assert energy[3] > 0.98
 
@@ -126,7 +140,8 @@ print("x", tuple(x.shape), "-> y", tuple(layer(x).shape))
 #   so B moves at the first step, and A follows once B is non-zero.
 #
 # If both were zero, both gradients would be zero forever:
-# $\partial L/\partial A = s\,B^\top g^\top x = 0$ and $\partial L/\partial B = s\,g^\top (x A^\top) = 0$.
+# $\partial L/\partial A = s\,B^\top g^\top x = 0$ and
+# $\partial L/\partial B = s\,g^\top (x A^\top) = 0$.
 
 # %%
 assert layer.A.abs().max() <= 1 / math.sqrt(d)
@@ -145,6 +160,27 @@ assert torch.count_nonzero(stuck.A.grad) == 0 and torch.count_nonzero(stuck.B.gr
 print("A = B = 0: both gradients are exactly zero, nothing would ever train")
 
 # %% [markdown]
+# ### Check your understanding
+#
+# Predict the answers, then run the cell below; each `assert` states one.
+#
+# 1. At init the layer's output does not depend on $\alpha$. Why?
+# 2. A's gradient is zero at init. After one SGD step on $B$, does $A$ get a gradient?
+
+# %%
+# 1. B = 0, so s B A = 0 whatever s is: any alpha gives the base layer
+assert torch.equal(MyLoRALinear(base, r=8, alpha=1000.0)(x), base(x))
+# 2. yes: dL/dA = s B^T g^T x is no longer zero once B is not
+probe = MyLoRALinear(base, r=8, alpha=16)
+(probe(x) ** 2).sum().backward()
+with torch.no_grad():
+    probe.B -= 0.1 * probe.B.grad                # one SGD step; A stays where it was
+probe.zero_grad()
+(probe(x) ** 2).sum().backward()
+assert torch.count_nonzero(probe.A.grad) > 0
+print(f"after one step on B: |grad A| = {probe.A.grad.norm():.3g}")
+
+# %% [markdown]
 # ## 4. The scaling: $\alpha / r$ and rsLoRA's $\alpha / \sqrt r$
 #
 # The update is multiplied by $s$. LoRA uses $s = \alpha / r$ so that, in the authors' words,
@@ -157,8 +193,8 @@ print("A = B = 0: both gradients are exactly zero, nothing would ever train")
 # $\partial L/\partial B = s\, g^\top h$ ([out, r], $g = \partial L/\partial y$), has $r$ columns of
 # a size independent of $r$:
 #
-# $$\lVert \partial L/\partial B \rVert \propto s\sqrt r = \begin{cases} \alpha/\sqrt r & s = \alpha/r
-#   \\ \alpha & s = \alpha/\sqrt r \text{ (rsLoRA)} \end{cases}$$
+# $$\lVert \partial L/\partial B \rVert \propto s\sqrt r = \begin{cases}
+#   \alpha/\sqrt r & s = \alpha/r \\ \alpha & s = \alpha/\sqrt r \text{ (rsLoRA)} \end{cases}$$
 #
 # With $\alpha / r$ the gradient (and with SGD the step, which then enters the output multiplied
 # by $s$ once more) shrinks as the rank grows; with $\alpha/\sqrt r$ it does not. Measured over
@@ -180,7 +216,8 @@ ranks = [2, 8, 32] if SMALL else [2, 4, 8, 16, 32, 64, 128]
 trials = 4 if SMALL else 10
 gnorm = {rs: [grad_B_norm(r, rs, trials) for r in ranks] for rs in (False, True)}
 for i, r in enumerate(ranks):
-    print(f"r = {r:3d}: |dL/dB|  alpha/r: {gnorm[False][i]:.3e}   alpha/sqrt(r): {gnorm[True][i]:.3e}")
+    print(f"r = {r:3d}: |dL/dB|  alpha/r: {gnorm[False][i]:.3e}   "
+          f"alpha/sqrt(r): {gnorm[True][i]:.3e}")
 ratio_std = gnorm[False][-1] / gnorm[False][0]
 ratio_rs = gnorm[True][-1] / gnorm[True][0]
 expected = math.sqrt(ranks[0] / ranks[-1])
@@ -263,7 +300,8 @@ assert minidora.LoRALinear(nn.Linear(d, d), r=16, alpha=32, rslora=True).scaling
 # %%
 for r in (1, 8, 64):
     n_lora, n_full = r * (4096 + 4096), 4096 * 4096
-    print(f"  r = {r:2d}: {n_lora:9,d} trainable instead of {n_full:,d} ({100 * n_lora / n_full:.2f} %)")
+    print(f"  r = {r:2d}: {n_lora:9,d} trainable instead of {n_full:,d} "
+          f"({100 * n_lora / n_full:.2f} %)")
 
 # and counted by minidora on a small model
 mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
@@ -273,6 +311,17 @@ rep = minidora.report(mlp)
 print(rep)
 assert rep.trainable_params == 8 * (d + 4 * d) + 8 * (4 * d + d)
 assert rep.total_params == n_total + rep.trainable_params
+
+# %% [markdown]
+# ### Check your understanding
+#
+# 3. A rank-16 adapter on a 7B model's MLP up-projection, [out, in] = [11008, 4096]: how many
+#    trainable numbers, and what share of the layer's $11008 \cdot 4096$?
+
+# %%
+n_adapter = 16 * (4096 + 11008)                  # r (in + out)
+assert n_adapter == 241_664 and round(100 * n_adapter / (11008 * 4096), 2) == 0.54
+print(f"{n_adapter:,d} numbers, 0.54 % of the layer")
 
 # %% [markdown]
 # ## 6. Merging: no cost at inference
@@ -310,3 +359,135 @@ assert ((merged_by_hand - y_theirs).abs() <= tol(y_theirs)).all()
 assert ((y_merged - y_theirs).abs() <= tol(y_theirs)).all() and err < 1e-15
 theirs.unmerge()
 print(f"merged: same outputs (weight error {err:.1e}); unmerged again: {theirs}")
+
+# %% [markdown]
+# ## Exercises
+#
+# Each exercise has a stub to replace and a cell that checks it. While a stub still raises
+# `NotImplementedError`, its check prints "exercise N: not attempted yet" and the notebook runs
+# on; a wrong answer stops it with an assertion that says what is wrong. The solutions, with the
+# same checks and the classic mistakes each check catches, are in
+# [solutions/01_solutions.py](solutions/01_solutions.py).
+#
+# ### Exercise 1: the scaling, and rsLoRA at a large rank
+#
+# (a) Write `my_scaling(alpha, r, rslora)`, the factor $s$ that multiplies $BA$.
+#
+# (b) Section 4 found $\lVert \partial L/\partial B\rVert \propto s\sqrt r$ at init. Write
+# `grad_ratio(r, r0, rslora)`: the predicted $\lVert \partial L/\partial B\rVert$ at rank `r`
+# divided by the one at rank `r0`, for the same $\alpha$. How much smaller is the gradient at
+# $r = 256$ than at $r = 4$ with $\alpha/r$, and with $\alpha/\sqrt r$?
+#
+# The classic mistake is to scale by $\alpha$ itself, forgetting the $1/r$: each rank then needs
+# its own learning rate, and only $r = 1$ looks right.
+
+# %%
+def my_scaling(alpha: float, r: int, rslora: bool = False) -> float:
+    """s = alpha / r, or alpha / sqrt(r) with rsLoRA."""
+    raise NotImplementedError("exercise 1 (a): your code here")
+
+
+def grad_ratio(r: int, r0: int, rslora: bool = False) -> float:
+    """Predicted |dL/dB| at init at rank r, over the one at rank r0 (same alpha)."""
+    raise NotImplementedError("exercise 1 (b): your code here")
+
+
+# %%
+def check_exercise_1(my_scaling, grad_ratio):
+    for alpha, r in ((16, 8), (8, 64), (32, 256), (1, 3)):
+        for rslora in (False, True):
+            want = minidora.LoRALinear(nn.Linear(4, 4), r=r, alpha=alpha, rslora=rslora).scaling
+            got = my_scaling(alpha, r, rslora)
+            assert math.isclose(got, want, rel_tol=1e-12), \
+                f"my_scaling({alpha}, {r}, rslora={rslora}) = {got}, expected {want}"
+    for (r, r0), want in (((256, 4), (1 / 8, 1.0)), ((9, 1), (1 / 3, 1.0))):
+        for rslora, w in zip((False, True), want, strict=True):
+            got = grad_ratio(r, r0, rslora)
+            assert math.isclose(got, w, rel_tol=1e-9), \
+                f"grad_ratio({r}, {r0}, rslora={rslora}) = {got}: |dL/dB| grows like s sqrt(r)"
+
+
+try:
+    check_exercise_1(my_scaling, grad_ratio)
+    print("exercise 1: correct")
+except NotImplementedError:
+    print("exercise 1: not attempted yet")
+
+# %% [markdown]
+# ### Exercise 2: the initialisation
+#
+# Write `my_init_(A, B)`, which initialises an adapter's $A$ [r, in] and $B$ [out, r] in place
+# as section 3 describes. The check builds a layer with them and asks three questions: does it
+# equal its base at step 0, is $A$ spread over $U(\pm 1/\sqrt{in})$, does $B$ get a gradient?
+# Then try the classic mistake, a random $B$ (`nn.init.normal_(B)`), and see which question
+# catches it.
+
+# %%
+def my_init_(A: torch.Tensor, B: torch.Tensor) -> None:
+    """Initialise A [r, in] and B [out, r] in place, as LoRA does."""
+    raise NotImplementedError("exercise 2: your code here")
+
+
+# %%
+def check_exercise_2(my_init_):
+    torch.manual_seed(2)
+    base = nn.Linear(64, 24)
+    A, B = torch.empty(8, 64), torch.empty(24, 8)
+    with torch.no_grad():
+        my_init_(A, B)
+    A.requires_grad_(True)
+    B.requires_grad_(True)
+    x = torch.randn(6, 64)
+    y = base(x) + 2.0 * (x @ A.T) @ B.T
+    assert torch.equal(y, base(x)), "the layer must equal its base at step 0: is B zero?"
+    bound = 1 / math.sqrt(64)
+    assert A.abs().max() <= bound, f"A must lie in [-1/sqrt(in), 1/sqrt(in)] = +-{bound:.3f}"
+    assert 0.45 * bound < A.std() < 0.7 * bound, "A must be spread uniformly over that interval"
+    (y ** 2).sum().backward()
+    assert B.grad.norm() > 0, "B gets no gradient at step 0: is A zero?"
+
+
+try:
+    check_exercise_2(my_init_)
+    print("exercise 2: correct")
+except NotImplementedError:
+    print("exercise 2: not attempted yet")
+
+# %% [markdown]
+# ### Exercise 3: merge and unmerge
+#
+# Write `my_merge(W0, A, B, s)`, the merged weight [out, in], and `my_unmerge(W, A, B, s)`,
+# which gives $W_0$ back. The check compares the merged layer with the adapter in float64 and
+# asks for $W_0$ after the round trip. Classic mistakes: forgetting $s$, and the transposed
+# product $A^\top B^\top$ (the wrong shape whenever out $\neq$ in; a square weight hides it).
+
+# %%
+def my_merge(W0: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float) -> torch.Tensor:
+    """W0 [out, in], A [r, in], B [out, r] -> the merged weight [out, in]."""
+    raise NotImplementedError("exercise 3: your code here")
+
+
+def my_unmerge(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float) -> torch.Tensor:
+    """The merged weight W [out, in] -> W0 [out, in]."""
+    raise NotImplementedError("exercise 3: your code here")
+
+
+# %%
+def check_exercise_3(my_merge, my_unmerge):
+    torch.manual_seed(3)
+    W0, A, B = (torch.randn(*shape, dtype=torch.float64) for shape in ((5, 7), (3, 7), (5, 3)))
+    s, x = 2.5, torch.randn(4, 7, dtype=torch.float64)
+    W = my_merge(W0, A, B, s)
+    assert W.shape == W0.shape, f"the merged weight must be [out, in] = {tuple(W0.shape)}"
+    y_adapter = x @ W0.T + s * (x @ A.T) @ B.T
+    assert torch.allclose(x @ W.T, y_adapter, rtol=1e-12, atol=1e-12), \
+        "the merged layer must compute what the adapter computes: is s there?"
+    assert torch.allclose(my_unmerge(W, A, B, s), W0, rtol=1e-12, atol=1e-12), \
+        "unmerging must give W0 back"
+
+
+try:
+    check_exercise_3(my_merge, my_unmerge)
+    print("exercise 3: correct")
+except NotImplementedError:
+    print("exercise 3: not attempted yet")

@@ -14,6 +14,17 @@
 # %% [markdown]
 # # 3. DoRA: formula, gradient, and the detach trick
 #
+# **Learning objectives.** You will be able to:
+#
+# - write DoRA's forward pass (eq. 5) from the formula, with the norm over the right axis;
+# - derive its gradient (eqs. 6-7) and check a closed form against autograd;
+# - explain what treating the norm as a constant (section 4.3) changes, in the gradient and in
+#   the memory kept for backward;
+# - verify a layer with `torch.autograd.gradcheck`, and know why the detached form fails it.
+#
+# **Prerequisites.** Tutorials 1 and 2; the chain rule for a vector divided by its norm; what
+# autograd saves between forward and backward.
+#
 # DoRA (Liu et al., ICML 2024, arXiv 2402.09353) trains the magnitude of each weight row
 # directly, and the direction through a LoRA update. This tutorial:
 #
@@ -21,9 +32,13 @@
 # 2. derives its gradient (eqs. 6-7) and checks the closed form against autograd;
 # 3. explains the section 4.3 trick (treat the norm as a constant in backward) and measures the
 #    memory it saves;
-# 4. runs `torch.autograd.gradcheck`.
+# 4. runs `torch.autograd.gradcheck`;
+#
+# and ends with three exercises.
 
 # %%
+import math
+
 import matplotlib.pyplot as plt
 import torch
 import torch.nn as nn
@@ -41,8 +56,9 @@ SMALL, show = setup()  # MINIDORA_TUTORIAL_SIZE=small: the quick size; one threa
 # $$ W' = \underbrace{m}_{\text{trained}} \cdot \frac{V'}{\lVert V' \rVert_r},
 #    \qquad V' = W_0 + s\,BA, \qquad c_n = \lVert V'[n] \rVert $$
 #
-# one magnitude per **output row** $n$ (the paper's "column norm" of $W \in \mathbb{R}^{d\times k}$;
-# code that takes norms over `dim=0` of a PyTorch [out, in] weight normalises the wrong axis).
+# one magnitude per **output row** $n$. (The paper's "column norm": its
+# $W \in \mathbb{R}^{d\times k}$ is [in, out], so a column holds the weights of one output;
+# code that takes norms over `dim=0` of a PyTorch [out, in] weight normalises the wrong axis.)
 # At init $B = 0$ and $m = \lVert W_0 \rVert_r$, so $W' = W_0$. The bias is never scaled.
 #
 # Building $W'$ is the clearest way to write it:
@@ -79,7 +95,9 @@ print("my_dora and minidora.DoRALinear agree (float64):", (y_mine - y_theirs).ab
 # `DoRALinear` gets there without ever forming $W'$ (or any other [out, in] matrix): with
 # $k = m / c$, $\; y = k \odot (x W_0^\top + s\, x A^\top B^\top) + b$, and since $W_0$ is
 # frozen, $c^2$ comes from cached row norms of $W_0$ plus [out, r]-sized terms:
-# $c_n^2 = \lVert W_0[n]\rVert^2 + 2s\,[(W_0A^\top)\odot B]_n\mathbf 1 + s^2[(BAA^\top)\odot B]_n\mathbf 1$.
+#
+# $$c_n^2 = \lVert W_0[n]\rVert^2 + 2s\,[(W_0A^\top)\odot B]_n\mathbf 1
+#   + s^2[(BAA^\top)\odot B]_n\mathbf 1 .$$
 #
 # ## 2. The gradient (eqs. 6-7)
 #
@@ -118,6 +136,26 @@ print(f"the direction gradient is orthogonal to each row: max |cos| = "
 assert F.cosine_similarity(grad_V, V, dim=1).abs().max() < 1e-12
 
 # %% [markdown]
+# ### Check your understanding
+#
+# 1. Double $m$ and leave $A$ and $B$ alone: what happens to $y - b$?
+# 2. At init ($B = 0$, $m = \lVert W_0\rVert_r$), which of $m$, $A$, $B$ get a non-zero
+#    gradient?
+#
+# Predict, then run the cell below; the asserts give the answers.
+
+# %%
+# 1. W' = (m / c) V' is linear in m: y - b doubles
+y_double = my_dora(x, W0, b, A, B, 2 * m, s)
+assert torch.allclose(y_double - b, 2 * (y_mine - b), rtol=1e-12, atol=1e-12)
+# 2. m and B do; A does not: grad A = s B^T grad V' is zero while B is
+fresh = minidora.DoRALinear(nn.Linear(in_f, out_f, dtype=dt), r=r, alpha=6, adapter_dtype=dt)
+(fresh(x) ** 2).sum().backward()
+assert torch.count_nonzero(fresh.lora_A.grad) == 0
+assert fresh.lora_B.grad.norm() > 0 and fresh.magnitude.grad.norm() > 0
+print("at init: grad m and grad B are non-zero, grad A is zero (as in LoRA)")
+
+# %% [markdown]
 # ## 3. Section 4.3: treat the norm as a constant
 #
 # The exact gradient needs the backward pass of $c = \lVert W_0 + sBA \rVert_r$, so autograd has
@@ -134,10 +172,12 @@ assert 0.5 < cos < 1 and 0 < rel
 
 layer_d = minidora.DoRALinear(base, r=r, alpha=6, detach_norm=True, adapter_dtype=dt)
 with torch.no_grad():
-    for p_d, p in zip((layer_d.lora_A, layer_d.lora_B, layer_d.magnitude), (A, B, m)):
+    for p_d, p in zip((layer_d.lora_A, layer_d.lora_B, layer_d.magnitude), (A, B, m),
+                      strict=True):
         p_d.copy_(p)
 (layer_d(x) * g).sum().backward()
-assert ((s * grad_V_detached @ A.T - layer_d.lora_B.grad).abs() <= tol(layer_d.lora_B.grad) * 10).all()
+grad_B_detached = s * grad_V_detached @ A.T
+assert ((grad_B_detached - layer_d.lora_B.grad).abs() <= tol(layer_d.lora_B.grad) * 10).all()
 assert ((layer_d.magnitude.grad - grad_m).abs() <= tol(grad_m) * 10).all()  # eq. 7 unchanged
 print("detach_norm=True gives exactly (m/c) G for V' and the same gradient for m")
 
@@ -148,9 +188,11 @@ print("detach_norm=True gives exactly (m/c) G for V' and the same gradient for m
 #
 # **Measuring the memory.** What autograd keeps for the backward pass is visible with
 # `torch.autograd.graph.saved_tensors_hooks`: we add up the bytes of the distinct storages saved
-# during one forward, not counting the weights and the input, which exist anyway. Two implementations, each with exact and detached norms:
+# during one forward, not counting the weights and the input, which exist anyway. Two
+# implementations, each with exact and detached norms:
 #
-# - *the straightforward one*, as PEFT writes it: $y = \tfrac{m}{c}(x W_0^\top + s\,xA^\top B^\top) + b$
+# - *the straightforward one*, as PEFT writes it:
+#   $y = \tfrac{m}{c}(x W_0^\top + s\,xA^\top B^\top) + b$
 #   with $c$ computed from the [out, in] matrix $W_0 + sBA$ (under `no_grad` when detached);
 # - *minidora's* `DoRALinear`, which never forms an [out, in] matrix.
 
@@ -188,9 +230,9 @@ rows = []
 for detach in (False, True):
     lay = minidora.DoRALinear(big, r=8, alpha=16, detach_norm=detach)
     existing = [xb, *big.parameters(), *lay.parameters(), *lay.buffers()]
-    n_straight, y1 = saved_bytes(lambda: straightforward_dora(
+    n_straight, y1 = saved_bytes(lambda lay=lay, detach=detach: straightforward_dora(
         xb, big, lay.lora_A, lay.lora_B, lay.magnitude, lay.scaling, detach), existing)
-    n_minidora, y2 = saved_bytes(lambda: lay(xb), existing)
+    n_minidora, y2 = saved_bytes(lambda lay=lay: lay(xb), existing)
     assert torch.allclose(y1, y2, rtol=1e-5, atol=1e-5)
     rows.append((detach, n_straight, n_minidora))
 weight_mib = d_big * d_big * 4 / 2**20
@@ -254,3 +296,116 @@ y0 = lay0(x)
 assert torch.isfinite(y0).all() and all(torch.isfinite(p.grad).all() for p in
                                         (lay0.lora_A, lay0.lora_B, lay0.magnitude))
 print("a zero row: finite output and gradients (c is clamped at eps, as F.normalize does)")
+
+# %% [markdown]
+# ## Exercises
+#
+# Each exercise has a stub to replace and a cell that checks it. While a stub still raises
+# `NotImplementedError`, its check prints "exercise N: not attempted yet" and the notebook runs
+# on; a wrong answer stops it with an assertion that says what is wrong. The solutions, with the
+# same checks and the classic mistakes each check catches, are in
+# [solutions/03_solutions.py](solutions/03_solutions.py).
+#
+# ### Exercise 1: the norm, over the right axis
+#
+# Write `my_dora_norm(V)`: DoRA's $c$, one norm per output row of $V'$ [out, in]. The check
+# compares it with `DoRALinear.weight_norm()`. Once it passes, reintroduce the classic bug (the
+# norm over `dim=0`, as some blog code has it) and watch the check catch it, on the square
+# weight first, where the shape is still right.
+
+# %%
+def my_dora_norm(V: torch.Tensor) -> torch.Tensor:
+    """V: [out, in] -> c: [out], the norm of each output row."""
+    raise NotImplementedError("exercise 1: your code here")
+
+
+# %%
+def check_exercise_1(my_dora_norm):
+    torch.manual_seed(21)
+    for out_f, in_f in ((8, 8), (12, 10)):      # square first: there the shape cannot tell
+        lay = minidora.DoRALinear(nn.Linear(in_f, out_f, dtype=torch.float64), r=3, alpha=6,
+                                  adapter_dtype=torch.float64)
+        with torch.no_grad():
+            lay.lora_B.normal_()
+            V = lay.base.weight + lay.scaling * lay.lora_B @ lay.lora_A          # [out, in]
+        c = my_dora_norm(V)
+        assert c.shape == (out_f,), f"one norm per output row: shape ({out_f},), got {c.shape}"
+        assert torch.allclose(c, lay.weight_norm().detach(), rtol=1e-10, atol=0), \
+            f"{out_f}x{in_f} weight: wrong norms; over which axis did you sum?"
+
+
+try:
+    check_exercise_1(my_dora_norm)
+    print("exercise 1: correct")
+except NotImplementedError:
+    print("exercise 1: not attempted yet")
+
+# %% [markdown]
+# ### Exercise 2: $c^2$ without building $V'$
+#
+# Section 1 quoted the identity `DoRALinear` uses. Derive it: expand
+# $\lVert W_0[n] + s\,(BA)[n]\rVert^2$ into three terms, and write `my_row_norm_sq` from what
+# it receives: the cached $\lVert W_0[n]\rVert^2$ [out], the product $W_0A^\top$ [out, r], $A$,
+# $B$ and $s$. ($W_0$ itself is not passed: the point is never to hold an [out, in] matrix.)
+# The classic mistakes are a missing factor 2 on the cross term and $s$ where $s^2$ belongs;
+# the check uses two values of $s$ to tell them apart.
+
+# %%
+def my_row_norm_sq(w0_norm_sq: torch.Tensor, W0_At: torch.Tensor, A: torch.Tensor,
+                   B: torch.Tensor, s: float) -> torch.Tensor:
+    """||W0 + s B A||^2 per row: [out], from ||W0[n]||^2 [out], W0 A^T [out, r], A [r, in],
+    B [out, r], without any [out, in] matrix."""
+    raise NotImplementedError("exercise 2: your code here")
+
+
+# %%
+def check_exercise_2(my_row_norm_sq):
+    torch.manual_seed(22)
+    W0 = torch.randn(20, 30, dtype=torch.float64)
+    A, B = torch.randn(4, 30, dtype=torch.float64), torch.randn(20, 4, dtype=torch.float64)
+    for s in (0.5, 2.0):
+        got = my_row_norm_sq((W0 * W0).sum(1), W0 @ A.T, A, B, s)
+        want = torch.linalg.vector_norm(W0 + s * B @ A, dim=1) ** 2
+        assert got.shape == want.shape, f"expected shape {tuple(want.shape)}, got {got.shape}"
+        assert torch.allclose(got, want, rtol=1e-10, atol=0), \
+            f"s = {s}: wrong c^2; expand ||w + s v||^2 = ||w||^2 + 2s w.v + s^2 ||v||^2"
+
+
+try:
+    check_exercise_2(my_row_norm_sq)
+    print("exercise 2: correct")
+except NotImplementedError:
+    print("exercise 2: not attempted yet")
+
+# %% [markdown]
+# ### Exercise 3: why $m$ stays in float32
+#
+# minidora keeps the magnitude in float32 even over a bfloat16 base. bfloat16 has 8 significant
+# bits: between 1 and 2 its values are $2^{-7}$ apart. Write `lost_update(value)`: the largest
+# step $d \ge 0$ for which `bfloat16(value + d) == value`, for `value` a power of two (round to
+# nearest, ties to even). An Adam step is about the learning rate in size, typically $10^{-4}$
+# to $10^{-3}$; compare that with your answer for a magnitude of 1. The classic mistake is the
+# spacing itself: a step of one spacing lands exactly on the next value.
+
+# %%
+def lost_update(value: float) -> float:
+    """The largest d >= 0 with bfloat16(value + d) == value, for value a power of two."""
+    raise NotImplementedError("exercise 3: your code here")
+
+
+# %%
+def check_exercise_3(lost_update):
+    for value in (1.0, 0.25, 4.0):
+        d = lost_update(value)
+        v, vd = torch.tensor(value), torch.tensor(value + d)              # float32
+        assert vd.to(torch.bfloat16) == v, f"value {value}: a step of {d} is not lost in bfloat16"
+        above = torch.nextafter(vd, torch.tensor(math.inf))
+        assert above.to(torch.bfloat16) != v, \
+            f"value {value}: steps a little larger than {d} are lost too; look for the largest"
+
+
+try:
+    check_exercise_3(lost_update)
+    print("exercise 3: correct")
+except NotImplementedError:
+    print("exercise 3: not attempted yet")
