@@ -4,13 +4,14 @@
 #   make bench   CPU benchmarks (ratios against baselines measured in the same run)
 #   make docs    build the documentation site (mkdocs build --strict)
 #   make cuda-check   compile the CUDA kernels in a separate venv (torch 2.14.1+cu130)
+#   make sanitize     the compiled-ops tests on an AddressSanitizer + UBSan build of minidora._C
 
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.minidora-installed
 
-.PHONY: test demo bench docs cuda-check build clean
+.PHONY: test demo bench docs cuda-check sanitize build clean
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,6 +38,9 @@ docs: build
 
 cuda-check:
 	bash scripts/cuda_compile_check.sh
+
+sanitize: $(STAMP)
+	PY=$(PY) bash scripts/sanitize.sh
 
 clean:
 	rm -rf build site minidora/_C*.so
