@@ -45,12 +45,14 @@ def _path(text: str) -> Path:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="minidora", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True, metavar="command")
-    d = sub.add_parser("demo", help="pretrain a small GPT, fine-tune it with every method, compare",
-                       description="Pretrain a small GPT on text A (cached), fine-tune it on text B with "
-                                   "full fine-tuning, LoRA, DoRA, QLoRA and QDoRA, print the comparison "
-                                   "and write plots and JSON.")
+    d = sub.add_parser(
+        "demo", help="pretrain a small GPT, fine-tune it with every method, compare",
+        description="Pretrain a small GPT on text A (cached), fine-tune it on text B with full "
+                    "fine-tuning, LoRA, DoRA, QLoRA and QDoRA, print the comparison and write "
+                    "plots and JSON.")
     d.add_argument("--methods", nargs="+", default=None, metavar="M",
-                   help="methods to run, space or comma separated (default: full lora dora qlora qdora)")
+                   help="methods to run, space or comma separated "
+                        "(default: full lora dora qlora qdora)")
     d.add_argument("--rank", type=int, default=None,
                    help="adapter rank r, at most min(in, out) of the adapted layers (default 8)")
     d.add_argument("--alpha", type=float, default=None,
@@ -64,17 +66,20 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--backend", choices=("auto", "reference", "compiled"), default="auto",
                    help="NF4 path of the q-methods: compiled op, plain PyTorch reference, or auto")
     d.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default="float32",
-                   help="compute dtype of the 4-bit base in the q-methods (default float32: the q-methods then "
-                        "differ from lora/dora by the quantization alone; bfloat16 is QLoRA's default)")
+                   help="compute dtype of the 4-bit base in the q-methods (default float32: the "
+                        "q-methods then differ from lora/dora by the quantization alone; bfloat16 "
+                        "is QLoRA's default)")
     d.add_argument("--out", type=_path, default=Path("minidora_out"),
                    help="output folder (default minidora_out)")
     d.add_argument("--cache-dir", type=_path, default=None,
                    help="pretrained-weights cache (default $MINIDORA_CACHE or ~/.cache/minidora)")
     d.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
     d.add_argument("--threads", type=int, default=1,
-                   help=f"CPU threads for torch, 1..{MAX_THREADS} (default 1: at this model size a second "
-                        "thread gains 1.7x on an idle machine and loses several times over on a busy one)")
-    d.add_argument("--quick", action="store_true", help="a tiny model and a few steps: seconds (for tests)")
+                   help=f"CPU threads for torch, 1..{MAX_THREADS} (default 1: at this model size a "
+                        "second thread gains 1.7x on an idle machine and loses several times "
+                        "over on a busy one)")
+    d.add_argument("--quick", action="store_true",
+                   help="a tiny model and a few steps: seconds (for tests)")
     from .testing.cli import add_parser
 
     add_parser(sub)
@@ -91,25 +96,30 @@ def _config(args):
     from .demo.model import GPTConfig
     from .demo.train import METHODS, RunConfig, max_rank
 
-    methods = [m.strip() for item in (args.methods or METHODS) for m in item.split(",") if m.strip()]
+    items = (m.strip() for item in (args.methods or METHODS) for m in item.split(","))
+    methods = [m for m in items if m]
     if not methods:
         raise UsageError("--methods: no method given; expected some of " + ", ".join(METHODS))
     for m in methods:
         if m not in METHODS:
-            raise UsageError(f"--methods: unknown method {m!r}; expected some of {', '.join(METHODS)}")
+            raise UsageError(f"--methods: unknown method {m!r}; "
+                             f"expected some of {', '.join(METHODS)}")
     methods = list(dict.fromkeys(methods))
     _check_int("--seed", args.seed, 0, MAX_SEED, " (2**63 - 1)")
     if args.quick:
         cfg = RunConfig(seed=args.seed, model=GPTConfig(n_embd=32, n_head=2), batch_size=8,
-                        finetune_batch_size=8, pretrain_steps=40, steps=16, n_checkpoints=4, eval_every=4)
+                        finetune_batch_size=8, pretrain_steps=40, steps=16, n_checkpoints=4,
+                        eval_every=4)
     else:
         cfg = RunConfig(seed=args.seed)
-    why_rank = " (min(in_features, out_features) of the adapted layers" + (" in --quick)" if args.quick else ")")
+    why_rank = " (min(in_features, out_features) of the adapted layers"
+    why_rank += " in --quick)" if args.quick else ")"
     bounds = {"rank": (max_rank(cfg.model), why_rank), "steps": (MAX_STEPS, ""),
               "pretrain_steps": (MAX_STEPS, ""), "threads": (MAX_THREADS, "")}
     for name, (hi, why) in bounds.items():
-        if getattr(args, name) is not None:
-            setattr(cfg, name, _check_int("--" + name.replace("_", "-"), getattr(args, name), 1, hi, why))
+        value = getattr(args, name)
+        if value is not None:
+            setattr(cfg, name, _check_int("--" + name.replace("_", "-"), value, 1, hi, why))
     if args.alpha is not None:
         if not (math.isfinite(args.alpha) and 0 < args.alpha <= MAX_ALPHA):
             raise UsageError(f"--alpha: got {args.alpha}; expected a finite number > 0 and "
@@ -127,12 +137,14 @@ def _writable_dir(path: Path, what: str, files: tuple[str, ...] = (), hint: str 
             raise UsageError(f"{what}: {str(path)!r} exists and is not a folder{hint}")
         for name in files:
             if (path / name).exists() and not (path / name).is_file():
-                raise UsageError(f"{what}: {str(path / name)!r} is in the way: it exists and is not a file")
+                raise UsageError(f"{what}: {str(path / name)!r} is in the way: it exists and "
+                                 "is not a file")
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=path):
             pass
     except OSError as e:
-        raise UsageError(f"{what}: cannot write to {str(path)!r} ({e.strerror or e}){hint}") from None
+        reason = e.strerror or e
+        raise UsageError(f"{what}: cannot write to {str(path)!r} ({reason}){hint}") from None
     return path
 
 
@@ -162,7 +174,7 @@ def _one_line(e: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``python -m minidora`` and of the ``minidora`` script. Returns the exit status."""
+    """Entry point of ``python -m minidora`` and of ``minidora``; returns the exit status."""
     args = _parser().parse_args(argv)
     name = f"minidora {args.command}"
     debug = os.environ.get("MINIDORA_DEBUG", "") not in ("", "0")

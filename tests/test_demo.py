@@ -49,7 +49,8 @@ def quick_run(tmp_path_factory):
     base = tmp_path_factory.mktemp("demo")
     out, cache = base / "out", base / "cache"
     threads = torch.get_num_threads()
-    rc, stdout, stderr = _run_main(["demo", "--quick", "--out", str(out), "--cache-dir", str(cache)])
+    rc, stdout, stderr = _run_main(["demo", "--quick", "--out", str(out),
+                                    "--cache-dir", str(cache)])
     assert rc == 0, stderr
     assert torch.get_num_threads() == threads   # the run restores the caller's thread count
     return {"out": out, "cache": cache, "stdout": stdout,
@@ -64,9 +65,10 @@ def test_table_has_every_method_with_finite_numbers(quick_run):
     assert set(re.sub(r"  +", "|", lines[header]).split("|")) == set(report.COLUMNS)
     rows = {ln.split()[0]: ln for ln in lines[header + 2: header + 2 + len(METHODS)]}
     assert list(rows) == list(METHODS)
-    for name, ln in rows.items():
+    for ln in rows.values():
         # trainable, weights, peak memory, ms/step, 2 losses, accuracy %, correlation
-        nums = [float(v.replace(",", "").rstrip("%")) for v in re.findall(r"[-+]?[\d,]+\.?\d*%?", ln)]
+        fields = re.findall(r"[-+]?[\d,]+\.?\d*%?", ln)
+        nums = [float(v.replace(",", "").rstrip("%")) for v in fields]
         assert len(nums) == 8 and all(math.isfinite(v) for v in nums), ln
 
 
@@ -78,7 +80,8 @@ def test_losses_fall_from_the_pretrained_baseline(quick_run):
         assert r["final_held_out_loss"] < base["held_out_loss"] - 0.05, name
         # The unquantized methods start from exactly the pretrained model (B = 0, m = ||W0||).
         if not name.startswith("q"):
-            assert r["initial_held_out_loss"] == pytest.approx(base["held_out_loss"], rel=1e-6, abs=1e-6)
+            assert r["initial_held_out_loss"] == pytest.approx(base["held_out_loss"],
+                                                               rel=1e-6, abs=1e-6)
 
 
 def test_parameter_counts_and_weight_memory(quick_run):
@@ -87,11 +90,13 @@ def test_parameter_counts_and_weight_memory(quick_run):
     r, m = doc["config"]["rank"], doc["methods"]
     model = GPT(cfg)
     n_total = sum(p.numel() for p in model.parameters())
-    shapes = [mod.weight.shape for n, mod in model.named_modules() if n.split(".")[-1] in cfg.TARGETS]
+    shapes = [mod.weight.shape for n, mod in model.named_modules()
+              if n.split(".")[-1] in cfg.TARGETS]
     lora = sum(r * (o + i) for o, i in shapes)            # A [r, in] + B [out, r] per target
     assert m["full"]["trainable_params"] == n_total
     assert m["lora"]["trainable_params"] == m["qlora"]["trainable_params"] == lora
-    assert m["dora"]["trainable_params"] == m["qdora"]["trainable_params"] == lora + sum(o for o, _ in shapes)
+    dora = lora + sum(o for o, _ in shapes)               # and m [out] per target
+    assert m["dora"]["trainable_params"] == m["qdora"]["trainable_params"] == dora
     assert m["lora"]["trainable_params"] < m["full"]["trainable_params"]
     assert m["full"]["weight_bytes"] == 4 * n_total
     # 4-bit targets: well under half the float32 weights of the same model with adapters.
@@ -105,14 +110,15 @@ def test_parameter_counts_and_weight_memory(quick_run):
 def test_json_schema(quick_run):
     doc = quick_run["doc"]
     assert doc["schema_version"] == report.SCHEMA_VERSION
-    assert set(doc) >= {"config", "pretrain", "baseline", "methods", "total_seconds", "columns", "table"}
+    assert set(doc) >= {"config", "pretrain", "baseline", "methods", "total_seconds", "columns",
+                        "table"}
     assert list(doc["methods"]) == list(METHODS)
     steps = doc["config"]["steps"]
     for name, r in doc["methods"].items():
         for key in ("trainable_params", "total_params", "weight_bytes", "peak_bytes"):
             assert isinstance(r[key], int) and r[key] > 0, (name, key)
-        for key in ("seconds_per_step", "final_train_loss", "final_held_out_loss", "initial_train_loss",
-                    "initial_held_out_loss", "corr_dD_dM", "lr"):
+        for key in ("seconds_per_step", "final_train_loss", "final_held_out_loss",
+                    "initial_train_loss", "initial_held_out_loss", "corr_dD_dM", "lr"):
             assert isinstance(r[key], float) and math.isfinite(r[key]), (name, key)
         assert 0 <= r["final_accuracy"] <= 1 and -1 <= r["corr_dD_dM"] <= 1
         assert len(r["train_curve"]) == steps
@@ -157,11 +163,12 @@ def test_corrupt_cache_entry_is_ignored_and_replaced(quick_run, tmp_path):
         (cache / f.name).write_bytes(f.read_bytes())
     weights = next(cache.glob("pretrained-*.safetensors"))
     weights.write_bytes(weights.read_bytes()[:100])           # truncated
-    rc, stdout, stderr = _run_main(["demo", "--quick", "--methods", "full", "--out", str(tmp_path / "o"),
-                                    "--cache-dir", str(cache)])
+    rc, stdout, stderr = _run_main(["demo", "--quick", "--methods", "full",
+                                    "--out", str(tmp_path / "o"), "--cache-dir", str(cache)])
     assert rc == 0, stderr
     assert "ignoring the unreadable cache entry" in stdout and "skipping pretraining" not in stdout
-    assert weights.read_bytes() == next(quick_run["cache"].glob("pretrained-*.safetensors")).read_bytes()
+    first = next(quick_run["cache"].glob("pretrained-*.safetensors"))
+    assert weights.read_bytes() == first.read_bytes()
 
 
 def test_entry_point_subprocess(tmp_path):
@@ -173,7 +180,8 @@ def test_entry_point_subprocess(tmp_path):
     assert re.search(r"^lora\s", p.stdout, re.M) and re.search(r"^qdora\s", p.stdout, re.M)
     assert not re.search(r"^dora\s", p.stdout, re.M)
     assert list((tmp_path / "cache").glob("pretrained-*.json"))   # the env var chose the cache
-    assert json.loads((tmp_path / "out" / "results.json").read_text())["config"]["backend"] == "auto"
+    doc = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert doc["config"]["backend"] == "auto"
 
 
 # --- bad input -----------------------------------------------------------------------------------
@@ -194,7 +202,7 @@ def no_run(monkeypatch):
     (["--methods", "lora,bogus"], "--methods"),
     (["--methods", ",,"], "--methods: no method given"),
     (["--rank", "0"], "--rank"),
-    (["--rank", "33"], "--rank: got 33; expected an integer in 1..32"),     # --quick layers: 32 wide
+    (["--rank", "33"], "--rank: got 33; expected an integer in 1..32"),   # --quick: 32 wide
     (["--rank", "100000"], "min(in_features, out_features)"),
     (["--steps", "-3"], "--steps"),
     (["--steps", "100001"], "--steps: got 100001; expected an integer in 1..100000"),
@@ -221,8 +229,8 @@ def test_bad_input_exits_with_one_line(no_run, tmp_path, args, needle):
 def test_bounds_are_inclusive(tmp_path):
     """The largest seed, rank and alpha and the smallest step counts all run."""
     rc, _, stderr = _run_main(["demo", "--quick", "--methods", "lora", "--seed", str(2**63 - 1),
-                               "--rank", "32", "--alpha", "1e6", "--steps", "1", "--pretrain-steps", "1",
-                               "--out", str(tmp_path), "--no-cache"])
+                               "--rank", "32", "--alpha", "1e6", "--steps", "1",
+                               "--pretrain-steps", "1", "--out", str(tmp_path), "--no-cache"])
     assert rc == 0, stderr
     cfg = json.loads((tmp_path / "results.json").read_text())["config"]
     assert (cfg["seed"], cfg["rank"], cfg["alpha"], cfg["steps"]) == (2**63 - 1, 32, 1e6, 1)
@@ -247,8 +255,8 @@ def test_unwritable_output_folder_subprocess(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
     env = {**os.environ, "MINIDORA_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(ROOT)}
-    p = subprocess.run([sys.executable, "-m", "minidora", "demo", "--quick", "--out", str(blocker / "out")],
-                       capture_output=True, text=True, env=env, timeout=120)
+    cmd = [sys.executable, "-m", "minidora", "demo", "--quick", "--out", str(blocker / "out")]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
     assert p.returncode == 1
     assert len(p.stderr.strip().splitlines()) == 1 and "--out" in p.stderr, p.stderr
 
@@ -290,9 +298,9 @@ def _interrupt_after_first_line(cmd: list[str], cwd: Path) -> subprocess.Complet
     """Start ``cmd``, wait for its first line on stdout (it is under way), send SIGINT, collect."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
     env.pop("MINIDORA_DEBUG", None)
-    # A shell that starts the tests in the background ignores SIGINT, and the child would inherit that.
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd,
-                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    # A shell that starts the tests in the background ignores SIGINT; the child would inherit that.
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                         cwd=cwd, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     watchdog = threading.Timer(300, p.kill)
     watchdog.start()
     try:
@@ -308,25 +316,30 @@ def _interrupt_after_first_line(cmd: list[str], cwd: Path) -> subprocess.Complet
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGINT to a child process is POSIX")
 def test_ctrl_c_demo_subprocess(tmp_path):
     p = _interrupt_after_first_line(
-        [sys.executable, "-m", "minidora", "demo", "--quick", "--pretrain-steps", "100000", "--no-cache",
-         "--out", str(tmp_path / "o")], tmp_path)
+        [sys.executable, "-m", "minidora", "demo", "--quick", "--pretrain-steps", "100000",
+         "--no-cache", "--out", str(tmp_path / "o")], tmp_path)
     assert p.stdout.startswith("pretraining on")
     assert p.returncode == 130, p.stderr
-    assert "Traceback" not in p.stderr and p.stderr.splitlines()[-1] == "minidora demo: interrupted"
+    assert "Traceback" not in p.stderr
+    assert p.stderr.splitlines()[-1] == "minidora demo: interrupted"
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGINT to a child process is POSIX")
 def test_ctrl_c_verify_subprocess(tmp_path):
-    (tmp_path / "slow.py").write_text("import time\nprint('importing', flush=True)\ntime.sleep(300)\n")
+    (tmp_path / "slow.py").write_text("import time\n"
+                                      "print('importing', flush=True)\n"
+                                      "time.sleep(300)\n")
     p = _interrupt_after_first_line([sys.executable, "-m", "minidora", "verify", "slow.py:quantize",
                                      "--kind", "nf4"], tmp_path)
     assert p.returncode == 130, p.stderr
-    assert "Traceback" not in p.stderr and p.stderr.splitlines()[-1] == "minidora verify: interrupted"
+    assert "Traceback" not in p.stderr
+    assert p.stderr.splitlines()[-1] == "minidora verify: interrupted"
 
 
 def test_compiled_backend(tmp_path):
-    rc, stdout, stderr = _run_main(["demo", "--quick", "--methods", "qlora", "--backend", "compiled",
-                                    "--out", str(tmp_path / "o"), "--cache-dir", str(tmp_path / "c")])
+    rc, stdout, stderr = _run_main(["demo", "--quick", "--methods", "qlora", "--backend",
+                                    "compiled", "--out", str(tmp_path / "o"),
+                                    "--cache-dir", str(tmp_path / "c")])
     if minidora.ops.extension_available():
         assert rc == 0, stderr
         assert minidora.ops.get_backend() == "auto"   # restored after the run
@@ -338,9 +351,11 @@ def test_reference_and_compiled_nf4_paths_agree(quick_run, tmp_path):
     """--backend reference runs the plain PyTorch NF4 path; it must train to the same numbers as
     the default run (the compiled op when built) up to float32 summation order over 16 steps
     (a few float32 ulps, 1e-6 relative). The reference dequantizes each whole weight, a tensor the
-    dispatcher sees; the compiled op does not, so its peak memory is lower: proof the switch acts."""
-    rc, _, stderr = _run_main(["demo", "--quick", "--methods", "qlora", "qdora", "--backend", "reference",
-                               "--out", str(tmp_path), "--cache-dir", str(quick_run["cache"])])
+    dispatcher sees; the compiled op does not, so its peak memory is lower: proof the switch
+    acts."""
+    rc, _, stderr = _run_main(["demo", "--quick", "--methods", "qlora", "qdora",
+                               "--backend", "reference", "--out", str(tmp_path),
+                               "--cache-dir", str(quick_run["cache"])])
     assert rc == 0, stderr
     assert minidora.ops.get_backend() == "auto"   # restored after the run
     ref = json.loads((tmp_path / "results.json").read_text())["methods"]
@@ -433,8 +448,10 @@ def test_answer_accuracy_is_greedy_exact_match():
 def test_correlation_matches_numpy_free_formula():
     g = torch.Generator().manual_seed(3)
     dd, dm = torch.rand(17, generator=g).tolist(), torch.rand(17, generator=g).tolist()
-    pts = [{"layer": f"blocks.{i % 2}.attn.q_proj", "dD": x, "dM": y, "step": i} for i, (x, y) in enumerate(zip(dd, dm))]
+    pts = [{"layer": f"blocks.{i % 2}.attn.q_proj", "dD": x, "dM": y, "step": i}
+           for i, (x, y) in enumerate(zip(dd, dm, strict=True))]
     x, y = torch.tensor(dd, dtype=torch.float64), torch.tensor(dm, dtype=torch.float64)
     x, y = x - x.mean(), y - y.mean()
-    assert report.correlation(pts) == pytest.approx((x @ y / (x.norm() * y.norm())).item(), abs=1e-12)
+    expected = (x @ y / (x.norm() * y.norm())).item()
+    assert report.correlation(pts) == pytest.approx(expected, abs=1e-12)
     assert math.isnan(report.correlation(pts[:2]))

@@ -46,7 +46,7 @@ def number_word(n: int) -> str:
 
 
 def make_sums() -> str:
-    """Text B: all ``a plus b`` and ``a minus b`` (b <= a) for a, b in 0..20, shuffled with a seed."""
+    """Text B: every ``a plus b`` and ``a minus b`` (b <= a) for a, b in 0..20, seeded shuffle."""
     lines = [f"{number_word(a)} plus {number_word(b)} is {number_word(a + b)}."
              for a in range(21) for b in range(21)]
     lines += [f"{number_word(a)} minus {number_word(b)} is {number_word(a - b)}."

@@ -38,11 +38,12 @@ def _run(cfg: RunConfig, methods: list[str], out: Path, cache_dir: Path | None, 
     state, pre = pretrain(cfg, text_a, tok.alphabet, cache_dir, log=log)
     base = GPT(cfg.model)
     base.load_state_dict(state)
-    baseline = {"train_loss": evaluate(base, eval_windows(text_b.train, cfg.model.block_size)),
-                "held_out_loss": evaluate(base, eval_windows(text_b.held_out, cfg.model.block_size)),
+    T = cfg.model.block_size
+    baseline = {"train_loss": evaluate(base, eval_windows(text_b.train, T)),
+                "held_out_loss": evaluate(base, eval_windows(text_b.held_out, T)),
                 "accuracy": answer_accuracy(base, tok, text_b.held_out_lines)}
-    log(f"fine-tuning on {text_b.name}: {', '.join(methods)}; {cfg.steps} steps each, rank {cfg.rank}, "
-        f"alpha {cfg.alpha:g}, seed {cfg.seed}")
+    log(f"fine-tuning on {text_b.name}: {', '.join(methods)}; {cfg.steps} steps each, "
+        f"rank {cfg.rank}, alpha {cfg.alpha:g}, seed {cfg.seed}")
     results = {}
     for m in methods:
         results[m] = report.add_correlations(finetune(m, state, cfg, tok, text_b))

@@ -36,7 +36,8 @@ class SelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         if cfg.n_embd % cfg.n_head:
-            raise ValueError(f"GPTConfig: n_embd={cfg.n_embd} must be a multiple of n_head={cfg.n_head}")
+            raise ValueError(f"GPTConfig: n_embd={cfg.n_embd} must be a multiple of "
+                             f"n_head={cfg.n_head}")
         self.n_head = cfg.n_head
         self.q_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
         self.k_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
@@ -105,7 +106,8 @@ class GPT(nn.Module):
         """idx: [B, T] int64 token ids, T <= block_size -> logits [B, T, vocab_size]."""
         B, T = idx.shape
         if T > self.cfg.block_size:
-            raise ValueError(f"GPT.forward: sequence length {T} exceeds block_size={self.cfg.block_size}")
+            raise ValueError(f"GPT.forward: sequence length {T} exceeds "
+                             f"block_size={self.cfg.block_size}")
         x = self.tok_emb(idx) + self.pos_emb(torch.arange(T, device=idx.device))  # [B, T, C]
         for block in self.blocks:
             x = block(x)

@@ -56,10 +56,10 @@ COLUMNS = ["method", "trainable", "weights", "peak mem", "ms/step", "train loss"
 def table_rows(results: dict[str, dict]) -> list[list[str]]:
     rows = []
     for name, r in results.items():
-        rows.append([name, f"{r['trainable_params']:,}", _bytes(r["weight_bytes"]), _bytes(r["peak_bytes"]),
-                     f"{1000 * r['seconds_per_step']:.1f}", f"{r['final_train_loss']:.4f}",
-                     f"{r['final_held_out_loss']:.4f}", f"{100 * r['final_accuracy']:.1f}%",
-                     f"{r['corr_dD_dM']:+.2f}"])
+        rows.append([name, f"{r['trainable_params']:,}", _bytes(r["weight_bytes"]),
+                     _bytes(r["peak_bytes"]), f"{1000 * r['seconds_per_step']:.1f}",
+                     f"{r['final_train_loss']:.4f}", f"{r['final_held_out_loss']:.4f}",
+                     f"{100 * r['final_accuracy']:.1f}%", f"{r['corr_dD_dM']:+.2f}"])
     return rows
 
 
@@ -67,9 +67,12 @@ def format_table(results: dict[str, dict], baseline: dict) -> str:
     """A plain-text table, one row per method, under a line with the pretrained baseline."""
     rows = [COLUMNS] + table_rows(results)
     widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
-    fmt = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-    head = (f"pretrained model on text B (before fine-tuning): train loss {baseline['train_loss']:.4f}, "
-            f"held-out loss {baseline['held_out_loss']:.4f}, held-out acc {100 * baseline['accuracy']:.1f}%")
+    fmt = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                              for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+    head = (f"pretrained model on text B (before fine-tuning): "
+            f"train loss {baseline['train_loss']:.4f}, "
+            f"held-out loss {baseline['held_out_loss']:.4f}, "
+            f"held-out acc {100 * baseline['accuracy']:.1f}%")
     return "\n".join([head, fmt(rows[0]), "  ".join("-" * w for w in widths), *map(fmt, rows[1:])])
 
 
@@ -112,10 +115,10 @@ def plot_losses(path: Path, results: dict[str, dict], baseline: dict) -> None:
         k = max(1, len(curve) // 20)
         smooth = np.convolve(curve, np.ones(k) / k, mode="valid")
         ax1.plot(np.arange(k, len(curve) + 1), smooth, label=name)
-        steps, held = zip(*r["held_out_curve"])
+        steps, held = zip(*r["held_out_curve"], strict=True)
         ax2.plot(steps, held, marker=".", label=name)
         late = [(s, h) for s, h in r["held_out_curve"] if s >= steps[-1] / 3]
-        ax3.plot(*zip(*late), marker=".", label=name)
+        ax3.plot(*zip(*late, strict=True), marker=".", label=name)
     for ax, title in ((ax1, "training loss (moving average)"), (ax2, "held-out loss")):
         ax.axhline(baseline["held_out_loss" if ax is ax2 else "train_loss"], color="gray", ls=":",
                    label="pretrained")
@@ -138,13 +141,14 @@ def plot_decomposition(path: Path, results: dict[str, dict]) -> None:
     fig, axes = plt.subplots(1, len(results), figsize=(max(7.0, 3.2 * len(results)), 3.4),
                              squeeze=False,
                              constrained_layout=True)
-    for ax, (name, r) in zip(axes[0], results.items()):
+    for ax, (name, r) in zip(axes[0], results.items(), strict=True):
         pts = [p for p in r["decomposition"] if p["layer"].endswith(HEADLINE_LAYER)]
         layers = sorted({p["layer"] for p in pts})
         for i, layer in enumerate(layers):
             sel = [p for p in pts if p["layer"] == layer]
-            sc = ax.scatter([p["dD"] for p in sel], [p["dM"] for p in sel], c=[p["step"] for p in sel],
-                            cmap="viridis", marker="os^vD<>p"[i % 8], label=layer.split(".q_proj")[0])
+            sc = ax.scatter([p["dD"] for p in sel], [p["dM"] for p in sel],
+                            c=[p["step"] for p in sel], cmap="viridis", marker="os^vD<>p"[i % 8],
+                            label=layer.split(".q_proj")[0])
         ax.set_title(f"{name}: corr {r['corr_dD_dM']:+.2f}")
         ax.set_xlabel("dD (direction)")
         ax.ticklabel_format(style="sci", scilimits=(-2, 3))

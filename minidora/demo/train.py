@@ -26,14 +26,14 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 import minidora
-from ..analysis import effective_weight, weight_decomposition
 
+from ..analysis import effective_weight, weight_decomposition
 from .data import Corpus, eval_windows, random_batch
 from .memory import PeakTensorMemory
 from .model import GPT, GPTConfig
 
-__all__ = ["METHODS", "LEARNING_RATES", "RunConfig", "DemoError", "pretrain", "finetune", "evaluate",
-           "default_cache_dir", "max_rank"]
+__all__ = ["METHODS", "LEARNING_RATES", "RunConfig", "DemoError", "pretrain", "finetune",
+           "evaluate", "default_cache_dir", "max_rank"]
 
 METHODS = ("full", "lora", "dora", "qlora", "qdora")
 # Peak learning rates (AdamW, 10% warm-up, cosine decay to 10%), each the best held-out loss of a
@@ -44,7 +44,7 @@ CACHE_FORMAT = 1
 
 
 class DemoError(RuntimeError):
-    """A problem with the user's request (e.g. a backend that is not built): one line, no traceback."""
+    """A problem with the request (e.g. a backend that is not built): one line, no traceback."""
 
 
 @dataclass
@@ -64,7 +64,7 @@ class RunConfig:
     eval_every: int = 20
     backend: str = "auto"          # NF4 matmul: auto | reference | compiled
     compute_dtype: str = "float32"  # dtype of the dequantized 4-bit base in the q-methods
-    threads: int = 1               # torch CPU threads (the summation order, hence the bits, depend on it)
+    threads: int = 1               # torch CPU threads; the summation order (the bits) depends on it
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -84,7 +84,8 @@ def _lr_at(step: int, total: int, peak: float) -> float:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, windows: tuple[torch.Tensor, torch.Tensor], batch: int = 64) -> float:
+def evaluate(model: nn.Module, windows: tuple[torch.Tensor, torch.Tensor],
+             batch: int = 64) -> float:
     """Mean cross-entropy over evaluation windows x, y: [n, T]."""
     was_training = model.training
     model.eval()
@@ -113,7 +114,8 @@ def pretrain(cfg: RunConfig, corpus: Corpus, alphabet: str, cache_dir: Path | No
     """
     key = _cache_key(cfg, corpus, alphabet)
     if cache_dir is not None:
-        weights, meta = cache_dir / f"pretrained-{key}.safetensors", cache_dir / f"pretrained-{key}.json"
+        weights = cache_dir / f"pretrained-{key}.safetensors"
+        meta = cache_dir / f"pretrained-{key}.json"
         if weights.is_file() and meta.is_file():
             try:
                 info, state = json.loads(meta.read_text()), load_file(weights)
@@ -124,9 +126,11 @@ def pretrain(cfg: RunConfig, corpus: Corpus, alphabet: str, cache_dir: Path | No
                 log(f"pretraining: ignoring the unreadable cache entry {weights} "
                     f"({type(e).__name__}: {str(e).splitlines()[0][:100]})")
             else:
-                log(f"pretraining: cached weights found in {weights} (key {key}); skipping pretraining")
+                log(f"pretraining: cached weights found in {weights} (key {key}); "
+                    "skipping pretraining")
                 return state, {**info, "cached": True}
-    log(f"pretraining on {corpus.name}: {cfg.pretrain_steps} steps (no usable cached weights for key {key})")
+    log(f"pretraining on {corpus.name}: {cfg.pretrain_steps} steps "
+        f"(no usable cached weights for key {key})")
     torch.manual_seed(cfg.seed)
     model = GPT(cfg.model)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain_lr, weight_decay=0.01)
@@ -144,7 +148,8 @@ def pretrain(cfg: RunConfig, corpus: Corpus, alphabet: str, cache_dir: Path | No
         opt.step()
         bar.set_postfix(loss=f"{loss.item():.3f}")
     info = {"key": key, "steps": cfg.pretrain_steps, "seconds": time.perf_counter() - t0,
-            "final_train_loss": loss.item(), "held_out_loss": evaluate(model, held), "cached": False}
+            "final_train_loss": loss.item(), "held_out_loss": evaluate(model, held),
+            "cached": False}
     state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
     if cache_dir is not None:
         cache_dir.mkdir(parents=True, exist_ok=True)
@@ -209,7 +214,7 @@ def max_rank(cfg: GPTConfig) -> int:
 
 @torch.no_grad()
 def answer_accuracy(model: nn.Module, tok, lines: list[str]) -> float:
-    """Fraction of problems ``"a plus b is c."`` whose answer ``"c.\\n"`` greedy decoding gets right.
+    """Fraction of problems ``"a plus b is c."`` whose answer greedy decoding gets right.
 
     Teacher forcing with an argmax check at every answer position is exactly greedy decoding: the
     decoded answer is right if and only if every next-token argmax along the true answer is right.
@@ -221,9 +226,9 @@ def answer_accuracy(model: nn.Module, tok, lines: list[str]) -> float:
     x = torch.zeros(len(seqs), T, dtype=torch.int64)                  # [n, T]
     y = torch.zeros(len(seqs), T, dtype=torch.int64)                  # [n, T]
     mask = torch.zeros(len(seqs), T, dtype=torch.bool)                # [n, T] answer positions
-    for i, (ln, s) in enumerate(zip(lines, seqs)):
+    for i, (ln, s) in enumerate(zip(lines, seqs, strict=True)):
         x[i, :len(s) - 1], y[i, :len(s) - 1] = s[:-1], s[1:]
-        start = ln.index(" is ") + 4                                  # first answer char, in s at +1
+        start = ln.index(" is ") + 4    # the answer begins at ln[start], s[start + 1], y[i, start]
         mask[i, start:len(s) - 1] = True
     pred = model(x).argmax(-1)                                        # [n, T]
     model.train(was_training)
@@ -259,12 +264,13 @@ def finetune(method: str, state: dict[str, torch.Tensor], cfg: RunConfig, tok, c
         gen = torch.Generator().manual_seed(cfg.seed + 1)  # the same batches for every method
         every = max(1, cfg.steps // cfg.n_checkpoints)
         curve, evals, points, step_time = [], [(0, res["initial_held_out_loss"])], [], 0.0
-        bar = tqdm(range(cfg.steps), desc=f"{method:>5}", leave=False, disable=None, position=position)
+        bar = tqdm(range(cfg.steps), desc=f"{method:>5}", leave=False, disable=None,
+                   position=position)
         for step in bar:
             for g in opt.param_groups:
                 g["lr"] = _lr_at(step, cfg.steps, LEARNING_RATES[method])
             x, y = random_batch(corpus.train, cfg.finetune_batch_size, cfg.model.block_size, gen)
-            meter = PeakTensorMemory(_model_tensors(model)) if step == 0 else contextlib.nullcontext()
+            meter = contextlib.nullcontext() if step else PeakTensorMemory(_model_tensors(model))
             t0 = time.perf_counter()
             with meter:
                 loss = model.loss(x, y)
