@@ -14,6 +14,19 @@
 # %% [markdown]
 # # 5. QLoRA and QDoRA: putting the pieces together
 #
+# **Learning objectives.** You will be able to:
+#
+# - build a QLoRA or QDoRA layer by composing an adapter with a frozen NF4 base, and check it
+#   against QLoRA's eq. 5;
+# - say what each layer equals at init, and why QDoRA's magnitude starts from the dequantized
+#   weight;
+# - account for the memory of weights, gradients and optimiser states under each method, from
+#   a small model up to 7B and 13B;
+# - fine-tune one model five ways and compare them fairly.
+#
+# **Prerequisites.** Tutorials 1, 3 and 4 (LoRA, DoRA, NF4); what Adam keeps per parameter;
+# bfloat16 and float32.
+#
 # QLoRA (Dettmers et al., 2023, arXiv 2305.14314) is LoRA over a frozen base stored in NF4 with
 # double quantization; QDoRA is DoRA over the same base. In minidora that is literally
 # composition: `LoRALinear(NF4Linear(...))` and `DoRALinear(NF4Linear(...))`. This tutorial:
@@ -21,7 +34,9 @@
 # 1. builds one QLoRA layer by hand and checks it against the formula;
 # 2. accounts for the memory of a small transformer under each method;
 # 3. fine-tunes the same small model with full fine-tuning, LoRA, DoRA, QLoRA and QDoRA, side
-#    by side.
+#    by side;
+#
+# and ends with three exercises.
 
 # %%
 import time
@@ -42,12 +57,19 @@ SMALL, show = setup()  # MINIDORA_TUTORIAL_SIZE=small: the quick size; one threa
 # %% [markdown]
 # ## 1. One QLoRA layer
 #
-# QLoRA's eq. 5, in PyTorch's row convention:
+# QLoRA's eq. 5 puts a dtype on every factor:
+#
+# $$ Y^{\text{BF16}} = X^{\text{BF16}}\,\text{doubleDequant}(c_1^{\text{FP32}}, c_2^{\text{k-bit}},
+#    W^{\text{NF4}}) + X^{\text{BF16}} L_1^{\text{BF16}} L_2^{\text{BF16}} $$
+#
+# In PyTorch's row convention, with minidora's names ($L_1 L_2 = s\,A^\top B^\top$):
 #
 # $$ Y = X\,\text{doubleDequant}(c_1, c_2, W^{\text{NF4}})^\top + b + s\, X A^\top B^\top $$
 #
-# The base product runs in a *compute dtype* (bfloat16 in QLoRA; float32 here so that we can
-# compare tightly), the adapter in float32.
+# The base product runs in a *compute dtype*: bfloat16 in QLoRA, float32 here so that we can
+# compare tightly. The paper's adapters $L_1, L_2$ are bfloat16 too; minidora keeps adapters in
+# float32 by default (`adapter_dtype=torch.float32`, so that small updates are not rounded
+# away; tutorial 3, exercise 3). Pass `adapter_dtype=torch.bfloat16` to train as the paper does.
 
 # %%
 lin = nn.Linear(96, 80)
@@ -82,6 +104,24 @@ assert torch.allclose(qdora.magnitude, W_hat.norm(dim=1), rtol=1e-6, atol=0)
 print("QDoRA at init = its NF4 base; m = row norms of the dequantized weight")
 
 # %% [markdown]
+# ### Check your understanding
+#
+# 1. A fresh QLoRA layer ($B = 0$): does it equal the original `nn.Linear`, or its 4-bit copy?
+# 2. The paper's setting, `adapter_dtype=torch.bfloat16`: what dtype do $A$ and $B$ get, and
+#    what dtype does the layer return for a float32 input?
+#
+# Predict, then run the cell below; the asserts give the answers.
+
+# %%
+fresh = minidora.LoRALinear(base, r=8, alpha=16)
+assert torch.equal(fresh(x), base(x))                   # 1. the 4-bit copy, exactly,
+assert not torch.allclose(fresh(x), lin(x), atol=1e-3)  #    not the original layer
+paper_style = minidora.LoRALinear(base, r=8, alpha=16, adapter_dtype=torch.bfloat16)
+assert paper_style.lora_A.dtype == paper_style.lora_B.dtype == torch.bfloat16   # 2. bfloat16,
+assert paper_style(x).dtype == torch.float32            #    and the output in the input's dtype
+print("at init QLoRA is its NF4 base; bfloat16 adapters still return x's dtype")
+
+# %% [markdown]
 # ## 2. Memory accounting of a small transformer
 #
 # `minidora.report` counts trainable and total parameters and the bytes that hold the weights
@@ -101,7 +141,8 @@ for method in ("full", "lora", "dora", "qlora", "qdora"):
         minidora.wrap(model, method, target_modules=list(GPTConfig.TARGETS), r=8, alpha=16)
     rep = minidora.report(model)
     trainable = rep.total_params if method == "full" else rep.trainable_params
-    rows[method] = (rep.total_params, trainable, rep.weight_bytes, rep.weight_bytes + 12 * trainable)
+    rows[method] = (rep.total_params, trainable, rep.weight_bytes,
+                    rep.weight_bytes + 12 * trainable)
 print(f"{'method':>7} {'total params':>13} {'trainable':>10} {'weights':>10} "
       f"{'+ grads + Adam':>15}")
 for method, (total, trainable, wbytes, train_bytes) in rows.items():
@@ -129,17 +170,31 @@ ax.legend()
 show(fig, "qlora_memory.png")
 
 # %% [markdown]
-# The embedding and layer norms stay in float32 here; in a 7B model the linear layers are
-# almost all of the parameters, so the ratio approaches 32 / 4.127 (about 7.8x against float32,
-# 3.9x against bfloat16). Activations are not counted: they depend on batch and sequence length,
-# not on the method (except DoRA's extra [out, r]-sized terms, small).
+# ### Check your understanding
+#
+# 3. QDoRA trains a few more parameters than QLoRA on the same layers. How many more, and
+#    where do they come from?
+
+# %%
+extra = rows["qdora"][1] - rows["qlora"][1]
+out_rows = sum(m.out_features for m in model.modules() if isinstance(m, minidora.DoRALinear))
+assert extra == out_rows            # the magnitude vector: one number per output row
+print(f"QDoRA - QLoRA = {extra:,d} trainable numbers = the output rows of the adapted layers")
+
+# %% [markdown]
+# The embedding and layer norms stay in float32 here. In Llama-2-7B the linear layers hold 96 %
+# of the parameters (tutorial 4, section 5): their weights shrink 32 / 4.127 = 7.8x against
+# float32 (3.9x against bfloat16), and the whole model, embedding and head kept in bfloat16,
+# from 12.55 GiB in bfloat16 to 3.60 GiB. Activations are not counted: they depend on batch
+# and sequence length, not on the method (except DoRA's extra [out, r]-sized terms, small).
 #
 # ## 3. Fine-tuning side by side
 #
 # A small MLP "pre-trained" on task A, then fine-tuned on task B (task A's teacher with its
 # hidden layers perturbed), with each method, the same batches and steps. "full" trains the
 # three hidden weights themselves; the others put a rank-8 adapter on the same three layers.
-# The NF4 bases compute in bfloat16, as in QLoRA; the adapters train in float32.
+# The NF4 bases compute in bfloat16, as in QLoRA; the adapters train in float32, minidora's
+# default (QLoRA's own adapters are bfloat16).
 
 # %%
 D_IN, WIDTH, D_OUT = (16, 64, 4) if SMALL else (32, 192, 8)
@@ -217,7 +272,8 @@ for method in LRS:
 assert final["qlora"] < 2.5 * final["lora"] and final["qdora"] < 2.5 * final["dora"]
 
 fig, ax = plt.subplots(figsize=(7, 3.4))
-smooth = lambda v, k=20: [sum(v[max(0, i - k):i + 1]) / len(v[max(0, i - k):i + 1]) for i in range(len(v))]
+smooth = lambda v, k=20: [sum(v[max(0, i - k):i + 1]) / len(v[max(0, i - k):i + 1])
+                          for i in range(len(v))]
 for method, c in curves.items():
     ax.semilogy(smooth(c), label=f"{method} (eval {final[method]:.4f})")
 ax.axhline(loss_before, color="gray", ls=":", label="before fine-tuning")
@@ -233,3 +289,129 @@ show(fig, "qlora_finetune.png")
 # QLoRA's central claim; the adapters train a small fraction of the parameters. Where the time
 # goes on the quantized path (dequantizing the weight at every step) is the subject of
 # tutorial 6.
+
+# %% [markdown]
+# ## Exercises
+#
+# Each exercise has a stub to replace and a cell that checks it. While a stub still raises
+# `NotImplementedError`, its check prints "exercise N: not attempted yet" and the notebook runs
+# on; a wrong answer stops it with an assertion that says what is wrong. The solutions, with the
+# same checks and the classic mistakes each check catches, are in
+# [solutions/05_solutions.py](solutions/05_solutions.py).
+#
+# The two counting exercises use Llama-shaped models: `n_layer` blocks, each with four
+# [d_model, d_model] attention projections (q, k, v, o) and three MLP projections between
+# d_model and d_ff (gate, up, down), all without bias; a token embedding and an output head of
+# [vocab, d_model] each; $2\,n_{\text{layer}} + 1$ RMSNorm weight vectors of d_model.
+#
+# ### Exercise 1: the memory of a 7B and a 13B model in NF4
+#
+# Write `llama_weights_gib(n_layer, d_model, d_ff, vocab, double_quant)`: the weights of the
+# whole model in GiB ($2^{30}$ bytes) when the linear projections are stored in NF4 (blocksize
+# 64, with or without double quantization; ignore the one offset per tensor) and everything
+# else in bfloat16. Tutorial 4 gives the figures for Llama-2-7B (32, 4096, 11008, 32000); the
+# check also asks for Llama-2-13B (40, 5120, 13824, 32000). Classic mistakes: GB ($10^9$ bytes)
+# instead of GiB, quantizing the embedding and the head too, and forgetting the scales.
+
+# %%
+def llama_weights_gib(n_layer: int, d_model: int, d_ff: int, vocab: int,
+                      double_quant: bool) -> float:
+    """GiB of a Llama-shaped model's weights: linear projections in NF4, the rest in bfloat16."""
+    raise NotImplementedError("exercise 1: your code here")
+
+
+# %%
+def check_exercise_1(llama_weights_gib):
+    cases = {(32, 4096, 11008, 32000): (3.8814, 3.6001),      # Llama-2-7B: without, with DQ
+             (40, 5120, 13824, 32000): (7.2579, 6.7068)}      # Llama-2-13B
+    for arch, wants in cases.items():
+        for double_quant, want in zip((False, True), wants, strict=True):
+            got = llama_weights_gib(*arch, double_quant)
+            assert abs(got - want) < 1e-3 * want, \
+                f"{arch}, double_quant={double_quant}: {got:.4f} GiB is wrong"
+
+
+try:
+    check_exercise_1(llama_weights_gib)
+    print("exercise 1: correct; Llama-2-13B: "
+          f"{llama_weights_gib(40, 5120, 13824, 32000, False):.2f} GiB without DQ, "
+          f"{llama_weights_gib(40, 5120, 13824, 32000, True):.2f} GiB with DQ")
+except NotImplementedError:
+    print("exercise 1: not attempted yet")
+
+# %% [markdown]
+# ### Exercise 2: what QLoRA trains
+#
+# The QLoRA paper puts adapters on every linear projection. Write
+# `lora_trainable(n_layer, d_model, d_ff, r)`: the trainable parameters of rank-`r` adapters
+# on all seven projections of every block. The check counts them with `minidora` on small
+# models of the same shape; then compute it for Llama-2-7B at $r = 64$, and the memory of
+# those parameters with their float32 gradient and Adam's two float32 moments. Classic
+# mistakes: $r \cdot in \cdot out$ per layer, and treating the MLP projections as square.
+
+# %%
+def lora_trainable(n_layer: int, d_model: int, d_ff: int, r: int) -> int:
+    """Trainable parameters of rank-r adapters on the seven projections of every block."""
+    raise NotImplementedError("exercise 2: your code here")
+
+
+# %%
+def check_exercise_2(lora_trainable):
+    names = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+    def llama_like(n_layer, d, f):                    # only the linear layers matter here
+        def block():
+            return nn.ModuleDict({**{n: nn.Linear(d, d, bias=False) for n in names[:4]},
+                                  "gate_proj": nn.Linear(d, f, bias=False),
+                                  "up_proj": nn.Linear(d, f, bias=False),
+                                  "down_proj": nn.Linear(f, d, bias=False)})
+        return nn.ModuleList(block() for _ in range(n_layer))
+
+    for n_layer, d, f, r in ((2, 16, 40, 4), (3, 32, 72, 8)):
+        model = minidora.wrap(llama_like(n_layer, d, f), "qlora", target_modules=list(names), r=r)
+        want = minidora.report(model).trainable_params
+        got = lora_trainable(n_layer, d, f, r)
+        assert got == want, f"n_layer={n_layer}, d_model={d}, d_ff={f}, r={r}: got {got}"
+
+
+try:
+    check_exercise_2(lora_trainable)
+    n_7b = lora_trainable(32, 4096, 11008, 64)
+    print(f"exercise 2: correct; Llama-2-7B at r = 64: {n_7b:,d} trainable parameters, "
+          f"{16 * n_7b / 2**30:.2f} GiB with float32 gradients and Adam moments")
+except NotImplementedError:
+    print("exercise 2: not attempted yet")
+
+# %% [markdown]
+# ### Exercise 3: where QDoRA's magnitude starts
+#
+# Write `qdora_magnitude(weight)`: the magnitude vector a QDoRA layer starts from, for a weight
+# [out, in] stored in NF4 with QLoRA's defaults (blocksize 64, double quantization). Use
+# `minidora.nf4.quantize` and `dequantize`. The check compares it with `DoRALinear` over an
+# `NF4Linear`. The classic mistake takes the norms of the original float weight: the layer then
+# does not equal its 4-bit base at init, and every row starts scaled by a stray factor.
+
+# %%
+def qdora_magnitude(weight: torch.Tensor) -> torch.Tensor:
+    """weight: [out, in] float32 -> m: [out], QDoRA's magnitude at init."""
+    raise NotImplementedError("exercise 3: your code here")
+
+
+# %%
+def check_exercise_3(qdora_magnitude):
+    torch.manual_seed(53)
+    lin = nn.Linear(96, 40)
+    m = qdora_magnitude(lin.weight.detach().clone())
+    base = minidora.NF4Linear.from_linear(lin, blocksize=64, double_quant=True,
+                                          compute_dtype=torch.float32)
+    want = minidora.DoRALinear(base, r=4, alpha=8).magnitude.detach()
+    assert m.shape == want.shape, f"one magnitude per output row: {tuple(want.shape)}"
+    assert torch.allclose(m, want, rtol=1e-5, atol=0), \
+        "the norms of which weight? At init QDoRA must equal its 4-bit base"
+
+
+try:
+    check_exercise_3(qdora_magnitude)
+    print("exercise 3: correct")
+except NotImplementedError:
+    print("exercise 3: not attempted yet")
