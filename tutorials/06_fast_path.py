@@ -14,6 +14,19 @@
 # %% [markdown]
 # # 6. The fast path: a fused dequantize-matmul
 #
+# **Learning objectives.** You will be able to:
+#
+# - compute the arithmetic intensity of a linear layer and tell whether it is limited by
+#   memory traffic or by arithmetic;
+# - explain why a fused dequantize-matmul beats "dequantize, then matmul" when generating
+#   text, and when it stops doing so;
+# - read the loop a fused NF4 kernel runs, and extend it to blocks that span rows;
+# - check a compiled op against its reference before timing it, and report ratios measured in
+#   the same run.
+#
+# **Prerequisites.** Tutorial 4 (the NF4 format); FLOPs, bytes and memory bandwidth; what a
+# matrix product costs.
+#
 # The readable reference computes an NF4 layer in two steps: decode the whole weight to a dense
 # matrix, then call `F.linear`. Correct, and the specification, but it moves far more memory
 # than the 4-bit format needs. minidora's compiled op `torch.ops.minidora.nf4_linear` does both
@@ -22,7 +35,9 @@
 # 1. explains why small-batch inference ("decode") is limited by memory traffic, not arithmetic;
 # 2. writes the fused loop in plain Python, to see what the kernel does;
 # 3. checks the compiled op against the reference;
-# 4. runs a small benchmark, with ratios against a dense layer measured in the same run.
+# 4. runs a small benchmark, with ratios against a dense layer measured in the same run;
+#
+# and ends with three exercises.
 
 # %%
 import statistics
@@ -79,6 +94,22 @@ ax.legend(fontsize=7)
 show(fig, "fast_path_intensity.png")
 
 # %% [markdown]
+# ### Check your understanding
+#
+# 1. At $M = 1$, ignoring activations: what is the arithmetic intensity of a dense bfloat16
+#    layer, and of an NF4 + DQ one?
+# 2. How many times more weight bytes does the two-step reference move than the fused kernel?
+#
+# Predict, then run the cell below; the asserts give the answers.
+
+# %%
+assert 2 * 8 / 16 == 1.0                                   # 1. bfloat16: 1 FLOP per byte
+assert round(2 * 8 / 4.127, 2) == 3.88                     #    NF4 + DQ: 3.88 FLOP per byte
+ratio = bits["NF4, dequantize then matmul (float32)"] / bits["NF4 + DQ, fused"]
+assert round(ratio, 1) == 16.5                             # 2. (4.127 + 32 + 32) / 4.127
+print(f"the two-step reference moves {ratio:.1f}x the bytes of the fused kernel")
+
+# %% [markdown]
 # ## 2. The fused loop, in plain Python
 #
 # For every output row $n$, walk along the row's packed bytes one block of 64 weights (32
@@ -119,7 +150,21 @@ y_ref = F.linear(x_small, nf4.dequantize(q_small, torch.float32))
 # same products, summed in a different order: float32 rounding, bounded by sum |x||w|
 bound = 1e-6 * (x_small.abs() @ nf4.dequantize(q_small, torch.float32).abs().T) + 1e-7
 assert ((y_fused - y_ref).abs() <= bound).all()
-print(f"fused Python loop vs dequantize + F.linear: max difference {(y_fused - y_ref).abs().max():.1e}")
+print("fused Python loop vs dequantize + F.linear: max difference "
+      f"{(y_fused - y_ref).abs().max():.1e}")
+
+# %% [markdown]
+# ### Check your understanding
+#
+# 3. With blocksize 64 and double quantization, how many bytes does one block of weights take
+#    for its codes, and how many for its scale?
+
+# %%
+n_blocks = q_small.absmax.numel()
+assert q_small.packed.numel() // n_blocks == 32              # 64 codes of 4 bits
+assert q_small.absmax.dtype == torch.uint8                   # one 8-bit scale code per block
+print(f"{q_small.packed.numel() // n_blocks} bytes of codes and 1 byte of scale per block "
+      "(+ 4 bytes per 256 blocks for the nested float32 scale)")
 
 # %% [markdown]
 # ## 3. The compiled op against the reference
@@ -189,7 +234,8 @@ results = {}
 with torch.no_grad():
     for M in Ms_bench:
         x = torch.randn(M, K)
-        results[M] = {name: median_time(lambda f=f: f(x), repeats) for name, f in variants.items()}
+        results[M] = {name: median_time(lambda f=f, x=x: f(x), repeats)
+                      for name, f in variants.items()}
 
 print(f"y = x W^T, W {N}x{K}, one thread; median of {repeats} runs")
 print(f"{'M':>4} " + "".join(f"{name:>17}" for name in variants))
@@ -220,3 +266,114 @@ show(fig, "fast_path_benchmark.png")
 # more rows of $x$, the layer becomes compute-bound, and the dense BLAS matmul (highly tuned) is
 # hard to beat; that is why the CUDA op switches to dequantize-then-GEMM for large $M$ (see the
 # CUDA benchmark page).
+
+# %% [markdown]
+# ## Exercises
+#
+# Each exercise has a stub to replace and a cell that checks it. While a stub still raises
+# `NotImplementedError`, its check prints "exercise N: not attempted yet" and the notebook runs
+# on; a wrong answer stops it with an assertion that says what is wrong. The solutions, with the
+# same checks and the classic mistakes each check catches, are in
+# [solutions/06_solutions.py](solutions/06_solutions.py).
+#
+# ### Exercise 1: the arithmetic intensity of a decode step
+#
+# Write `intensity(M, N, K, weight_bits, act_bytes)`: the FLOP per byte of $y = x W^\top$ with
+# $x$ [M, K] and $W$ [N, K], counting every multiply and every add, the weight read once at
+# `weight_bits` per weight, $x$ read and $y$ written at `act_bytes` per value. Then: what is
+# it for one decode step ($M = 1$) of a 4096 x 4096 layer in bfloat16, and in NF4 + DQ with
+# bfloat16 activations? Classic mistakes: counting a multiply-add as one FLOP, and bits where
+# bytes belong.
+
+# %%
+def intensity(M: int, N: int, K: int, weight_bits: float, act_bytes: float) -> float:
+    """FLOP per byte moved by y = x W^T, x [M, K], W [N, K]."""
+    raise NotImplementedError("exercise 1: your code here")
+
+
+# %%
+def check_exercise_1(intensity):
+    cases = {(1, 4096, 4096, 16, 2): 0.999512, (1, 4096, 4096, 4.127, 2): 3.86958,
+             (4096, 4096, 4096, 4.127, 4): 961.968, (64, 4096, 11008, 32, 4): 31.3284}
+    for args, want in cases.items():
+        got = intensity(*args)
+        assert abs(got - want) < 1e-5 * want, \
+            f"intensity{args} = {got:.6g} is wrong; count FLOPs (2 per multiply-add) and bytes"
+
+
+try:
+    check_exercise_1(intensity)
+    print(f"exercise 1: correct; a decode step of a 4096 x 4096 layer: "
+          f"{intensity(1, 4096, 4096, 16, 2):.3f} FLOP/byte in bfloat16, "
+          f"{intensity(1, 4096, 4096, 4.127, 2):.2f} in NF4 + DQ")
+except NotImplementedError:
+    print("exercise 1: not attempted yet")
+
+# %% [markdown]
+# ### Exercise 2: when does the batch become compute-bound?
+#
+# A GPU that does $P$ = 989 TFLOP/s in dense bfloat16 and reads $B$ = 4.8 TB/s from memory
+# (an H200's data-sheet figures) is limited by memory traffic while a layer's intensity is below
+# $P / B \approx 206$ FLOP/byte. Write `crossover_m(weight_bits, balance)`: the smallest $M$ at
+# which a 4096 x 4096 layer with bfloat16 activations reaches an intensity of `balance`
+# (exercise 1's definition). Counting the matmul's FLOPs only, where does a bfloat16 layer cross
+# over, and where does an NF4 one? The classic mistake drops the activations' bytes: fine at
+# $M = 1$, badly off at the $M$ this question is about.
+
+# %%
+def crossover_m(weight_bits: float, balance: float) -> int:
+    """Smallest M >= 1 with intensity(M, 4096, 4096, weight_bits, 2) >= balance."""
+    raise NotImplementedError("exercise 2: your code here")
+
+
+# %%
+def check_exercise_2(crossover_m):
+    balance = 989e12 / 4.8e12                                        # FLOP per byte
+    cases = {(16, balance): 230, (4.127, balance): 60, (16, 50.0): 52, (4.127, 50.0): 14}
+    for (bits_w, beta), want in cases.items():
+        got = crossover_m(bits_w, beta)
+        assert got == want, \
+            f"crossover_m({bits_w}, {beta:.2f}) = {got} is wrong; count the activations too"
+
+
+try:
+    check_exercise_2(crossover_m)
+    print(f"exercise 2: correct; compute-bound from M = {crossover_m(16, 989 / 4.8)} in bfloat16, "
+          f"from M = {crossover_m(4.127, 989 / 4.8)} in NF4 + DQ")
+except NotImplementedError:
+    print("exercise 2: not attempted yet")
+
+# %% [markdown]
+# ### Exercise 3: blocks that span rows
+#
+# The loop of section 2 needs every row to start a new block. Write `fused_nf4_linear_any`,
+# the same computation for any shape: a block may start in the middle of a row, the last block
+# may be partial, and an odd number of weights leaves half of the last byte as padding. Walk
+# each row's flat element range $[nK, (n+1)K)$ in pieces that end where a block or the row
+# ends. The classic mistake numbers the blocks as if every row started one.
+
+# %%
+def fused_nf4_linear_any(x: torch.Tensor, q: nf4.NF4Weight) -> torch.Tensor:
+    """y = x @ dequantize(q).T without a dense weight, for any shape. x [M, K] -> [M, N]."""
+    raise NotImplementedError("exercise 3: your code here")
+
+
+# %%
+def check_exercise_3(fused_nf4_linear_any):
+    torch.manual_seed(63)
+    for (n, k), bs in (((10, 100), 64), ((7, 96), 32), ((5, 13), 32)):
+        q = nf4.quantize(torch.randn(n, k) * 0.02, blocksize=bs, double_quant=True)
+        x = torch.randn(3, k)
+        W = nf4.dequantize(q, torch.float32)                             # [n, k]
+        y = fused_nf4_linear_any(x, q)
+        assert y.shape == (3, n), f"expected shape (3, {n}), got {tuple(y.shape)}"
+        bound = 1e-6 * (x.abs() @ W.abs().T) + 1e-7                     # float32 rounding
+        assert ((y - x @ W.T).abs() <= bound).all(), \
+            f"W {n}x{k}, blocksize {bs}: wrong output; blocks may start in the middle of a row"
+
+
+try:
+    check_exercise_3(fused_nf4_linear_any)
+    print("exercise 3: correct")
+except NotImplementedError:
+    print("exercise 3: not attempted yet")
