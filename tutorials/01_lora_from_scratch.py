@@ -22,8 +22,11 @@
 # - say how the scalings $\alpha/r$ and rsLoRA's $\alpha/\sqrt r$ behave as the rank grows;
 # - count an adapter's trainable parameters, and merge it into the weight.
 #
-# **Prerequisites.** You should know PyTorch's `nn.Linear`, `nn.Parameter` and autograd
-# (`loss.backward()`); matrix products and the rank of a matrix; what an optimiser step does.
+# **Prerequisites.** You should know:
+#
+# - PyTorch's `nn.Linear`, `nn.Parameter` and autograd (`loss.backward()`);
+# - matrix products and the rank of a matrix;
+# - what an optimiser step (SGD, Adam) does.
 #
 # LoRA (Hu et al., 2021, arXiv 2106.09685) fine-tunes a large model by training, next to each
 # frozen weight $W_0$, a low-rank update $s\,BA$. This tutorial builds it in plain PyTorch and

@@ -22,8 +22,11 @@
 # - measure them over checkpoints for full fine-tuning, LoRA and DoRA, and judge what a
 #   correlation over checkpoints can and cannot show.
 #
-# **Prerequisites.** Tutorial 1 (LoRA); vector norms and the cosine of two vectors; the Pearson
-# correlation; training a small network with Adam in PyTorch.
+# **Prerequisites.** You should know:
+#
+# - LoRA, as tutorial 1 builds it;
+# - vector norms and the cosine of two vectors; the Pearson correlation;
+# - how to train a small network with Adam in PyTorch.
 #
 # DoRA (Liu et al., ICML 2024, arXiv 2402.09353) starts from a measurement, not a formula. Split
 # every weight row into a **length** (magnitude) and a **unit vector** (direction), fine-tune,

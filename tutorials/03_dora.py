@@ -22,8 +22,11 @@
 #   the memory kept for backward;
 # - verify a layer with `torch.autograd.gradcheck`, and know why the detached form fails it.
 #
-# **Prerequisites.** Tutorials 1 and 2; the chain rule for a vector divided by its norm; what
-# autograd saves between forward and backward.
+# **Prerequisites.** You should know:
+#
+# - tutorials 1 and 2 (LoRA; magnitude and direction);
+# - the chain rule, for a vector divided by its norm;
+# - that autograd keeps tensors from forward for the backward pass.
 #
 # DoRA (Liu et al., ICML 2024, arXiv 2402.09353) trains the magnitude of each weight row
 # directly, and the direction through a LoRA update. This tutorial:

@@ -24,8 +24,12 @@
 # - count the bits per parameter with and without double quantization, and turn them into the
 #   memory of a 7B model.
 #
-# **Prerequisites.** The normal distribution, its density and quantile function; binary
-# numbers, bits and bytes; float32 and bfloat16. No fine-tuning knowledge is needed.
+# **Prerequisites.** You should know:
+#
+# - the normal distribution: its density, its quantile function;
+# - bits, bytes and binary numbers; float32 and bfloat16.
+#
+# It needs nothing from tutorials 1-3.
 #
 # QLoRA (Dettmers et al., 2023, arXiv 2305.14314, section 3) stores the frozen base weights in
 # **4-bit NormalFloat (NF4)** with **double quantization**. This tutorial rebuilds the format

@@ -24,8 +24,11 @@
 #   a small model up to 7B and 13B;
 # - fine-tune one model five ways and compare them fairly.
 #
-# **Prerequisites.** Tutorials 1, 3 and 4 (LoRA, DoRA, NF4); what Adam keeps per parameter;
-# bfloat16 and float32.
+# **Prerequisites.** You should know:
+#
+# - tutorials 1, 3 and 4 (LoRA, DoRA, NF4);
+# - what Adam keeps per trained parameter;
+# - bfloat16 and float32, and what each costs in bytes.
 #
 # QLoRA (Dettmers et al., 2023, arXiv 2305.14314) is LoRA over a frozen base stored in NF4 with
 # double quantization; QDoRA is DoRA over the same base. In minidora that is literally

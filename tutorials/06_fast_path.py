@@ -24,8 +24,11 @@
 # - check a compiled op against its reference before timing it, and report ratios measured in
 #   the same run.
 #
-# **Prerequisites.** Tutorial 4 (the NF4 format); FLOPs, bytes and memory bandwidth; what a
-# matrix product costs.
+# **Prerequisites.** You should know:
+#
+# - tutorial 4 (the NF4 format);
+# - FLOPs, bytes and memory bandwidth;
+# - what a matrix product costs in multiply-adds.
 #
 # The readable reference computes an NF4 layer in two steps: decode the whole weight to a dense
 # matrix, then call `F.linear`. Correct, and the specification, but it moves far more memory
