@@ -2,7 +2,9 @@
 #   make test    venv + install + build the extension + run the test suite
 #   make demo    venv + install + build + run the main job (python -m minidora demo)
 #   make bench   CPU benchmarks (ratios against baselines measured in the same run)
-#   make docs    build the documentation site (mkdocs build --strict)
+#   make docs    build the documentation site (mkdocs build --strict), then check it offline in
+#                headless Chromium (make docs-check)
+#   make lint    ruff on the Python, clang-format on csrc/
 #   make cuda-check   compile the CUDA kernels in a separate venv (torch 2.14.1+cu130)
 #   make sanitize     the compiled-ops tests on an AddressSanitizer + UBSan build of minidora._C
 
@@ -11,7 +13,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.minidora-installed
 
-.PHONY: test demo bench docs cuda-check sanitize build clean
+.PHONY: test demo bench docs docs-check lint cuda-check sanitize build clean
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,7 +36,17 @@ bench: build
 
 docs: build
 	$(PY) -m pip install -q -r docs/requirements.txt
+	cd docs && npm ci --no-audit --no-fund
 	$(PY) -m mkdocs build --strict
+	$(MAKE) docs-check
+
+docs-check:
+	MINIDORA_DOCS_SITE=site $(PY) -m pytest -q tests/test_docs_site.py
+
+lint: $(STAMP)
+	$(PY) -m pip install -q -e '.[lint]'
+	$(PY) -m ruff check .
+	$(VENV)/bin/clang-format --dry-run --Werror csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh
 
 cuda-check:
 	bash scripts/cuda_compile_check.sh
