@@ -25,24 +25,13 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from checking import must_fail  # tutorials/solutions/checking.py
 
 import minidora
 from minidora import analysis
 from minidora.tutorial import setup
 
-SMALL, _ = setup()
-
-
-def must_fail(check, *wrong):
-    """The check must reject a wrong answer: an assertion, or an error such as a shape mismatch."""
-    try:
-        check(*wrong)
-    except NotImplementedError:
-        raise
-    except Exception as err:
-        print(f"  a mistake caught: {str(err).splitlines()[0]}")
-        return
-    raise AssertionError("the check accepted a wrong answer")
+setup()  # one thread, seed 0
 
 
 # %% [markdown]

@@ -21,23 +21,12 @@
 
 # %%
 import torch
+from checking import must_fail  # tutorials/solutions/checking.py
 
 from minidora import nf4
 from minidora.tutorial import setup
 
-SMALL, _ = setup()
-
-
-def must_fail(check, *wrong):
-    """The check must reject a wrong answer: an assertion, or an error such as a shape mismatch."""
-    try:
-        check(*wrong)
-    except NotImplementedError:
-        raise
-    except Exception as err:
-        print(f"  a mistake caught: {str(err).splitlines()[0]}")
-        return
-    raise AssertionError("the check accepted a wrong answer")
+setup()  # one thread, seed 0
 
 
 # %% [markdown]
