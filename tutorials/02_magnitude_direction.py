@@ -63,10 +63,10 @@ SMALL, show = setup()  # MINIDORA_TUTORIAL_SIZE=small: the quick size; one threa
 #
 # ($\lVert\cdot\rVert_r$: the norm of each row.) The paper writes $W \in \mathbb{R}^{d \times k}$
 # with $d$ the input and $k$ the output dimension: the transpose of PyTorch's weight, [in, out],
-# applied to an input row vector from the left, $y = xW$. Column $j$ of that matrix holds every
-# weight that feeds output $j$, so the paper's *column* norm runs over the input dimension and
-# gives one number per output, and its magnitude $m \in \mathbb{R}^{1 \times k}$ has one entry
-# per output. In PyTorch's [out, in] layout those are the row norms, `dim=1`.
+# which an input row vector multiplies from the left, $y = xW$. Column $j$ of that matrix holds
+# every weight that feeds output $j$, so the paper's *column* norm runs over the input dimension
+# and gives one number per output, and its magnitude $m \in \mathbb{R}^{1 \times k}$ has one
+# entry per output. In PyTorch's [out, in] layout those are the row norms, `dim=1`.
 
 # %%
 W = torch.randn(6, 5)
