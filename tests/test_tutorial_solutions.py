@@ -4,7 +4,9 @@ exercises at the end, and one solutions file per tutorial that passes the same c
 Each solutions file runs as a script in a subprocess, as a reader would run it (repository root
 on PYTHONPATH, small size). It prints "exercise N: correct" for every exercise and shows that each
 check rejects the classic mistake. The checks in a tutorial and in its solutions file must be the
-same code, so a check fixed in one place cannot drift from the other.
+same code, so a check fixed in one place cannot drift from the other. And the tutorial's own
+exercise cells run twice: as shipped (every stub "not attempted yet") and with the solutions in
+place of the stubs (every exercise "correct").
 """
 
 import ast
@@ -92,17 +94,36 @@ def test_solutions_pass(tutorial, tmp_path):
     assert "a mistake caught" in done.stdout, f"{path.name} shows no mistake its checks catch"
 
 
-def test_unfilled_exercises_run_to_the_end(tmp_path):
-    """Each tutorial's first code cell and its exercise section, stubs as shipped: every
-    exercise says it is not attempted yet, and nothing fails (one process for all six)."""
+def exercise_script(tutorial: Path, filled: bool) -> str:
+    """The tutorial's first code cell (imports, setup) and the code cells of its exercises; with
+    ``filled``, each stub is followed by the solutions file's function of the same name."""
+    cells = jupytext.read(tutorial).cells
+    start = next(i for i, c in enumerate(cells) if c.source.startswith("## Exercises"))
+    code = [next(c.source for c in cells if c.cell_type == "code")]
+    solutions = solutions_of(tutorial).read_text()
+    answers = {node.name: ast.get_source_segment(solutions, node)
+               for node in ast.parse(solutions).body if isinstance(node, ast.FunctionDef)}
+    for cell in cells[start:]:
+        if cell.cell_type != "code":
+            continue
+        code.append(cell.source)
+        if filled:
+            stubs = [node.name for node in ast.parse(cell.source).body
+                     if isinstance(node, ast.FunctionDef) and "NotImplementedError" in
+                     ast.get_source_segment(cell.source, node)]
+            code += [answers[name] for name in stubs]
+    return "\n\n".join(code) + "\n"
+
+
+@pytest.mark.parametrize("filled", [False, True], ids=["stubs", "solutions"])
+def test_exercise_sections_run(filled, tmp_path):
+    """Every tutorial's exercise section, as shipped (each exercise "not attempted yet", nothing
+    fails) and with the solutions in place of the stubs (each exercise "correct"); one process
+    runs all six."""
     scripts = []
     for tutorial in TUTORIALS:
-        cells = jupytext.read(tutorial).cells
-        start = next(i for i, c in enumerate(cells) if c.source.startswith("## Exercises"))
-        code = [cells[next(i for i, c in enumerate(cells) if c.cell_type == "code")].source]
-        code += [c.source for c in cells[start:] if c.cell_type == "code"]
         script = tmp_path / f"exercises_{tutorial.name}"
-        script.write_text("\n\n".join(code) + "\n")
+        script.write_text(exercise_script(tutorial, filled))
         scripts.append(str(script))
     driver = ("import runpy, sys\n"
               "for path in sys.argv[1:]:\n"
@@ -110,7 +131,8 @@ def test_unfilled_exercises_run_to_the_end(tmp_path):
               "    runpy.run_path(path, run_name='__main__')\n")
     done = run(["-c", driver, *scripts], tmp_path)
     assert done.returncode == 0, f"{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
+    verdict = "correct" if filled else "not attempted yet"
     for tutorial, script in zip(TUTORIALS, scripts, strict=True):
         out = done.stdout.split(f"== {script}\n", 1)[1].split("\n== ", 1)[0]
         for i in range(1, n_exercises(tutorial) + 1):
-            assert f"exercise {i}: not attempted yet" in out, (tutorial.name, i, out)
+            assert f"exercise {i}: {verdict}" in out, (tutorial.name, i, out)
