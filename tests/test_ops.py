@@ -60,7 +60,8 @@ def _random_weight(shape, seed, spread=1.0):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(shape, generator=g)
     if len(shape) > 1:
-        w = w * 10 ** ((torch.rand(shape[0], *[1] * (len(shape) - 1), generator=g) * 2 - 1) * spread)
+        exponent = torch.rand(shape[0], *[1] * (len(shape) - 1), generator=g) * 2 - 1
+        w = w * 10 ** (exponent * spread)
     return w
 
 
@@ -153,7 +154,8 @@ def assert_close_to_reference(out, ref, magnitude, n_terms, rounded_before=None)
         tol = tol + u_out * rounded_before
     err = (out.double() - ref.double()).abs()
     worst = (err / tol.clamp_min(1e-300)).max().item()
-    assert (err <= tol).all(), f"max error / tolerance = {worst:.3g}, max error {err.max().item():.3g}"
+    assert (err <= tol).all(), (f"max error / tolerance = {worst:.3g}, "
+                                f"max error {err.max().item():.3g}")
 
 
 # (out_features, in_features, blocksize, double_quant): odd sizes, partial blocks, rows that
@@ -167,6 +169,11 @@ LINEAR_CASES = [(50, 160, 32, True), (33, 65, 64, False), (64, 512, 32, True),
                 (27, 224, 512, False), (40, 2592, 32, True)]
 # batch shapes: M = 1, 3, 7, 16 take the fused few-rows kernels; 17, 30 and 300 the tiled one.
 BATCHES = [(1,), (3,), (7,), (16,), (17,), (2, 3, 5), (300,)]
+
+
+def _case_id(case) -> str:
+    out_f, in_f, blocksize, _ = case
+    return f"{out_f}x{in_f}-bs{blocksize}"
 
 
 def _layout(x, layout):
@@ -184,7 +191,7 @@ def _layout(x, layout):
     return out
 
 
-@pytest.mark.parametrize("case", LINEAR_CASES, ids=lambda c: "x".join(map(str, c[:2])) + f"-bs{c[2]}")
+@pytest.mark.parametrize("case", LINEAR_CASES, ids=_case_id)
 @pytest.mark.parametrize("batch", BATCHES, ids=lambda b: "x".join(map(str, b)))
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 def test_linear_forward(device, case, batch, dtype):
@@ -265,7 +272,7 @@ def test_linear_tiles_any_thread_count(threads, dtype):
     assert_close_to_reference(gx, grad_y @ w, grad_y.double().abs() @ w.double().abs(), 700)
 
 
-@pytest.mark.parametrize("case", LINEAR_CASES, ids=lambda c: "x".join(map(str, c[:2])) + f"-bs{c[2]}")
+@pytest.mark.parametrize("case", LINEAR_CASES, ids=_case_id)
 @pytest.mark.parametrize("batch", BATCHES, ids=lambda b: "x".join(map(str, b)))
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 def test_linear_input_gradient(device, case, batch, dtype):
@@ -357,8 +364,8 @@ def test_torch_compile_fullgraph(device):
         x = _randn(2, rows, 160, dtype=torch.float32, device=device, seed=rows).requires_grad_()
         y = compiled(x)
         assert torch.equal(y, layer(x))  # same op, same kernel
-        assert_close_to_reference(y, F.linear(x, w, layer.bias),
-                                  x.double().abs() @ w.double().abs().T + layer.bias.double().abs(), 160)
+        magnitude = x.double().abs() @ w.double().abs().T + layer.bias.double().abs()
+        assert_close_to_reference(y, F.linear(x, w, layer.bias), magnitude, 160)
         grad_y = _randn(2, rows, 48, dtype=torch.float32, device=device, seed=rows + 1)
         gx, gb = torch.autograd.grad(y, (x, layer.bias), grad_y)
         ref_x, ref_b = torch.autograd.grad(F.linear(x, w, layer.bias), (x, layer.bias), grad_y)
@@ -416,7 +423,8 @@ def test_fake_tensor_tracing():
         d = ops.nf4_dequantize(q, torch.float16, backend="compiled")
     assert y.shape == (2, 5, 24) and gx.shape == (2, 5, 96) and d.shape == (24, 96)
     q.nested_absmax = mode.from_tensor(q.nested_absmax.to("meta"))
-    with mode, pytest.raises(RuntimeError, match="nf4_linear: nested_absmax is on meta but x is on cpu"):
+    message = "nf4_linear: nested_absmax is on meta but x is on cpu"
+    with mode, pytest.raises(RuntimeError, match=message):
         torch.ops.minidora.nf4_linear(x, *ops._weight_args(q), 24, 96, None)
 
 
@@ -583,7 +591,7 @@ def test_bad_input_python():
         ops.nf4_linear(x, _quantized((4, 4, 64), 32, True, "cpu"))
     bad = nf4.NF4Weight(q.packed, q.absmax[:-1], q.shape, q.dtype, q.blocksize, q.nested_absmax,
                         q.offset)
-    with pytest.raises(ValueError, match=r"q.absmax must be 1-D with ceil\(n/blocksize\) = 32 scales"):
+    with pytest.raises(ValueError, match=r"q.absmax must be 1-D with ceil\(n/blocksize\) = 32 "):
         ops.nf4_linear(x, bad)
     bad = nf4.NF4Weight(q.packed[:-1], q.absmax, q.shape, q.dtype, q.blocksize, q.nested_absmax,
                         q.offset)
@@ -603,7 +611,7 @@ def test_bad_input_cpp():
     q, x = _bad_input_weight()
     packed, absmax, nested, code, offset, bs = ops._weight_args(q)
     linear = torch.ops.minidora.nf4_linear
-    with pytest.raises(RuntimeError, match="nf4_linear: x must be float32, bfloat16, float16 or float64"):
+    with pytest.raises(RuntimeError, match="nf4_linear: x must be float32, bfloat16, float16 or"):
         linear(x.to(torch.int32), packed, absmax, nested, code, offset, bs, 16, 64, None)
     with pytest.raises(RuntimeError, match="x must have last dimension in_features = 64"):
         linear(torch.randn(3, 63), packed, absmax, nested, code, offset, bs, 16, 64, None)
@@ -612,7 +620,7 @@ def test_bad_input_cpp():
     with pytest.raises(RuntimeError, match="packed must be a uint8 tensor"):
         linear(x, packed.to(torch.int8), absmax, nested, code, offset, bs, 16, 64, None)
     # the right number of scales for another shape is the wrong number for this one
-    with pytest.raises(RuntimeError, match=r"absmax must be 1-D with ceil\(n/blocksize\) = 16 scales"):
+    with pytest.raises(RuntimeError, match=r"absmax must be 1-D with ceil\(n/blocksize\) = 16 "):
         linear(torch.randn(3, 32), packed[:256], absmax, nested, code, offset, bs, 16, 32, None)
     with pytest.raises(RuntimeError, match="blocksize must be a power of two in 32..4096, got 16"):
         linear(x, packed, absmax, nested, code, offset, 16, 16, 64, None)
@@ -622,7 +630,8 @@ def test_bad_input_cpp():
         linear(x, packed, absmax, None, code, offset, bs, 16, 64, None)
     with pytest.raises(RuntimeError, match="must be None when absmax is float32"):
         linear(x, packed, q.scales(), nested, code, offset, bs, 16, 64, None)
-    with pytest.raises(RuntimeError, match=r"nested_absmax must be float32 1-D with ceil\(n_blocks/256\) = 1"):
+    with pytest.raises(RuntimeError,
+                       match=r"nested_absmax must be float32 1-D with ceil\(n_blocks/256\) = 1 "):
         linear(x, packed, absmax, torch.ones(2), code, offset, bs, 16, 64, None)
     with pytest.raises(RuntimeError, match=r"nested_code must be the float32 \[256\] dynamic map"):
         linear(x, packed, absmax, nested, code[:128], offset, bs, 16, 64, None)
@@ -632,7 +641,9 @@ def test_bad_input_cpp():
         linear(x, packed, absmax, nested, code, offset, bs, 16, 64, torch.randn(16).double())
     with pytest.raises(RuntimeError, match=r"bias must have shape \[out_features\] = \[16\]"):
         linear(x, packed, absmax, nested, code, offset, bs, 16, 64, torch.randn(15))
-    with pytest.raises(RuntimeError, match="nf4_linear_grad_input: grad_y must have last dimension out_features = 16"):
+    with pytest.raises(RuntimeError,
+                       match="nf4_linear_grad_input: grad_y must have last dimension out_features "
+                             "= 16"):
         torch.ops.minidora.nf4_linear_grad_input(torch.randn(3, 64), packed, absmax, nested, code,
                                                  offset, bs, 16, 64)
     with pytest.raises(RuntimeError, match="nf4_dequantize: dtype must be float32"):
@@ -658,7 +669,8 @@ def test_bad_weight_python():
          r"q.absmax must be 1-D .*, got shape \(32, 1\)"),
         (dict(nested_absmax=None, absmax=q.scales()), ValueError,
          "q.offset must be None without double quantization"),
-        (dict(packed=q.packed.view(-1, 2)), ValueError, r"q.packed must be 1-D .*got shape \(256, 2\)"),
+        (dict(packed=q.packed.view(-1, 2)), ValueError,
+         r"q.packed must be 1-D .*got shape \(256, 2\)"),
         (dict(packed=q.packed.numpy()), TypeError, "q.packed must be a torch.Tensor"),
         (dict(shape=(16, 0)), ValueError, "q.shape must be a tuple of positive ints"),
         (dict(shape=(-16, -64)), ValueError, "q.shape must be a tuple of positive ints"),
@@ -762,19 +774,23 @@ def test_sizes_checked_cpp():
     grad = torch.ops.minidora.nf4_linear_grad_input
     dequantize = torch.ops.minidora.nf4_dequantize
     big = 2**62 + 4                                # big * 4 wraps around to 16 in int64
-    with pytest.raises(RuntimeError, match=rf"nf4_linear: out_features \* in_features = {big} \* 4 overflows int64"):
+    product = r"out_features \* in_features = {} \* {} overflows int64"
+    with pytest.raises(RuntimeError, match="nf4_linear: " + product.format(big, 4)):
         linear(torch.randn(3, 4), *w, big, 4, None)
-    with pytest.raises(RuntimeError, match=rf"nf4_linear_grad_input: out_features \* in_features = 4 \* {big} overflows int64"):
+    with pytest.raises(RuntimeError, match="nf4_linear_grad_input: " + product.format(4, big)):
         grad(torch.randn(3, 4), *w, 4, big)
-    with pytest.raises(RuntimeError, match=rf"nf4_dequantize: shape \[{big}, 4\] has too many elements"):
+    with pytest.raises(RuntimeError,
+                       match=rf"nf4_dequantize: shape \[{big}, 4\] has too many elements"):
         dequantize(*w, [big, 4], torch.float32)
     # a stride-0 batch of 2^60 rows: its result would have 2^66 elements
     rows = 2**60
     wide = ops._weight_args(_quantized((64, 4), 32, False, "cpu"))
-    with pytest.raises(RuntimeError, match=rf"nf4_linear: x's rows \* out_features = {rows} \* 64 overflows"):
+    with pytest.raises(RuntimeError,
+                       match=rf"nf4_linear: x's rows \* out_features = {rows} \* 64 overflows"):
         linear(torch.ones(1, 4).expand(rows, 4), *wide, 64, 4, None)
     tall = ops._weight_args(_quantized((4, 64), 32, False, "cpu"))
-    with pytest.raises(RuntimeError, match=rf"grad_input: grad_y's rows \* in_features = {rows} \* 64 overflows"):
+    with pytest.raises(RuntimeError,
+                       match=rf"grad_input: grad_y's rows \* in_features = {rows} \* 64 overflows"):
         grad(torch.ones(1, 4).expand(rows, 4), *tall, 4, 64)
     # zero and negative sizes
     for out_f, in_f, name, value in [(0, 4, "out_features", 0), (-4, 4, "out_features", -4),
@@ -787,7 +803,8 @@ def test_sizes_checked_cpp():
         with pytest.raises(RuntimeError, match=r"nf4_dequantize: shape must have positive sizes"):
             dequantize(*w, shape, torch.float32)
     for blocksize in (0, -64, 8192):
-        with pytest.raises(RuntimeError, match=f"blocksize must be a power of two in 32..4096, got {blocksize}"):
+        with pytest.raises(RuntimeError,
+                           match=f"blocksize must be a power of two in 32..4096, got {blocksize}"):
             linear(torch.randn(3, 4), *w[:5], blocksize, 4, 4, None)
 
 
@@ -796,7 +813,9 @@ def test_tensor_sizes_checked_cpp():
     q, x = _bad_input_weight()
     packed, absmax, nested, code, offset, bs = ops._weight_args(q)
     linear = torch.ops.minidora.nf4_linear
-    with pytest.raises(RuntimeError, match=r"offset must be a float32 tensor of one element \(0-dim or \[1\]\), got Float of shape \[1, 1\]"):
+    with pytest.raises(RuntimeError,
+                       match=r"offset must be a float32 tensor of one element \(0-dim or \[1\]\), "
+                             r"got Float of shape \[1, 1\]"):
         linear(x, packed, absmax, nested, code, offset.view(1, 1), bs, 16, 64, None)
     with pytest.raises(RuntimeError, match="offset must be a float32 tensor of one element"):
         linear(x, packed, absmax, nested, code, offset.repeat(2), bs, 16, 64, None)
@@ -804,11 +823,13 @@ def test_tensor_sizes_checked_cpp():
         linear(x, packed.view(256, 2), absmax, nested, code, offset, bs, 16, 64, None)
     with pytest.raises(RuntimeError, match=r"packed must hold ceil\(n/2\) = 512 bytes"):
         linear(x, torch.cat([packed, packed]), absmax, nested, code, offset, bs, 16, 64, None)
-    with pytest.raises(RuntimeError, match=r"absmax must be 1-D with ceil\(n/blocksize\) = 32 scales"):
+    with pytest.raises(RuntimeError,
+                       match=r"absmax must be 1-D with ceil\(n/blocksize\) = 32 scales"):
         linear(x, packed, absmax[:, None], nested, code, offset, bs, 16, 64, None)
     with pytest.raises(RuntimeError, match=r"nested_code must be the float32 \[256\] dynamic map"):
         linear(x, packed, absmax, nested, torch.cat([code, code[:1]]), offset, bs, 16, 64, None)
-    with pytest.raises(RuntimeError, match=r"bias must have shape \[out_features\] = \[16\], got \[1, 16\]"):
+    with pytest.raises(RuntimeError,
+                       match=r"bias must have shape \[out_features\] = \[16\], got \[1, 16\]"):
         linear(x, packed, absmax, nested, code, offset, bs, 16, 64, torch.randn(1, 16))
 
 

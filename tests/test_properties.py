@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, configuration, given, settings
 from hypothesis import strategies as st
+from test_ops import FLOAT_DTYPES, _layout, _quantized, _randn, assert_close_to_reference
 
 from minidora import nf4, ops
-from test_ops import FLOAT_DTYPES, _layout, _quantized, _randn, assert_close_to_reference
 
 # Every CPU kernel set this machine can run (each level includes the one before). Like
 # tests/test_ops.py, the file fails rather than skips when minidora._C is not built.
