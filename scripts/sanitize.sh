@@ -19,8 +19,8 @@
 # current directory, the repository root, taken off sys.path). The script checks that the tests
 # really load the instrumented library.
 #
-# Time measured on the 2-core development machine while other jobs shared its cores: build 1 to
-# 2 min, tests 2.5 to 3.5 min (2284 tests), about 4.5 min in all.
+# Time measured on the 2-core development machine, shared with other jobs: build 1 to 2 min,
+# tests 1.5 to 3.5 min (2284 tests), 3 to 4.5 min in all.
 # Environment: PY (default .venv/bin/python), CXX (default g++), KEEP_BUILD=1 keeps the temporary
 # folder, SANITIZE_TESTS (default "tests/test_ops.py tests/test_properties.py").
 set -euo pipefail
