@@ -32,7 +32,8 @@ def _math_blocks(text: str) -> str:
                                   len(lines[i]) - len(lines[i].lstrip()) > indent):
             if lines[i].strip():
                 body.append(lines[i].strip())
-            elif body and i + 1 < len(lines) and len(lines[i + 1]) - len(lines[i + 1].lstrip()) <= indent:
+            elif (body and i + 1 < len(lines)
+                  and len(lines[i + 1]) - len(lines[i + 1].lstrip()) <= indent):
                 break
             i += 1
         out += ["", m.group(1) + "$$", *(m.group(1) + b for b in body), m.group(1) + "$$", ""]
@@ -42,7 +43,8 @@ def _math_blocks(text: str) -> str:
 def rewrite(text: str) -> str:
     text = _math_blocks(text)
     text = _ROLE_MATH.sub(lambda m: f"${m.group(1)}$", text)
-    return _ROLE_REF.sub(lambda m: f"`{m.group(1).split('.')[-1] if '.' in m.group(1) else m.group(1)}`", text)
+    return _ROLE_REF.sub(
+        lambda m: f"`{m.group(1).split('.')[-1] if '.' in m.group(1) else m.group(1)}`", text)
 
 
 if griffe is not None:

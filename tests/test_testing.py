@@ -122,8 +122,10 @@ def my_dequantize(q, per_row_scales=False):
     n, cols = shape.numel(), shape[-1]
     block = torch.arange(n) // bs
     if per_row_scales:          # bitsandbytes' AVX-512 CPU kernel: assumes rows of whole blocks
-        block = (torch.arange(n // cols)[:, None] * (cols // bs) + torch.arange(cols) // bs).view(-1)
-    return (nf4.NF4_CODEBOOK[codes[:n]] * q["absmax"][block.clamp_max(q["absmax"].numel() - 1)]).view(shape)
+        block = torch.arange(n // cols)[:, None] * (cols // bs) + torch.arange(cols) // bs
+        block = block.view(-1)
+    scales = q["absmax"][block.clamp_max(q["absmax"].numel() - 1)]
+    return (nf4.NF4_CODEBOOK[codes[:n]] * scales).view(shape)
 
 
 def test_the_independent_nf4_passes():
@@ -153,7 +155,8 @@ def test_dequantize_with_scales_indexed_per_row_is_caught():
         return my_quantize(w, bs, dq) | {"shape": w.shape, "blocksize": bs}
 
     check_nf4(quantize, my_dequantize, double_quant=False).assert_ok()
-    report = check_nf4(quantize, lambda q: my_dequantize(q, per_row_scales=True), double_quant=False)
+    report = check_nf4(quantize, lambda q: my_dequantize(q, per_row_scales=True),
+                       double_quant=False)
     row = next(r for r in report.failures if r.name == "golden: dequantize")
     assert "scales indexed per row" in row.note
 
@@ -169,7 +172,8 @@ def test_mistake_tables_without_a_mistake_are_the_reference():
             ref = nf4.quantize(case.weight, case.blocksize, dq)
             got = nf4_mistakes.quantize(case.weight, case.blocksize, dq)
             assert torch.equal(got["packed"], ref.packed) and torch.equal(got["absmax"], ref.absmax)
-            out = nf4_mistakes.dequantize(got, tuple(case.weight.shape), case.blocksize, case.weight.dtype)
+            out = nf4_mistakes.dequantize(got, tuple(case.weight.shape), case.blocksize,
+                                          case.weight.dtype)
             assert torch.equal(out, nf4.dequantize(ref))
     for case in adapter_cases.golden_cases(dora=True):
         got = adapter_mistakes.expected(case)
@@ -300,7 +304,8 @@ def test_nf4_bad_functions_are_type_errors_naming_the_convention():
     (lambda w, bs, dq: 1 / 0, "quantize_fn raised ZeroDivisionError: division by zero"),
     (lambda w, bs, dq: my_quantize(w, bs, dq) | {"packed": my_quantize(w, bs, dq)["packed"].long()},
      "packed has dtype torch.int64, expected torch.uint8"),
-    (lambda w, bs, dq: my_quantize(w, bs, dq) | {"packed": torch.zeros(w.numel(), dtype=torch.uint8)},
+    (lambda w, bs, dq: my_quantize(w, bs, dq)
+        | {"packed": torch.zeros(w.numel(), dtype=torch.uint8)},
      "one code per byte"),
     (lambda w, bs, dq: {"packed": my_quantize(w, bs, False)["packed"], "absmax": None},
      "absmax is missing"),
@@ -317,7 +322,8 @@ def test_dequantize_of_the_wrong_shape_is_a_failed_row():
 
 
 def test_adapter_factory_with_the_wrong_signature_is_a_type_error():
-    with pytest.raises(TypeError, match=r"layer_factory\(\*, W0, bias, A, B, r, alpha, rslora, dropout, m, detach_norm\)"):
+    with pytest.raises(TypeError, match=r"layer_factory\(\*, W0, bias, A, B, r, alpha, rslora, "
+                                        r"dropout, m, detach_norm\)"):
         check_dora(lambda W0, A, B: None)
     with pytest.raises(TypeError, match="layer_factory must be callable"):
         check_lora("not a function")
@@ -364,7 +370,8 @@ def test_cli_passes_and_fails_with_exit_codes(capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["no_such_module_xyz:f", "--kind", "nf4"], "cannot import 'no_such_module_xyz': ModuleNotFoundError"),
+    (["no_such_module_xyz:f", "--kind", "nf4"],
+     "cannot import 'no_such_module_xyz': ModuleNotFoundError"),
     (["minidora.nf4:nope", "--kind", "nf4"], "'minidora.nf4' has no attribute 'nope'"),
     (["minidora.nf4", "--kind", "nf4"], "expected MODULE:FUNCTION"),
     (["minidora.nf4:NF4_CODEBOOK", "--kind", "nf4"], "is a Tensor, expected a function"),

@@ -34,9 +34,11 @@ def test_all_six_tutorials_are_there():
 @pytest.mark.parametrize("path", TUTORIALS, ids=[p.stem for p in TUTORIALS])
 def test_tutorial_runs(path, tmp_path):
     done = run_script(path, tmp_path)
-    assert done.returncode == 0, f"{path.name} failed:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
+    assert done.returncode == 0, (f"{path.name} failed:\n"
+                                  f"{done.stdout[-4000:]}\n{done.stderr[-4000:]}")
     # figures were drawn and saved (the docs show them inline)
-    assert list(tmp_path.glob("*.png")), f"{path.name} saved no figure into MINIDORA_TUTORIAL_FIGDIR"
+    assert list(tmp_path.glob("*.png")), (f"{path.name} saved no figure into "
+                                          "MINIDORA_TUTORIAL_FIGDIR")
 
 
 @pytest.mark.parametrize("path", TUTORIALS, ids=[p.stem for p in TUTORIALS])
@@ -56,7 +58,8 @@ def test_bad_size_is_a_clear_error(tmp_path):
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
 def test_docs_example_runs(path, tmp_path):
     done = run_script(path, tmp_path)
-    assert done.returncode == 0, f"{path.name} failed:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
+    assert done.returncode == 0, (f"{path.name} failed:\n"
+                                  f"{done.stdout[-4000:]}\n{done.stderr[-4000:]}")
 
 
 def test_docstring_math_is_rewritten_for_the_api_pages():
@@ -65,7 +68,9 @@ def test_docstring_math_is_rewritten_for_the_api_pages():
         from griffe_rst_math import rewrite
     finally:
         sys.path.remove(str(ROOT / "docs"))
-    doc = ("Intro:\n\n.. math::  y = x W^\\top\n           + b\n\nper block :math:`a_b = \\max |x|`, "
+    doc = ("Intro:\n\n.. math::  y = x W^\\top\n           + b\n\n"
+           "per block :math:`a_b = \\max |x|`, "
            "see :func:`~minidora.nf4.quantize` and :class:`NF4Weight`.")
-    assert rewrite(doc) == ("Intro:\n\n\n$$\ny = x W^\\top\n+ b\n$$\n\n\nper block $a_b = \\max |x|$, "
+    assert rewrite(doc) == ("Intro:\n\n\n$$\ny = x W^\\top\n+ b\n$$\n\n\n"
+                            "per block $a_b = \\max |x|$, "
                             "see `quantize` and `NF4Weight`.")

@@ -40,7 +40,8 @@ def _call(layer, bind: dict, x: torch.Tensor, out_shape: tuple) -> torch.Tensor:
     except Exception as e:
         raise Malformed("layer(x) " + describe_error(e)) from None
     if not isinstance(y, torch.Tensor):
-        raise Malformed(f"layer(x) returned {type(y).__name__}; expected a tensor [..., out_features]")
+        raise Malformed(f"layer(x) returned {type(y).__name__}; "
+                        "expected a tensor [..., out_features]")
     if tuple(y.shape) != out_shape:
         raise Malformed(f"layer(x) returned shape {tuple(y.shape)}; expected {out_shape} = "
                         "[..., out_features] for x [..., in_features]")
@@ -112,7 +113,7 @@ def _gradients(y, x, leaves, grad_y, result) -> None:
               if y.requires_grad else [None] * len(inputs))
     except Exception as e:
         gs = [Malformed("backward " + describe_error(e))] * len(inputs)
-    for name, g in zip(inputs, gs):
+    for name, g in zip(inputs, gs, strict=True):
         if g is None:
             g = Malformed(f"no gradient reached {name}: " + (
                 "y must depend on x through autograd" if name == "x" else
@@ -132,5 +133,6 @@ def _merged(layer, shape: tuple):
         return Malformed("merged_weight() " + describe_error(e))
     if not isinstance(w, torch.Tensor) or tuple(w.shape) != shape or w.dtype != torch.float64:
         got = (f"{tuple(w.shape)} {w.dtype}" if isinstance(w, torch.Tensor) else type(w).__name__)
-        return Malformed(f"merged_weight() returned {got}; expected a float64 tensor {shape} = [out, in]")
+        return Malformed(f"merged_weight() returned {got}; "
+                         f"expected a float64 tensor {shape} = [out, in]")
     return w.detach()

@@ -33,8 +33,9 @@ def check_signature(fn, name: str, convention: str, *args, **kwargs) -> None:
         sig.bind(*args, **kwargs)
     except TypeError as e:
         empty = inspect.Parameter.empty
-        bare = sig.replace(parameters=[p.replace(annotation=empty) for p in sig.parameters.values()],
-                           return_annotation=empty)
+        bare = sig.replace(
+            parameters=[p.replace(annotation=empty) for p in sig.parameters.values()],
+            return_annotation=empty)
         raise TypeError(f"{name} has the signature {bare}, expected {convention} ({e})") from None
 
 
@@ -52,14 +53,16 @@ def as_tensor(value, name: str, dtype: torch.dtype, numel: int, why: str = "",
         raise Malformed(hints.get(None, f"{name} is missing"))
     if isinstance(value, np.ndarray):
         value = torch.from_numpy(value)
-    elif isinstance(value, (int, float)) and not isinstance(value, bool) and dtype.is_floating_point:
+    elif (isinstance(value, (int, float)) and not isinstance(value, bool)
+          and dtype.is_floating_point):
         value = torch.tensor(value, dtype=dtype)
     if not isinstance(value, torch.Tensor):
         raise Malformed(f"{name} is a {type(value).__name__}, expected a {dtype} tensor")
     value = value.detach().cpu()
     if value.dtype != dtype:
         hint = hints.get(value.dtype)
-        raise Malformed(f"{name} has dtype {value.dtype}, expected {dtype}" + (f": {hint}" if hint else ""))
+        raise Malformed(f"{name} has dtype {value.dtype}, expected {dtype}"
+                        + (f": {hint}" if hint else ""))
     if value.numel() != numel:
         hint = hints.get(value.numel())
         raise Malformed(f"{name} has {value.numel()} elements, expected {numel}"

@@ -39,7 +39,7 @@ def golden_cases(dora: bool) -> list[Case]:
     """PEFT's float64 cases (``lora``, ``lora_rslora`` or ``dora``, ``dora_rslora``)."""
     g, out = golden.adapters_peft(), []
     for key in [k for k in golden.peft_cases() if k.startswith("dora" if dora else "lora")]:
-        t = lambda n: torch.from_numpy(np.asarray(g[f"{key}.{n}"])).clone()
+        t = lambda n, key=key: torch.from_numpy(np.asarray(g[f"{key}.{n}"])).clone()
         want = {q: t(q) for q in ("y", "grad_x", "grad_A", "grad_B")}
         want["merged"] = t("merged_weight")
         if dora:

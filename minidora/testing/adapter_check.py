@@ -55,7 +55,8 @@ def _compare(case: Case, q: str, got, want: torch.Tensor, dora: bool) -> tuple:
     i = int((~ok).reshape(-1).nonzero()[0])
     where = ", ".join(str(int(j)) for j in np.unravel_index(i, tuple(want.shape)))
     e, g = want.reshape(-1)[i].item(), got.reshape(-1)[i].item()
-    note = f"{int((~ok).sum())} of {ok.numel()} values off; first at [{where}]: expected {e:.10g}, got {g:.10g}"
+    note = (f"{int((~ok).sum())} of {ok.numel()} values off; first at [{where}]: "
+            f"expected {e:.10g}, got {g:.10g}")
     return False, worst, note + "; " + _diagnose(case, q, got, want, dora)
 
 
@@ -66,8 +67,8 @@ def _diagnose(case: Case, q: str, got: torch.Tensor, want: torch.Tensor, dora: b
             return "looks like {}: {}".format(*M.MISTAKES[key])
     if not torch.isfinite(got).all():
         if case.zero_row:
-            return ("non-finite values where a row of W0 + s B A is zero (c = 0): clamp c at a small "
-                    "eps, as torch.nn.functional.normalize does")
+            return ("non-finite values where a row of W0 + s B A is zero (c = 0): clamp c at a "
+                    "small eps, as torch.nn.functional.normalize does")
         return "non-finite values"
     return "no known mistake matches; compare step by step with minidora's reference"
 
@@ -88,8 +89,8 @@ def _dropout_row(factory, dora: bool, seed: int):
     if ok0 and ok5:
         return True, max(worst0, worst5), "B = 0, dropout 0.5, training mode: output = base output"
     if ok0:
-        return False, worst5, "with dropout 0.5 the output differs from x W0^T + b; looks like {}: {}".format(
-            *M.MISTAKES["dropout_base"])
+        return False, worst5, ("with dropout 0.5 the output differs from x W0^T + b; "
+                               "looks like {}: {}".format(*M.MISTAKES["dropout_base"]))
     return False, worst0, "with B = 0 and no dropout the output already differs from x W0^T + b"
 
 

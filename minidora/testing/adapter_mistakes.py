@@ -36,7 +36,8 @@ MISTAKES = {  # the rows name these; "detached_grad" and "dropout_base" are test
                    "with detach_norm=True (PEFT's and the paper's default, sec. 4.3) c is a "
                    "constant in backward: detach it"),
     "detached_grad": ("detached gradient with detach_norm=False",
-                      "with detach_norm=False the norm c must stay in the graph (the exact gradient)"),
+                      "with detach_norm=False the norm c must stay in the graph "
+                      "(the exact gradient)"),
     "dropout_base": ("dropout on the base path",
                      "dropout acts on the adapter's input only: with B = 0 the layer must equal "
                      "its base x W0^T + b exactly, in training mode too"),
@@ -89,6 +90,6 @@ def expected(case, mistake: str | None = None, detach_norm: bool = True) -> dict
     else:
         y, merged = _dora(x, case.W0, bias, A, B, leaves["m"], s, detach, mistake)
     grads = torch.autograd.grad(y, list(leaves.values()), case.grad_y)
-    out = {f"grad_{n}": g for n, g in zip(names, grads)}
+    out = {f"grad_{n}": g for n, g in zip(names, grads, strict=True)}
     out.update(y=y.detach(), merged=merged.detach())
     return out

@@ -104,7 +104,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m minidora.testing.cli MODULE:FUNCTION --kind ...`` (same as ``minidora verify``)."""
+    """``python -m minidora.testing.cli MODULE:FUNCTION --kind ...``.
+
+    The same as ``minidora verify``.
+    """
     parser = argparse.ArgumentParser(prog="minidora")
     add_parser(parser.add_subparsers(dest="command", required=True))
     return run(parser.parse_args(["verify", *(sys.argv[1:] if argv is None else argv)]))

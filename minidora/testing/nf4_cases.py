@@ -31,7 +31,7 @@ def golden_cases() -> list[Case]:
     """The bitsandbytes 0.50.2 cases of ``nf4_bitsandbytes.npz``, with their expected fields."""
     g, out = golden.nf4_bitsandbytes(), []
     for name in golden.nf4_cases():
-        t = lambda k: torch.from_numpy(np.asarray(g[f"{name}.{k}"]))
+        t = lambda k, name=name: torch.from_numpy(np.asarray(g[f"{name}.{k}"]))
         weight = t("input").to(getattr(torch, str(g[f"{name}.dtype"])))
         plain = {"packed": t("packed").view(-1), "absmax": t("absmax")}
         dq = {"packed": plain["packed"], "absmax": t("dq.absmax_codes"),

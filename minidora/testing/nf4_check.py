@@ -43,7 +43,8 @@ def _fields_of(result) -> dict:
     if isinstance(result, dict) and "packed" in result and "absmax" in result:
         return {k: result.get(k) for k in ("packed", "absmax", "nested_absmax", "offset")}
     if hasattr(result, "packed") and hasattr(result, "absmax"):
-        return {k: getattr(result, k, None) for k in ("packed", "absmax", "nested_absmax", "offset")}
+        return {k: getattr(result, k, None)
+                for k in ("packed", "absmax", "nested_absmax", "offset")}
     raise TypeError(f"quantize_fn returned {type(result).__name__}; expected {CONVENTION}")
 
 
@@ -86,8 +87,9 @@ class _Context:
         if field == "absmax" and w.dim() == 2 and w.shape[1] % bs:
             hints[w.shape[0] * -(-w.shape[1] // bs)] = "; ".join(M.MISTAKES["per_row"])
         if field == "absmax" and self.dq:
-            hints[torch.float32] = ("with double_quant=True absmax holds the uint8 codes of the scales "
-                                    "(check plain NF4 only with check_nf4(..., double_quant=False))")
+            hints[torch.float32] = ("with double_quant=True absmax holds the uint8 codes of the "
+                                    "scales (check plain NF4 only with "
+                                    "check_nf4(..., double_quant=False))")
         if field in ("nested_absmax", "offset"):
             hints[None] = f"{field} is missing: double quantization must return it"
         return hints
@@ -97,7 +99,8 @@ class _Context:
         want = self.expected[field].reshape(-1)
         for key in M.QUANTIZE_MISTAKES:
             if key not in self._variants:
-                self._variants[key] = M.quantize(self.case.weight, self.case.blocksize, self.dq, key)
+                self._variants[key] = M.quantize(self.case.weight, self.case.blocksize,
+                                                 self.dq, key)
             v = self._variants[key].get(field)
             if v is None or v.numel() != got.numel() or torch.equal(v.reshape(-1), want):
                 continue
@@ -156,7 +159,8 @@ def _check_dequantize(ctx: _Context, dequantize_fn, result) -> tuple[bool, float
         return False, None, "dequantize_fn " + describe_error(e)
     if not isinstance(out, torch.Tensor) or not out.is_floating_point():
         what = out.dtype if isinstance(out, torch.Tensor) else type(out).__name__
-        return False, None, f"dequantize_fn returned {what}; expected a float tensor of the weight's shape"
+        return False, None, (f"dequantize_fn returned {what}; "
+                             "expected a float tensor of the weight's shape")
     if tuple(out.shape) != tuple(case.weight.shape):
         return False, None, (f"dequantize_fn returned shape {tuple(out.shape)}; expected the "
                              f"weight's shape {tuple(case.weight.shape)}")
@@ -169,7 +173,8 @@ def _check_dequantize(ctx: _Context, dequantize_fn, result) -> tuple[bool, float
         return True, 0.0, ""
     worst = float((out.double() - want.double()).abs().nan_to_num(math.inf).max())
     i = int(differ.nonzero()[0])
-    note = (f"{int(differ.sum())} of {differ.numel()} values differ; first at {_location(case, i)}: "
+    note = (f"{int(differ.sum())} of {differ.numel()} values differ; "
+            f"first at {_location(case, i)}: "
             f"expected {want.view(-1)[i].item()!r}, got {out.view(-1)[i].item()!r}")
     for key in M.DEQUANTIZE_MISTAKES:
         v = M.dequantize(fields, tuple(case.weight.shape), case.blocksize, out.dtype, key)

@@ -21,21 +21,23 @@ __all__ = ["MISTAKES", "QUANTIZE_MISTAKES", "DEQUANTIZE_MISTAKES", "quantize", "
 # key: (short name, what the format wants instead)
 MISTAKES = {
     "nibbles": ("nibble order swapped",
-                "the first element of each pair goes in the HIGH nibble: byte = (q[2i] << 4) | q[2i+1]"),
+                "the first element of each pair goes in the HIGH nibble: "
+                "byte = (q[2i] << 4) | q[2i+1]"),
     "ties_up": ("ties rounded to the upper code",
-                "a value exactly on a midpoint takes the LOWER code (torch.bucketize(scaled, midpoints, right=False))"),
+                "a value exactly on a midpoint takes the LOWER code "
+                "(torch.bucketize(scaled, midpoints, right=False))"),
     "divide": ("division instead of the reciprocal",
-               "bitsandbytes multiplies by the float32 reciprocal, scaled = x * (1 / absmax); x / absmax "
-               "rounds differently next to a midpoint"),
+               "bitsandbytes multiplies by the float32 reciprocal, scaled = x * (1 / absmax); "
+               "x / absmax rounds differently next to a midpoint"),
     "input_dtype": ("scaled in the input dtype",
                     "upcast bfloat16/float16 weights to float32 before scaling"),
     "codebook4": ("codebook rounded to 4 decimals",
-                  "use the float32 values derived from normal quantiles (minidora.nf4.NF4_CODEBOOK); "
-                  "torchao's rounded table is not bit-compatible"),
+                  "use the float32 values derived from normal quantiles "
+                  "(minidora.nf4.NF4_CODEBOOK); torchao's rounded table is not bit-compatible"),
     "offset_codebook": ("codebook from the unrounded offset",
                         "bitsandbytes derives the 16 values with offset = 0.9677083; the exact "
-                        "((1 - 1/30) + (1 - 1/32)) / 2 = 0.96770833... changes 12 of them in the last "
-                        "bits (minidora.nf4.NF4_CODEBOOK is the table)"),
+                        "((1 - 1/30) + (1 - 1/32)) / 2 = 0.96770833... changes 12 of them in the "
+                        "last bits (minidora.nf4.NF4_CODEBOOK is the table)"),
     "pad0": ("odd element count padded with code 0",
              "pad the last byte with code 7 (the value 0.0)"),
     "per_row": ("blocks restart at every row",
@@ -45,20 +47,21 @@ MISTAKES = {
                   "double quantization codes absmax - mean(absmax), in blocks of 256 scales"),
     "exact_dynamic": ("exact nearest 8-bit code instead of bitsandbytes' lookup grid",
                       "bitsandbytes maps v = (absmax - offset) / nested_absmax to grid point "
-                      "i = trunc(((v + 1) / 2) * 65535 + 0.5) and takes the dynamic-map entry nearest "
-                      "to -1 + 2i / 65535; a few codes per thousand differ from the exact nearest entry"),
+                      "i = trunc(((v + 1) / 2) * 65535 + 0.5) and takes the dynamic-map entry "
+                      "nearest to -1 + 2i / 65535; a few codes per thousand differ from the exact "
+                      "nearest entry"),
     "offset_f64": ("offset averaged in float64", "offset = absmax.mean() in float32"),
     "row_scales": ("scales indexed per row",
                    "element (i, j) uses absmax[(i * in_features + j) // blocksize]; "
-                   "i * (in_features // blocksize) + j // blocksize (bitsandbytes' AVX-512 CPU kernel) "
-                   "is wrong when in_features is not a multiple of blocksize"),
+                   "i * (in_features // blocksize) + j // blocksize (bitsandbytes' AVX-512 CPU "
+                   "kernel) is wrong when in_features is not a multiple of blocksize"),
     "no_offset_back": ("offset not added back",
                        "scale = float32(dynamic_map[code] * nested_absmax) + offset"),
     "low_precision": ("product in the output dtype",
                       "multiply the float32 code value by the float32 scale, then cast once"),
 }
-QUANTIZE_MISTAKES = ("nibbles", "ties_up", "divide", "input_dtype", "codebook4", "offset_codebook", "pad0", "per_row",
-                     "signed_max", "no_offset", "exact_dynamic", "offset_f64")
+QUANTIZE_MISTAKES = ("nibbles", "ties_up", "divide", "input_dtype", "codebook4", "offset_codebook",
+                     "pad0", "per_row", "signed_max", "no_offset", "exact_dynamic", "offset_f64")
 DEQUANTIZE_MISTAKES = ("nibbles", "row_scales", "no_offset_back", "low_precision", "codebook4",
                        "offset_codebook")
 _GRID = 65535   # steps of bitsandbytes' lookup grid for the 8-bit scale codes
