@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
 import sys
 from pathlib import Path
@@ -266,9 +265,8 @@ def bench(quick: bool) -> list[dict]:
             t_q, g1 = time_us(calls)
             t_simt = None
             if m <= 16:  # version 1 of the fused kernel, on CUDA cores, for comparison
-                os.environ["MINIDORA_CUDA_LINEAR"] = "simt"
-                t_simt, _ = time_us(calls)
-                os.environ.pop("MINIDORA_CUDA_LINEAR")
+                with ops.use(cuda_kernel="simt"):
+                    t_simt, _ = time_us(calls)
             t_d, g2 = time_us([lambda wd=wd: F.linear(x, wd) for wd in ws])
             io = (m * k_in + m * n_out) * 2                                    # x read, y written
             b_q, b_d = q_bytes + io, n_out * k_in * 2 + io
@@ -335,12 +333,11 @@ def main() -> int:
     n_deq = validate_dequantize(gen, failures)
     n_exact = n_lin = 0
     for kernel in ("mma", "simt"):  # bf16 / fp16 small-M linear: tensor-core and CUDA-core kernels
-        os.environ["MINIDORA_CUDA_LINEAR"] = kernel
         found: list[str] = []
-        n_exact += validate_exact(gen, found)
-        n_lin += validate_linear(gen, found)
+        with ops.use(cuda_kernel=kernel):
+            n_exact += validate_exact(gen, found)
+            n_lin += validate_linear(gen, found)
         failures += [f"[{kernel}] {f}" for f in found]
-    os.environ.pop("MINIDORA_CUDA_LINEAR")
     print(f"validation: {n_deq} dequantize cases (bit-exact), {n_exact} one-hot linear / "
           f"grad_input cases (exact), {n_lin} random linear / grad_input cases (error bound): "
           f"{len(failures)} failure(s)")

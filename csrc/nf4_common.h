@@ -1,6 +1,6 @@
 // Shared pieces of the NF4 kernels: the codebook and the argument checks.
 //
-// The format is described in shared/spec/nf4.md and implemented in plain PyTorch in
+// The format is described in docs/format.md and implemented in plain PyTorch in
 // minidora/nf4.py, which is the specification these kernels must equal. Every backend
 // (csrc/*.cpp for the CPU, csrc/cuda/*.cu for CUDA) validates its arguments with the checks
 // below, so that a bad argument gets the same message everywhere. They run once per call, before
@@ -17,11 +17,18 @@
 namespace minidora {
 
 // The 16 NF4 values (QLoRA, arXiv 2305.14314, sec. 3), float32, index = 4-bit code.
+// clang-format off
 constexpr float kNF4Codebook[16] = {
     -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,
     -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f,
     0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f, 0.33791524171829224f,
     0.44070982933044434f, 0.5626170039176941f, 0.7229568362236023f, 1.0f};
+// clang-format on
+
+// The CUDA linear kernel for bfloat16/float16 activations, chosen with minidora.ops.use(
+// cuda_kernel=...): one setting for the process (CUDA's backward runs on autograd's own thread).
+enum class CudaKernel : int { kAuto = 0, kMma = 1, kSimt = 2 };
+CudaKernel cuda_kernel();  // defined in csrc/ops.cpp
 
 constexpr int64_t kNestedBlocksize = 256;  // scales per double-quantization block
 constexpr int64_t kDynamicCodeSize = 256;  // entries of the 8-bit dynamic map
@@ -114,8 +121,8 @@ inline int64_t check_nf4_weight(const char* op, const at::Tensor& packed, const 
                   nested_code->numel() == kDynamicCodeSize,
               op, ": nested_code must be the float32 [256] dynamic map, got ",
               nested_code->scalar_type(), " of shape ", nested_code->sizes());
-  TORCH_CHECK(offset->scalar_type() == at::kFloat && offset->dim() <= 1 && offset->numel() == 1,
-              op, ": offset must be a float32 tensor of one element (0-dim or [1]), got ",
+  TORCH_CHECK(offset->scalar_type() == at::kFloat && offset->dim() <= 1 && offset->numel() == 1, op,
+              ": offset must be a float32 tensor of one element (0-dim or [1]), got ",
               offset->scalar_type(), " of shape ", offset->sizes());
   return n_blocks;
 }
@@ -127,9 +134,8 @@ inline int64_t check_activation(const char* op, const char* name, const at::Tens
                                 int64_t result_features, const char* result_name) {
   TORCH_CHECK(is_float_activation(t.scalar_type()), op, ": ", name,
               " must be float32, bfloat16, float16 or float64, got ", t.scalar_type());
-  TORCH_CHECK(t.dim() >= 1 && t.size(-1) == features, op, ": ", name,
-              " must have last dimension ", features_name, " = ", features, ", got shape ",
-              t.sizes());
+  TORCH_CHECK(t.dim() >= 1 && t.size(-1) == features, op, ": ", name, " must have last dimension ",
+              features_name, " = ", features, ", got shape ", t.sizes());
   const int64_t rows = t.numel() / features;
   checked_mul(op, (std::string(name) + "'s rows * " + result_name).c_str(), rows,
               result_features);  // elements of the result

@@ -21,8 +21,6 @@
 //     decoding costs little next to the matmul and no full dense copy of W is allocated.
 // In both, W is first rounded to the activation dtype (as the reference does) and products are
 // accumulated in float32 (float64 for float64 activations).
-#include "nf4_common.h"
-
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
 #include <c10/util/BFloat16.h>
@@ -34,6 +32,8 @@
 #include <string>
 #include <type_traits>
 #include <vector>
+
+#include "nf4_common.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
@@ -48,7 +48,7 @@
 namespace minidora {
 namespace {
 
-constexpr int64_t kMaxFusedRows = 16;         // M up to this: fused decode-in-the-dot-product
+constexpr int64_t kMaxFusedRows = 16;  // M up to this: fused decode-in-the-dot-product
 // Dense tile of W in the many-rows regime, decoded and multiplied by one thread: a few times the
 // 1 MiB L2, so that BLAS runs on wide enough matrices, while the tiles of all threads stay in the
 // 32 MiB L3 (see linear_tiled).
@@ -108,7 +108,7 @@ struct NF4View {
   const float* nested = nullptr;    // [ceil(n_blocks/256)]
   const float* dyn = nullptr;       // [256] dynamic map
   float offset = 0.f;
-  int shift = 6;                    // log2(blocksize)
+  int shift = 6;  // log2(blocksize)
 
   float scale(int64_t block) const {
     if (absmax != nullptr) return absmax[block];
@@ -151,8 +151,7 @@ NF4Operand make_operand(const at::Tensor& packed, const at::Tensor& absmax,
 }
 
 // The value an activation dtype T holds for v (round to nearest even), back in float32.
-template <typename T>
-inline float round_through(float v) {
+template <typename T> inline float round_through(float v) {
   return static_cast<float>(static_cast<T>(v));
 }
 
@@ -167,23 +166,21 @@ constexpr int round_mode() {  // 0: float32, 1: bfloat16, 2: float16 (see rounde
 // i = 4l + p of the first vector holds element 8p + l, of the second element 8p + 4 + l; the
 // activations are stored in the same order once per call, so the inner loop needs two table
 // lookups per 32 weights and no other shuffle.
-constexpr int kFusedOrder[32] = {0, 8, 16, 24, 1, 9, 17, 25, 2, 10, 18, 26, 3, 11, 19, 27,
+constexpr int kFusedOrder[32] = {0, 8,  16, 24, 1, 9,  17, 25, 2, 10, 18, 26, 3, 11, 19, 27,
                                  4, 12, 20, 28, 5, 13, 21, 29, 6, 14, 22, 30, 7, 15, 23, 31};
 
 // ---- scalar kernels: the readable specification and the portable fallback --------------------
 
 // out[i] = T(value(e0 + i)) for i < n.
-template <typename T>
-void decode_span_scalar(const NF4View& w, int64_t e0, int64_t n, T* out) {
+template <typename T> void decode_span_scalar(const NF4View& w, int64_t e0, int64_t n, T* out) {
   for (int64_t i = 0; i < n; ++i) out[i] = static_cast<T>(w.value(e0 + i));
 }
 
 // y[m, o] = sum_k x[m, k] * T(W[o, k]), float32 accumulation. xf: [M, K] float32, y: [M, N].
-template <typename T>
-void fused_forward_scalar(const NF4View& w, const float* xf, int64_t M, int64_t N, int64_t K,
-                          float* y) {
+template <typename T> void fused_forward_scalar(const NF4View& w, const float* xf, int64_t M,
+                                                int64_t N, int64_t K, float* y) {
   at::parallel_for(0, N, 8, [&](int64_t n0, int64_t n1) {
-    std::vector<float> row(K);                                       // one row of W, decoded
+    std::vector<float> row(K);  // one row of W, decoded
     for (int64_t o = n0; o < n1; ++o) {
       for (int64_t k = 0; k < K; ++k) row[k] = round_through<T>(w.value(o * K + k));
       for (int64_t m = 0; m < M; ++m) {
@@ -197,11 +194,10 @@ void fused_forward_scalar(const NF4View& w, const float* xf, int64_t M, int64_t 
 }
 
 // gx[m, k] = sum_o gy[m, o] * T(W[o, k]), float32 accumulation. gy: [M, N], gx: [M, K] zeroed.
-template <typename T>
-void fused_grad_scalar(const NF4View& w, const float* gy, int64_t M, int64_t N, int64_t K,
-                       float* gx) {
+template <typename T> void fused_grad_scalar(const NF4View& w, const float* gy, int64_t M,
+                                             int64_t N, int64_t K, float* gx) {
   at::parallel_for(0, K, 256, [&](int64_t k0, int64_t k1) {
-    std::vector<float> row(k1 - k0);                                 // W[o, k0:k1], decoded
+    std::vector<float> row(k1 - k0);  // W[o, k0:k1], decoded
     for (int64_t o = 0; o < N; ++o) {
       for (int64_t k = k0; k < k1; ++k) row[k - k0] = round_through<T>(w.value(o * K + k));
       for (int64_t m = 0; m < M; ++m) {
@@ -238,8 +234,7 @@ MD_AVX512 inline __m512 bf16_round(__m512 v) {
 }
 
 // The scaled table rounded to the activation dtype (mode 0/1/2 = float32/bfloat16/float16).
-template <int MODE>
-MD_AVX512 inline __m512 rounded_table(float scale) {
+template <int MODE> MD_AVX512 inline __m512 rounded_table(float scale) {
   const __m512 t = scaled_codebook(scale);
   if constexpr (MODE == 1) return bf16_round(t);
   if constexpr (MODE == 2)
@@ -257,10 +252,11 @@ MD_AVX512 inline void chunk_indices(const uint8_t* p, __m512i& lo, __m512i& hi) 
 }
 
 MD_AVX512 __attribute__((always_inline)) inline void fused_lookup(const uint8_t* p, __m512 table,
-                                                                 __m512& first, __m512& second) {
+                                                                  __m512& first, __m512& second) {
   // element 8p + l sits in byte 4p + l/2 of the chunk: bits 8*(l/2) of dword p, +4 if l is even
   const __m512i shifts = _mm512_set_epi32(8, 8, 8, 8, 12, 12, 12, 12, 0, 0, 0, 0, 4, 4, 4, 4);
-  const __m512i bytes = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  const __m512i bytes =
+      _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   const __m512i idx = _mm512_srlv_epi32(bytes, shifts);
   first = _mm512_permutexvar_ps(idx, table);
   second = _mm512_permutexvar_ps(_mm512_srli_epi32(idx, 16), table);  // elements 8p + 4 + l
@@ -283,7 +279,8 @@ struct WordIndexPattern {
 constexpr WordIndexPattern kWordIndexPattern;
 
 MD_AVX512 __attribute__((always_inline)) inline __m512i word_indices(const uint8_t* p) {
-  const __m512i bytes = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  const __m512i bytes =
+      _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   const __m512i words = _mm512_shuffle_epi8(bytes, _mm512_load_si512(kWordIndexPattern.bytes));
   return _mm512_srlv_epi16(words, _mm512_set1_epi32(4));  // even words >> 4, odd words >> 0
 }
@@ -310,8 +307,7 @@ MD_AVX512 inline void decode_chunk(const uint8_t* p, __m512 table, __m512i table
   }
 }
 
-template <typename T>
-MD_AVX512 inline __m512i table16_of(__m512 table) {
+template <typename T> MD_AVX512 inline __m512i table16_of(__m512 table) {
   __m256i h;
   if constexpr (std::is_same<T, c10::BFloat16>::value) {
     h = _mm512_cvtepi32_epi16(bf16_bits(table));
@@ -400,9 +396,11 @@ MD_AVX512 void block_scales(const NF4View& w, int64_t b0, int64_t n, float* out)
 
 // One 32-element chunk at column k of NR rows: two lookups per row, then the FMAs.
 template <int MR, int NR, int NA>
-MD_AVX512 __attribute__((always_inline)) inline void forward_chunk(
-    const uint8_t* const* rows, const __m512* table, const float* xs, int64_t K, int64_t k,
-    __m512 (&acc)[MR][NR][NA]) {
+MD_AVX512 __attribute__((always_inline)) inline void forward_chunk(const uint8_t* const* rows,
+                                                                   const __m512* table,
+                                                                   const float* xs, int64_t K,
+                                                                   int64_t k,
+                                                                   __m512 (&acc)[MR][NR][NA]) {
   __m512 first[NR], second[NR];
   if ((k & 127) == 0) prefetch_next_group<NR>(rows[0], K, k);
   for (int r = 0; r < NR; ++r) fused_lookup(rows[r] + (k >> 1), table[r], first[r], second[r]);
@@ -419,8 +417,8 @@ MD_AVX512 __attribute__((always_inline)) inline void forward_chunk(
 // Fused forward for MR activation rows and NR weight rows. K % 32 == 0; xs holds x in float32
 // with every 32-chunk stored in kFusedOrder, the order fused_lookup produces.
 template <int MR, int NR, int MODE>
-MD_AVX512 void fused_forward_block(const NF4View& w, const float* xs, int64_t K,
-                                   int64_t o0, float* y, int64_t N) {
+MD_AVX512 void fused_forward_block(const NF4View& w, const float* xs, int64_t K, int64_t o0,
+                                   float* y, int64_t N) {
   constexpr int NA = MR == 1 ? 2 : 1;  // more independent FMA chains when there is one row
   __m512 acc[MR][NR][NA];
   __m512 table[NR];
@@ -469,24 +467,32 @@ MD_AVX512 void fused_forward_block(const NF4View& w, const float* xs, int64_t K,
     }
 }
 
-template <int NR, int MODE>
-MD_AVX512 void fused_forward_rows_mr(const NF4View& w, const float* xs, int64_t M,
-                                     int64_t K, int64_t o0, float* y, int64_t N) {
+template <int NR, int MODE> MD_AVX512 void fused_forward_rows_mr(const NF4View& w, const float* xs,
+                                                                 int64_t M, int64_t K, int64_t o0,
+                                                                 float* y, int64_t N) {
   for (int64_t m0 = 0; m0 < M; m0 += 4) {
     const float* xm = xs + m0 * K;
     float* ym = y + m0 * N;
     switch (std::min<int64_t>(4, M - m0)) {
-      case 1: fused_forward_block<1, NR, MODE>(w, xm, K, o0, ym, N); break;
-      case 2: fused_forward_block<2, NR, MODE>(w, xm, K, o0, ym, N); break;
-      case 3: fused_forward_block<3, NR, MODE>(w, xm, K, o0, ym, N); break;
-      default: fused_forward_block<4, NR, MODE>(w, xm, K, o0, ym, N); break;
+      case 1:
+        fused_forward_block<1, NR, MODE>(w, xm, K, o0, ym, N);
+        break;
+      case 2:
+        fused_forward_block<2, NR, MODE>(w, xm, K, o0, ym, N);
+        break;
+      case 3:
+        fused_forward_block<3, NR, MODE>(w, xm, K, o0, ym, N);
+        break;
+      default:
+        fused_forward_block<4, NR, MODE>(w, xm, K, o0, ym, N);
+        break;
     }
   }
 }
 
-template <int MODE>
-MD_AVX512 void fused_forward_avx512_rows(const NF4View& w, const float* xs, int64_t M,
-                                         int64_t N, int64_t K, int64_t n0, int64_t n1, float* y) {
+template <int MODE> MD_AVX512 void fused_forward_avx512_rows(const NF4View& w, const float* xs,
+                                                             int64_t M, int64_t N, int64_t K,
+                                                             int64_t n0, int64_t n1, float* y) {
   int64_t o = n0;
   for (; o + 4 <= n1; o += 4) fused_forward_rows_mr<4, MODE>(w, xs, M, K, o, y, N);
   for (; o < n1; ++o) fused_forward_rows_mr<1, MODE>(w, xs, M, K, o, y, N);
@@ -495,8 +501,8 @@ MD_AVX512 void fused_forward_avx512_rows(const NF4View& w, const float* xs, int6
 // Fused input gradient for MR gradient rows and G 32-column chunks, summed over all N rows of
 // W with the accumulators in registers. Chunk c of gx is accumulated in kFusedOrder.
 template <int MR, int G, int MODE>
-MD_AVX512 void fused_grad_block(const NF4View& w, const float* gy, int64_t N, int64_t K,
-                                int64_t k0, float* gx) {
+MD_AVX512 void fused_grad_block(const NF4View& w, const float* gy, int64_t N, int64_t K, int64_t k0,
+                                float* gx) {
   __m512 acc[MR][G][2];
   for (int m = 0; m < MR; ++m)
     for (int c = 0; c < G; ++c) acc[m][c][0] = acc[m][c][1] = _mm512_setzero_ps();
@@ -533,25 +539,33 @@ MD_AVX512 void fused_grad_block(const NF4View& w, const float* gy, int64_t N, in
     }
 }
 
-template <int G, int MODE>
-MD_AVX512 void fused_grad_cols(const NF4View& w, const float* gy, int64_t M, int64_t N,
-                               int64_t K, int64_t k0, float* gx) {
+template <int G, int MODE> MD_AVX512 void fused_grad_cols(const NF4View& w, const float* gy,
+                                                          int64_t M, int64_t N, int64_t K,
+                                                          int64_t k0, float* gx) {
   for (int64_t m0 = 0; m0 < M; m0 += 4) {
     const float* gm = gy + m0 * N;
     float* out = gx + m0 * K;
     switch (std::min<int64_t>(4, M - m0)) {
-      case 1: fused_grad_block<1, G, MODE>(w, gm, N, K, k0, out); break;
-      case 2: fused_grad_block<2, G, MODE>(w, gm, N, K, k0, out); break;
-      case 3: fused_grad_block<3, G, MODE>(w, gm, N, K, k0, out); break;
-      default: fused_grad_block<4, G, MODE>(w, gm, N, K, k0, out); break;
+      case 1:
+        fused_grad_block<1, G, MODE>(w, gm, N, K, k0, out);
+        break;
+      case 2:
+        fused_grad_block<2, G, MODE>(w, gm, N, K, k0, out);
+        break;
+      case 3:
+        fused_grad_block<3, G, MODE>(w, gm, N, K, k0, out);
+        break;
+      default:
+        fused_grad_block<4, G, MODE>(w, gm, N, K, k0, out);
+        break;
     }
   }
 }
 
 // Chunks [c0, c1) of 32 columns each (K % 32 == 0).
-template <int MODE>
-MD_AVX512 void fused_grad_avx512_chunks(const NF4View& w, const float* gy, int64_t M,
-                                        int64_t N, int64_t K, int64_t c0, int64_t c1, float* gx) {
+template <int MODE> MD_AVX512 void fused_grad_avx512_chunks(const NF4View& w, const float* gy,
+                                                            int64_t M, int64_t N, int64_t K,
+                                                            int64_t c0, int64_t c1, float* gx) {
   constexpr int G = 4;
   int64_t c = c0;
   for (; c + G <= c1; c += G) fused_grad_cols<G, MODE>(w, gy, M, N, K, 32 * c, gx);
@@ -565,8 +579,8 @@ MD_AVX512 void fused_grad_avx512_chunks(const NF4View& w, const float* gy, int64
 // The block's 16 values rounded to bfloat16 (nearest even; vcvtneps2bf16 flushes float32
 // subnormals, i.e. scales below ~1e-38, to zero), in words 0-15 and again in words 16-31.
 MD_AVX512BF16 inline __m512i bf16_table16(float scale) {
-  const __m256bh h = _mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(kNF4Codebook),
-                                                      _mm512_set1_ps(scale)));
+  const __m256bh h =
+      _mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(kNF4Codebook), _mm512_set1_ps(scale)));
   const __m256i t = reinterpret_cast<const __m256i&>(h);
   return _mm512_inserti64x4(_mm512_castsi256_si512(t), t, 1);  // twice, as word_indices needs
 }
@@ -614,17 +628,25 @@ MD_AVX512BF16 void fused_forward_bf16_block(const NF4View& w, const uint16_t* x,
     for (int r = 0; r < NR; ++r) y[m * N + o0 + r] = _mm512_reduce_add_ps(acc[m][r]);
 }
 
-template <int NR>
-MD_AVX512BF16 void fused_forward_bf16_rows_mr(const NF4View& w, const uint16_t* x, int64_t M,
-                                              int64_t K, int64_t o0, float* y, int64_t N) {
+template <int NR> MD_AVX512BF16 void fused_forward_bf16_rows_mr(const NF4View& w, const uint16_t* x,
+                                                                int64_t M, int64_t K, int64_t o0,
+                                                                float* y, int64_t N) {
   for (int64_t m0 = 0; m0 < M; m0 += 4) {
     const uint16_t* xm = x + m0 * K;
     float* ym = y + m0 * N;
     switch (std::min<int64_t>(4, M - m0)) {
-      case 1: fused_forward_bf16_block<1, NR>(w, xm, K, o0, ym, N); break;
-      case 2: fused_forward_bf16_block<2, NR>(w, xm, K, o0, ym, N); break;
-      case 3: fused_forward_bf16_block<3, NR>(w, xm, K, o0, ym, N); break;
-      default: fused_forward_bf16_block<4, NR>(w, xm, K, o0, ym, N); break;
+      case 1:
+        fused_forward_bf16_block<1, NR>(w, xm, K, o0, ym, N);
+        break;
+      case 2:
+        fused_forward_bf16_block<2, NR>(w, xm, K, o0, ym, N);
+        break;
+      case 3:
+        fused_forward_bf16_block<3, NR>(w, xm, K, o0, ym, N);
+        break;
+      default:
+        fused_forward_bf16_block<4, NR>(w, xm, K, o0, ym, N);
+        break;
     }
   }
 }
@@ -652,7 +674,7 @@ MD_AVX2 __attribute__((always_inline)) inline __m256i codes8_avx2(const uint8_t*
 
 // A 16-entry lookup with 8-entry permutes: both halves of the table, then a blend on bit 3.
 MD_AVX2 __attribute__((always_inline)) inline __m256 lookup16_avx2(__m256i idx, __m256 lo,
-                                                                  __m256 hi) {
+                                                                   __m256 hi) {
   const __m256 a = _mm256_permutevar8x32_ps(lo, idx);
   const __m256 b = _mm256_permutevar8x32_ps(hi, idx);
   return _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
@@ -667,8 +689,7 @@ MD_AVX2 inline __m256i bf16_bits_avx2(__m256 v) {  // as bf16_bits, 8 lanes
 
 // The block's table, codebook * scale, rounded through the activation dtype (MODE as in
 // rounded_table), as two halves of 8.
-template <int MODE>
-MD_AVX2 inline void table_avx2(float scale, __m256& lo, __m256& hi) {
+template <int MODE> MD_AVX2 inline void table_avx2(float scale, __m256& lo, __m256& hi) {
   const __m256 s = _mm256_set1_ps(scale);
   lo = _mm256_mul_ps(_mm256_loadu_ps(kNF4Codebook), s);
   hi = _mm256_mul_ps(_mm256_loadu_ps(kNF4Codebook + 8), s);
@@ -685,8 +706,7 @@ MD_AVX2 inline void table_avx2(float scale, __m256& lo, __m256& hi) {
   }
 }
 
-template <typename T>
-MD_AVX2 inline void store8_avx2(__m256 v, T* out) {
+template <typename T> MD_AVX2 inline void store8_avx2(__m256 v, T* out) {
   if constexpr (std::is_same<T, float>::value) {
     _mm256_storeu_ps(out, v);
   } else if constexpr (std::is_same<T, double>::value) {
@@ -762,9 +782,9 @@ MD_AVX2 void fused_forward_avx2_block(const NF4View& w, const float* xf, int64_t
     for (int r = 0; r < NR; ++r) y[m * N + o0 + r] = hsum_avx2(acc[m][r]);
 }
 
-template <int MODE>
-MD_AVX2 void fused_forward_avx2_rows(const NF4View& w, const float* xf, int64_t M, int64_t N,
-                                     int64_t K, int64_t n0, int64_t n1, float* y) {
+template <int MODE> MD_AVX2 void fused_forward_avx2_rows(const NF4View& w, const float* xf,
+                                                         int64_t M, int64_t N, int64_t K,
+                                                         int64_t n0, int64_t n1, float* y) {
   for (int64_t m0 = 0; m0 < M; m0 += 2) {
     const float* xm = xf + m0 * K;
     float* ym = y + m0 * N;
@@ -783,8 +803,7 @@ MD_AVX2 void fused_forward_avx2_rows(const NF4View& w, const float* xf, int64_t 
 
 // ---- dispatch between the two kernel sets ------------------------------------------------------
 
-template <typename T>
-void decode_span(Isa isa, const NF4View& w, int64_t e0, int64_t n, T* out) {
+template <typename T> void decode_span(Isa isa, const NF4View& w, int64_t e0, int64_t n, T* out) {
 #if MINIDORA_X86
   if (isa >= Isa::kAvx512) return decode_span_avx512<T>(w, e0, n, out);
   if (isa == Isa::kAvx2) return decode_span_avx2<T>(w, e0, n, out);
@@ -822,9 +841,9 @@ std::vector<float> activations_to_float(const at::Tensor& x2d, bool interleave_c
 }
 
 // Few rows: decode inside the dot products. y: [M, N] in T.
-template <typename T>
-at::Tensor linear_fused(Isa isa, const NF4View& w, const at::Tensor& x2d,
-                        const c10::optional<at::Tensor>& bias, int64_t N, int64_t K) {
+template <typename T> at::Tensor linear_fused(Isa isa, const NF4View& w, const at::Tensor& x2d,
+                                              const c10::optional<at::Tensor>& bias, int64_t N,
+                                              int64_t K) {
   const int64_t M = x2d.size(0);
   std::vector<float> yf(M * N);
   bool done = false;
@@ -890,13 +909,14 @@ int64_t tile_lines(int64_t total, int64_t bytes_per_line, int64_t multiple) {
 // that the previous product had just read was at times 5x slower (1.6 ms instead of 0.3 ms for an
 // 8 MiB tile, 1024x4096 bfloat16): each store first had to take its line back from the other
 // core's cache.
-template <typename T>
-at::Tensor linear_tiled(Isa isa, const NF4View& w, const at::Tensor& x2d,
-                        const c10::optional<at::Tensor>& bias, int64_t N, int64_t K) {
+template <typename T> at::Tensor linear_tiled(Isa isa, const NF4View& w, const at::Tensor& x2d,
+                                              const c10::optional<at::Tensor>& bias, int64_t N,
+                                              int64_t K) {
   const int64_t M = x2d.size(0);
   at::Tensor y = at::empty({M, N}, x2d.options());
   const int64_t rows = tile_lines(N, K * sizeof(T), 16);
-  const at::ThreadLocalState state;  // the caller's dispatch state, for the BLAS calls of every thread
+  const at::ThreadLocalState
+      state;  // the caller's dispatch state, for the BLAS calls of every thread
   at::parallel_for(0, (N + rows - 1) / rows, 1, [&](int64_t t0, int64_t t1) {
     const at::ThreadLocalStateGuard guard(state);
     at::Tensor buffer = workspace(rows * K, x2d.options());
@@ -936,7 +956,8 @@ at::Tensor grad_fused(Isa isa, const NF4View& w, const at::Tensor& gy2d, int64_t
   return out;
 }
 
-// Asks for the packed bytes and the scale codes of elements [e, e + n) to be brought into the cache.
+// Asks for the packed bytes and the scale codes of elements [e, e + n) to be brought into the
+// cache.
 inline void prefetch_span(const NF4View& w, int64_t e, int64_t n) {
   const uint8_t* first = w.packed + (e >> 1);
   const uint8_t* last = w.packed + ((e + n - 1) >> 1);
@@ -1043,8 +1064,8 @@ at::Tensor nf4_linear_cpu(const at::Tensor& x, const at::Tensor& packed, const a
                           const c10::optional<at::Tensor>& bias) {
   const char* op = "nf4_linear";
   const int64_t numel = check_features(op, out_features, in_features);
-  const int64_t rows = check_activation(op, "x", x, in_features, "in_features", out_features,
-                                        "out_features");
+  const int64_t rows =
+      check_activation(op, "x", x, in_features, "in_features", out_features, "out_features");
   check_cpu(op, x, "x");
   check_nf4_weight(op, packed, absmax, nested_absmax, nested_code, offset, blocksize, numel,
                    x.device(), "x");
@@ -1053,7 +1074,7 @@ at::Tensor nf4_linear_cpu(const at::Tensor& x, const at::Tensor& packed, const a
   if (rows == 0) return at::empty(out_shape, x.options());
   const c10::optional<at::Tensor> b =
       bias.has_value() ? c10::optional<at::Tensor>(bias->contiguous()) : c10::nullopt;
-  const at::Tensor x2d = x.reshape({rows, in_features}).contiguous();   // [M, K]
+  const at::Tensor x2d = x.reshape({rows, in_features}).contiguous();  // [M, K]
   const NF4Operand w = make_operand(packed, absmax, nested_absmax, nested_code, offset, blocksize);
   const Isa isa = active_isa();
   const bool fused = x2d.size(0) <= kMaxFusedRows && x.scalar_type() != at::kDouble;
@@ -1062,7 +1083,7 @@ at::Tensor nf4_linear_cpu(const at::Tensor& x, const at::Tensor& packed, const a
     y = fused ? linear_fused<scalar_t>(isa, w.view, x2d, b, out_features, in_features)
               : linear_tiled<scalar_t>(isa, w.view, x2d, b, out_features, in_features);
   });
-  return y.view(out_shape);                                           // [..., N]
+  return y.view(out_shape);  // [..., N]
 }
 
 at::Tensor nf4_linear_grad_input_cpu(const at::Tensor& grad_y, const at::Tensor& packed,
@@ -1080,17 +1101,17 @@ at::Tensor nf4_linear_grad_input_cpu(const at::Tensor& grad_y, const at::Tensor&
                    grad_y.device(), "grad_y");
   const auto out_shape = with_last(grad_y.sizes(), in_features);
   if (rows == 0) return at::empty(out_shape, grad_y.options());
-  const at::Tensor gy2d = grad_y.reshape({rows, out_features}).contiguous();   // [M, N]
+  const at::Tensor gy2d = grad_y.reshape({rows, out_features}).contiguous();  // [M, N]
   const NF4Operand w = make_operand(packed, absmax, nested_absmax, nested_code, offset, blocksize);
   const Isa isa = active_isa();
   const bool fused = gy2d.size(0) <= kMaxFusedRows && grad_y.scalar_type() != at::kDouble;
   at::Tensor gx;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad_y.scalar_type(),
-                                  "nf4_linear_grad_input", [&] {
-    gx = fused ? grad_fused<scalar_t>(isa, w.view, gy2d, out_features, in_features)
-               : grad_tiled<scalar_t>(isa, w.view, gy2d, out_features, in_features);
-  });
-  return gx.view(out_shape);                                          // [..., K]
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, grad_y.scalar_type(), "nf4_linear_grad_input", [&] {
+        gx = fused ? grad_fused<scalar_t>(isa, w.view, gy2d, out_features, in_features)
+                   : grad_tiled<scalar_t>(isa, w.view, gy2d, out_features, in_features);
+      });
+  return gx.view(out_shape);  // [..., K]
 }
 
 }  // namespace

@@ -6,10 +6,20 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <string>
 
+#include "nf4_common.h"
+
 namespace minidora {
-std::string cpu_isa();                      // of the calling thread
+namespace {
+std::atomic<int> g_cuda_kernel{static_cast<int>(CudaKernel::kAuto)};
+constexpr const char* kCudaKernelNames[] = {"auto", "mma", "simt"};
+}  // namespace
+
+CudaKernel cuda_kernel() { return static_cast<CudaKernel>(g_cuda_kernel.load()); }
+
+std::string cpu_isa();  // of the calling thread
 std::string cpu_isa_best();
 bool set_cpu_isa(const std::string& name);  // for the calling thread only
 }  // namespace minidora
@@ -56,6 +66,24 @@ PyObject* py_set_cpu_isa(PyObject*, PyObject* arg) {
   Py_RETURN_NONE;
 }
 
+PyObject* py_cuda_kernel(PyObject*, PyObject*) {
+  return PyUnicode_FromString(
+      minidora::kCudaKernelNames[static_cast<int>(minidora::cuda_kernel())]);
+}
+
+PyObject* py_set_cuda_kernel(PyObject*, PyObject* arg) {
+  const char* name = PyUnicode_AsUTF8(arg);
+  if (name == nullptr) return nullptr;  // not a str: TypeError already set
+  for (int i = 0; i < 3; ++i) {
+    if (std::string(name) == minidora::kCudaKernelNames[i]) {
+      minidora::g_cuda_kernel.store(i);
+      Py_RETURN_NONE;
+    }
+  }
+  PyErr_Format(PyExc_ValueError, "cuda kernel must be 'auto', 'mma' or 'simt', got '%s'", name);
+  return nullptr;
+}
+
 PyMethodDef kMethods[] = {
     {"cpu_isa", py_cpu_isa, METH_NOARGS,
      "Kernel set the CPU ops called from this thread use now: 'avx512bf16', 'avx512', 'avx2' or "
@@ -64,6 +92,11 @@ PyMethodDef kMethods[] = {
     {"set_cpu_isa", py_set_cpu_isa, METH_O,
      "Choose the CPU kernels of the ops called from this thread (other threads keep theirs): "
      "'auto' (best available), 'scalar', 'avx2', 'avx512' or 'avx512bf16'."},
+    {"cuda_kernel", py_cuda_kernel, METH_NOARGS,
+     "The CUDA linear kernel for bf16/fp16 activations now: 'auto', 'mma' or 'simt'."},
+    {"set_cuda_kernel", py_set_cuda_kernel, METH_O,
+     "Choose the CUDA linear kernel for bf16/fp16 activations, for the whole process: 'auto', "
+     "'mma' (tensor cores) or 'simt' (CUDA cores)."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_C",

@@ -14,9 +14,11 @@ The backward pass needs only the input gradient, :math:`\\partial L/\\partial x 
 autograd formula of ``nf4_linear`` together with the fake (shape-only) implementations that let
 ``torch.compile`` trace through the ops.
 
-Which path ``backend="auto"`` takes, and which CPU kernels the compiled ops run, are chosen per
-thread: :func:`set_backend`, :func:`use_backend`, :func:`use_reference` and :func:`use_cpu_isa`
-affect only the calling thread, so threads (a data loader, a server's workers, parallel tests) never
+Which path ``backend="auto"`` takes, which CPU kernels and which CUDA kernel the compiled ops
+run: one switch, :func:`use` (a ``with`` block) or :func:`choose` (until changed). The backend
+and the CPU kernels are chosen per thread (:func:`set_backend`, :func:`use_backend`,
+:func:`use_reference` and :func:`use_cpu_isa` are shorthands that affect only the calling
+thread), so threads (a data loader, a server's workers, parallel tests) never
 see each other's choice. A thread that has chosen no backend follows the process default,
 :func:`set_default_backend` (``"auto"`` unless changed).
 
@@ -37,8 +39,8 @@ from . import nf4
 
 __all__ = [
     "nf4_linear", "nf4_dequantize", "extension_available", "cuda_available",
-    "set_backend", "get_backend", "set_default_backend", "use_backend", "use_reference",
-    "cpu_isa", "use_cpu_isa",
+    "use", "choose", "set_backend", "get_backend", "set_default_backend", "use_backend",
+    "use_reference", "cpu_isa", "use_cpu_isa", "cuda_kernel",
 ]
 
 try:
@@ -101,17 +103,11 @@ def get_backend() -> str:
     return getattr(_thread, "backend", None) or _default_backend
 
 
-@contextlib.contextmanager
 def use_backend(backend: str):
-    """Run every ``backend="auto"`` call made by this thread inside the block on ``backend``;
-    the thread's previous choice (or the lack of one) comes back on exit."""
+    """Shorthand for ``use(backend=backend)``: every ``backend="auto"`` call made by this thread
+    inside the block runs on ``backend``; the thread's previous choice comes back on exit."""
     _check_backend(backend)
-    previous = getattr(_thread, "backend", None)
-    _thread.backend = backend
-    try:
-        yield
-    finally:
-        _thread.backend = previous
+    return use(backend=backend)
 
 
 def use_reference():
@@ -127,19 +123,79 @@ def cpu_isa() -> str:
     return _C.cpu_isa()
 
 
-@contextlib.contextmanager
 def use_cpu_isa(isa: str):
-    """Force the CPU kernels (``"scalar"``, ``"avx2"``, ``"avx512"``, ``"avx512bf16"`` or
-    ``"auto"``) of the ops this thread calls inside the block (for tests and benchmarks; a level
-    the CPU lacks raises ValueError). Other threads keep their own; the worker threads of one op
-    run the level of the thread that called it."""
+    """Shorthand for ``use(cpu_isa=isa)``: force the CPU kernels (``"scalar"``, ``"avx2"``,
+    ``"avx512"``, ``"avx512bf16"`` or ``"auto"``) of the ops this thread calls inside the block
+    (for tests and benchmarks; a level the CPU lacks raises ValueError)."""
     _require_extension()
-    previous = _C.cpu_isa()
-    _C.set_cpu_isa(isa)
+    return use(cpu_isa=isa)
+
+
+_CUDA_KERNELS = ("auto", "mma", "simt")
+
+
+@contextlib.contextmanager
+def use(backend: str | None = None, cpu_isa: str | None = None,
+        cuda_kernel: str | None = None):
+    """The one switch for the path minidora's NF4 ops take, inside a ``with`` block; each choice
+    left as None stays as it is, and every one comes back on exit::
+
+        with ops.use(backend="reference"): ...          # the plain PyTorch specification
+        with ops.use(cpu_isa="avx2"): ...               # force a CPU kernel level
+        with ops.use(cuda_kernel="simt"): ...           # CUDA-core kernel for bf16/fp16
+
+    Args:
+        backend: what ``backend="auto"`` calls mean: ``"auto"`` (compiled where built, else the
+            reference), ``"reference"`` or ``"compiled"``. For the calling thread only.
+        cpu_isa: the CPU kernel level of the compiled ops (``"auto"``, ``"scalar"``, ``"avx2"``,
+            ``"avx512"``, ``"avx512bf16"``; one the CPU lacks raises ValueError). For the calling
+            thread only; the worker threads of one op run the level of the thread that called it.
+        cuda_kernel: the CUDA linear kernel for bfloat16/float16 activations: ``"auto"`` (tensor
+            cores where the GPU has them), ``"mma"`` (tensor cores) or ``"simt"`` (CUDA cores).
+            For the whole process, since CUDA's backward runs on autograd's own thread.
+
+    :func:`choose` sets the same things without a block; :func:`use_reference`,
+    :func:`use_backend` and :func:`use_cpu_isa` are shorthands for one argument of this.
+    """
+    if backend is not None:
+        _check_backend(backend)
+    if cuda_kernel is not None and cuda_kernel not in _CUDA_KERNELS:
+        raise ValueError(f"cuda_kernel must be one of {_CUDA_KERNELS}, got {cuda_kernel!r}")
+    if cpu_isa is not None or cuda_kernel is not None:
+        _require_extension()
+    before = (getattr(_thread, "backend", None), _C.cpu_isa() if _C is not None else None,
+              _C.cuda_kernel() if _C is not None else None)
     try:
+        choose(backend, cpu_isa, cuda_kernel)
         yield
     finally:
-        _C.set_cpu_isa("auto" if previous == _C.cpu_isa_best() else previous)
+        _thread.backend = before[0]
+        if cpu_isa is not None:
+            _C.set_cpu_isa("auto" if before[1] == _C.cpu_isa_best() else before[1])
+        if cuda_kernel is not None:
+            _C.set_cuda_kernel(before[2])
+
+
+def choose(backend: str | None = None, cpu_isa: str | None = None,
+           cuda_kernel: str | None = None) -> None:
+    """Set what :func:`use` sets, until changed (same arguments and scopes; None leaves a choice
+    as it is)."""
+    if backend is not None:
+        set_backend(backend)
+    if cpu_isa is not None:
+        _require_extension()
+        _C.set_cpu_isa(cpu_isa)
+    if cuda_kernel is not None:
+        if cuda_kernel not in _CUDA_KERNELS:
+            raise ValueError(f"cuda_kernel must be one of {_CUDA_KERNELS}, got {cuda_kernel!r}")
+        _require_extension()
+        _C.set_cuda_kernel(cuda_kernel)
+
+
+def cuda_kernel() -> str:
+    """The CUDA linear kernel choice now: ``"auto"``, ``"mma"`` or ``"simt"``."""
+    _require_extension()
+    return _C.cuda_kernel()
 
 
 def _require_extension() -> None:

@@ -839,3 +839,36 @@ def test_cpu_isa_selection():
     with ops.use_cpu_isa("scalar"):
         assert ops.cpu_isa() == "scalar"
     assert ops.cpu_isa() == ops._C.cpu_isa_best()
+
+
+def test_one_switch_sets_and_restores_every_choice():
+    before = (ops.get_backend(), ops.cpu_isa(), ops.cuda_kernel())
+    assert before[2] == "auto"
+    with ops.use(backend="reference", cpu_isa="scalar", cuda_kernel="simt"):
+        assert (ops.get_backend(), ops.cpu_isa(), ops.cuda_kernel()) == (
+            "reference", "scalar", "simt")
+        with ops.use(backend="compiled"):                    # nested: only what it names
+            assert (ops.get_backend(), ops.cpu_isa()) == ("compiled", "scalar")
+        assert ops.get_backend() == "reference"
+    assert (ops.get_backend(), ops.cpu_isa(), ops.cuda_kernel()) == before
+    with pytest.raises(ValueError, match=r"cuda_kernel must be one of \('auto', 'mma', 'simt'\)"):
+        with ops.use(backend="reference", cuda_kernel="tensor"):
+            pass
+    with pytest.raises(ValueError, match="backend must be one of"):
+        ops.choose(backend="fast")
+    assert (ops.get_backend(), ops.cpu_isa(), ops.cuda_kernel()) == before
+    ops.choose(cuda_kernel="mma")
+    try:
+        assert ops.cuda_kernel() == "mma"
+    finally:
+        ops.choose(cuda_kernel="auto")
+
+
+def test_one_switch_picks_the_path():
+    q = nf4.quantize(torch.randn(24, 96), 64, True)
+    x = torch.randn(3, 96)
+    want = F.linear(x, nf4.dequantize(q, torch.float32))
+    with ops.use(backend="reference"):
+        assert torch.equal(ops.nf4_linear(x, q), want)              # the reference, exactly
+    with ops.use(cpu_isa="scalar"):
+        assert torch.allclose(ops.nf4_linear(x, q), want, rtol=1e-5, atol=1e-5)

@@ -14,8 +14,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstdlib>
-#include <cstring>
 #include <optional>
 #include <type_traits>
 #include <vector>
@@ -28,10 +26,10 @@ namespace {
 
 using cuda::Scales;
 
-constexpr int kThreads = 256;        // threads per block of the element-wise kernels
-constexpr int64_t kMaxRowsM = 16;    // largest M of the fused CUDA-core linear kernel
-constexpr int64_t kMaxMmaM = 64;     // largest M of the fused tensor-core linear kernel
-constexpr int64_t kMaxColsM = 8;     // largest M of the fused grad-input kernel
+constexpr int kThreads = 256;      // threads per block of the element-wise kernels
+constexpr int64_t kMaxRowsM = 16;  // largest M of the fused CUDA-core linear kernel
+constexpr int64_t kMaxMmaM = 64;   // largest M of the fused tensor-core linear kernel
+constexpr int64_t kMaxColsM = 8;   // largest M of the fused grad-input kernel
 
 // An NF4 weight as the kernels see it: checked, contiguous, on one CUDA device.
 struct Weight {
@@ -61,8 +59,8 @@ Weight make_weight(const char* op, const at::Tensor& packed, const at::Tensor& a
                    const std::optional<at::Tensor>& offset, int64_t blocksize, int64_t numel,
                    const at::Device& device, const char* device_name) {
   TORCH_CHECK(device.is_cuda(), op, ": the CUDA kernel got ", device_name, " on ", device);
-  check_nf4_weight(op, packed, absmax, nested_absmax, nested_code, offset, blocksize, numel,
-                   device, device_name);
+  check_nf4_weight(op, packed, absmax, nested_absmax, nested_code, offset, blocksize, numel, device,
+                   device_name);
   const c10::cuda::CUDAGuard guard(device);  // for the contiguous copies
   Weight w;
   w.packed = packed.contiguous();
@@ -78,9 +76,7 @@ Weight make_weight(const char* op, const at::Tensor& packed, const at::Tensor& a
   return w;
 }
 
-bool aligned(const void* p, uintptr_t bytes) {
-  return reinterpret_cast<uintptr_t>(p) % bytes == 0;
-}
+bool aligned(const void* p, uintptr_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
 
 // A grid size, checked against the 2^31 - 1 blocks a launch can have in x.
 unsigned grid_x(const char* kernel, int64_t blocks) {
@@ -91,13 +87,12 @@ unsigned grid_x(const char* kernel, int64_t blocks) {
 
 int blocks_for(int64_t work, int threads) {
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((work + threads - 1) / threads,
-                                                                  sms * 32)));
+  return static_cast<int>(
+      std::max<int64_t>(1, std::min<int64_t>((work + threads - 1) / threads, sms * 32)));
 }
 
 // Writes the dequantized weight into out (contiguous, numel elements, element type T).
-template <typename T>
-void launch_dequantize(const Weight& w, T* out) {
+template <typename T> void launch_dequantize(const Weight& w, T* out) {
   const auto stream = at::cuda::getCurrentCUDAStream();
   const Scales s = w.scales();
   const uint8_t* packed = w.packed.data_ptr<uint8_t>();
@@ -107,18 +102,22 @@ void launch_dequantize(const Weight& w, T* out) {
     const int grid = blocks_for(n_chunks, kThreads);
     const auto* p16 = reinterpret_cast<const uint4*>(packed);
     if (w.dq)
-      cuda::dequant_vec_kernel<T, true><<<grid, kThreads, 0, stream>>>(p16, s, w.bs_shift, n_chunks, out);
+      cuda::dequant_vec_kernel<T, true>
+          <<<grid, kThreads, 0, stream>>>(p16, s, w.bs_shift, n_chunks, out);
     else
-      cuda::dequant_vec_kernel<T, false><<<grid, kThreads, 0, stream>>>(p16, s, w.bs_shift, n_chunks, out);
+      cuda::dequant_vec_kernel<T, false>
+          <<<grid, kThreads, 0, stream>>>(p16, s, w.bs_shift, n_chunks, out);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   const int64_t start = n_chunks * 32;
   if (start < w.numel) {
     const int grid = blocks_for(w.numel - start, kThreads);
     if (w.dq)
-      cuda::dequant_elem_kernel<T, true><<<grid, kThreads, 0, stream>>>(packed, s, w.bs_shift, start, w.numel, out);
+      cuda::dequant_elem_kernel<T, true>
+          <<<grid, kThreads, 0, stream>>>(packed, s, w.bs_shift, start, w.numel, out);
     else
-      cuda::dequant_elem_kernel<T, false><<<grid, kThreads, 0, stream>>>(packed, s, w.bs_shift, start, w.numel, out);
+      cuda::dequant_elem_kernel<T, false>
+          <<<grid, kThreads, 0, stream>>>(packed, s, w.bs_shift, start, w.numel, out);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
@@ -127,8 +126,12 @@ void launch_dequantize(const Weight& w, T* out) {
 at::Tensor dequantize_to(const Weight& w, std::vector<int64_t> shape, at::ScalarType dtype) {
   at::Tensor out = at::empty(shape, w.packed.options().dtype(dtype));
   switch (dtype) {
-    case at::kFloat: launch_dequantize(w, out.data_ptr<float>()); break;
-    case at::kDouble: launch_dequantize(w, out.data_ptr<double>()); break;
+    case at::kFloat:
+      launch_dequantize(w, out.data_ptr<float>());
+      break;
+    case at::kDouble:
+      launch_dequantize(w, out.data_ptr<double>());
+      break;
     case at::kBFloat16:
       launch_dequantize(w, reinterpret_cast<__nv_bfloat16*>(out.data_ptr<at::BFloat16>()));
       break;
@@ -136,7 +139,8 @@ at::Tensor dequantize_to(const Weight& w, std::vector<int64_t> shape, at::Scalar
       launch_dequantize(w, reinterpret_cast<__half*>(out.data_ptr<at::Half>()));
       break;
     default:
-      TORCH_CHECK(false, "nf4_dequantize: dtype must be float32, bfloat16, float16 or float64, got ",
+      TORCH_CHECK(false,
+                  "nf4_dequantize: dtype must be float32, bfloat16, float16 or float64, got ",
                   dtype);
   }
   return out;
@@ -164,52 +168,54 @@ at::Tensor nf4_dequantize_cuda(const at::Tensor& packed, const at::Tensor& absma
 template <typename T, bool DQ, int MT>
 void launch_rows(const Weight& w, const T* x, const T* bias, T* y, int M, int64_t N, int64_t K) {
   const int64_t grid = (N + cuda::kRowsWarps - 1) / cuda::kRowsWarps;
-  cuda::linear_rows_kernel<T, DQ, MT>
-      <<<grid_x("linear_rows_kernel", grid), cuda::kRowsWarps * 32, 0,
-         at::cuda::getCurrentCUDAStream()>>>(
-          x, reinterpret_cast<const uint4*>(w.packed.data_ptr<uint8_t>()), w.scales(), w.bs_shift,
-          bias, y, M, N, K);
+  cuda::linear_rows_kernel<T, DQ, MT><<<grid_x("linear_rows_kernel", grid), cuda::kRowsWarps * 32,
+                                        0, at::cuda::getCurrentCUDAStream()>>>(
+      x, reinterpret_cast<const uint4*>(w.packed.data_ptr<uint8_t>()), w.scales(), w.bs_shift, bias,
+      y, M, N, K);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename T, bool DQ>
 void dispatch_rows(const Weight& w, const T* x, const T* bias, T* y, int M, int64_t N, int64_t K) {
-  if (M <= 1) launch_rows<T, DQ, 1>(w, x, bias, y, M, N, K);
-  else if (M <= 2) launch_rows<T, DQ, 2>(w, x, bias, y, M, N, K);
-  else if (M <= 4) launch_rows<T, DQ, 4>(w, x, bias, y, M, N, K);
-  else if (M <= 8) launch_rows<T, DQ, 8>(w, x, bias, y, M, N, K);
-  else launch_rows<T, DQ, 16>(w, x, bias, y, M, N, K);
+  if (M <= 1)
+    launch_rows<T, DQ, 1>(w, x, bias, y, M, N, K);
+  else if (M <= 2)
+    launch_rows<T, DQ, 2>(w, x, bias, y, M, N, K);
+  else if (M <= 4)
+    launch_rows<T, DQ, 4>(w, x, bias, y, M, N, K);
+  else if (M <= 8)
+    launch_rows<T, DQ, 8>(w, x, bias, y, M, N, K);
+  else
+    launch_rows<T, DQ, 16>(w, x, bias, y, M, N, K);
 }
 
 template <typename T, bool DQ, int TILES>
 void launch_mma(const Weight& w, const T* x, const T* bias, T* y, int M, int64_t N, int64_t K) {
   const int64_t grid = (N + 7) / 8;
-  cuda::linear_mma_kernel<T, DQ, TILES>
-      <<<grid_x("linear_mma_kernel", grid), cuda::kMmaWarps * 32, 0,
-         at::cuda::getCurrentCUDAStream()>>>(
-          x, reinterpret_cast<const uint4*>(w.packed.data_ptr<uint8_t>()), w.scales(), w.bs_shift,
-          bias, y, M, N, K);
+  cuda::linear_mma_kernel<T, DQ, TILES><<<grid_x("linear_mma_kernel", grid), cuda::kMmaWarps * 32,
+                                          0, at::cuda::getCurrentCUDAStream()>>>(
+      x, reinterpret_cast<const uint4*>(w.packed.data_ptr<uint8_t>()), w.scales(), w.bs_shift, bias,
+      y, M, N, K);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename T, bool DQ>
 void dispatch_mma(const Weight& w, const T* x, const T* bias, T* y, int M, int64_t N, int64_t K) {
-  if (M <= 16) launch_mma<T, DQ, 1>(w, x, bias, y, M, N, K);
-  else if (M <= 32) launch_mma<T, DQ, 2>(w, x, bias, y, M, N, K);
-  else launch_mma<T, DQ, 4>(w, x, bias, y, M, N, K);
+  if (M <= 16)
+    launch_mma<T, DQ, 1>(w, x, bias, y, M, N, K);
+  else if (M <= 32)
+    launch_mma<T, DQ, 2>(w, x, bias, y, M, N, K);
+  else
+    launch_mma<T, DQ, 4>(w, x, bias, y, M, N, K);
 }
 
-// MINIDORA_CUDA_LINEAR=simt makes bf16/fp16 use the CUDA-core kernel instead of the tensor-core
-// one (both are validated by benchmarks/bench_nf4_cuda.py; read at every call, so a test or a
-// benchmark can switch it with os.environ).
-bool use_tensor_cores() {
-  const char* choice = std::getenv("MINIDORA_CUDA_LINEAR");
-  return choice == nullptr || std::strcmp(choice, "simt") != 0;
-}
+// minidora.ops.use(cuda_kernel="simt") makes bf16/fp16 use the CUDA-core kernel instead of the
+// tensor-core one (both are validated by benchmarks/bench_nf4_cuda.py).
+bool use_tensor_cores() { return cuda_kernel() != CudaKernel::kSimt; }
 
-template <typename T, typename AT>
-void fused_linear(const Weight& w, const at::Tensor& x2, const std::optional<at::Tensor>& bias,
-                  at::Tensor& y2) {
+template <typename T, typename AT> void fused_linear(const Weight& w, const at::Tensor& x2,
+                                                     const std::optional<at::Tensor>& bias,
+                                                     at::Tensor& y2) {
   const int M = static_cast<int>(x2.size(0));
   const int64_t K = x2.size(1), N = y2.size(1);
   const T* x = reinterpret_cast<const T*>(x2.data_ptr<AT>());
@@ -217,13 +223,17 @@ void fused_linear(const Weight& w, const at::Tensor& x2, const std::optional<at:
   T* y = reinterpret_cast<T*>(y2.data_ptr<AT>());
   if constexpr (!std::is_same_v<T, float>) {
     if (use_tensor_cores()) {
-      if (w.dq) dispatch_mma<T, true>(w, x, b, y, M, N, K);
-      else dispatch_mma<T, false>(w, x, b, y, M, N, K);
+      if (w.dq)
+        dispatch_mma<T, true>(w, x, b, y, M, N, K);
+      else
+        dispatch_mma<T, false>(w, x, b, y, M, N, K);
       return;
     }
   }
-  if (w.dq) dispatch_rows<T, true>(w, x, b, y, M, N, K);
-  else dispatch_rows<T, false>(w, x, b, y, M, N, K);
+  if (w.dq)
+    dispatch_rows<T, true>(w, x, b, y, M, N, K);
+  else
+    dispatch_rows<T, false>(w, x, b, y, M, N, K);
 }
 
 at::Tensor nf4_linear_cuda(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
@@ -234,8 +244,8 @@ at::Tensor nf4_linear_cuda(const at::Tensor& x, const at::Tensor& packed, const 
                            const std::optional<at::Tensor>& bias) {
   const char* op = "nf4_linear";
   const int64_t numel = check_features(op, out_features, in_features);
-  const int64_t M = check_activation(op, "x", x, in_features, "in_features", out_features,
-                                     "out_features");
+  const int64_t M =
+      check_activation(op, "x", x, in_features, "in_features", out_features, "out_features");
   const Weight w = make_weight(op, packed, absmax, nested_absmax, nested_code, offset, blocksize,
                                numel, x.device(), "x");
   check_bias(op, bias, x, out_features);
@@ -257,34 +267,46 @@ at::Tensor nf4_linear_cuda(const at::Tensor& x, const at::Tensor& packed, const 
   }
   at::Tensor y2 = at::empty({M, out_features}, x.options());  // [M, N]
   switch (dt) {
-    case at::kFloat: fused_linear<float, float>(w, x2, b, y2); break;
-    case at::kBFloat16: fused_linear<__nv_bfloat16, at::BFloat16>(w, x2, b, y2); break;
-    case at::kHalf: fused_linear<__half, at::Half>(w, x2, b, y2); break;
-    default: TORCH_CHECK(false, op, ": unexpected dtype ", dt);
+    case at::kFloat:
+      fused_linear<float, float>(w, x2, b, y2);
+      break;
+    case at::kBFloat16:
+      fused_linear<__nv_bfloat16, at::BFloat16>(w, x2, b, y2);
+      break;
+    case at::kHalf:
+      fused_linear<__half, at::Half>(w, x2, b, y2);
+      break;
+    default:
+      TORCH_CHECK(false, op, ": unexpected dtype ", dt);
   }
   return y2.view(out_shape);
 }
 
 // --- nf4_linear_grad_input --------------------------------------------------------------------
 
-template <typename T, bool DQ, int MT>
-void launch_cols(const Weight& w, const T* gy, float* partial, int M, int64_t N, int64_t K,
-                 int64_t splits, int64_t rows_per_split) {
+template <typename T, bool DQ, int MT> void launch_cols(const Weight& w, const T* gy,
+                                                        float* partial, int M, int64_t N, int64_t K,
+                                                        int64_t splits, int64_t rows_per_split) {
   const dim3 grid(grid_x("grad_input_kernel", (K + cuda::kColsPerBlock - 1) / cuda::kColsPerBlock),
                   static_cast<unsigned>(splits));  // splits <= 4 * SMs
-  cuda::grad_input_kernel<T, DQ, MT><<<grid, cuda::kColsWarps * 32, 0, at::cuda::getCurrentCUDAStream()>>>(
-      gy, reinterpret_cast<const uint32_t*>(w.packed.data_ptr<uint8_t>()), w.scales(), w.bs_shift,
-      partial, M, N, K, rows_per_split);
+  cuda::grad_input_kernel<T, DQ, MT>
+      <<<grid, cuda::kColsWarps * 32, 0, at::cuda::getCurrentCUDAStream()>>>(
+          gy, reinterpret_cast<const uint32_t*>(w.packed.data_ptr<uint8_t>()), w.scales(),
+          w.bs_shift, partial, M, N, K, rows_per_split);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <typename T, bool DQ>
-void dispatch_cols(const Weight& w, const T* gy, float* partial, int M, int64_t N, int64_t K,
-                   int64_t splits, int64_t rows_per_split) {
-  if (M <= 1) launch_cols<T, DQ, 1>(w, gy, partial, M, N, K, splits, rows_per_split);
-  else if (M <= 2) launch_cols<T, DQ, 2>(w, gy, partial, M, N, K, splits, rows_per_split);
-  else if (M <= 4) launch_cols<T, DQ, 4>(w, gy, partial, M, N, K, splits, rows_per_split);
-  else launch_cols<T, DQ, 8>(w, gy, partial, M, N, K, splits, rows_per_split);
+template <typename T, bool DQ> void dispatch_cols(const Weight& w, const T* gy, float* partial,
+                                                  int M, int64_t N, int64_t K, int64_t splits,
+                                                  int64_t rows_per_split) {
+  if (M <= 1)
+    launch_cols<T, DQ, 1>(w, gy, partial, M, N, K, splits, rows_per_split);
+  else if (M <= 2)
+    launch_cols<T, DQ, 2>(w, gy, partial, M, N, K, splits, rows_per_split);
+  else if (M <= 4)
+    launch_cols<T, DQ, 4>(w, gy, partial, M, N, K, splits, rows_per_split);
+  else
+    launch_cols<T, DQ, 8>(w, gy, partial, M, N, K, splits, rows_per_split);
 }
 
 template <typename T, typename AT>
@@ -296,17 +318,20 @@ void fused_grad_input(const Weight& w, const at::Tensor& gy2, at::Tensor& gx2) {
   const int64_t col_blocks = (K + cuda::kColsPerBlock - 1) / cuda::kColsPerBlock;
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const int64_t step = cuda::kColsWarps * cuda::kColsUnroll;
-  int64_t splits = std::max<int64_t>(1, std::min<int64_t>((4 * sms + col_blocks - 1) / col_blocks,
-                                                          (N + step - 1) / step));
+  int64_t splits = std::max<int64_t>(
+      1, std::min<int64_t>((4 * sms + col_blocks - 1) / col_blocks, (N + step - 1) / step));
   const int64_t rows_per_split = ((N + splits - 1) / splits + step - 1) / step * step;
   splits = (N + rows_per_split - 1) / rows_per_split;
   at::Tensor partial = at::empty({splits, M, K}, gy2.options().dtype(at::kFloat));
   const T* gy = reinterpret_cast<const T*>(gy2.data_ptr<AT>());
-  if (w.dq) dispatch_cols<T, true>(w, gy, partial.data_ptr<float>(), M, N, K, splits, rows_per_split);
-  else dispatch_cols<T, false>(w, gy, partial.data_ptr<float>(), M, N, K, splits, rows_per_split);
+  if (w.dq)
+    dispatch_cols<T, true>(w, gy, partial.data_ptr<float>(), M, N, K, splits, rows_per_split);
+  else
+    dispatch_cols<T, false>(w, gy, partial.data_ptr<float>(), M, N, K, splits, rows_per_split);
   const int64_t count = static_cast<int64_t>(M) * K;
-  cuda::sum_splits_kernel<T><<<blocks_for(count, kThreads), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-      partial.data_ptr<float>(), splits, count, reinterpret_cast<T*>(gx2.data_ptr<AT>()));
+  cuda::sum_splits_kernel<T>
+      <<<blocks_for(count, kThreads), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+          partial.data_ptr<float>(), splits, count, reinterpret_cast<T*>(gx2.data_ptr<AT>()));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -337,10 +362,17 @@ at::Tensor nf4_linear_grad_input_cuda(const at::Tensor& grad_y, const at::Tensor
   }
   at::Tensor gx2 = at::empty({M, in_features}, grad_y.options());  // [M, K]
   switch (dt) {
-    case at::kFloat: fused_grad_input<float, float>(w, gy2, gx2); break;
-    case at::kBFloat16: fused_grad_input<__nv_bfloat16, at::BFloat16>(w, gy2, gx2); break;
-    case at::kHalf: fused_grad_input<__half, at::Half>(w, gy2, gx2); break;
-    default: TORCH_CHECK(false, op, ": unexpected dtype ", dt);
+    case at::kFloat:
+      fused_grad_input<float, float>(w, gy2, gx2);
+      break;
+    case at::kBFloat16:
+      fused_grad_input<__nv_bfloat16, at::BFloat16>(w, gy2, gx2);
+      break;
+    case at::kHalf:
+      fused_grad_input<__half, at::Half>(w, gy2, gx2);
+      break;
+    default:
+      TORCH_CHECK(false, op, ": unexpected dtype ", dt);
   }
   return gx2.view(out_shape);
 }

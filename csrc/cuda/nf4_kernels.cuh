@@ -1,8 +1,8 @@
 // CUDA device code for the NF4 ops: decoding, dequantize, and the small-M fused matmuls.
 //
 // The specification is minidora/nf4.py (see shared/spec/nf4.md): a weight W [N, K] is flattened
-// row-major, cut into blocks of `blocksize` elements with one scale each, and stored as 4-bit codes,
-// two per byte, the first element in the HIGH nibble. An element decodes to
+// row-major, cut into blocks of `blocksize` elements with one scale each, and stored as 4-bit
+// codes, two per byte, the first element in the HIGH nibble. An element decodes to
 //
 //     w = float32(codebook[code]) * float32(scale)                      (one float32 rounding)
 //     scale = absmax[b]                                     (plain float32 scales), or
@@ -16,7 +16,7 @@
 //   dequant_vec_kernel     32 elements per thread from one 16-byte load (they share one block).
 //   linear_rows_kernel     y = x W^T for M <= 16 on CUDA cores: one warp per output row, 16-byte
 //                          loads of the packed row, each byte read once and used for all M rows
-//                          of x (float32 x; bf16 / fp16 with MINIDORA_CUDA_LINEAR=simt).
+//                          of x (float32 x; bf16 / fp16 with ops.use(cuda_kernel="simt")).
 //   linear_mma_kernel      y = x W^T for M <= 64 on tensor cores for bf16 / fp16 (mma.sync
 //                          m16n8k16): a block owns 8 output rows, each decoded weight serves up
 //                          to 4 tiles of 16 rows of x, 4 warps split K.
@@ -35,11 +35,13 @@ namespace cuda {
 
 // The 16 NF4 values; copied into shared memory by each block (a per-element lookup from
 // constant memory would serialise a warp whose lanes read different codes).
+// clang-format off
 __constant__ float kCodebookDevice[16] = {
     -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,
     -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f,
     0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f, 0.33791524171829224f,
     0.44070982933044434f, 0.5626170039176941f, 0.7229568362236023f, 1.0f};
+// clang-format on
 
 __device__ __forceinline__ void load_codebook(float* cb) {
   if (threadIdx.x < 16) cb[threadIdx.x] = kCodebookDevice[threadIdx.x];
@@ -66,8 +68,7 @@ __device__ __forceinline__ float block_scale(const Scales& s, float offset, int6
   }
 }
 
-template <bool DQ>
-__device__ __forceinline__ float load_offset(const Scales& s) {
+template <bool DQ> __device__ __forceinline__ float load_offset(const Scales& s) {
   if constexpr (DQ) return __ldg(s.offset);
   return 0.0f;
 }
@@ -85,13 +86,19 @@ template <> struct Elem<double> {
 };
 template <> struct Elem<__nv_bfloat16> {
   static __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-  static __device__ __forceinline__ __nv_bfloat16 from_float(float v) { return __float2bfloat16_rn(v); }
-  static __device__ __forceinline__ float round(float v) { return __bfloat162float(__float2bfloat16_rn(v)); }
+  static __device__ __forceinline__ __nv_bfloat16 from_float(float v) {
+    return __float2bfloat16_rn(v);
+  }
+  static __device__ __forceinline__ float round(float v) {
+    return __bfloat162float(__float2bfloat16_rn(v));
+  }
 };
 template <> struct Elem<__half> {
   static __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
   static __device__ __forceinline__ __half from_float(float v) { return __float2half_rn(v); }
-  static __device__ __forceinline__ float round(float v) { return __half2float(__float2half_rn(v)); }
+  static __device__ __forceinline__ float round(float v) {
+    return __half2float(__float2half_rn(v));
+  }
 };
 
 // Decodes one 32-bit word of packed codes (8 elements, little-endian bytes, high nibble first)
@@ -113,8 +120,8 @@ __device__ __forceinline__ void store8(float* p, const float* v) {
 __device__ __forceinline__ void store8(double* p, const float* v) {
 #pragma unroll
   for (int j = 0; j < 4; ++j)
-    reinterpret_cast<double2*>(p)[j] = make_double2(static_cast<double>(v[2 * j]),
-                                                     static_cast<double>(v[2 * j + 1]));
+    reinterpret_cast<double2*>(p)[j] =
+        make_double2(static_cast<double>(v[2 * j]), static_cast<double>(v[2 * j + 1]));
 }
 __device__ __forceinline__ void store8(__nv_bfloat16* p, const float* v) {
   uint4 r;
@@ -143,8 +150,14 @@ __device__ __forceinline__ void store8(__half* p, const float* v) {
 __device__ __forceinline__ void load8(const float* p, float* v) {
   const float4 a = __ldg(reinterpret_cast<const float4*>(p));
   const float4 b = __ldg(reinterpret_cast<const float4*>(p) + 1);
-  v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
-  v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+  v[0] = a.x;
+  v[1] = a.y;
+  v[2] = a.z;
+  v[3] = a.w;
+  v[4] = b.x;
+  v[5] = b.y;
+  v[6] = b.z;
+  v[7] = b.w;
 }
 __device__ __forceinline__ void load8(const __nv_bfloat16* p, float* v) {
   const uint4 r = __ldg(reinterpret_cast<const uint4*>(p));
@@ -210,24 +223,23 @@ __global__ void dequant_vec_kernel(const uint4* __restrict__ packed, Scales s, i
 
 // --- y = x W^T for small M ------------------------------------------------------------------
 
-constexpr int kRowsWarps = 4;  // warps (= output rows) per block in linear_rows_kernel
-constexpr int kRowsUnroll = 4; // 16-byte loads in flight per lane
+constexpr int kRowsWarps = 4;   // warps (= output rows) per block in linear_rows_kernel
+constexpr int kRowsUnroll = 4;  // 16-byte loads in flight per lane
 
 // x [M, K], W [N, K] (K % 32 == 0, packed 16-byte aligned), y [M, N]; M <= MT.
 // Each weight is decoded once to float32, rounded to T (the reference multiplies by
 // dequantize(W, T)), and multiplied with the M rows of x; accumulation is float32.
-template <typename T, bool DQ, int MT>
-__global__ void __launch_bounds__(kRowsWarps * 32)
-linear_rows_kernel(const T* __restrict__ x, const uint4* __restrict__ packed, Scales s,
-                   int bs_shift, const T* __restrict__ bias, T* __restrict__ y, int M, int64_t N,
-                   int64_t K) {
+template <typename T, bool DQ, int MT> __global__ void __launch_bounds__(kRowsWarps * 32)
+    linear_rows_kernel(const T* __restrict__ x, const uint4* __restrict__ packed, Scales s,
+                       int bs_shift, const T* __restrict__ bias, T* __restrict__ y, int M,
+                       int64_t N, int64_t K) {
   __shared__ float cb[16];
   load_codebook(cb);
   const float offset = load_offset<DQ>(s);
   const int lane = threadIdx.x & 31;
   const int64_t n = static_cast<int64_t>(blockIdx.x) * kRowsWarps + (threadIdx.x >> 5);
   if (n >= N) return;
-  const int64_t chunks = K >> 5;             // 16-byte chunks (32 weights) per row
+  const int64_t chunks = K >> 5;  // 16-byte chunks (32 weights) per row
   const uint4* row = packed + n * chunks;
   float acc[MT];
 #pragma unroll
@@ -324,11 +336,10 @@ constexpr int kMmaUnroll = 4;  // 16-byte weight loads in flight per lane
 // and W (operand B) use the same one: step (t, s) of a group takes columns 32q + 8t + 4s + r,
 // r = 0..3, where the fragment layout wants k = 2q + r (r < 2) and 2q + 8 + r - 2 (r >= 2); then
 // lane (g, q) needs x[g][32q + 8t + 4s + r] and x[g + 8][...], 8 contiguous bytes per row.
-template <typename T, bool DQ, int TILES>
-__global__ void __launch_bounds__(kMmaWarps * 32)
-linear_mma_kernel(const T* __restrict__ x, const uint4* __restrict__ packed, Scales s,
-                  int bs_shift, const T* __restrict__ bias, T* __restrict__ y, int M, int64_t N,
-                  int64_t K) {
+template <typename T, bool DQ, int TILES> __global__ void __launch_bounds__(kMmaWarps * 32)
+    linear_mma_kernel(const T* __restrict__ x, const uint4* __restrict__ packed, Scales s,
+                      int bs_shift, const T* __restrict__ bias, T* __restrict__ y, int M, int64_t N,
+                      int64_t K) {
   __shared__ float cb[16];
   __shared__ float red[kMmaWarps - 1][TILES][4][32];  // accumulators of warps 1.., by lane
   load_codebook(cb);
@@ -377,8 +388,10 @@ linear_mma_kernel(const T* __restrict__ x, const uint4* __restrict__ packed, Sca
           const int m0 = 16 * mt + g, m1 = m0 + 8;  // rows of x in this lane's A fragment
           if (16 * mt >= M) break;                  // the same for the whole warp
           const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
-          const uint4 xa = (ok && m0 < M) ? __ldg(reinterpret_cast<const uint4*>(x + m0 * K + k)) : zero;
-          const uint4 xb = (ok && m1 < M) ? __ldg(reinterpret_cast<const uint4*>(x + m1 * K + k)) : zero;
+          const uint4 xa =
+              (ok && m0 < M) ? __ldg(reinterpret_cast<const uint4*>(x + m0 * K + k)) : zero;
+          const uint4 xb =
+              (ok && m1 < M) ? __ldg(reinterpret_cast<const uint4*>(x + m1 * K + k)) : zero;
           const uint32_t a0[4] = {xa.x, xb.x, xa.y, xb.y};
           Mma<T>::mma(c[mt], a0, b0);
           const uint32_t a1[4] = {xa.z, xb.z, xa.w, xb.w};
@@ -417,17 +430,16 @@ linear_mma_kernel(const T* __restrict__ x, const uint4* __restrict__ packed, Sca
 
 // --- grad_x = grad_y W for small M -------------------------------------------------------------
 
-constexpr int kColsWarps = 4;   // warps per block; they take turns over the block's rows
-constexpr int kColsUnroll = 4;  // rows in flight per lane
+constexpr int kColsWarps = 4;          // warps per block; they take turns over the block's rows
+constexpr int kColsUnroll = 4;         // rows in flight per lane
 constexpr int kColsPerBlock = 32 * 8;  // a lane owns 8 columns (one 4-byte word per row)
 
 // grad_y [M, N], W [N, K] (K % 8 == 0, packed 4-byte aligned); rows [split * rows_per_split, ...)
 // of W go to blockIdx.y = split, which writes partial [split, M, K] (float32).
-template <typename T, bool DQ, int MT>
-__global__ void __launch_bounds__(kColsWarps * 32)
-grad_input_kernel(const T* __restrict__ grad_y, const uint32_t* __restrict__ packed, Scales s,
-                  int bs_shift, float* __restrict__ partial, int M, int64_t N, int64_t K,
-                  int64_t rows_per_split) {
+template <typename T, bool DQ, int MT> __global__ void __launch_bounds__(kColsWarps * 32)
+    grad_input_kernel(const T* __restrict__ grad_y, const uint32_t* __restrict__ packed, Scales s,
+                      int bs_shift, float* __restrict__ partial, int M, int64_t N, int64_t K,
+                      int64_t rows_per_split) {
   __shared__ float cb[16];
   __shared__ float red[kColsWarps - 1][MT][8][32];  // [warp - 1][m][j][lane]: no bank conflicts
   load_codebook(cb);
@@ -501,9 +513,9 @@ grad_input_kernel(const T* __restrict__ grad_y, const uint32_t* __restrict__ pac
 }
 
 // out[i] = T(sum over splits of partial[split, i]), splits added in order; i < count = M * K.
-template <typename T>
-__global__ void sum_splits_kernel(const float* __restrict__ partial, int64_t splits, int64_t count,
-                                  T* __restrict__ out) {
+template <typename T> __global__ void sum_splits_kernel(const float* __restrict__ partial,
+                                                        int64_t splits, int64_t count,
+                                                        T* __restrict__ out) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < count;
        i += stride) {
