@@ -2,9 +2,9 @@
 
 - ``merged`` travels with ``state_dict`` (key ``<layer>.merged``, a bool tensor): loading a merged
   model's state into a freshly wrapped one must not apply the adapter a second time.
-- The trainable adapter tensors keep their dtype under ``module.to(dtype)`` / ``.half()``: QLoRA
-  trains float32 adapters over a bf16 model, and a cast of the whole model must not silently
-  turn them into bf16 (:func:`minidora.cast_adapters` changes them on purpose).
+- The trainable adapter tensors keep their dtype under ``module.to(dtype)`` / ``.half()``:
+  minidora trains float32 adapters over a bf16 base by default, and a cast of the whole model
+  must not silently turn them into bf16 (:func:`minidora.cast_adapters` changes them on purpose).
 """
 
 from __future__ import annotations

@@ -324,7 +324,8 @@ def merge_and_unload(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
 
 def cast_adapters(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     """Cast every adapter's trainable tensors (A, B, m) to ``dtype``. ``model.to(dtype)`` leaves
-    them as they are on purpose (QLoRA trains float32 adapters over a bf16 model)."""
+    them as they are on purpose (minidora trains float32 adapters over a bf16 base by default;
+    the QLoRA paper trains bf16 ones: cast_adapters(model, torch.bfloat16) matches it)."""
     if dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
         raise TypeError(f"dtype must be a floating dtype, got {dtype}")
     for layer in adapter_layers(model).values():
