@@ -1,11 +1,11 @@
 // CPU kernels of the NF4 custom ops: dequantize, dequantize-matmul and its input gradient.
 //
 // Specification: minidora/nf4.py (`dequantize`) and minidora/ops.py (the reference path
-// F.linear(x, dequantize(W, x.dtype), bias)). Each kernel exists twice: a scalar version that
-// reads like the specification and runs everywhere, and an AVX-512 version compiled with a
-// `target` attribute and chosen at run time when the CPU has it (no -march=native needed); CPUs
-// with AVX512-BF16 also get a bfloat16 dot-product kernel for bfloat16 activations. Tests run
-// every level this CPU has (minidora.ops.use_cpu_isa).
+// F.linear(x, dequantize(W, x.dtype), bias)). Kernels come at up to four levels: a scalar
+// version that reads like the specification and runs everywhere, and AVX2, AVX-512 and
+// AVX-512 BF16 (a bfloat16 dot product for bfloat16 activations) versions, each compiled with a
+// `target` attribute and chosen at run time when the CPU has it (no -march=native needed). Tests
+// run every level this CPU has (minidora.ops.use(cpu_isa=...)).
 //
 // Dequantized values are always float32(codebook[code]) * float32(scale), cast once to the
 // output dtype: that makes nf4_dequantize bit-exact with the reference. Because every element of
@@ -342,8 +342,8 @@ MD_AVX512 void decode_span_avx512(const NF4View& w, int64_t e0, int64_t n, T* ou
 // The NR weight rows of a block are adjacent, so the next block's rows start NR rows further on.
 // Each row is only K/2 bytes long (2 KiB for K = 4096), too short a stream for the hardware
 // prefetchers to ramp up on; asking for the next block's cache line at the same column while this
-// block computes keeps the memory bus busy when W does not fit in the cache (M = 1 is memory-bound:
-// 11008x4096 at M = 1 went from 1.9 ms to 1.2-1.45 ms). group: the first byte of this block's
+// block computes keeps the memory bus busy when W does not fit in the cache (M = 1 is
+// memory-bound; docs/bench-nf4-cpu.md has the measurement). group: the first byte of this block's
 // first row; called once per 64-byte line (k % 128 == 0). A prefetch past the end of W is harmless.
 template <int NR>
 __attribute__((always_inline)) inline void prefetch_next_group(const uint8_t* group, int64_t K,
@@ -906,9 +906,8 @@ int64_t tile_lines(int64_t total, int64_t bytes_per_line, int64_t multiple) {
 // tiles into its own buffer and multiplies them itself (BLAS called inside a parallel region runs
 // on the calling thread): the tile never leaves the core that wrote it. When the threads shared
 // one tile (one decode in parallel, then one multi-threaded BLAS call), decoding into the buffer
-// that the previous product had just read was at times 5x slower (1.6 ms instead of 0.3 ms for an
-// 8 MiB tile, 1024x4096 bfloat16): each store first had to take its line back from the other
-// core's cache.
+// that the previous product had just read was at times several times slower: each store first
+// had to take its line back from the other core's cache (docs/bench-nf4-cpu.md).
 template <typename T> at::Tensor linear_tiled(Isa isa, const NF4View& w, const at::Tensor& x2d,
                                               const c10::optional<at::Tensor>& bias, int64_t N,
                                               int64_t K) {

@@ -337,3 +337,16 @@ def test_reference_and_layer_share_the_detach_norm_default():
     (ref * gy).sum().backward()
     close(layer.lora_A.grad, A.grad, rtol=1e-10, atol=1e-12)
     close(layer.magnitude.grad, m.grad, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_unmerge_leaves_no_merge_state_behind(quantized):
+    base = dense(12, 64, dtype=torch.float32)
+    if quantized:
+        base = NF4Linear.from_linear(base, compute_dtype=torch.float32)
+    layer = randomize(DoRALinear(base, r=2, alpha=4))
+    layer.merge(warn=False)
+    assert layer._unmerge_state is not None
+    layer.unmerge()
+    assert layer._unmerge_state is None and not layer.merged
+    assert not {"_merge_k", "_merge_rows", "_saved_nf4"} & set(vars(layer))

@@ -1,6 +1,6 @@
 // CUDA device code for the NF4 ops: decoding, dequantize, and the small-M fused matmuls.
 //
-// The specification is minidora/nf4.py (see shared/spec/nf4.md): a weight W [N, K] is flattened
+// The specification is minidora/nf4.py (see docs/format.md): a weight W [N, K] is flattened
 // row-major, cut into blocks of `blocksize` elements with one scale each, and stored as 4-bit
 // codes, two per byte, the first element in the HIGH nibble. An element decodes to
 //
