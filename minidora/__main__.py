@@ -19,6 +19,7 @@ import math
 import os
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 __all__ = ["main"]
@@ -30,6 +31,7 @@ MAX_THREADS = 256
 MAX_STEPS = 100_000
 MAX_ALPHA = 1e6
 MAX_SEED = 2**63 - 1     # torch takes it as a signed or an unsigned 64-bit seed; so does seed + 1
+MAX_SEEDS = 20           # seeds per point of the rank sweep (seed .. seed + N - 1, + 1 for batches)
 
 
 class UsageError(Exception):
@@ -48,8 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     d = sub.add_parser(
         "demo", help="pretrain a small GPT, fine-tune it with every method, compare",
         description="Pretrain a small GPT on text A (cached), fine-tune it on text B with full "
-                    "fine-tuning, LoRA, DoRA, QLoRA and QDoRA, print the comparison and write "
-                    "plots and JSON.")
+                    "fine-tuning, LoRA, DoRA, QLoRA and QDoRA, sweep the adapters' rank over "
+                    "several seeds, print the comparison and write plots and JSON.")
     d.add_argument("--methods", nargs="+", default=None, metavar="M",
                    help="methods to run, space or comma separated "
                         "(default: full lora dora qlora qdora)")
@@ -58,11 +60,22 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--alpha", type=float, default=None,
                    help=f"adapter alpha in (0, {MAX_ALPHA:.0f}]; scaling = alpha / r (default 16)")
     d.add_argument("--steps", type=int, default=None,
-                   help=f"fine-tuning steps per method, 1..{MAX_STEPS} (default 300)")
+                   help=f"fine-tuning steps per run, 1..{MAX_STEPS} (default 300)")
     d.add_argument("--pretrain-steps", type=int, default=None,
                    help=f"pretraining steps, 1..{MAX_STEPS} (default 600)")
     d.add_argument("--seed", type=int, default=0,
                    help="seed of model init, batches and adapters, 0..2**63-1 (default 0)")
+    d.add_argument("--sweep", action=argparse.BooleanOptionalAction, default=True,
+                   help="run the rank sweep (default: on; --no-sweep skips it)")
+    d.add_argument("--sweep-methods", nargs="+", default=None, metavar="M",
+                   help="adapter methods of the sweep, space or comma separated (default: lora "
+                        "dora)")
+    d.add_argument("--sweep-ranks", nargs="+", default=None, metavar="R",
+                   help="ranks of the sweep, space or comma separated, each at most min(in, out) "
+                        "of the adapted layers (default: 1 2 4 8)")
+    d.add_argument("--seeds", type=int, default=None,
+                   help=f"seeds per sweep point, 1..{MAX_SEEDS}: --seed, --seed + 1, ... "
+                        "(default 3; 2 with --quick)")
     d.add_argument("--backend", choices=("auto", "reference", "compiled"), default="auto",
                    help="NF4 path of the q-methods: compiled op, plain PyTorch reference, or auto")
     d.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default="float32",
@@ -79,7 +92,7 @@ def _parser() -> argparse.ArgumentParser:
                         "second thread gains 1.7x on an idle machine and loses several times "
                         "over on a busy one)")
     d.add_argument("--quick", action="store_true",
-                   help="a tiny model and a few steps: seconds (for tests)")
+                   help="a tiny model and a few steps, a sweep of 2 seeds: seconds (for tests)")
     from .testing.cli import add_parser
 
     add_parser(sub)
@@ -92,30 +105,52 @@ def _check_int(option: str, value: int, lo: int, hi: int, why: str = "") -> int:
     return value
 
 
-def _config(args):
-    from .demo.model import GPTConfig
-    from .demo.train import METHODS, RunConfig, max_rank
+def _names(option: str, given: list[str] | None, default: tuple[str, ...],
+           allowed: tuple[str, ...]) -> list[str]:
+    """Space or comma separated names from ``allowed``, deduplicated, in the given order."""
+    items = (m.strip() for item in (given or default) for m in item.split(","))
+    names = [m for m in items if m]
+    if not names:
+        raise UsageError(f"{option}: no method given; expected some of {', '.join(allowed)}")
+    for m in names:
+        if m not in allowed:
+            raise UsageError(f"{option}: unknown method {m!r}; expected some of "
+                             f"{', '.join(allowed)}")
+    return list(dict.fromkeys(names))
 
-    items = (m.strip() for item in (args.methods or METHODS) for m in item.split(","))
-    methods = [m for m in items if m]
-    if not methods:
-        raise UsageError("--methods: no method given; expected some of " + ", ".join(METHODS))
-    for m in methods:
-        if m not in METHODS:
-            raise UsageError(f"--methods: unknown method {m!r}; "
-                             f"expected some of {', '.join(METHODS)}")
-    methods = list(dict.fromkeys(methods))
+
+def _ranks(given: list[str], hi: int, why: str) -> tuple[int, ...]:
+    """--sweep-ranks: integers in 1..hi, space or comma separated, sorted and deduplicated."""
+    items = [r.strip() for item in given for r in item.split(",") if r.strip()]
+    if not items:
+        raise UsageError("--sweep-ranks: no rank given; expected integers such as 1 2 4 8")
+    ranks = set()
+    for item in items:
+        try:
+            value = int(item)
+        except ValueError:
+            raise UsageError(f"--sweep-ranks: got {item!r}; expected an integer in "
+                             f"1..{hi}{why}") from None
+        ranks.add(_check_int("--sweep-ranks", value, 1, hi, why))
+    return tuple(sorted(ranks))
+
+
+def _config(args):
+    from .demo.train import ADAPTERS, DEMO_MODEL, METHODS, RunConfig, max_rank
+
+    methods = _names("--methods", args.methods, METHODS, METHODS)
     _check_int("--seed", args.seed, 0, MAX_SEED, " (2**63 - 1)")
     if args.quick:
-        cfg = RunConfig(seed=args.seed, model=GPTConfig(n_embd=32, n_head=2), batch_size=8,
-                        finetune_batch_size=8, pretrain_steps=40, steps=16, n_checkpoints=4,
-                        eval_every=4)
+        cfg = RunConfig(seed=args.seed, model=replace(DEMO_MODEL, n_embd=32, n_head=2),
+                        batch_size=8, finetune_batch_size=8, pretrain_steps=40, steps=16,
+                        n_checkpoints=4, eval_every=4, seeds=2)
     else:
         cfg = RunConfig(seed=args.seed)
     why_rank = " (min(in_features, out_features) of the adapted layers"
     why_rank += " in --quick)" if args.quick else ")"
     bounds = {"rank": (max_rank(cfg.model), why_rank), "steps": (MAX_STEPS, ""),
-              "pretrain_steps": (MAX_STEPS, ""), "threads": (MAX_THREADS, "")}
+              "pretrain_steps": (MAX_STEPS, ""), "threads": (MAX_THREADS, ""),
+              "seeds": (MAX_SEEDS, "")}
     for name, (hi, why) in bounds.items():
         value = getattr(args, name)
         if value is not None:
@@ -125,6 +160,16 @@ def _config(args):
             raise UsageError(f"--alpha: got {args.alpha}; expected a finite number > 0 and "
                              f"<= {MAX_ALPHA:.0f}")
         cfg.alpha = args.alpha
+    cfg.sweep_methods = tuple(_names("--sweep-methods", args.sweep_methods, cfg.sweep_methods,
+                                     ADAPTERS))
+    if args.sweep_ranks is not None:
+        cfg.sweep_ranks = _ranks(args.sweep_ranks, max_rank(cfg.model), why_rank)
+    if args.sweep_ranks is not None or args.sweep_methods is not None or args.seeds is not None:
+        if not args.sweep:
+            raise UsageError("--no-sweep: --sweep-methods, --sweep-ranks and --seeds set the "
+                             "sweep; drop them or drop --no-sweep")
+    if not args.sweep:
+        cfg.sweep_methods = ()
     cfg.n_checkpoints = min(cfg.n_checkpoints, cfg.steps)
     cfg.backend, cfg.compute_dtype = args.backend, args.compute_dtype
     return cfg, methods
@@ -149,12 +194,12 @@ def _writable_dir(path: Path, what: str, files: tuple[str, ...] = (), hint: str 
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo.main import OUTPUTS, run
+    from .demo.main import outputs, run
     from .demo.train import DemoError, default_cache_dir
 
     try:
         cfg, methods = _config(args)
-        out = _writable_dir(args.out, "--out", OUTPUTS)
+        out = _writable_dir(args.out, "--out", outputs(cfg))
         cache = None
         if not args.no_cache:
             what = ("--cache-dir" if args.cache_dir else

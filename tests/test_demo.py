@@ -1,5 +1,5 @@
 """The demo end to end in --quick mode (in-process and through ``python -m minidora``), its
-pieces (data, memory meter, answer accuracy, cache) and its bad-input exits.
+pieces (data, memory meter, answer scoring, cache, rank sweep) and its bad-input exits.
 
 Every run writes to pytest's tmp_path and uses a cache folder there, never the user's home.
 """
@@ -24,10 +24,10 @@ import torch
 
 import minidora
 from minidora.__main__ import main
-from minidora.demo import data, report
+from minidora.demo import data, report, sweep
 from minidora.demo.memory import PeakTensorMemory
 from minidora.demo.model import GPT, GPTConfig
-from minidora.demo.train import METHODS, answer_accuracy
+from minidora.demo.train import DEMO_MODEL, METHODS, score
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -45,7 +45,7 @@ def _run_main(argv: list[str]) -> tuple[int, str, str]:
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
-    """One in-process quick run with every method (cold cache)."""
+    """One in-process quick run with every method and the quick rank sweep (cold cache)."""
     base = tmp_path_factory.mktemp("demo")
     out, cache = base / "out", base / "cache"
     threads = torch.get_num_threads()
@@ -66,10 +66,10 @@ def test_table_has_every_method_with_finite_numbers(quick_run):
     rows = {ln.split()[0]: ln for ln in lines[header + 2: header + 2 + len(METHODS)]}
     assert list(rows) == list(METHODS)
     for ln in rows.values():
-        # trainable, weights, peak memory, ms/step, 2 losses, accuracy %, correlation
+        # trainable, weights, peak memory, ms/step, 2 losses, 2 accuracies %, correlation
         fields = re.findall(r"[-+]?[\d,]+\.?\d*%?", ln)
         nums = [float(v.replace(",", "").rstrip("%")) for v in fields]
-        assert len(nums) == 8 and all(math.isfinite(v) for v in nums), ln
+        assert len(nums) == 9 and all(math.isfinite(v) for v in nums), ln
 
 
 def test_losses_fall_from_the_pretrained_baseline(quick_run):
@@ -82,6 +82,22 @@ def test_losses_fall_from_the_pretrained_baseline(quick_run):
         if not name.startswith("q"):
             assert r["initial_held_out_loss"] == pytest.approx(base["held_out_loss"],
                                                                rel=1e-6, abs=1e-6)
+
+
+def test_full_fine_tuning_learns_the_task(tmp_path):
+    """The demo's claim, at its default model, pretraining and budget (about half a minute of
+    pretraining and a few seconds of fine-tuning on one thread): the pretrained model gets no
+    held-out number right, full fine-tuning gets most of them exactly right."""
+    rc, stdout, stderr = _run_main(["demo", "--methods", "full", "--no-sweep",
+                                    "--out", str(tmp_path / "o"),
+                                    "--cache-dir", str(tmp_path / "c")])
+    assert rc == 0, stderr
+    doc = json.loads((tmp_path / "o" / "results.json").read_text())
+    base, full = doc["baseline"], doc["methods"]["full"]
+    assert doc["config"]["model"] == DEMO_MODEL.to_dict()
+    assert base["accuracy"] == 0.0 and full["initial_accuracy"] == 0.0
+    assert full["final_accuracy"] >= 0.5, stdout
+    assert full["final_held_out_loss"] < 0.1 * base["held_out_loss"]
 
 
 def test_parameter_counts_and_weight_memory(quick_run):
@@ -110,23 +126,63 @@ def test_parameter_counts_and_weight_memory(quick_run):
 def test_json_schema(quick_run):
     doc = quick_run["doc"]
     assert doc["schema_version"] == report.SCHEMA_VERSION
-    assert set(doc) >= {"config", "pretrain", "baseline", "methods", "total_seconds", "columns",
-                        "table"}
+    assert set(doc) >= {"config", "pretrain", "baseline", "methods", "sweep", "total_seconds",
+                        "columns", "table"}
+    assert set(doc["baseline"]) == {"train_loss", "held_out_loss", "train_accuracy", "accuracy"}
     assert list(doc["methods"]) == list(METHODS)
     steps = doc["config"]["steps"]
     for name, r in doc["methods"].items():
-        for key in ("trainable_params", "total_params", "weight_bytes", "peak_bytes"):
-            assert isinstance(r[key], int) and r[key] > 0, (name, key)
-        for key in ("seconds_per_step", "final_train_loss", "final_held_out_loss",
-                    "initial_train_loss", "initial_held_out_loss", "corr_dD_dM", "lr"):
+        for key in ("trainable_params", "total_params", "weight_bytes", "peak_bytes", "seed"):
+            assert isinstance(r[key], int) and r[key] >= (key != "seed"), (name, key)
+        for key in ("seconds_per_step", "seconds", "final_train_loss", "final_held_out_loss",
+                    "initial_held_out_loss", "corr_dD_dM", "lr"):
             assert isinstance(r[key], float) and math.isfinite(r[key]), (name, key)
-        assert 0 <= r["final_accuracy"] <= 1 and -1 <= r["corr_dD_dM"] <= 1
+        for key in ("initial_accuracy", "final_accuracy", "final_train_accuracy"):
+            assert 0 <= r[key] <= 1, (name, key)
+        assert -1 <= r["corr_dD_dM"] <= 1
+        assert ("rank" in r) == ("alpha" in r) == (name != "full")
         assert len(r["train_curve"]) == steps
-        assert r["held_out_curve"][0][0] == 0 and r["held_out_curve"][-1][0] == steps
+        curve = r["held_out_curve"]              # [step, held-out loss, held-out accuracy]
+        assert curve[0][0] == 0 and curve[-1][0] == steps and all(len(p) == 3 for p in curve)
+        assert curve[-1][1:] == [r["final_held_out_loss"], r["final_accuracy"]]
         n_targets = 6 * doc["config"]["model"]["n_layer"]
         assert len(r["decomposition"]) == n_targets * doc["config"]["n_checkpoints"]
         assert all(p["dM"] >= 0 and p["dD"] >= 0 for p in r["decomposition"])
     assert doc["table"][0][0] == "full" and len(doc["table"]) == len(METHODS)
+
+
+def test_sweep_in_json(quick_run):
+    """Every (method, rank, seed) of the sweep once, alpha = s r, the table's runs reused, and a
+    summary whose stats are those of the runs."""
+    doc = quick_run["doc"]
+    cfg, sw = doc["config"], doc["sweep"]
+    assert sw["methods"] == list(cfg["sweep_methods"]) == ["lora", "dora"]
+    assert sw["ranks"] == list(cfg["sweep_ranks"]) and sw["seeds"] == [0, 1]
+    s = cfg["alpha"] / cfg["rank"]
+    assert sw["alpha_over_rank"] == s
+    keys = [(r["method"], r["rank"], r["seed"]) for r in sw["runs"]]
+    assert keys == [(m, r, k) for m in sw["methods"] for r in sw["ranks"] for k in sw["seeds"]]
+    for run in sw["runs"]:
+        assert run["alpha"] == s * run["rank"]
+        assert 0 <= run["final_accuracy"] <= 1 and math.isfinite(run["final_held_out_loss"])
+        if (run["rank"], run["seed"]) == (cfg["rank"], cfg["seed"]):   # the table's run, reused
+            main = doc["methods"][run["method"]]
+            assert run["final_held_out_loss"] == main["final_held_out_loss"]
+            assert run["seconds"] == main["seconds"]
+    assert len(sw["summary"]) == len(sw["methods"]) * len(sw["ranks"])
+    for row in sw["summary"]:
+        runs = [r for r in sw["runs"] if (r["method"], r["rank"]) == (row["method"], row["rank"])]
+        acc = [r["final_accuracy"] for r in runs]
+        assert row["accuracy"]["n"] == len(sw["seeds"])
+        assert row["accuracy"]["min"] == min(acc) and row["accuracy"]["max"] == max(acc)
+        assert row["accuracy"]["mean"] == pytest.approx(sum(acc) / len(acc), abs=1e-12)
+        assert row["trainable_params"] == runs[0]["trainable_params"]
+    lora = {row["rank"]: row["trainable_params"] for row in sw["summary"]
+            if row["method"] == "lora"}
+    r0 = min(lora)
+    assert all(lora[r] == lora[r0] * r // r0 for r in lora)   # r (in + out) per adapted layer
+    out = quick_run["stdout"]
+    assert "rank sweep: held-out accuracy and loss, mean [min, max] over 2 seed(s)" in out
 
 
 def _png_size(path: Path) -> tuple[int, int]:
@@ -136,16 +192,16 @@ def _png_size(path: Path) -> tuple[int, int]:
 
 
 def test_png_plots(quick_run):
-    for name in ("losses.png", "decomposition.png"):
+    for name in ("losses.png", "decomposition.png", "rank_sweep.png"):
         path = quick_run["out"] / name
-        assert path.stat().st_size > 20_000, name
+        assert 10_000 < path.stat().st_size < 200_000, name
         w, h = _png_size(path)
-        assert w >= 600 and h >= 300, (name, w, h)
+        assert w >= 600 and h >= 250, (name, w, h)
 
 
 def test_second_run_uses_the_cache_and_gives_the_same_numbers(quick_run, tmp_path):
-    rc, stdout, stderr = _run_main(["demo", "--quick", "--methods", "full", "--out", str(tmp_path),
-                                    "--cache-dir", str(quick_run["cache"])])
+    rc, stdout, stderr = _run_main(["demo", "--quick", "--methods", "full", "--no-sweep",
+                                    "--out", str(tmp_path), "--cache-dir", str(quick_run["cache"])])
     assert rc == 0, stderr
     assert "skipping pretraining" in stdout
     assert "skipping pretraining" not in quick_run["stdout"]
@@ -154,6 +210,7 @@ def test_second_run_uses_the_cache_and_gives_the_same_numbers(quick_run, tmp_pat
     assert doc["methods"]["full"]["final_held_out_loss"] == first["final_held_out_loss"]
     assert doc["methods"]["full"]["train_curve"] == first["train_curve"]
     assert len(list(quick_run["cache"].glob("pretrained-*.safetensors"))) == 1
+    assert doc["sweep"] is None and not (tmp_path / "rank_sweep.png").exists()
 
 
 def test_corrupt_cache_entry_is_ignored_and_replaced(quick_run, tmp_path):
@@ -163,7 +220,7 @@ def test_corrupt_cache_entry_is_ignored_and_replaced(quick_run, tmp_path):
         (cache / f.name).write_bytes(f.read_bytes())
     weights = next(cache.glob("pretrained-*.safetensors"))
     weights.write_bytes(weights.read_bytes()[:100])           # truncated
-    rc, stdout, stderr = _run_main(["demo", "--quick", "--methods", "full",
+    rc, stdout, stderr = _run_main(["demo", "--quick", "--methods", "full", "--no-sweep",
                                     "--out", str(tmp_path / "o"), "--cache-dir", str(cache)])
     assert rc == 0, stderr
     assert "ignoring the unreadable cache entry" in stdout and "skipping pretraining" not in stdout
@@ -174,6 +231,7 @@ def test_corrupt_cache_entry_is_ignored_and_replaced(quick_run, tmp_path):
 def test_entry_point_subprocess(tmp_path):
     env = {**os.environ, "MINIDORA_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "minidora", "demo", "--quick", "--methods", "lora,qdora",
+           "--sweep-methods", "qdora", "--sweep-ranks", "2,1", "--seeds", "1",
            "--out", str(tmp_path / "out")]
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert p.returncode == 0, p.stderr
@@ -182,6 +240,9 @@ def test_entry_point_subprocess(tmp_path):
     assert list((tmp_path / "cache").glob("pretrained-*.json"))   # the env var chose the cache
     doc = json.loads((tmp_path / "out" / "results.json").read_text())
     assert doc["config"]["backend"] == "auto"
+    assert [(r["method"], r["rank"], r["seed"]) for r in doc["sweep"]["runs"]] == [
+        ("qdora", 1, 0), ("qdora", 2, 0)]
+    assert "rank sweep: qdora at r = 1, 2, 1 seed each" in p.stdout
 
 
 # --- bad input -----------------------------------------------------------------------------------
@@ -216,6 +277,18 @@ def no_run(monkeypatch):
     (["--seed", "-1"], "--seed: got -1; expected an integer in 0..9223372036854775807"),
     (["--seed", str(2**63)], "--seed"),
     (["--seed", str(2**70)], "--seed: got 1180591620717411303424"),
+    (["--seeds", "0"], "--seeds: got 0; expected an integer in 1..20"),
+    (["--seeds", "21"], "--seeds: got 21"),
+    (["--sweep-methods", "full"], "--sweep-methods: unknown method 'full'; expected some of "
+                                  "lora, dora, qlora, qdora"),
+    (["--sweep-methods", "lora", "bogus"], "--sweep-methods: unknown method 'bogus'"),
+    (["--sweep-methods", ","], "--sweep-methods: no method given"),
+    (["--sweep-ranks", "0"], "--sweep-ranks: got 0; expected an integer in 1..32"),
+    (["--sweep-ranks", "1,2,33"], "--sweep-ranks: got 33"),
+    (["--sweep-ranks", "two"], "--sweep-ranks: got 'two'; expected an integer"),
+    (["--sweep-ranks", " , "], "--sweep-ranks: no rank given"),
+    (["--no-sweep", "--seeds", "2"], "--no-sweep: --sweep-methods, --sweep-ranks and --seeds"),
+    (["--no-sweep", "--sweep-ranks", "1"], "--no-sweep"),
 ])
 def test_bad_input_exits_with_one_line(no_run, tmp_path, args, needle):
     rc, stdout, stderr = _run_main(["demo", "--quick", "--out", str(tmp_path / "o"),
@@ -227,22 +300,29 @@ def test_bad_input_exits_with_one_line(no_run, tmp_path, args, needle):
 
 
 def test_bounds_are_inclusive(tmp_path):
-    """The largest seed, rank and alpha and the smallest step counts all run."""
+    """The largest seed, rank, alpha and seed count and the smallest step counts all run."""
     rc, _, stderr = _run_main(["demo", "--quick", "--methods", "lora", "--seed", str(2**63 - 1),
                                "--rank", "32", "--alpha", "1e6", "--steps", "1",
-                               "--pretrain-steps", "1", "--out", str(tmp_path), "--no-cache"])
+                               "--pretrain-steps", "1", "--sweep-methods", "lora",
+                               "--sweep-ranks", "32", "--seeds", "20",
+                               "--out", str(tmp_path), "--no-cache"])
     assert rc == 0, stderr
-    cfg = json.loads((tmp_path / "results.json").read_text())["config"]
+    doc = json.loads((tmp_path / "results.json").read_text())
+    cfg = doc["config"]
     assert (cfg["seed"], cfg["rank"], cfg["alpha"], cfg["steps"]) == (2**63 - 1, 32, 1e6, 1)
+    assert cfg["sweep_ranks"] == [32] and cfg["seeds"] == 20
+    assert doc["sweep"]["seeds"] == [2**63 - 1 + k for k in range(20)]
 
 
 def test_output_and_cache_paths_in_the_way(no_run, tmp_path, monkeypatch):
     a_file = tmp_path / "a_file"
     a_file.write_text("not a folder")
     (tmp_path / "o" / "results.json").mkdir(parents=True)
+    (tmp_path / "s" / "rank_sweep.png").mkdir(parents=True)
     cases = [(["--out", str(a_file)], f"--out: {str(a_file)!r} exists and is not a folder"),
              (["--out", str(a_file / "o")], "--out: cannot write to"),
              (["--out", str(tmp_path / "o")], "results.json' is in the way"),
+             (["--out", str(tmp_path / "s")], "rank_sweep.png' is in the way"),
              (["--cache-dir", str(a_file)], "--cache-dir: "),
              ([], "$MINIDORA_CACHE: ")]
     monkeypatch.setenv("MINIDORA_CACHE", str(a_file))
@@ -337,8 +417,8 @@ def test_ctrl_c_verify_subprocess(tmp_path):
 
 
 def test_compiled_backend(tmp_path):
-    rc, stdout, stderr = _run_main(["demo", "--quick", "--methods", "qlora", "--backend",
-                                    "compiled", "--out", str(tmp_path / "o"),
+    rc, stdout, stderr = _run_main(["demo", "--quick", "--methods", "qlora", "--no-sweep",
+                                    "--backend", "compiled", "--out", str(tmp_path / "o"),
                                     "--cache-dir", str(tmp_path / "c")])
     if minidora.ops.extension_available():
         assert rc == 0, stderr
@@ -353,7 +433,7 @@ def test_reference_and_compiled_nf4_paths_agree(quick_run, tmp_path):
     (a few float32 ulps, 1e-6 relative). The reference dequantizes each whole weight, a tensor the
     dispatcher sees; the compiled op does not, so its peak memory is lower: proof the switch
     acts."""
-    rc, _, stderr = _run_main(["demo", "--quick", "--methods", "qlora", "qdora",
+    rc, _, stderr = _run_main(["demo", "--quick", "--methods", "qlora", "qdora", "--no-sweep",
                                "--backend", "reference", "--out", str(tmp_path),
                                "--cache-dir", str(quick_run["cache"])])
     assert rc == 0, stderr
@@ -374,25 +454,56 @@ def test_reference_and_compiled_nf4_paths_agree(quick_run, tmp_path):
 
 def test_shipped_texts_are_the_generators_output():
     assert data.read_text(data.TEXT_A) == data.make_tales()
-    assert data.read_text(data.TEXT_B) == data.make_sums()
+    assert data.read_text(data.TEXT_B) == data.make_numbers()
     sizes = [(ROOT / "minidora" / "data" / n).stat().st_size for n in (data.TEXT_A, data.TEXT_B)]
     assert sum(sizes) < 300_000
-    assert set(data.make_sums()) <= set(data.make_tales())   # text B needs no new characters
+    assert set(data.make_numbers()) <= set(data.make_tales())  # text B needs no new characters
+    tok, _, _ = data.load_corpora()
+    assert len(tok.alphabet) == DEMO_MODEL.vocab_size
 
 
-def test_sums_are_right_and_split_by_problem():
-    words = {data.number_word(n): n for n in range(50)}
-    tok, _, b = data.load_corpora()
-    lines = data.make_sums().splitlines()
-    assert len(lines) == len(set(lines)) == 21 * 21 + 21 * 22 // 2
+def test_number_words():
+    assert [data.number_word(n) for n in (0, 13, 40, 42, 100, 110, 342, 999)] == [
+        "zero", "thirteen", "forty", "forty two", "one hundred", "one hundred ten",
+        "three hundred forty two", "nine hundred ninety nine"]
+    for bad in (-1, 1000):
+        with pytest.raises(ValueError, match=f"n={bad} is out of range"):
+            data.number_word(bad)
+
+
+def test_numbers_are_right_and_split_by_problem():
+    tok, a, b = data.load_corpora()
+    lines = data.make_numbers().splitlines()
+    assert len(lines) == len(set(lines)) == 1000
+    words = {data.number_word(n): n for n in range(1000)}
+    assert len(words) == 1000
     for ln in lines:
-        m = re.fullmatch(r"(.+) (plus|minus) (.+) is (.+)\.", ln)
-        a, op, c, r = words[m[1]], m[2], words[m[3]], words[m[4]]
-        assert r == (a + c if op == "plus" else a - c)
+        m = re.fullmatch(r"([a-z ]+) is (\d+)\.", ln)
+        assert words[m[1]] == int(m[2]), ln
     held = set(b.held_out_lines)
-    assert len(held) == round(0.15 * len(lines))
+    assert len(held) == 150 and set(b.train_lines) | held == set(lines)
     train_lines = set(tok.decode(b.train).splitlines())
-    assert not held & train_lines and held | train_lines == set(lines)
+    assert not held & train_lines and train_lines == set(b.train_lines)
+    # Text A has the numbers in words and in figures, never the two side by side.
+    tales = data.make_tales()
+    assert re.search(r"\d", tales) and "hundred" in tales
+    assert not re.search(r"[a-z] is \d", tales)
+
+
+def test_problems_mask_everything_but_the_answer():
+    tok, _, _ = data.load_corpora()
+    lines = ["forty two is 42.", "three hundred is 300."]
+    p = data.problems(tok, lines)
+    assert p.x.shape == p.y.shape == (2, len(lines[1])) and p.lengths.tolist() == [16, 21]
+    assert tok.decode(p.x[0, :16]) == "\n" + lines[0][:-1]    # input: newline, then the line
+    answer = p.y[0] != data.IGNORE
+    assert tok.decode(p.y[0][answer]) == "42."
+    assert answer.nonzero().flatten().tolist() == [13, 14, 15]
+    assert (p.y[0, 16:] == data.IGNORE).all()                  # padding
+    x, y = p.batch(torch.tensor([0, 0]))
+    assert x.shape == y.shape == (2, 16)                       # cut to the longest row drawn
+    with pytest.raises(ValueError, match="has no ' is '"):
+        data.problems(tok, ["forty two"])
 
 
 def test_peak_memory_meter_counts_live_tensors():
@@ -416,33 +527,31 @@ def test_peak_memory_meter_counts_live_tensors():
 
 
 class _Oracle(torch.nn.Module):
-    """Predicts the true next character everywhere, except in the answers of ``wrong`` lines."""
+    """Logits that put all mass on the true next character, except at the final ``.`` of the
+    answers of the ``wrong`` rows (there it goes to the next id: one wrong character)."""
 
-    def __init__(self, tok, lines, wrong):
+    def __init__(self, probs, wrong, v):
         super().__init__()
-        self.table = {}
-        for i, ln in enumerate(lines):
-            s = tok.encode("\n" + ln + "\n")
-            nxt = s[1:].clone()
-            if i in wrong:
-                nxt[-2] = (nxt[-2] + 1) % len(tok.alphabet)   # the final "." of the answer
-            self.table[tuple(s[:-1].tolist())] = nxt
-        self.v = len(tok.alphabet)
+        self.probs, self.wrong, self.v = probs, wrong, v
 
     def forward(self, x):
-        out = torch.zeros(*x.shape, self.v)
-        for i, row in enumerate(x):
-            for key, nxt in self.table.items():
-                if tuple(row[:len(key)].tolist()) == key:
-                    out[i, torch.arange(len(nxt)), nxt] = 1.0
-        return out
+        assert torch.equal(x, self.probs.x)
+        target = self.probs.y.clamp(min=0).clone()                     # [n, T]
+        for i in self.wrong:
+            target[i, self.probs.lengths[i] - 1] += 1
+        return torch.nn.functional.one_hot(target, self.v).float() * 30.0
 
 
-def test_answer_accuracy_is_greedy_exact_match():
+def test_score_is_greedy_exact_match():
     tok, _, b = data.load_corpora()
-    lines = b.held_out_lines[:10]
-    assert answer_accuracy(_Oracle(tok, lines, wrong=set()), tok, lines) == 1.0
-    assert answer_accuracy(_Oracle(tok, lines, wrong={1, 4, 7}), tok, lines) == pytest.approx(0.7)
+    probs = data.problems(tok, b.held_out_lines[:10])
+    v = len(tok.alphabet)
+    loss, acc = score(_Oracle(probs, set(), v), probs)
+    assert acc == 1.0 and loss < 1e-10
+    loss, acc = score(_Oracle(probs, {1, 4, 7}, v), probs)
+    assert acc == pytest.approx(0.7)
+    n_answer = int((probs.y != data.IGNORE).sum())
+    assert loss == pytest.approx(3 * 30.0 / n_answer, rel=1e-5)   # 3 characters cost 30 nats
 
 
 def test_correlation_matches_numpy_free_formula():
@@ -455,3 +564,21 @@ def test_correlation_matches_numpy_free_formula():
     expected = (x @ y / (x.norm() * y.norm())).item()
     assert report.correlation(pts) == pytest.approx(expected, abs=1e-12)
     assert math.isnan(report.correlation(pts[:2]))
+
+
+def test_sweep_summary_and_table():
+    runs = [{"method": m, "rank": r, "seed": k, "trainable_params": 10 * r,
+             "final_accuracy": acc, "final_held_out_loss": 1 - acc, "corr_dD_dM": corr}
+            for m, r, k, acc, corr in [("lora", 1, 0, 0.1, 0.5), ("lora", 1, 1, 0.3, 0.7),
+                                       ("lora", 4, 0, 0.5, float("nan")),
+                                       ("lora", 4, 1, 0.9, 0.1), ("dora", 1, 0, 0.2, 0.0)]]
+    rows = sweep.summarize(runs)
+    assert [(r["method"], r["rank"]) for r in rows] == [("lora", 1), ("lora", 4), ("dora", 1)]
+    assert rows[0]["accuracy"] == pytest.approx({"mean": 0.2, "min": 0.1, "max": 0.3,
+                                                 "std": 0.02 ** 0.5, "n": 2})
+    assert rows[1]["corr_dD_dM"]["n"] == 1                   # the NaN seed left out
+    assert rows[2]["accuracy"]["std"] == 0.0 and rows[2]["trainable_params"] == 10
+    text = sweep.format_sweep(rows).splitlines()
+    assert text[1].split() == ["method", "metric", "r=1", "r=4"]
+    assert text[3].split() == ["lora", "acc", "20%", "[10%,", "30%]", "70%", "[50%,", "90%]"]
+    assert text[5].split() == ["dora", "acc", "20%", "[20%,", "20%]"]   # no r=4 run: empty

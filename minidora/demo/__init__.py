@@ -2,11 +2,13 @@
 
 ``python -m minidora demo`` runs :func:`minidora.demo.main.run`: pretrain the GPT of :mod:`.model`
 on text A (or load it from the cache), fine-tune it on text B with full fine-tuning, LoRA, DoRA,
-QLoRA and QDoRA under the same budget (:mod:`.train`), then print the table and write the plots
-and the JSON (:mod:`.report`). See docs/demo.md for what each column means.
+QLoRA and QDoRA under the same budget (:mod:`.train`), sweep the adapters' rank over several
+seeds (:mod:`.sweep`), then print the tables and write the plots and the JSON (:mod:`.report`).
+See docs/demo.md for what each column means.
 
 Modules, in reading order: :mod:`.data` (the shipped texts, tokenization, split), :mod:`.model`
 (the GPT), :mod:`.train` (pretraining and fine-tuning), :mod:`.memory` (peak tensor memory),
-:mod:`.report` (table, plots, JSON), :mod:`.main` (the whole run). Nothing is imported here, so
-``python -m minidora.demo.data`` (which rewrites the shipped texts) runs cleanly.
+:mod:`.report` (table, plots, JSON), :mod:`.sweep` (the rank sweep), :mod:`.main` (the whole
+run). Nothing is imported here, so ``python -m minidora.demo.data`` (which rewrites the shipped
+texts) runs cleanly.
 """

@@ -1,4 +1,4 @@
-"""The whole demo run: pretrain (or load), fine-tune with each method, report."""
+"""The whole demo run: pretrain (or load), fine-tune with each method, sweep the rank, report."""
 
 from __future__ import annotations
 
@@ -7,19 +7,24 @@ from pathlib import Path
 
 import torch
 
-from . import report
-from .data import eval_windows, load_corpora
+from . import report, sweep
+from .data import load_corpora, problems
 from .model import GPT
-from .train import RunConfig, answer_accuracy, evaluate, finetune, pretrain
+from .train import DemoError, RunConfig, finetune, pretrain, score
 
-__all__ = ["OUTPUTS", "run"]
+__all__ = ["OUTPUTS", "SWEEP_OUTPUTS", "outputs", "run"]
 
 OUTPUTS = ("results.json", "losses.png", "decomposition.png")
+SWEEP_OUTPUTS = ("rank_sweep.png",)
+
+
+def outputs(cfg: RunConfig) -> tuple[str, ...]:
+    """The files a run with ``cfg`` writes."""
+    return OUTPUTS + (SWEEP_OUTPUTS if cfg.sweep_methods else ())
 
 
 def run(cfg: RunConfig, methods: list[str], out: Path, cache_dir: Path | None, log=print) -> dict:
-    """Run the comparison and write :data:`OUTPUTS` (``results.json``, ``losses.png``,
-    ``decomposition.png``) to ``out``.
+    """Run the comparison and the rank sweep and write :func:`outputs` to ``out``.
 
     Returns:
         The results document (as written to ``results.json``, before the JSON null conversion).
@@ -35,25 +40,54 @@ def run(cfg: RunConfig, methods: list[str], out: Path, cache_dir: Path | None, l
 def _run(cfg: RunConfig, methods: list[str], out: Path, cache_dir: Path | None, log) -> dict:
     t0 = time.perf_counter()
     tok, text_a, text_b = load_corpora()
+    if len(tok.alphabet) != cfg.model.vocab_size:
+        raise DemoError(f"the texts have {len(tok.alphabet)} characters but the model "
+                        f"vocab_size is {cfg.model.vocab_size}")
+    train, held = problems(tok, text_b.train_lines), problems(tok, text_b.held_out_lines)
     state, pre = pretrain(cfg, text_a, tok.alphabet, cache_dir, log=log)
     base = GPT(cfg.model)
     base.load_state_dict(state)
-    T = cfg.model.block_size
-    baseline = {"train_loss": evaluate(base, eval_windows(text_b.train, T)),
-                "held_out_loss": evaluate(base, eval_windows(text_b.held_out, T)),
-                "accuracy": answer_accuracy(base, tok, text_b.held_out_lines)}
-    log(f"fine-tuning on {text_b.name}: {', '.join(methods)}; {cfg.steps} steps each, "
-        f"rank {cfg.rank}, alpha {cfg.alpha:g}, seed {cfg.seed}")
+    (train_loss, train_acc), (held_loss, held_acc) = score(base, train), score(base, held)
+    baseline = {"train_loss": train_loss, "held_out_loss": held_loss,
+                "train_accuracy": train_acc, "accuracy": held_acc}
+    log(f"fine-tuning on {text_b.name} ({len(train.lines)} problems, {len(held.lines)} held "
+        f"out): {', '.join(methods)}; {cfg.steps} steps of {cfg.finetune_batch_size} problems "
+        f"each, rank {cfg.rank}, alpha {cfg.alpha:g}, seed {cfg.seed}")
     results = {}
     for m in methods:
-        results[m] = report.add_correlations(finetune(m, state, cfg, tok, text_b))
+        results[m] = report.add_correlations(finetune(m, state, cfg, train, held))
+        r = results[m]
+        log(f"  {m:<5}: held-out loss {r['final_held_out_loss']:.3f}, "
+            f"acc {100 * r['final_accuracy']:5.1f}% ({r['seconds']:.1f} s)")
+    sweep_doc = None
+    if cfg.sweep_methods:
+        n_runs = len(sweep.sweep_points(cfg))
+        log(f"rank sweep: {', '.join(cfg.sweep_methods)} at r = "
+            f"{', '.join(map(str, cfg.sweep_ranks))}, {cfg.seeds} seed"
+            f"{'s' if cfg.seeds > 1 else ''} each ({n_runs} runs, those of the table reused)")
+        runs = sweep.run_sweep(state, cfg, train, held, list(results.values()), log=log)
+        summary = sweep.summarize(runs)
+        sweep_doc = {"methods": list(cfg.sweep_methods), "ranks": list(cfg.sweep_ranks),
+                     "seeds": [cfg.seed + k for k in range(cfg.seeds)],
+                     "alpha_over_rank": cfg.alpha / cfg.rank, "runs": runs, "summary": summary}
     seconds = time.perf_counter() - t0
     log("")
     log(report.format_table(results, baseline))
+    if sweep_doc:
+        log("")
+        log(sweep.format_sweep(sweep_doc["summary"]))
+    written = [out / name for name in outputs(cfg)]
     report.plot_losses(out / "losses.png", results, baseline)
     report.plot_decomposition(out / "decomposition.png", results)
-    report.write_json(out / "results.json", cfg.to_dict(), pre, baseline, results, seconds)
-    log(f"\ntotal {seconds:.1f} s; wrote {out / 'results.json'}, {out / 'losses.png'}, "
-        f"{out / 'decomposition.png'}")
-    return {"config": cfg.to_dict(), "pretrain": pre, "baseline": baseline, "methods": results,
-            "total_seconds": seconds}
+    if sweep_doc:
+        refs = {"pretrained": (baseline["held_out_loss"], baseline["accuracy"])}
+        if "full" in results:
+            full = results["full"]
+            refs = {f"full (seed {cfg.seed})": (full["final_held_out_loss"],
+                                                 full["final_accuracy"]), **refs}
+        sweep.plot_rank_sweep(out / "rank_sweep.png", sweep_doc["runs"], sweep_doc["summary"],
+                              refs)
+    doc = report.document(cfg.to_dict(), pre, baseline, results, sweep_doc, seconds)
+    report.write_json(out / "results.json", doc)
+    log(f"\ntotal {seconds:.1f} s; wrote {', '.join(map(str, written))}")
+    return doc

@@ -82,7 +82,8 @@ class GPT(nn.Module):
     """Character-level language model.
 
     Args:
-        cfg: sizes; the defaults give about 0.4 M parameters.
+        cfg: sizes; the defaults give about 0.4 M parameters (the demo's own, ``DEMO_MODEL`` in
+            :mod:`minidora.demo.train`, about 0.1 M).
     """
 
     def __init__(self, cfg: GPTConfig):
@@ -114,6 +115,7 @@ class GPT(nn.Module):
         return F.linear(self.ln_f(x), self.tok_emb.weight)                        # [B, T, V]
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Mean next-token cross-entropy. x, y: [B, T] int64 -> scalar."""
+        """Mean next-token cross-entropy. x, y: [B, T] int64 -> scalar; targets equal to -100
+        (F.cross_entropy's ignore_index) are left out of the mean."""
         logits = self(x)
         return F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))

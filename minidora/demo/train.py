@@ -3,9 +3,11 @@
 :func:`pretrain` trains the small GPT on text A, or loads the weights from the cache
 (``$MINIDORA_CACHE``, default ``~/.cache/minidora``; safetensors + JSON, keyed by a hash of the
 model and training config and of text A). :func:`finetune` starts from those weights and trains on
-text B with one method: ``full`` (every parameter), or ``lora`` / ``dora`` / ``qlora`` / ``qdora``
-through :func:`minidora.wrap` on the six linear layers of every block. Every method gets the same
-seed, batches, steps and schedule; only the learning rate differs (see :data:`LEARNING_RATES`).
+text B's problems with one method: ``full`` (every parameter), or ``lora`` / ``dora`` / ``qlora`` /
+``qdora`` through :func:`minidora.wrap` on the six linear layers of every block. Every method gets
+the same seed, batches, steps and schedule; only the learning rate differs (see
+:data:`LEARNING_RATES`). The loss is the cross-entropy of the answer characters (``342.``);
+:func:`score` gives it with the exact-answer accuracy.
 """
 
 from __future__ import annotations
@@ -16,11 +18,12 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
@@ -28,19 +31,22 @@ from tqdm.auto import tqdm
 import minidora
 
 from ..analysis import effective_weight, weight_decomposition
-from .data import Corpus, eval_windows, random_batch
+from .data import IGNORE, Corpus, Problems, eval_windows, random_batch
 from .memory import PeakTensorMemory
 from .model import GPT, GPTConfig
 
-__all__ = ["METHODS", "LEARNING_RATES", "RunConfig", "DemoError", "pretrain", "finetune",
-           "evaluate", "default_cache_dir", "max_rank"]
+__all__ = ["METHODS", "ADAPTERS", "LEARNING_RATES", "RunConfig", "DemoError", "pretrain",
+           "finetune", "evaluate", "score", "default_cache_dir", "max_rank", "DEMO_MODEL"]
 
 METHODS = ("full", "lora", "dora", "qlora", "qdora")
-# Peak learning rates (AdamW, 10% warm-up, cosine decay to 10%), each the best held-out loss of a
-# small sweep (docs/demo.md). Full fine-tuning moves every weight and wants a smaller step than
-# the adapters, which start at B = 0.
+ADAPTERS = METHODS[1:]
+# Peak learning rates (AdamW, 10% warm-up, cosine decay to 10%), from short trials over two seeds
+# (docs/demo.md). Full fine-tuning moves every weight and wants a smaller step than the adapters,
+# which start at B = 0.
 LEARNING_RATES = {"full": 3e-3, "lora": 1e-2, "dora": 1e-2, "qlora": 1e-2, "qdora": 1e-2}
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
+# The demo's GPT: 2 blocks, 4 heads, width 64, context 64, 41 characters; about 0.1 M parameters.
+DEMO_MODEL = GPTConfig(vocab_size=41, block_size=64, n_layer=2, n_head=4, n_embd=64)
 
 
 class DemoError(RuntimeError):
@@ -49,15 +55,16 @@ class DemoError(RuntimeError):
 
 @dataclass
 class RunConfig:
-    """Everything that decides the numbers of a run (``--quick`` shrinks the step counts)."""
+    """Everything that decides the numbers of a run (``--quick`` shrinks the model and the step
+    counts)."""
 
-    seed: int = 0
-    model: GPTConfig = field(default_factory=GPTConfig)
-    batch_size: int = 32
+    seed: int = 0                  # pretraining; fine-tuning's adapter init and batches
+    model: GPTConfig = DEMO_MODEL
+    batch_size: int = 32           # pretraining: windows of block_size characters of text A
     pretrain_steps: int = 600
     pretrain_lr: float = 3e-3
     steps: int = 300
-    finetune_batch_size: int = 16  # text B's lines are short: 16 x 64 characters hold ~30 problems
+    finetune_batch_size: int = 32  # fine-tuning: problems (lines of text B) per step
     rank: int = 8
     alpha: float = 16.0
     n_checkpoints: int = 10        # weight snapshots for the dM / dD analysis
@@ -65,6 +72,9 @@ class RunConfig:
     backend: str = "auto"          # NF4 matmul: auto | reference | compiled
     compute_dtype: str = "float32"  # dtype of the dequantized 4-bit base in the q-methods
     threads: int = 1               # torch CPU threads; the summation order (the bits) depends on it
+    sweep_methods: tuple[str, ...] = ("lora", "dora")  # the rank sweep; () for none
+    sweep_ranks: tuple[int, ...] = (1, 2, 4, 8)
+    seeds: int = 3                 # fine-tuning seeds per sweep point: seed, seed + 1, ...
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -85,7 +95,7 @@ def _lr_at(step: int, total: int, peak: float) -> float:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, windows: tuple[torch.Tensor, torch.Tensor],
-             batch: int = 64) -> float:
+             batch: int = 256) -> float:
     """Mean cross-entropy over evaluation windows x, y: [n, T]."""
     was_training = model.training
     model.eval()
@@ -213,36 +223,38 @@ def max_rank(cfg: GPTConfig) -> int:
 
 
 @torch.no_grad()
-def answer_accuracy(model: nn.Module, tok, lines: list[str]) -> float:
-    """Fraction of problems ``"a plus b is c."`` whose answer greedy decoding gets right.
+def score(model: nn.Module, probs: Problems) -> tuple[float, float]:
+    """(answer loss, exact-answer accuracy) over every problem of ``probs``.
 
-    Teacher forcing with an argmax check at every answer position is exactly greedy decoding: the
-    decoded answer is right if and only if every next-token argmax along the true answer is right.
+    The loss is the mean cross-entropy over all answer characters. A problem counts as right when
+    the argmax at every answer position is the true character: that is exactly greedy decoding,
+    which is right if and only if every next-character argmax along the true answer is right (the
+    final ``.`` included, so ``34.`` for 342 is wrong).
     """
     was_training = model.training
     model.eval()
-    seqs = [tok.encode("\n" + ln + "\n") for ln in lines]
-    T = max(len(s) for s in seqs) - 1
-    x = torch.zeros(len(seqs), T, dtype=torch.int64)                  # [n, T]
-    y = torch.zeros(len(seqs), T, dtype=torch.int64)                  # [n, T]
-    mask = torch.zeros(len(seqs), T, dtype=torch.bool)                # [n, T] answer positions
-    for i, (ln, s) in enumerate(zip(lines, seqs, strict=True)):
-        x[i, :len(s) - 1], y[i, :len(s) - 1] = s[:-1], s[1:]
-        start = ln.index(" is ") + 4    # the answer begins at ln[start], s[start + 1], y[i, start]
-        mask[i, start:len(s) - 1] = True
-    pred = model(x).argmax(-1)                                        # [n, T]
+    logits = model(probs.x)                                            # [n, T, V]
     model.train(was_training)
-    return ((pred == y) | ~mask).all(dim=1).float().mean().item()
+    answer = probs.y != IGNORE                                         # [n, T]
+    loss = F.cross_entropy(logits[answer], probs.y[answer]).item()
+    right = (logits.argmax(-1) == probs.y) | ~answer                   # [n, T]
+    return loss, right.all(dim=1).float().mean().item()
 
 
-def finetune(method: str, state: dict[str, torch.Tensor], cfg: RunConfig, tok, corpus: Corpus,
-             position: int = 0) -> dict:
-    """Fine-tune the pretrained weights on ``corpus`` (text B) with one method.
+def finetune(method: str, state: dict[str, torch.Tensor], cfg: RunConfig, train: Problems,
+             held_out: Problems, position: int = 0) -> dict:
+    """Fine-tune the pretrained weights on text B's problems with one method.
+
+    ``cfg.rank``, ``cfg.alpha`` and ``cfg.seed`` set the adapters and the batches (the rank sweep
+    calls this with copies of ``cfg`` that differ in them). Every step draws
+    ``cfg.finetune_batch_size`` training problems with a generator seeded ``cfg.seed + 1``: for
+    one seed, every method sees the same batches.
 
     Returns:
-        A JSON-ready dict: parameter counts, weight and peak memory, seconds per step, losses and
-        accuracy before and after, the loss curves, and the dM / dD points of every target layer.
+        A JSON-ready dict: parameter counts, weight and peak memory, timings, answer loss and
+        accuracy before and after, the curves, and the dM / dD points of every target layer.
     """
+    t_start = time.perf_counter()
     with _backend(cfg.backend):
         model = build_model(method, state, cfg)
         if method == "full":
@@ -252,28 +264,28 @@ def finetune(method: str, state: dict[str, torch.Tensor], cfg: RunConfig, tok, c
         rep = minidora.report(model)
         targets = target_modules(model)
         w0 = {n: effective_weight(m) for n, m in targets.items()}
-        train_w = eval_windows(corpus.train, cfg.model.block_size)
-        held_w = eval_windows(corpus.held_out, cfg.model.block_size)
-        res = {"method": method, "lr": LEARNING_RATES[method],
+        lr = LEARNING_RATES[method]
+        held0 = score(model, held_out)
+        res = {"method": method, "seed": cfg.seed, "lr": lr,
+               **({} if method == "full" else {"rank": cfg.rank, "alpha": cfg.alpha}),
                "trainable_params": rep.trainable_params, "total_params": rep.total_params,
                "weight_bytes": rep.weight_bytes,
-               "initial_train_loss": evaluate(model, train_w),
-               "initial_held_out_loss": evaluate(model, held_w),
-               "initial_accuracy": answer_accuracy(model, tok, corpus.held_out_lines)}
-        opt = torch.optim.AdamW(params, lr=LEARNING_RATES[method], weight_decay=0.0)
+               "initial_held_out_loss": held0[0], "initial_accuracy": held0[1]}
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
         gen = torch.Generator().manual_seed(cfg.seed + 1)  # the same batches for every method
         every = max(1, cfg.steps // cfg.n_checkpoints)
-        curve, evals, points, step_time = [], [(0, res["initial_held_out_loss"])], [], 0.0
+        curve, evals, points, step_time = [], [(0, *held0)], [], 0.0
         bar = tqdm(range(cfg.steps), desc=f"{method:>5}", leave=False, disable=None,
                    position=position)
         for step in bar:
             for g in opt.param_groups:
-                g["lr"] = _lr_at(step, cfg.steps, LEARNING_RATES[method])
-            x, y = random_batch(corpus.train, cfg.finetune_batch_size, cfg.model.block_size, gen)
+                g["lr"] = _lr_at(step, cfg.steps, lr)
+            rows = torch.randint(len(train.lines), (cfg.finetune_batch_size,), generator=gen)
+            x, y = train.batch(rows)                                  # [B, T'] each
             meter = contextlib.nullcontext() if step else PeakTensorMemory(_model_tensors(model))
             t0 = time.perf_counter()
             with meter:
-                loss = model.loss(x, y)
+                loss = model.loss(x, y)                               # answer characters only
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -284,14 +296,15 @@ def finetune(method: str, state: dict[str, torch.Tensor], cfg: RunConfig, tok, c
             curve.append(loss.item())
             bar.set_postfix(loss=f"{curve[-1]:.3f}")
             if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
-                evals.append((step + 1, evaluate(model, held_w)))
+                evals.append((step + 1, *score(model, held_out)))
             if (step + 1) % every == 0:
                 for n, m in targets.items():
                     dm, dd = weight_decomposition(effective_weight(m), w0[n])
                     points.append({"step": step + 1, "layer": n, "dM": dm, "dD": dd})
+        train_loss, train_acc = score(model, train)
         res.update({"seconds_per_step": step_time / max(1, cfg.steps - 1),
-                    "final_train_loss": evaluate(model, train_w),
-                    "final_held_out_loss": evals[-1][1],
-                    "final_accuracy": answer_accuracy(model, tok, corpus.held_out_lines),
+                    "final_train_loss": train_loss, "final_train_accuracy": train_acc,
+                    "final_held_out_loss": evals[-1][1], "final_accuracy": evals[-1][2],
                     "train_curve": curve, "held_out_curve": evals, "decomposition": points})
+    res["seconds"] = time.perf_counter() - t_start
     return res
