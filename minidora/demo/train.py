@@ -178,20 +178,14 @@ def _model_tensors(model: nn.Module) -> list[torch.Tensor]:
     return [*model.parameters(), *model.buffers()]
 
 
-@contextlib.contextmanager
 def _backend(name: str):
-    """Run the block with the requested NF4 path (``minidora.ops.set_backend``)."""
+    """The requested NF4 path for a ``with`` block (``minidora.ops.use``), checked first."""
     from .. import ops
 
     if name == "compiled" and not ops.extension_available():
         raise DemoError("--backend compiled needs the compiled extension minidora._C; build it "
                         "with `python setup.py build_ext --inplace` or use --backend reference")
-    previous = ops.get_backend()
-    ops.set_backend(name)
-    try:
-        yield
-    finally:
-        ops.set_backend(previous)
+    return ops.use(backend=name)
 
 
 def build_model(method: str, state: dict[str, torch.Tensor], cfg: RunConfig) -> nn.Module:
