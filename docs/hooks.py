@@ -140,7 +140,7 @@ def on_page_content(html, page, config, files, **kwargs):
     for item in walk_toc(page.toc):
         item.title = tex_to_text(item.title)
     if not is_tutorial(page):
-        return html
+        return html + markdown_source_link(page)
     stem = Path(page.file.src_uri).stem
     # next to the page, where mkdocs-jupyter's include_source puts the .py
     write_notebook(TUTORIALS / f"{stem}.py", Path(page.file.abs_dest_path).parent / f"{stem}.ipynb")
@@ -155,6 +155,16 @@ def on_page_content(html, page, config, files, **kwargs):
     # below the title: the first </h1> of the first Markdown cell
     head, sep, rest = html.partition("</h1>")
     return head + sep + links + rest if sep else links + html
+
+
+def markdown_source_link(page) -> str:
+    """Copy a Markdown page's source next to its HTML and link it at the end of the page."""
+    src = Path(page.file.abs_src_path)
+    dest = Path(page.file.abs_dest_path).parent / src.name
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(src, dest)
+    return (f'<p class="minidora-source"><a href="{src.name}">Source of this page: '
+            f'docs/{page.file.src_uri}</a></p>')
 
 
 def drop_notebook_leftovers(html: str) -> str:
