@@ -15,6 +15,7 @@ inside a run prints one line with its type and message and exits with status 1; 
 from __future__ import annotations
 
 import argparse
+import importlib
 import math
 import os
 import sys
@@ -32,6 +33,10 @@ MAX_STEPS = 100_000
 MAX_ALPHA = 1e6
 MAX_SEED = 2**63 - 1     # torch takes it as a signed or an unsigned 64-bit seed; so does seed + 1
 MAX_SEEDS = 20           # seeds per point of the rank sweep (seed .. seed + N - 1, + 1 for batches)
+
+# Subcommands besides ``demo``: modules whose ``add_parser(subparsers)`` returns the new parser and ``run(args) -> int``
+# (the parser's ``prog`` names the command). Their heavy imports happen inside ``run``.
+SUBCOMMANDS = (".testing.cli",)
 
 
 class UsageError(Exception):
@@ -93,9 +98,8 @@ def _parser() -> argparse.ArgumentParser:
                         "over on a busy one)")
     d.add_argument("--quick", action="store_true",
                    help="a tiny model and a few steps, a sweep of 2 seeds: seconds (for tests)")
-    from .testing.cli import add_parser
-
-    add_parser(sub)
+    for name in SUBCOMMANDS:
+        importlib.import_module(name, __package__).add_parser(sub).set_defaults(module=name)
     return p
 
 
@@ -224,11 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     name = f"minidora {args.command}"
     debug = os.environ.get("MINIDORA_DEBUG", "") not in ("", "0")
     try:
-        if args.command == "verify":
-            from .testing.cli import run as verify
-
-            return verify(args)
-        return _demo(args)
+        if args.command == "demo":
+            return _demo(args)
+        return importlib.import_module(args.module, __package__).run(args)
     except KeyboardInterrupt:
         if debug:
             raise
