@@ -34,8 +34,8 @@ MAX_ALPHA = 1e6
 MAX_SEED = 2**63 - 1     # torch takes it as a signed or an unsigned 64-bit seed; so does seed + 1
 MAX_SEEDS = 20           # seeds per point of the rank sweep (seed .. seed + N - 1, + 1 for batches)
 
-# Subcommands besides ``demo``: modules whose ``add_parser(subparsers)`` returns the new parser and ``run(args) -> int``
-# (the parser's ``prog`` names the command). Their heavy imports happen inside ``run``.
+# Subcommands besides ``demo``: modules whose ``add_parser(subparsers)`` returns the new parser
+# and whose ``run(args)`` returns the exit status. Their heavy imports happen inside ``run``.
 SUBCOMMANDS = (".testing.cli",)
 
 
