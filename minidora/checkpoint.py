@@ -157,9 +157,33 @@ def _folder(path, what: str) -> Path:
     return path
 
 
-def save_adapters(model: nn.Module, path) -> Path:
+def _given(layers: dict[str, LoRALinear], tensors: dict | None) -> dict[str, torch.Tensor]:
+    """The adapter tensors to write, by ``<module>.lora_A`` / ``.lora_B`` / ``.magnitude``: the
+    layers' own, or ``tensors`` (checked: the same names and shapes)."""
+    own = {f"{n}.{k}": t for n, layer in layers.items() for k, t in _adapter_tensors(layer).items()}
+    if tensors is None:
+        return own
+    if set(tensors) != set(own):
+        raise ValueError(f"tensors must hold exactly the adapter tensors {sorted(own)[:4]}...; "
+                         f"missing {sorted(set(own) - set(tensors))[:4]}, "
+                         f"unknown {sorted(set(tensors) - set(own))[:4]}")
+    for k, t in tensors.items():
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(own[k].shape):
+            raise ValueError(f"tensors[{k!r}] must be a tensor of shape {tuple(own[k].shape)}, "
+                             f"got {getattr(t, 'shape', type(t).__name__)}")
+    return tensors
+
+
+def save_adapters(model: nn.Module, path, tensors: dict | None = None) -> Path:
     """Write only the adapters into the folder ``path`` (created): ``minidora_adapters.safetensors``
     (the config embedded in its metadata) and ``minidora_adapters.json``, each written atomically.
+
+    Args:
+        model: the wrapped model.
+        path: the folder.
+        tensors: the adapter tensors to write in place of the model's own, by the names the file
+            uses (``<module>.lora_A`` [r, in], ``.lora_B`` [out, r], ``.magnitude`` [out]): the
+            full tensors gathered from a sharded model (:mod:`minidora.distributed`).
 
     Returns:
         The folder.
@@ -169,9 +193,8 @@ def save_adapters(model: nn.Module, path) -> Path:
     layers = adapter_layers(model)
     if not layers:
         raise ValueError("model has no minidora adapter layers to save; call minidora.wrap first")
+    tensors = {k: t.detach().contiguous().cpu() for k, t in _given(layers, tensors).items()}
     folder = _folder(path, "adapters")
-    tensors = {f"{n}.{k}": t.detach().contiguous().cpu()
-               for n, layer in layers.items() for k, t in _adapter_tensors(layer).items()}
     config = {"format": "minidora-adapters", "minidora_version": minidora.__version__,
               "method": _method_of(layers),
               "layers": {n: _layer_config(layer) for n, layer in layers.items()}}
@@ -361,11 +384,12 @@ def load_peft_adapter(model: nn.Module, path, **wrap_kwargs) -> nn.Module:
     return model
 
 
-def save_peft_adapter(model: nn.Module, path) -> Path:
+def save_peft_adapter(model: nn.Module, path, tensors: dict | None = None) -> Path:
     """Export the adapters as a PEFT adapter folder that ``PeftModel.from_pretrained`` loads.
 
     All layers must share method, r, alpha and rsLoRA (PEFT's per-layer patterns are not
-    written). Tensors keep the adapters' dtype; both files are written atomically.
+    written). Tensors keep the adapters' dtype; both files are written atomically. ``tensors``
+    as in :func:`save_adapters`.
     """
     layers = adapter_layers(model)
     if not layers:
@@ -377,13 +401,13 @@ def save_peft_adapter(model: nn.Module, path) -> Path:
         raise ValueError("PEFT export needs one kind, r, alpha, rslora and fan_in_fan_out for all "
                          f"layers, got {sorted(shared)} and fan_in_fan_out {sorted(fan)}")
     kind, r, alpha, rslora = shared.pop()
+    given = {k: t.detach().contiguous().cpu() for k, t in _given(layers, tensors).items()}
     tensors = {}
-    for n, layer in layers.items():
-        tensors[f"{_PEFT_PREFIX}{n}.lora_A.weight"] = layer.lora_A.detach().contiguous().cpu()
-        tensors[f"{_PEFT_PREFIX}{n}.lora_B.weight"] = layer.lora_B.detach().contiguous().cpu()
+    for n in layers:
+        tensors[f"{_PEFT_PREFIX}{n}.lora_A.weight"] = given[f"{n}.lora_A"]
+        tensors[f"{_PEFT_PREFIX}{n}.lora_B.weight"] = given[f"{n}.lora_B"]
         if kind == "dora":
-            tensors[f"{_PEFT_PREFIX}{n}.lora_magnitude_vector"] = (
-                layer.magnitude.detach().contiguous().cpu())
+            tensors[f"{_PEFT_PREFIX}{n}.lora_magnitude_vector"] = given[f"{n}.magnitude"]
     dropout = {layer.dropout_p for layer in layers.values()}
     config = {"peft_type": "LORA", "task_type": None, "base_model_name_or_path": None,
               "r": r, "lora_alpha": alpha, "use_rslora": rslora, "use_dora": kind == "dora",

@@ -397,6 +397,32 @@ def test_save_adapters_takes_a_folder(tmp_path, name):
     assert torch.equal(c(x), a(x)) and not torch.equal(c(x), b(x))
 
 
+def test_save_adapters_writes_given_tensors(tmp_path):
+    """``tensors=`` (what a sharded model gathers) is written in place of the layers' own, in
+    both layouts, under the same checks of names and shapes."""
+    src = randomize_adapters(minidora.wrap(Net(), "dora", ["q_proj"], r=4), seed=3)
+    model = minidora.wrap(Net(), "dora", ["q_proj"], r=4)          # other adapters, same shapes
+    given = {f"{n}.{k}": getattr(layer, k).detach().clone() for n, layer in
+             minidora.adapter_layers(src).items() for k in ("lora_A", "lora_B", "magnitude")}
+    minidora.save_adapters(model, tmp_path / "a", tensors=given)
+    minidora.save_peft_adapter(model, tmp_path / "p", tensors=given)
+    for folder, load in ((tmp_path / "a", minidora.load_adapters),
+                         (tmp_path / "p", minidora.load_peft_adapter)):
+        dst = minidora.wrap(Net(), "dora", ["q_proj"], r=4) if load is minidora.load_adapters \
+            else Net()
+        dst = load(dst, folder)
+        x = torch.randn(3, 32)
+        assert torch.allclose(dst(x), src(x), rtol=1e-6, atol=1e-6), folder
+    bad = dict(given)
+    bad.pop("layers.0.q_proj.magnitude")
+    with pytest.raises(ValueError, match=r"missing \['layers.0.q_proj.magnitude'\]"):
+        minidora.save_adapters(model, tmp_path / "b", tensors=bad)
+    bad = {**given, "layers.0.q_proj.lora_B": torch.randn(32, 5)}
+    with pytest.raises(ValueError, match=r"lora_B'\] must be a tensor of shape \(32, 4\)"):
+        minidora.save_peft_adapter(model, tmp_path / "c", tensors=bad)
+    assert not (tmp_path / "b").exists()
+
+
 def test_load_adapters_refuses_mismatches(tmp_path):
     path = tmp_path / "a"
     minidora.save_adapters(minidora.wrap(Net(), "dora", ["q_proj"], r=4), path)
