@@ -1,0 +1,431 @@
+"""minidora.distributed and ``minidora train``: several processes against one, on gloo.
+
+Process groups are real: ``torch.distributed.run`` (torchrun) or processes started here with
+torchrun's variables, on loopback, on ports picked free, each run under a timeout. A few groups
+check many things each: one torchrun group runs the whole matrix {FSDP2, DDP} x {QLoRA, QDoRA} x
+{sizes that divide by the world size, sizes that do not} in float64 and its checkpoints; the
+1-process reference is a plain training loop written again here, on the whole global batch.
+
+This file is also the workers' script: ``python tests/test_distributed.py MODE OUT`` (run by
+torchrun or by the tests below).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import minidora
+from minidora.demo.model import GPTConfig
+from minidora.distributed import TrainConfig, builtin, join, leave, nf4_digest, train, unwrap
+
+HERE = Path(__file__).resolve()
+GROUP_TIMEOUT = 150          # seconds a launched group may take, start to end, before it fails
+# "even": every sharded size divides by 2 (width 32: NF4 codes 512 bytes, 16 scale codes; r = 4;
+# 4 rows). "uneven": width 20, so a 20 x 20 weight has 400 values, 6.25 blocks of 64 (a partial
+# block): 7 scale codes shard 4 + 3; r = 3 shards lora_A 2 + 1; 5 rows split 2 + 3.
+SIZES = {"even": (32, 4, 4), "uneven": (20, 3, 5)}
+CASES = [(s, m, z) for s in ("fsdp2", "ddp") for m in ("qlora", "qdora") for z in SIZES]
+STEPS = 3
+
+
+def case_cfg(strategy: str, method: str, size: str, **kw) -> TrainConfig:
+    width, r, rows = SIZES[size]
+    gpt = GPTConfig(vocab_size=41, block_size=64, n_layer=1, n_head=2, n_embd=width)
+    return TrainConfig(method=method, strategy=strategy, rank=r, batch_size=rows, steps=STEPS,
+                       lr=2e-2, seed=11, dtype="float64", gpt=gpt, **kw)
+
+
+def probe(task) -> torch.Tensor:
+    """Fixed input rows for logits: [3, T] (held to the data, not to the run)."""
+    return task.data.batch(torch.tensor([5, 1, 8]))[0]
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().clone()
+
+
+def adapters_of(model, grad: bool = False) -> dict[str, torch.Tensor]:
+    """The adapter tensors (or their gradients), full even when sharded (a collective)."""
+    return {n: full(p.grad if grad else p) for n, p in unwrap(model).named_parameters()
+            if p.requires_grad}
+
+
+# --- the workers (run by torchrun or by the tests) ---------------------------------------------
+
+def _worker_matrix(out: Path) -> None:
+    """Every case of the matrix, mixed precision, checkpoints and resume, on every rank."""
+    torch.set_num_threads(1)
+    g = join(timeout=60)
+    rec, tensors = {"rank": g.rank, "world": g.world_size}, {}
+    quiet = lambda *a, **k: None
+    try:
+        for case in CASES:
+            key = "-".join(case)
+            cfg, grads = case_cfg(*case), []
+            task = builtin(cfg)
+            res = train(cfg, g, out=out / key, task=task, log=quiet,
+                        on_step=lambda step, m, loss, gs=grads: gs.append(adapters_of(m, True)))
+            with torch.no_grad():
+                logits = res["module"](probe(task))                     # [3, T, V], every rank
+            rec[key] = {"losses": res["losses"], "nf4": res["nf4_sha256"],
+                        "local_scale_codes": unwrap(res["module"]).blocks[0].attn.q_proj.base
+                        .absmax.to_local().numel() if case[0] == "fsdp2" else None}
+            for step, gs in enumerate(grads):
+                tensors.update({f"{key}/grad{step}/{n}": v for n, v in gs.items()})
+            tensors.update({f"{key}/final/{n}": v for n, v in adapters_of(res["module"]).items()})
+            tensors[f"{key}/logits"] = logits.detach().clone()
+        # bf16 mixed precision: what the NF4 layer holds while it runs, and its bytes after.
+        cfg = replace(case_cfg("fsdp2", "qdora", "uneven"), dtype="float32",
+                      mixed_precision="bf16", steps=2)
+        task, seen = builtin(cfg), {}
+        layer = task.model.blocks[0].attn.q_proj
+        before = nf4_digest(task.model)
+        run_base = layer.base.linear
+
+        def spy(x, bias=True):
+            seen.update({k: str(getattr(layer.base, k).dtype) for k in
+                         ("packed", "absmax", "nested_absmax", "offset")})
+            seen.update(lora_A=str(layer.lora_A.dtype), x=str(x.dtype))
+            return run_base(x, bias)
+
+        layer.base.linear = spy
+        res = train(cfg, g, task=task, log=quiet)
+        rec["bf16"] = {"during": seen, "before": before, "after": res["nf4_sha256"],
+                       "losses": res["losses"],
+                       "after_dtypes": {k: str(getattr(layer.base, k).dtype)
+                                        for k in ("packed", "absmax", "nested_absmax", "offset")}}
+        # Resume: 5 steps with a resume point after 3, then a new run from it (FSDP2 and DDP).
+        for strategy, method, size in (("fsdp2", "qdora", "uneven"), ("ddp", "qlora", "even")):
+            key = f"resume-{strategy}"
+            cfg = replace(case_cfg(strategy, method, size), steps=5)
+            first = train(cfg, g, out=out / key, save_every=3, log=quiet)["losses"]
+            again = train(cfg, g, out=out / key, resume=True, log=quiet)
+            rec[key] = {"first": first, "resumed": again["losses"], "start": again["start"]}
+    finally:
+        leave(True)
+    (out / f"rank{g.rank}.json").write_text(json.dumps(rec))
+    if g.rank == 0:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "tensors.safetensors"))
+
+
+def _worker_fault(out: Path) -> None:
+    """``minidora train`` on every rank; rank 1 raises in its third forward."""
+    import minidora.distributed.loop as loop
+    from minidora.__main__ import main
+
+    rank, build = int(os.environ["RANK"]), loop.MODELS["builtin"]
+
+    def failing(cfg):
+        task, calls, logits = build(cfg), [0], None
+        logits = task.logits
+
+        def run(m, x):
+            calls[0] += 1
+            if rank == 1 and calls[0] == 3:
+                raise RuntimeError("injected failure in step 2")
+            return logits(m, x)
+
+        task.logits = run
+        return task
+
+    loop.MODELS["builtin"] = failing
+    sys.exit(main(["train", "--quick", "--out", str(out / "fault"), "--timeout", "60"]))
+
+
+def _worker_bad(out: Path) -> None:
+    """Several bad runs of ``minidora train`` in a row on every rank; each one's exit status,
+    stderr and seconds go to OUT/bad-RANK.json. A run that meets the group gets its own port."""
+    from minidora.__main__ import main
+
+    cases = json.loads((out / "bad-cases.json").read_text())
+    results = []
+    for argv, port in cases:          # port None: a port nobody else uses (a lone rank)
+        os.environ["MASTER_PORT"] = str(port if port is not None else free_port())
+        err, t0 = io.StringIO(), time.perf_counter()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            rc = main(argv)
+        results.append({"rc": rc, "stderr": err.getvalue(), "seconds": time.perf_counter() - t0})
+    (out / f"bad-{os.environ['RANK']}.json").write_text(json.dumps(results))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: one thread is as fast, and steady on a busy machine (values are the same)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# --- launching -----------------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    return {**env, "OMP_NUM_THREADS": "1", **extra}
+
+
+def launch(mode: str, out: Path, world: int = 2, timeout: float = GROUP_TIMEOUT):
+    """``world`` processes of this script with torchrun's variables (no agent): [(exit status,
+    stderr, seconds from the start to its exit)] by rank."""
+    port, procs, t0 = free_port(), [], time.perf_counter()
+    for rank in range(world):
+        env = _env(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        procs.append(subprocess.Popen([sys.executable, str(HERE), mode, str(out)], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    results = []
+    try:
+        for p in procs:
+            _, err = p.communicate(timeout=max(1.0, timeout - (time.perf_counter() - t0)))
+            results.append((p.returncode, err, time.perf_counter() - t0))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return results
+
+
+@pytest.fixture(scope="module")
+def matrix(tmp_path_factory):
+    """One torchrun group of 2 runs every case (``_worker_matrix``); its records and tensors."""
+    out = tmp_path_factory.mktemp("matrix")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(HERE), "matrix", str(out)]
+    p = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=GROUP_TIMEOUT)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "SIGABRT" not in p.stderr and "destroy_process_group() was not called" not in p.stderr
+    recs = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    return out, recs, load_file(str(out / "tensors.safetensors"))
+
+
+_REFERENCES = {}
+
+
+def reference(case):
+    """The 1-process run, written again as a plain loop: the mean loss over the whole global
+    batch (GPT.loss), no process group, no wrapper. Losses, gradients per step, final adapters,
+    NF4 digest."""
+    if case in _REFERENCES:
+        return _REFERENCES[case]
+    cfg = case_cfg(*case)
+    task = builtin(cfg)
+    model = task.model
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    losses, grads = [], []
+    for _ in range(cfg.steps):
+        rows = torch.randint(len(task.data.lines), (cfg.batch_size,), generator=gen)
+        loss = model.loss(*task.data.batch(rows))
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    ref = {"losses": losses, "grads": grads, "final": adapters_of(model),
+           "nf4": nf4_digest(model)}
+    _REFERENCES[case] = ref
+    return ref
+
+
+def assert_close(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
+    """|a - b| <= 1e-12 (|b| + max |b|): float64 rounding of a different summation order."""
+    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
+    assert a.shape == b.shape, what
+    tol = 1e-12 * (b.abs() + b.abs().max())
+    assert ((a - b).abs() <= tol).all(), f"{what}: max |a-b| = {(a - b).abs().max():.3e}"
+
+
+# --- the matrix: 2 processes equal 1 --------------------------------------------------------
+
+@pytest.mark.parametrize("case", CASES, ids=["-".join(c) for c in CASES])
+def test_two_processes_equal_one(matrix, case):
+    """Losses, adapter gradients at every step and adapters after the steps, to 1e-12 in
+    float64; the frozen NF4 bytes are the same on both ranks and the reference's."""
+    _, recs, tensors = matrix
+    key, ref = "-".join(case), reference(case)
+    assert recs[0][key]["losses"] == recs[1][key]["losses"]
+    assert_close(recs[0][key]["losses"], ref["losses"], f"{key} losses")
+    names = sorted(ref["final"])
+    assert len(names) == 6 * (3 if case[1] == "qdora" else 2)
+    for step in range(STEPS):
+        for n in names:
+            assert_close(tensors[f"{key}/grad{step}/{n}"], ref["grads"][step][n],
+                         f"{key} step {step} grad {n}")
+    for n in names:
+        assert_close(tensors[f"{key}/final/{n}"], ref["final"][n], f"{key} final {n}")
+        assert not torch.equal(ref["final"][n], reference(case)["grads"][0][n])
+    assert recs[0][key]["nf4"] == recs[1][key]["nf4"] == ref["nf4"]
+    if case[0] == "fsdp2":          # the scale codes really are sharded: 8 + 8, or 4 + 3
+        split = [r[key]["local_scale_codes"] for r in recs]
+        assert split == ([8, 8] if case[2] == "even" else [4, 3])
+
+
+def test_checkpoint_of_two_processes_loads_in_one(matrix):
+    """The adapter folder rank 0 wrote from the shards loads into a fresh 1-process model and
+    gives the logits the 2 processes computed; the PEFT folder holds the same tensors."""
+    out, _, tensors = matrix
+    for case in CASES:
+        key = "-".join(case)
+        task = builtin(case_cfg(*case))
+        minidora.load_adapters(task.model, out / key / "adapters")
+        with torch.no_grad():
+            logits = task.model(probe(task))
+        assert_close(logits, tensors[f"{key}/logits"], f"{key} logits")
+        mine = load_file(str(out / key / "adapters" / "minidora_adapters.safetensors"))
+        peft = load_file(str(out / key / "adapters" / "peft" / "adapter_model.safetensors"))
+        for n, t in mine.items():
+            layer, _, kind = n.rpartition(".")
+            pk = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight",
+                  "magnitude": "lora_magnitude_vector"}[kind]
+            assert torch.equal(peft[f"base_model.model.{layer}.{pk}"], t)
+            assert_close(t, tensors[f"{key}/final/{n}"], f"{key} file {n}")
+
+
+def test_bf16_mixed_precision_keeps_the_nf4_state(matrix):
+    """MixedPrecisionPolicy(param_dtype=bfloat16) runs the adapters in bf16 (the policy is on)
+    while the NF4 codes stay uint8 and the scales float32, and leaves every NF4 byte as it was."""
+    _, recs, _ = matrix
+    for rec in recs:
+        bf = rec["bf16"]
+        assert bf["during"] == {"packed": "torch.uint8", "absmax": "torch.uint8",
+                                "nested_absmax": "torch.float32", "offset": "torch.float32",
+                                "lora_A": "torch.bfloat16", "x": "torch.bfloat16"}
+        assert bf["after_dtypes"] == {k: v for k, v in bf["during"].items() if k in
+                                      ("packed", "absmax", "nested_absmax", "offset")}
+        assert bf["before"] == bf["after"] == recs[0]["bf16"]["after"]
+        assert all(torch.isfinite(torch.tensor(bf["losses"])))
+
+
+def test_resume_continues_the_loss_curve(matrix):
+    """A run resumed from its step-3 resume point (adapters + AdamW state, DCP) repeats steps 3
+    and 4 exactly, under FSDP2 and DDP at world size 2, and at world size 1 (resharded)."""
+    out, recs, _ = matrix
+    for key in ("resume-fsdp2", "resume-ddp"):
+        rec = recs[0][key]
+        assert rec["start"] == 3 and len(rec["first"]) == 5
+        assert rec["resumed"] == rec["first"][3:]
+        assert rec["first"][3] != rec["first"][2]
+    cfg = replace(case_cfg("fsdp2", "qdora", "uneven"), steps=5)
+    g = join(timeout=30)
+    try:
+        again = train(cfg, g, out=out / "resume-fsdp2", resume=True, log=lambda *a: None)
+    finally:
+        leave(True)
+    assert again["start"] == 3
+    assert_close(again["losses"], recs[0]["resume-fsdp2"]["first"][3:], "resumed at 1 process")
+
+
+# --- failures ----------------------------------------------------------------------------------
+
+def test_a_failing_rank_stops_the_others(tmp_path):
+    """Rank 1 raises in step 2: it names itself and its error; rank 0 stops at its next
+    collective (no torchrun agent to kill it) and names rank 1 and the error; both exit 1, long
+    before the 60 s collective timeout, without SIGABRT."""
+    (r0, e0, t0), (r1, e1, t1) = launch("fault", tmp_path)
+    assert (r0, r1) == (1, 1), e0[-2000:] + e1[-2000:]
+    assert "minidora train: rank 1 of 2: error: RuntimeError: injected failure in step 2" in e1
+    assert ("minidora train: rank 0 of 2: error: stopped because rank 1 failed: RuntimeError: "
+            "injected failure in step 2") in e0
+    assert max(t0, t1) < 60
+
+
+def test_bad_input_errors_on_every_rank(tmp_path):
+    """World size vs batch, an adapter folder of another method or adapter rank, a resume point
+    of another rank or method, a rendezvous nobody joins: the same clear error on both ranks."""
+    from minidora.__main__ import main
+
+    quick = ["train", "--quick", "--steps", "1"]
+    for method, r in (("qlora", "8"), ("qdora", "8")):
+        assert main([*quick, "--method", method, "--rank", r, "--out",
+                     str(tmp_path / method)]) == 0
+    assert main([*quick, "--save-every", "1", "--steps", "2", "--out",
+                 str(tmp_path / "res")]) == 0
+    out = str(tmp_path / "o")
+    runs = [([*quick, "--batch-size", "1", "--out", out],
+             "--batch-size: got 1 rows for a world size of 2; expected at least one row per rank"),
+            ([*quick, "--init-adapters", str(tmp_path / "qlora" / "adapters"), "--out", out],
+             "adapter file holds method 'qlora' but the model is wrapped with 'qdora'"),
+            ([*quick, "--rank", "4", "--init-adapters", str(tmp_path / "qdora" / "adapters"),
+              "--out", out], "the file has r=8, the model has r=4"),
+            ([*quick, "--steps", "3", "--rank", "4", "--resume", "--out", str(tmp_path / "res")],
+             "--resume: the resume point in"),
+            ([*quick, "--steps", "3", "--method", "qlora", "--resume", "--out",
+              str(tmp_path / "res")], "has method='qdora', this run method='qlora'"),
+            ([*quick, "--timeout", "2", "--out", out], "did not meet the other processes")]
+    cases = []
+    for argv, _ in runs:
+        if "--timeout" not in argv:
+            argv += ["--timeout", "60"]
+        p = free_port()
+        cases.append([argv, p])
+    cases[-1][1] = None                       # the rendezvous: each rank its own unused port
+    (tmp_path / "bad-cases.json").write_text(json.dumps(cases))
+    res = launch("bad", tmp_path)
+    assert [r[0] for r in res] == [0, 0], res
+    for rank in range(2):
+        got = json.loads((tmp_path / f"bad-{rank}.json").read_text())
+        for (argv, want), rec in zip(runs, got, strict=True):
+            assert rec["rc"] == 1, (argv, rec)
+            assert f"minidora train: rank {rank} of 2: error: " in rec["stderr"], rec
+            assert want in rec["stderr"], (want, rec["stderr"])
+            assert "Traceback" not in rec["stderr"]
+        assert "rank=8, this run rank=4" in got[3]["stderr"]
+        assert got[-1]["seconds"] < 30
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--steps", "0"], "--steps: got 0; expected an integer in 1..100000"),
+    (["--rank", "33"], "--rank: got 33; expected an integer in 1..32"),
+    (["--alpha", "nan"], "--alpha: got nan; expected a finite number > 0"),
+    (["--lr", "2"], "--lr: got 2.0; expected a finite number > 0 and <= 1"),
+    (["--timeout", "0.5"], "--timeout: got 0.5; expected 1..86400 seconds"),
+    (["--threads", "0"], "--threads: got 0; expected an integer in 1..256"),
+    (["--save-every", "-1"], "--save-every: got -1; expected an integer in 0..100000"),
+    (["--strategy", "ddp", "--mixed-precision", "bf16"], "--mixed-precision bf16 is FSDP2's"),
+    (["--base", "/nonexistent/gpt.safetensors"], "--base: '/nonexistent/gpt.safetensors' does"),
+])
+def test_cli_rejects_bad_options(argv, message, capsys, tmp_path):
+    from minidora.__main__ import main
+
+    assert main(["train", "--quick", "--out", str(tmp_path), *argv]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("minidora train: rank 0 of 1: error: ") and message in err, err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_cli_names_a_missing_rendezvous_variable(capsys, monkeypatch, tmp_path):
+    from minidora.__main__ import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert main(["train", "--quick", "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "missing rendezvous: $RANK, $WORLD_SIZE set but $MASTER_ADDR, $MASTER_PORT not" in err
+
+
+if __name__ == "__main__":
+    {"matrix": _worker_matrix, "fault": _worker_fault, "bad": _worker_bad}[sys.argv[1]](
+        Path(sys.argv[2]))
+    sys.exit(0)
