@@ -405,6 +405,8 @@ def test_bad_input_errors_on_every_rank(tmp_path):
     (["--save-every", "-1"], "--save-every: got -1; expected an integer in 0..100000"),
     (["--strategy", "ddp", "--mixed-precision", "bf16"], "--mixed-precision bf16 is FSDP2's"),
     (["--base", "/nonexistent/gpt.safetensors"], "--base: '/nonexistent/gpt.safetensors' does"),
+    (["--mixed-precision", "bf16", "--dtype", "float64"], "bf16 needs --dtype float32"),
+    (["--out", str(HERE)], f"--out: {str(HERE)!r} exists and is not a folder"),
 ])
 def test_cli_rejects_bad_options(argv, message, capsys, tmp_path):
     from minidora.__main__ import main
@@ -413,6 +415,30 @@ def test_cli_rejects_bad_options(argv, message, capsys, tmp_path):
     err = capsys.readouterr().err
     assert err.startswith("minidora train: rank 0 of 1: error: ") and message in err, err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_cli_resume_and_writes_fail_cleanly(capsys, tmp_path):
+    """One process: no resume point, a resume point with nothing left to do, an adapter folder
+    rank 0 cannot write; each a one-line error, and the process group is gone afterwards."""
+    import torch.distributed as dist
+
+    from minidora.__main__ import main
+
+    quick = ["train", "--quick", "--steps", "2"]
+    assert main([*quick, "--resume", "--out", str(tmp_path / "none")]) == 1
+    assert "--resume: no resume point in" in capsys.readouterr().err
+    assert main([*quick, "--save-every", "2", "--out", str(tmp_path / "r")]) == 0
+    assert (tmp_path / "r" / "resume" / "step-000002").is_dir()
+    capsys.readouterr()
+    assert main([*quick, "--resume", "--out", str(tmp_path / "r")]) == 1
+    err = capsys.readouterr().err
+    assert "the resume point is at step 2; --steps 2 leaves nothing to do" in err, err
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "adapters").write_text("in the way")
+    assert main([*quick, "--out", str(tmp_path / "w")]) == 1
+    err = capsys.readouterr().err
+    assert "error: RuntimeError: rank 0 could not write the checkpoint: ValueError: path" in err
+    assert len(err.strip().splitlines()) == 1 and not dist.is_initialized()
 
 
 def test_cli_names_a_missing_rendezvous_variable(capsys, monkeypatch, tmp_path):
