@@ -396,6 +396,7 @@ def test_bad_input_errors_on_every_rank(tmp_path):
 
 
 @pytest.mark.parametrize("argv,message", [
+    (["--model", "gpt-5"], "--model: unknown model 'gpt-5'; expected one of builtin"),
     (["--steps", "0"], "--steps: got 0; expected an integer in 1..100000"),
     (["--rank", "33"], "--rank: got 33; expected an integer in 1..32"),
     (["--alpha", "nan"], "--alpha: got nan; expected a finite number > 0"),

@@ -38,8 +38,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description="Train the adapters of a model on one process (python -m minidora train) or "
                     "many (torchrun --nproc_per_node N -m minidora train): FSDP2 shards the 4-bit "
                     "base and the adapters, DDP replicates them. gloo on the CPU, NCCL on GPUs.")
-    t.add_argument("--model", choices=("builtin",), default="builtin",
-                   help="the model: builtin, the demo's small GPT on the number-words task")
+    t.add_argument("--model", default="builtin",
+                   help="the model, a name in minidora.distributed.loop.MODELS (default builtin: "
+                        "the demo's small GPT on the number-words task)")
     t.add_argument("--method", choices=("qlora", "qdora", "lora", "dora"), default="qdora",
                    help="adapter method (default qdora)")
     t.add_argument("--strategy", choices=("fsdp2", "ddp"), default="fsdp2",
@@ -99,7 +100,11 @@ def _check_float(option: str, value: float, hi: float) -> float:
 def config(args: argparse.Namespace, world: int):
     """The checked :class:`~minidora.distributed.loop.TrainConfig` for ``world`` processes."""
     from ..demo.train import max_rank
-    from .loop import TrainConfig
+    from .loop import MODELS, TrainConfig
+
+    if args.model not in MODELS:
+        raise UsageError(f"--model: unknown model {args.model!r}; expected one of "
+                         f"{', '.join(MODELS)}")
 
     cfg = TrainConfig(method=args.method, strategy=args.strategy, seed=args.seed, dtype=args.dtype,
                       mixed_precision=args.mixed_precision, model=args.model)

@@ -7,8 +7,8 @@
   FSDP2 leaves buffers alone, on every rank whole, and a ``MixedPrecisionPolicy(param_dtype=
   torch.bfloat16)`` never casts them (it casts floating-point parameters only; integer ones are
   never cast either). A size that does not divide by the world size is padded by FSDP2.
-- **DDP** (``DistributedDataParallel``) replicates the whole model on every rank (broadcast from
-  rank 0 at the start) and averages the adapters' gradients.
+- **DDP** (``DistributedDataParallel``) replicates the whole model on every rank (parameters and
+  buffers broadcast from rank 0 once, at the start) and averages the adapters' gradients.
 
 Each adapter layer is one FSDP2 unit (its base and its adapter are gathered together just
 before it runs); the root unit holds the rest (embeddings, norms).
@@ -56,7 +56,9 @@ def parallelize(model: nn.Module, strategy: str, mixed_precision: str = "none",
         if mixed_precision != "none":
             raise ValueError("mixed_precision 'bf16' is FSDP2's MixedPrecisionPolicy; DDP runs "
                              "the model in its own dtype (use strategy 'fsdp2')")
-        return nn.parallel.DistributedDataParallel(model)
+        # The buffers (NF4 scales) are synced once, here; broadcasting them before every forward
+        # (DDP's default) would move the frozen scales again at each step.
+        return nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     policy = MixedPrecisionPolicy()

@@ -42,7 +42,7 @@ __all__ = ["save_adapters", "save_resume", "load_resume", "resume_info", "RESUME
 RESUME_FILE = "minidora_resume.json"
 # What a resume point must share with the run that loads it (the rest may change: the world size,
 # FSDP2 or DDP, the number of steps, the learning rate).
-MUST_MATCH = ("model", "method", "rank", "alpha", "dtype", "seed", "batch_size")
+MUST_MATCH = ("model", "gpt", "method", "rank", "alpha", "dtype", "seed", "batch_size")
 
 
 class ResumeError(ValueError):
@@ -132,8 +132,8 @@ def resume_info(folder: Path, settings: dict) -> dict:
     """The resume point's JSON, checked against this run's ``settings`` (every rank reads it).
 
     Raises:
-        ResumeError: no resume point in ``folder``, an unreadable one, or one of another method,
-            adapter rank, alpha, dtype, seed or batch size (the message names the field).
+        ResumeError: no resume point in ``folder``, an unreadable one, or one of another model,
+            method, adapter rank, alpha, dtype, seed or batch size (the message names the field).
     """
     path = Path(folder) / RESUME_FILE
     if not path.is_file():
