@@ -58,7 +58,7 @@ def parallelize(model: nn.Module, strategy: str, mixed_precision: str = "none",
                              "the model in its own dtype (use strategy 'fsdp2')")
         # The buffers (NF4 scales) are synced once, here; broadcasting them before every forward
         # (DDP's default) would move the frozen scales again at each step.
-        return nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+        return nn.parallel.DistributedDataParallel(model, forward_sync_buffers=False)
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     policy = MixedPrecisionPolicy()
