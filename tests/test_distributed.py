@@ -442,6 +442,19 @@ def test_cli_resume_and_writes_fail_cleanly(capsys, tmp_path):
     assert len(err.strip().splitlines()) == 1 and not dist.is_initialized()
 
 
+def test_a_batch_without_targets_is_refused():
+    """A task whose rows have no target token would divide by zero: a ValueError instead."""
+    cfg = case_cfg("ddp", "qlora", "uneven")
+    task = builtin(cfg)
+    task.data.y.fill_(-100)
+    g = join(timeout=30)
+    try:
+        with pytest.raises(ValueError, match="step 0: the global batch has no target token"):
+            train(cfg, g, task=task, log=lambda *a: None)
+    finally:
+        leave(False)
+
+
 def test_cli_names_a_missing_rendezvous_variable(capsys, monkeypatch, tmp_path):
     from minidora.__main__ import main
 

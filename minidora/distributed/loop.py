@@ -132,7 +132,8 @@ def train(cfg: TrainConfig, group: Group, out: Path | None = None, save_every: i
     Returns:
         ``losses`` (the global batch's mean loss per step run here), ``start`` (the first step),
         ``local_bytes`` (this rank's parameter and buffer bytes), ``peak_rss_mib`` and
-        ``nf4_sha256`` (the full NF4 bytes after training, identical on every rank).
+        ``nf4_sha256`` (the full NF4 bytes after training, identical on every rank), and the
+        trained ``module`` (parallelized) and ``optimizer``.
     """
     task = task or MODELS[cfg.model](cfg)
     if init_adapters is not None:
@@ -159,6 +160,9 @@ def train(cfg: TrainConfig, group: Group, out: Path | None = None, save_every: i
         rows = torch.randint(n_rows, (cfg.batch_size,), generator=gen)       # [B], every rank
         x, y = task.data.batch(rows)                                         # [B, T'] global
         count = int((y != IGNORE).sum())       # global targets (a Python int: no float32 2/n)
+        if count == 0:
+            raise ValueError(f"step {step}: the global batch has no target token (every target "
+                             f"is {IGNORE}); the task's rows need some")
         x, y = x[mine].to(group.device), y[mine].to(group.device)            # this rank's rows
         logits = task.logits(module, x)                                      # [b, T', V]
         wide = logits.flatten(0, 1).to(torch.promote_types(logits.dtype, torch.float32))
