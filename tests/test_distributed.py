@@ -455,6 +455,53 @@ def test_a_batch_without_targets_is_refused():
         leave(False)
 
 
+@pytest.mark.parametrize("error", [RuntimeError("disk on fire\nsecond line"), KeyboardInterrupt()])
+def test_cli_unexpected_error_and_interrupt(error, capsys, monkeypatch, tmp_path):
+    """Inside the run: one line and status 1, or ``interrupted`` and 130; the group is left."""
+    import torch.distributed as dist
+
+    import minidora.distributed.loop as loop
+    from minidora.__main__ import main
+
+    def run(*args, **kwargs):
+        assert dist.is_initialized()
+        raise error
+
+    monkeypatch.setattr(loop, "train", run)
+    monkeypatch.delenv("MINIDORA_DEBUG", raising=False)
+    rc = main(["train", "--quick", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    if isinstance(error, KeyboardInterrupt):
+        assert (rc, err) == (130, "minidora train: interrupted\n")
+    else:
+        assert (rc, err) == (1, "minidora train: rank 0 of 1: error: RuntimeError: disk on fire\n")
+    assert not dist.is_initialized()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGINT to a child process is POSIX")
+def test_ctrl_c_train_subprocess(tmp_path):
+    """A real run interrupted after its first line: status 130, one line, no traceback."""
+    import signal
+
+    env = _env(PYTHONUNBUFFERED="1")
+    env.pop("MINIDORA_DEBUG", None)
+    p = subprocess.Popen([sys.executable, "-m", "minidora", "train", "--quick", "--steps", "100000",
+                          "--out", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, env=env,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        first = p.stdout.readline()
+        assert first.startswith("train: builtin qdora"), p.communicate(timeout=60)[1]
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 130, err
+    assert "Traceback" not in err and err.splitlines()[-1] == "minidora train: interrupted"
+
+
 def test_cli_names_a_missing_rendezvous_variable(capsys, monkeypatch, tmp_path):
     from minidora.__main__ import main
 
