@@ -9,6 +9,7 @@
 #include <atomic>
 #include <string>
 
+#include "cuda/nf4_select.h"  // host-only: the CUDA kernel choice, in every build
 #include "nf4_common.h"
 
 namespace minidora {
@@ -84,6 +85,23 @@ PyObject* py_set_cuda_kernel(PyObject*, PyObject* arg) {
   return nullptr;
 }
 
+// cuda_linear_path(major, minor, dtype, setting) -> "mma" | "simt" | "cublas" (csrc/cuda/
+// nf4_select.h): which kernel nf4_linear runs on a GPU of that compute capability.
+PyObject* py_cuda_linear_path(PyObject*, PyObject* args) {
+  int major = 0, minor = 0;
+  const char* dtype = nullptr;
+  const char* setting = nullptr;
+  if (!PyArg_ParseTuple(args, "iiss", &major, &minor, &dtype, &setting)) return nullptr;
+  try {
+    return PyUnicode_FromString(minidora::cuda_linear_path(major, minor, dtype, setting).c_str());
+  } catch (const c10::ValueError& e) {
+    PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
+  } catch (const c10::Error& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what_without_backtrace());
+  }
+  return nullptr;
+}
+
 PyMethodDef kMethods[] = {
     {"cpu_isa", py_cpu_isa, METH_NOARGS,
      "Kernel set the CPU ops called from this thread use now: 'avx512bf16', 'avx512', 'avx2' or "
@@ -97,6 +115,10 @@ PyMethodDef kMethods[] = {
     {"set_cuda_kernel", py_set_cuda_kernel, METH_O,
      "Choose the CUDA linear kernel for bf16/fp16 activations, for the whole process: 'auto', "
      "'mma' (tensor cores) or 'simt' (CUDA cores)."},
+    {"cuda_linear_path", py_cuda_linear_path, METH_VARARGS,
+     "cuda_linear_path(major, minor, dtype, setting): the kernel nf4_linear runs for dtype "
+     "('float32', 'bfloat16', 'float16', 'float64') on a GPU of compute capability major.minor "
+     "with cuda_kernel=setting ('auto', 'mma', 'simt'): 'mma', 'simt' or 'cublas'."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_C",

@@ -40,7 +40,7 @@ from . import nf4
 __all__ = [
     "nf4_linear", "nf4_dequantize", "extension_available", "cuda_available",
     "use", "choose", "set_backend", "get_backend", "set_default_backend", "use_backend",
-    "use_reference", "cpu_isa", "use_cpu_isa", "cuda_kernel",
+    "use_reference", "cpu_isa", "use_cpu_isa", "cuda_kernel", "cuda_linear_path",
 ]
 
 try:
@@ -151,8 +151,10 @@ def use(backend: str | None = None, cpu_isa: str | None = None,
             ``"avx512"``, ``"avx512bf16"``; one the CPU lacks raises ValueError). For the calling
             thread only; the worker threads of one op run the level of the thread that called it.
         cuda_kernel: the CUDA linear kernel for bfloat16/float16 activations: ``"auto"`` (tensor
-            cores where the GPU has them), ``"mma"`` (tensor cores) or ``"simt"`` (CUDA cores).
-            For the whole process, since CUDA's backward runs on autograd's own thread.
+            cores from compute capability 8.0 on, CUDA cores on V100 / T4), ``"mma"`` (tensor
+            cores; a call on a GPU below 8.0 raises RuntimeError naming its capability) or
+            ``"simt"`` (CUDA cores). For the whole process, since CUDA's backward runs on
+            autograd's own thread. :func:`cuda_linear_path` tells which kernel a call takes.
 
     :func:`choose` sets the same things without a block; :func:`use_reference`,
     :func:`use_backend` and :func:`use_cpu_isa` are shorthands for one argument of this.
@@ -198,13 +200,43 @@ def cuda_kernel() -> str:
     return _C.cuda_kernel()
 
 
+def cuda_linear_path(dtype: torch.dtype, capability: tuple[int, int] | None = None) -> str:
+    """Which kernel ``nf4_linear`` runs on a GPU for activations of ``dtype``, with the current
+    ``cuda_kernel`` choice: ``"mma"`` (tensor cores, compute capability 8.0+), ``"simt"`` (CUDA
+    cores: float32, and bfloat16 / float16 on sm_70 / sm_75 or with ``cuda_kernel="simt"``) or
+    ``"cublas"`` (float64: dequantize, then cuBLAS). The fused kernels cover small M; larger or
+    unaligned inputs dequantize, then call cuBLAS, whatever this says.
+
+    Args:
+        dtype: the activation dtype (float32, bfloat16, float16 or float64).
+        capability: (major, minor) compute capability; default: the current CUDA device's.
+
+    Raises:
+        RuntimeError: ``cuda_kernel="mma"`` on a GPU below compute capability 8.0 (the error the
+            op itself raises there), or no extension.
+    """
+    _require_extension()
+    _check_dtype(dtype, "dtype")
+    if capability is None:
+        capability = torch.cuda.get_device_capability()
+    if (not isinstance(capability, tuple) or len(capability) != 2
+            or not all(isinstance(c, int) and not isinstance(c, bool) for c in capability)):
+        raise TypeError(f"capability must be a (major, minor) tuple of ints, got {capability!r}")
+    return _C.cuda_linear_path(*capability, str(dtype).removeprefix("torch."), _C.cuda_kernel())
+
+
 def _require_extension() -> None:
     if _C is None:
         raise RuntimeError(
-            "minidora's compiled extension minidora._C is not built "
-            f"({type(_IMPORT_ERROR).__name__}: {_IMPORT_ERROR}). Build it from the repository root "
-            "with `make build`, or `pip install -e .` then `python setup.py build_ext --inplace`; "
-            "or pass backend='reference'.")
+            "minidora's compiled extension minidora._C is not available "
+            f"({type(_IMPORT_ERROR).__name__}: {_IMPORT_ERROR}), so this install runs the plain "
+            "PyTorch reference path only (a pure-Python install, MINIDORA_NO_EXTENSION=1, has no "
+            "extension). The compiled ops are built against torch 2.13.0 (this is torch "
+            f"{torch.__version__}): `pip install torch==2.13.0 setuptools wheel ninja`, then "
+            "reinstall minidora from its source without MINIDORA_NO_EXTENSION: `pip install "
+            "--no-build-isolation --force-reinstall --no-deps <checkout or sdist>`; in a "
+            "checkout, `make build` (or `python setup.py build_ext --inplace`). See "
+            "docs/install.md. Or pass backend='reference'.")
 
 
 def _use_compiled(backend: str, device: torch.device) -> bool:

@@ -1,9 +1,11 @@
 // CUDA implementations of the minidora NF4 ops (schemas: TORCH_LIBRARY in csrc/ops.cpp).
 //
 //   nf4_dequantize          dequant_vec_kernel (16-byte loads) + dequant_elem_kernel for the tail
-//   nf4_linear              K % 32 == 0 and M <= 64: linear_mma_kernel (bf16 / fp16, tensor cores),
-//                           M <= 16: linear_rows_kernel (float32, CUDA cores), fused 4-bit decode;
-//                           otherwise dequantize to x's dtype, then at::linear (cuBLAS)
+//   nf4_linear              K % 32 == 0 and M <= 64: linear_mma_kernel (bf16 / fp16, tensor cores,
+//                           sm_80+), M <= 16: linear_rows_kernel (float32, and bf16 / fp16 before
+//                           sm_80 or with cuda_kernel="simt"; CUDA cores), fused 4-bit decode;
+//                           otherwise dequantize to x's dtype, then at::linear (cuBLAS). The
+//                           choice: cuda_linear_path() in nf4_select.h (a pure, tested function)
 //   nf4_linear_grad_input   M <= 8 and K % 8 == 0: grad_input_kernel + sum_splits_kernel;
 //                           otherwise dequantize to grad_y's dtype, then at::matmul (cuBLAS)
 // float64 activations always take the dequantize + cuBLAS path (float64 accumulation).
@@ -20,6 +22,7 @@
 
 #include "../nf4_common.h"
 #include "nf4_kernels.cuh"
+#include "nf4_select.h"
 
 namespace minidora {
 namespace {
@@ -209,20 +212,24 @@ void dispatch_mma(const Weight& w, const T* x, const T* bias, T* y, int M, int64
     launch_mma<T, DQ, 4>(w, x, bias, y, M, N, K);
 }
 
-// minidora.ops.use(cuda_kernel="simt") makes bf16/fp16 use the CUDA-core kernel instead of the
-// tensor-core one (both are validated by benchmarks/bench_nf4_cuda.py).
-bool use_tensor_cores() { return cuda_kernel() != CudaKernel::kSimt; }
+// The kernel for activations of dtype dt on the current device: its compute capability and
+// minidora.ops.use(cuda_kernel=...) decide (both kernels are validated by
+// benchmarks/bench_nf4_cuda.py).
+CudaLinearPath linear_path(at::ScalarType dt) {
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  return cuda_linear_path(prop->major, prop->minor, dt, cuda_kernel());
+}
 
-template <typename T, typename AT> void fused_linear(const Weight& w, const at::Tensor& x2,
-                                                     const std::optional<at::Tensor>& bias,
-                                                     at::Tensor& y2) {
+template <typename T, typename AT>
+void fused_linear(CudaLinearPath path, const Weight& w, const at::Tensor& x2,
+                  const std::optional<at::Tensor>& bias, at::Tensor& y2) {
   const int M = static_cast<int>(x2.size(0));
   const int64_t K = x2.size(1), N = y2.size(1);
   const T* x = reinterpret_cast<const T*>(x2.data_ptr<AT>());
   const T* b = bias.has_value() ? reinterpret_cast<const T*>(bias->data_ptr<AT>()) : nullptr;
   T* y = reinterpret_cast<T*>(y2.data_ptr<AT>());
   if constexpr (!std::is_same_v<T, float>) {
-    if (use_tensor_cores()) {
+    if (path == CudaLinearPath::kMma) {
       if (w.dq)
         dispatch_mma<T, true>(w, x, b, y, M, N, K);
       else
@@ -250,16 +257,17 @@ at::Tensor nf4_linear_cuda(const at::Tensor& x, const at::Tensor& packed, const 
                                numel, x.device(), "x");
   check_bias(op, bias, x, out_features);
   const c10::cuda::CUDAGuard guard(x.device());
+  const at::ScalarType dt = x.scalar_type();
+  const CudaLinearPath path = linear_path(dt);  // before M == 0: a bad setting is always an error
   std::vector<int64_t> out_shape = x.sizes().vec();
   out_shape.back() = out_features;
   if (M == 0) return at::empty(out_shape, x.options());
 
-  const at::ScalarType dt = x.scalar_type();
   const at::Tensor x2 = x.reshape({M, in_features}).contiguous();  // [M, K]
   const std::optional<at::Tensor> b =
       bias.has_value() ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt;
-  const int64_t max_m = (dt == at::kFloat || !use_tensor_cores()) ? kMaxRowsM : kMaxMmaM;
-  const bool fused = M <= max_m && dt != at::kDouble && in_features % 32 == 0 &&
+  const int64_t max_m = path == CudaLinearPath::kMma ? kMaxMmaM : kMaxRowsM;
+  const bool fused = M <= max_m && path != CudaLinearPath::kCublas && in_features % 32 == 0 &&
                      aligned(w.packed.data_ptr(), 16) && aligned(x2.data_ptr(), 16);
   if (!fused) {
     const at::Tensor weight = dequantize_to(w, {out_features, in_features}, dt);  // [N, K]
@@ -268,13 +276,13 @@ at::Tensor nf4_linear_cuda(const at::Tensor& x, const at::Tensor& packed, const 
   at::Tensor y2 = at::empty({M, out_features}, x.options());  // [M, N]
   switch (dt) {
     case at::kFloat:
-      fused_linear<float, float>(w, x2, b, y2);
+      fused_linear<float, float>(path, w, x2, b, y2);
       break;
     case at::kBFloat16:
-      fused_linear<__nv_bfloat16, at::BFloat16>(w, x2, b, y2);
+      fused_linear<__nv_bfloat16, at::BFloat16>(path, w, x2, b, y2);
       break;
     case at::kHalf:
-      fused_linear<__half, at::Half>(w, x2, b, y2);
+      fused_linear<__half, at::Half>(path, w, x2, b, y2);
       break;
     default:
       TORCH_CHECK(false, op, ": unexpected dtype ", dt);

@@ -18,8 +18,8 @@
 //                          loads of the packed row, each byte read once and used for all M rows
 //                          of x (float32 x; bf16 / fp16 with ops.use(cuda_kernel="simt")).
 //   linear_mma_kernel      y = x W^T for M <= 64 on tensor cores for bf16 / fp16 (mma.sync
-//                          m16n8k16): a block owns 8 output rows, each decoded weight serves up
-//                          to 4 tiles of 16 rows of x, 4 warps split K.
+//                          m16n8k16, sm_80+ only): a block owns 8 output rows, each decoded
+//                          weight serves up to 4 tiles of 16 rows of x, 4 warps split K.
 //   grad_input_kernel      grad_x = grad_y W for M <= 8: each thread owns 8 columns of W (one
 //                          4-byte word per row), the rows are split over blocks; per-split partial
 //                          sums are added in a fixed order by sum_splits_kernel (deterministic).
@@ -297,6 +297,18 @@ template <typename T, bool DQ, int MT> __global__ void __launch_bounds__(kRowsWa
 
 // mma.sync m16n8k16 (sm_80+): C[16x8] += A[16x16] B[16x8], 16-bit inputs, float32 accumulation.
 // pack() rounds two decoded float32 weights to T (round to nearest even, as dequantize does).
+//
+// The instruction does not exist with bf16 / f16 inputs before sm_80 (ptxas rejects it for V100's
+// sm_70 and T4's sm_75), so device code compiled for those leaves it out: MINIDORA_MMA_M16N8K16
+// is 0 there and linear_mma_kernel traps. The host never launches it on such a GPU:
+// cuda_linear_path() (nf4_select.h) picks linear_rows_kernel from the device's capability.
+// (__CUDA_ARCH__ is undefined in the host pass, which compiles no device code.)
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+#define MINIDORA_MMA_M16N8K16 0
+#else
+#define MINIDORA_MMA_M16N8K16 1
+#endif
+
 template <typename T> struct Mma;
 template <> struct Mma<__nv_bfloat16> {
   static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
@@ -304,11 +316,13 @@ template <> struct Mma<__nv_bfloat16> {
     return *reinterpret_cast<uint32_t*>(&h);
   }
   static __device__ __forceinline__ void mma(float* c, const uint32_t* a, const uint32_t* b) {
+#if MINIDORA_MMA_M16N8K16
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
         "{%8,%9}, {%0,%1,%2,%3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
   }
 };
 template <> struct Mma<__half> {
@@ -317,11 +331,13 @@ template <> struct Mma<__half> {
     return *reinterpret_cast<uint32_t*>(&h);
   }
   static __device__ __forceinline__ void mma(float* c, const uint32_t* a, const uint32_t* b) {
+#if MINIDORA_MMA_M16N8K16
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
         "{%8,%9}, {%0,%1,%2,%3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
   }
 };
 
@@ -340,6 +356,9 @@ template <typename T, bool DQ, int TILES> __global__ void __launch_bounds__(kMma
     linear_mma_kernel(const T* __restrict__ x, const uint4* __restrict__ packed, Scales s,
                       int bs_shift, const T* __restrict__ bias, T* __restrict__ y, int M, int64_t N,
                       int64_t K) {
+#if !MINIDORA_MMA_M16N8K16
+  __trap();  // never launched below sm_80 (see above): fail loudly rather than return garbage
+#else
   __shared__ float cb[16];
   __shared__ float red[kMmaWarps - 1][TILES][4][32];  // accumulators of warps 1.., by lane
   load_codebook(cb);
@@ -426,6 +445,7 @@ template <typename T, bool DQ, int TILES> __global__ void __launch_bounds__(kMma
       }
     }
   }
+#endif  // MINIDORA_MMA_M16N8K16
 }
 
 // --- grad_x = grad_y W for small M -------------------------------------------------------------
