@@ -332,7 +332,9 @@ def main() -> int:
     failures: list[str] = []
     n_deq = validate_dequantize(gen, failures)
     n_exact = n_lin = 0
-    for kernel in ("mma", "simt"):  # bf16 / fp16 small-M linear: tensor-core and CUDA-core kernels
+    # bf16 / fp16 small-M linear: tensor-core (sm_80+ only) and CUDA-core kernels
+    kernels = ("mma", "simt") if torch.cuda.get_device_capability() >= (8, 0) else ("simt",)
+    for kernel in kernels:
         found: list[str] = []
         with ops.use(cuda_kernel=kernel):
             n_exact += validate_exact(gen, found)

@@ -9,16 +9,28 @@
 # message if that fails. minidora itself is used from the repository (no install needed).
 #
 # Steps (each stops the script on failure):
-#   1. build minidora._C in place with CUDA (MINIDORA_FORCE_CUDA=1) for this GPU's architecture;
-#   2. pytest tests/test_ops.py -q (the op tests run on every device, cuda included);
+#   1. build minidora._C in place with CUDA (MINIDORA_FORCE_CUDA=1) for this GPU's architecture
+#      (--quick: kept as it is when the in-place build already loads with CUDA kernels for it),
+#      then print which linear kernel each dtype takes on this GPU (tensor cores from sm_80 on,
+#      CUDA cores on sm_70 / sm_75) and check it against that rule;
+#   2. pytest tests/test_ops.py tests/test_cuda_select.py -q (the op tests run on every device,
+#      cuda included; --quick: only the cuda cases, -k cuda);
 #   3. benchmarks/bench_nf4_cuda.py: bit-exact dequantize, exact one-hot and error-bounded random
-#      linear / grad-input checks, then the timing table against dense bf16 F.linear and the
-#      measured device copy bandwidth (see docs/bench-cuda.md).
+#      linear / grad-input checks (of the tensor-core kernel only where the GPU has it), then the
+#      timing table against dense bf16 F.linear and the measured device copy bandwidth (see
+#      docs/bench-cuda.md; --quick: one weight shape).
 # Output goes to stdout; with $OUT set, also $OUT/bench_nf4_cuda.json, bench_nf4_cuda.txt,
-# pytest.txt and build.log. Usage: bash scripts/gpu_validate.sh [--quick]  (--quick: one weight shape).
+# pytest.txt and build.log. Usage: bash scripts/gpu_validate.sh [--quick]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 start=$SECONDS
+QUICK=0
+for arg in "$@"; do
+    case "$arg" in
+        --quick) QUICK=1 ;;
+        *) echo "gpu-validate: unknown argument '$arg' (usage: bash scripts/gpu_validate.sh [--quick])" >&2; exit 2 ;;
+    esac
+done
 OUT_DIR="${OUT:-}"
 log() { echo "gpu-validate: $*"; }
 
@@ -50,6 +62,21 @@ log "nvcc: $(command -v nvcc || echo none) $(nvcc --version 2>/dev/null | sed -n
 
 # --- 1. build in place with CUDA ------------------------------------------------------------
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+SM="${ARCH//./}"
+if command -v nvcc >/dev/null 2>&1 && ! nvcc --list-gpu-arch 2>/dev/null | grep -qx "compute_$SM"; then
+    log "FAILED: nvcc $(nvcc --version | sed -n 's/.*release \([0-9.]*\).*/\1/p') cannot compile for this GPU (sm_$SM); CUDA 13 dropped sm_70 (V100): use a CUDA 12 toolkit with a CUDA 12 build of torch"
+    exit 1
+fi
+prebuilt() {  # the in-place minidora._C loads, has CUDA kernels and runs on this GPU
+    "$PY" -c "
+import torch, minidora.ops as ops
+from minidora import nf4
+assert ops.cuda_available()
+q = nf4.quantize(torch.randn(8, 64), 64, True)
+ops.nf4_dequantize(nf4.NF4Weight(q.packed.cuda(), q.absmax.cuda(), q.shape, q.dtype, 64,
+                                 q.nested_absmax.cuda(), q.offset.cuda()), backend='compiled')
+torch.cuda.synchronize()" >/dev/null 2>&1
+}
 export MINIDORA_FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$ARCH" MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 unset MINIDORA_NO_CUDA MINIDORA_NATIVE
 if [ -z "${CUDA_HOME:-}" ]; then
@@ -62,27 +89,42 @@ for inc in "$SITE"/nvidia/cu*/include "$SITE"/nvidia/cublas/include "$SITE"/nvid
 done
 export PATH="$(dirname "$PY"):$PATH"   # ninja from the same environment
 BUILD_LOG="${OUT_DIR:-/tmp}/build.log"
-log "building minidora._C in place (CUDA arch $ARCH, MAX_JOBS=$MAX_JOBS)"
-t0=$SECONDS
-if ! "$PY" setup.py -q build_ext --inplace > "$BUILD_LOG" 2>&1; then
-    grep -E -B2 -A6 "error" "$BUILD_LOG" | head -60
-    log "FAILED: build (log: $BUILD_LOG)"
-    exit 1
+if [ "$QUICK" = 1 ] && prebuilt; then
+    log "--quick: minidora._C is already built in place with CUDA kernels that run on this GPU; not rebuilt"
+else
+    log "building minidora._C in place (CUDA arch $ARCH, MAX_JOBS=$MAX_JOBS)"
+    t0=$SECONDS
+    if ! "$PY" setup.py -q build_ext --inplace > "$BUILD_LOG" 2>&1; then
+        grep -E -B2 -A6 "error" "$BUILD_LOG" | head -60
+        log "FAILED: build (log: $BUILD_LOG)"
+        exit 1
+    fi
+    log "built in $((SECONDS - t0)) s"
 fi
-log "built in $((SECONDS - t0)) s"
 "$PY" -c "
 import torch, minidora.ops as ops
 has = torch._C._dispatch_has_kernel_for_dispatch_key
 assert ops.extension_available(), 'minidora._C did not load'
 assert has('minidora::nf4_linear', 'CUDA'), 'minidora._C has no CUDA kernels'
-print('gpu-validate: minidora._C loaded with CUDA kernels')" || { log "FAILED: extension check"; exit 1; }
+print('gpu-validate: minidora._C loaded with CUDA kernels')
+cap = torch.cuda.get_device_capability()
+paths = {str(dt)[6:]: ops.cuda_linear_path(dt) for dt in
+         (torch.bfloat16, torch.float16, torch.float32, torch.float64)}
+print(f'gpu-validate: nf4_linear kernels on sm_{cap[0]}{cap[1]}:', paths)
+half = 'mma' if cap >= (8, 0) else 'simt'
+assert paths == {'bfloat16': half, 'float16': half, 'float32': 'simt', 'float64': 'cublas'}, \
+    f'unexpected kernel choice {paths} for compute capability {cap}'" \
+    || { log "FAILED: extension check"; exit 1; }
 
 # --- 2. op tests ------------------------------------------------------------------------------
 status=0
 if "$PY" -c "import pytest" 2>/dev/null; then
-    log "pytest tests/test_ops.py -q"
+    SELECT=()
+    [ "$QUICK" = 1 ] && SELECT=(-k cuda)
+    log "pytest tests/test_ops.py tests/test_cuda_select.py -q ${SELECT[*]}"
     t0=$SECONDS
-    "$PY" -m pytest tests/test_ops.py -q -p no:cacheprovider 2>&1 | tee "${OUT_DIR:-/tmp}/pytest.txt" | tail -25
+    "$PY" -m pytest tests/test_ops.py tests/test_cuda_select.py -q -p no:cacheprovider "${SELECT[@]}" 2>&1 \
+        | tee "${OUT_DIR:-/tmp}/pytest.txt" | tail -25
     rc=${PIPESTATUS[0]}
     log "pytest exit $rc in $((SECONDS - t0)) s"
     [ "$rc" = 0 ] || status=1
