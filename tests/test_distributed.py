@@ -6,8 +6,8 @@ check many things each: one torchrun group runs the whole matrix {FSDP2, DDP} x 
 {sizes that divide by the world size, sizes that do not} in float64 and its checkpoints; the
 1-process reference is a plain training loop written again here, on the whole global batch.
 
-This file is also the workers' script: ``python tests/test_distributed.py MODE OUT`` (run by
-torchrun or by the tests below).
+This file is also the workers' script: ``python tests/test_distributed.py matrix|runs OUT`` (run
+by torchrun or by the tests below).
 """
 
 from __future__ import annotations
@@ -121,15 +121,10 @@ def _worker_matrix(out: Path) -> None:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "tensors.safetensors"))
 
 
-def _worker_fault(out: Path) -> None:
-    """``minidora train`` on every rank; rank 1 raises in its third forward."""
-    import minidora.distributed.loop as loop
-    from minidora.__main__ import main
-
-    rank, build = int(os.environ["RANK"]), loop.MODELS["builtin"]
-
+def _failing_builder(build, rank: int):
+    """``build`` with rank 1's third forward (step 2) raising."""
     def failing(cfg):
-        task, calls, logits = build(cfg), [0], None
+        task, calls = build(cfg), [0]
         logits = task.logits
 
         def run(m, x):
@@ -141,24 +136,27 @@ def _worker_fault(out: Path) -> None:
         task.logits = run
         return task
 
-    loop.MODELS["builtin"] = failing
-    sys.exit(main(["train", "--quick", "--out", str(out / "fault"), "--timeout", "60"]))
+    return failing
 
 
-def _worker_bad(out: Path) -> None:
-    """Several bad runs of ``minidora train`` in a row on every rank; each one's exit status,
-    stderr and seconds go to OUT/bad-RANK.json. A run that meets the group gets its own port."""
+def _worker_runs(out: Path) -> None:
+    """Runs of ``minidora train`` in a row on every rank, as OUT/runs.json lists them
+    ([argv, port, fault]); each one's exit status, stderr and seconds go to OUT/runs-RANK.json.
+    A run that meets the group gets its own port (None: one nobody else uses, a lone rank);
+    ``fault`` makes rank 1 raise in step 2."""
+    import minidora.distributed.loop as loop
     from minidora.__main__ import main
 
-    cases = json.loads((out / "bad-cases.json").read_text())
+    rank, build = int(os.environ["RANK"]), loop.MODELS["builtin"]
     results = []
-    for argv, port in cases:          # port None: a port nobody else uses (a lone rank)
+    for argv, port, fault in json.loads((out / "runs.json").read_text()):
         os.environ["MASTER_PORT"] = str(port if port is not None else free_port())
+        loop.MODELS["builtin"] = _failing_builder(build, rank) if fault else build
         err, t0 = io.StringIO(), time.perf_counter()
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
             rc = main(argv)
         results.append({"rc": rc, "stderr": err.getvalue(), "seconds": time.perf_counter() - t0})
-    (out / f"bad-{os.environ['RANK']}.json").write_text(json.dumps(results))
+    (out / f"runs-{rank}.json").write_text(json.dumps(results))
 
 
 @pytest.fixture(autouse=True)
@@ -339,60 +337,68 @@ def test_resume_continues_the_loss_curve(matrix):
 
 # --- failures ----------------------------------------------------------------------------------
 
-def test_a_failing_rank_stops_the_others(tmp_path):
-    """Rank 1 raises in step 2: it names itself and its error; rank 0 stops at its next
-    collective (no torchrun agent to kill it) and names rank 1 and the error; both exit 1, long
-    before the 60 s collective timeout, without SIGABRT."""
-    (r0, e0, t0), (r1, e1, t1) = launch("fault", tmp_path)
-    assert (r0, r1) == (1, 1), e0[-2000:] + e1[-2000:]
-    assert "minidora train: rank 1 of 2: error: RuntimeError: injected failure in step 2" in e1
-    assert ("minidora train: rank 0 of 2: error: stopped because rank 1 failed: RuntimeError: "
-            "injected failure in step 2") in e0
-    assert max(t0, t1) < 60
-
-
-def test_bad_input_errors_on_every_rank(tmp_path):
-    """World size vs batch, an adapter folder of another method or adapter rank, a resume point
-    of another rank or method, a rendezvous nobody joins: the same clear error on both ranks."""
+@pytest.fixture(scope="module")
+def runs_of_two(tmp_path_factory):
+    """Two processes started with torchrun's variables (no agent, so nothing but minidora stops
+    a rank) run ``minidora train`` with every bad input in a row, then a run where rank 1 raises.
+    Returns [(argv, expected message)], the records by rank, and the processes' exits."""
     from minidora.__main__ import main
 
+    tmp = tmp_path_factory.mktemp("runs")
     quick = ["train", "--quick", "--steps", "1"]
-    for method, r in (("qlora", "8"), ("qdora", "8")):
-        assert main([*quick, "--method", method, "--rank", r, "--out",
-                     str(tmp_path / method)]) == 0
-    assert main([*quick, "--save-every", "1", "--steps", "2", "--out",
-                 str(tmp_path / "res")]) == 0
-    out = str(tmp_path / "o")
-    runs = [([*quick, "--batch-size", "1", "--out", out],
-             "--batch-size: got 1 rows for a world size of 2; expected at least one row per rank"),
-            ([*quick, "--init-adapters", str(tmp_path / "qlora" / "adapters"), "--out", out],
-             "adapter file holds method 'qlora' but the model is wrapped with 'qdora'"),
-            ([*quick, "--rank", "4", "--init-adapters", str(tmp_path / "qdora" / "adapters"),
-              "--out", out], "the file has r=8, the model has r=4"),
-            ([*quick, "--steps", "3", "--rank", "4", "--resume", "--out", str(tmp_path / "res")],
-             "--resume: the resume point in"),
-            ([*quick, "--steps", "3", "--method", "qlora", "--resume", "--out",
-              str(tmp_path / "res")], "has method='qdora', this run method='qlora'"),
-            ([*quick, "--timeout", "2", "--out", out], "did not meet the other processes")]
-    cases = []
-    for argv, _ in runs:
-        if "--timeout" not in argv:
-            argv += ["--timeout", "60"]
-        p = free_port()
-        cases.append([argv, p])
-    cases[-1][1] = None                       # the rendezvous: each rank its own unused port
-    (tmp_path / "bad-cases.json").write_text(json.dumps(cases))
-    res = launch("bad", tmp_path)
-    assert [r[0] for r in res] == [0, 0], res
-    for rank in range(2):
-        got = json.loads((tmp_path / f"bad-{rank}.json").read_text())
-        for (argv, want), rec in zip(runs, got, strict=True):
+    for method in ("qlora", "qdora"):                       # folders and a resume point, r = 8
+        assert main([*quick, "--method", method, "--out", str(tmp / method)]) == 0
+    assert main([*quick, "--save-every", "1", "--steps", "2", "--out", str(tmp / "res")]) == 0
+    out = str(tmp / "o")
+    bad = [([*quick, "--batch-size", "1", "--out", out],
+            "--batch-size: got 1 rows for a world size of 2; expected at least one row per rank"),
+           ([*quick, "--init-adapters", str(tmp / "qlora" / "adapters"), "--out", out],
+            "adapter file holds method 'qlora' but the model is wrapped with 'qdora'"),
+           ([*quick, "--rank", "4", "--init-adapters", str(tmp / "qdora" / "adapters"),
+             "--out", out], "the file has r=8, the model has r=4"),
+           ([*quick, "--steps", "3", "--rank", "4", "--resume", "--out", str(tmp / "res")],
+            "--resume: the resume point in"),
+           ([*quick, "--steps", "3", "--method", "qlora", "--resume", "--out", str(tmp / "res")],
+            "has method='qdora', this run method='qlora'"),
+           ([*quick, "--timeout", "2", "--out", out], "did not meet the other processes")]
+    runs = [[argv + ([] if "--timeout" in argv else ["--timeout", "60"]), free_port(), False]
+            for argv, _ in bad]
+    runs[-1][1] = None                       # the rendezvous: each rank its own unused port
+    runs.append([["train", "--quick", "--out", str(tmp / "fault"), "--timeout", "60"],
+                 free_port(), True])
+    (tmp / "runs.json").write_text(json.dumps(runs))
+    exits = launch("runs", tmp)
+    assert [e[0] for e in exits] == [0, 0], exits
+    return bad, [json.loads((tmp / f"runs-{r}.json").read_text()) for r in range(2)], exits
+
+
+def test_a_failing_rank_stops_the_others(runs_of_two):
+    """Rank 1 raises in step 2: it names itself and its error; rank 0 stops at its next
+    collective and names rank 1 and the error; both end with status 1, long before the 60 s
+    collective timeout, and leave the group (the next runs and the exits are clean)."""
+    _, recs, exits = runs_of_two
+    e0, e1 = recs[0][-1], recs[1][-1]
+    assert (e0["rc"], e1["rc"]) == (1, 1), (e0, e1)
+    assert e1["stderr"] == ("minidora train: rank 1 of 2: error: RuntimeError: injected failure "
+                            "in step 2\n")
+    assert e0["stderr"].startswith("minidora train: rank 0 of 2: error: stopped because rank 1 "
+                                   "failed: RuntimeError: injected failure in step 2 ("), e0
+    assert max(e0["seconds"], e1["seconds"]) < 30
+    assert all(rc == 0 for rc, _, _ in exits)        # no SIGABRT (-6) at exit
+
+
+def test_bad_input_errors_on_every_rank(runs_of_two):
+    """World size vs batch, an adapter folder of another method or adapter rank, a resume point
+    of another rank or method, a rendezvous nobody joins: the same clear error on both ranks."""
+    bad, recs, _ = runs_of_two
+    for rank, got in enumerate(recs):
+        for (argv, want), rec in zip(bad, got, strict=False):
             assert rec["rc"] == 1, (argv, rec)
-            assert f"minidora train: rank {rank} of 2: error: " in rec["stderr"], rec
+            assert rec["stderr"].startswith(f"minidora train: rank {rank} of 2: error: "), rec
             assert want in rec["stderr"], (want, rec["stderr"])
-            assert "Traceback" not in rec["stderr"]
+            assert len(rec["stderr"].strip().splitlines()) == 1, rec["stderr"]
         assert "rank=8, this run rank=4" in got[3]["stderr"]
-        assert got[-1]["seconds"] < 30
+        assert got[len(bad) - 1]["seconds"] < 30
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -513,6 +519,6 @@ def test_cli_names_a_missing_rendezvous_variable(capsys, monkeypatch, tmp_path):
 
 
 if __name__ == "__main__":
-    {"matrix": _worker_matrix, "fault": _worker_fault, "bad": _worker_bad}[sys.argv[1]](
+    {"matrix": _worker_matrix, "runs": _worker_runs}[sys.argv[1]](
         Path(sys.argv[2]))
     sys.exit(0)
