@@ -6,16 +6,29 @@
 # What it does:
 #   1. creates (or reuses) the venv .venv-cuda with torch==2.14.1 (CUDA 13.0 build, ~5.5 GB),
 #      setuptools, ninja and numpy; the project's own .venv (torch 2.13.0 CPU) is left alone;
-#   2. builds minidora._C with MINIDORA_FORCE_CUDA=1 for TORCH_CUDA_ARCH_LIST (default "8.0;9.0")
-#      into a temporary folder (never in place: minidora/_C*.so belongs to the CPU build);
-#   3. checks the library holds the CUDA kernels, then loads it into torch and checks that every
-#      op has a CUDA kernel registered (this also checks the C++ signatures against the schemas).
+#   2. builds minidora._C with MINIDORA_FORCE_CUDA=1 into a temporary folder (never in place:
+#      minidora/_C*.so belongs to the CPU build), as one fatbinary for every architecture of
+#      TORCH_CUDA_ARCH_LIST; the default, "7.0;7.5;8.0;8.6;9.0" (V100, T4, A100, A10 / RTX 30xx,
+#      H100 / H200), keeps the architectures this nvcc can compile: CUDA 13 dropped sm_70, so with
+#      nvcc 13 the check covers 7.5;8.0;8.6;9.0 and says so (sm_70 needs a CUDA 12 toolkit; its
+#      device code takes the same pre-sm_80 branch as sm_75). An explicit list is used as given,
+#      and an architecture nvcc cannot compile is an error;
+#   3. checks the build compiled device code for each architecture and the library holds every
+#      CUDA kernel, then loads it into torch and checks that every op has a CUDA kernel
+#      registered (this also checks the C++ signatures against the schemas).
 #
-# Cost measured on the 2-core development machine: venv install about 1 min (from the local
-# package cache), build about 2.5 min with MAX_JOBS=2 (see docs/bench-cuda.md). Exits 0 with
-# "skipped: nvcc not found" when there is no nvcc; non-zero on any compile or check error.
+# Cost measured on the 2-core development machine (see docs/bench-cuda.md): venv install about
+# 1 min (from the local package cache); build with MAX_JOBS=2: 168 s of CPU for one architecture,
+# 212 s for the default four (7 min wall while the shared machine was busy; about 3 to 4 min
+# estimated on idle cores). Exits 0 with "skipped: nvcc not found" when there is no nvcc;
+# non-zero on any compile or check error.
+#   4. only with PTXAS_SM70=<the ptxas of a CUDA 12 toolkit> (e.g. from the wheel
+#      nvidia-cuda-nvcc-cu12): every kernel of nf4_kernels.cuh, compiled by this nvcc to PTX for
+#      compute_75 and retargeted to sm_70, must assemble for sm_70 (the guard, checked for V100
+#      where nvcc 13 cannot compile for it).
 # Environment: PYTHON (default python3), CUDA_VENV (default .venv-cuda), MAX_JOBS (default 2),
-# TORCH_CUDA_ARCH_LIST (default "8.0;9.0"), KEEP_BUILD=1 keeps the temporary build folder.
+# TORCH_CUDA_ARCH_LIST (default above), KEEP_BUILD=1 keeps the temporary build folder,
+# PTXAS_SM70 (step 4).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 start=$SECONDS
@@ -52,7 +65,25 @@ if [ ! -d "$NV_INCLUDE" ]; then
 fi
 export CPLUS_INCLUDE_PATH="$NV_INCLUDE${CPLUS_INCLUDE_PATH:+:$CPLUS_INCLUDE_PATH}"
 export PATH="$(cd "$VENV/bin" && pwd):$PATH"   # ninja from the venv
-export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-8.0;9.0}"
+
+# The architectures: those asked for, checked against what this nvcc can compile.
+DEFAULT_ARCHS="7.0;7.5;8.0;8.6;9.0"
+NVCC_ARCHS=" $(nvcc --list-gpu-arch | sed -n 's/^compute_\([0-9]*\)$/\1/p' | tr '\n' ' ')"
+NVCC_RELEASE=$(nvcc --version | sed -n 's/.*release \([0-9.]*\).*/\1/p')
+ARCHS=""
+for arch in $(echo "${TORCH_CUDA_ARCH_LIST:-$DEFAULT_ARCHS}" | tr ';' ' '); do
+    num="${arch%%+PTX}"; num="${num//./}"
+    if [[ "$NVCC_ARCHS" != *" $num "* ]]; then
+        if [ -n "${TORCH_CUDA_ARCH_LIST:-}" ]; then
+            echo "cuda-check: nvcc $NVCC_RELEASE cannot compile for $arch (sm_$num); it supports sm_{${NVCC_ARCHS# }}" >&2
+            exit 1
+        fi
+        echo "cuda-check: sm_$num left out: nvcc $NVCC_RELEASE does not support it (CUDA 13 dropped sm_70; a CUDA 12 toolkit compiles it)"
+        continue
+    fi
+    ARCHS="${ARCHS:+$ARCHS;}$arch"
+done
+export TORCH_CUDA_ARCH_LIST="$ARCHS"
 export MAX_JOBS="${MAX_JOBS:-2}"
 export MINIDORA_FORCE_CUDA=1
 unset MINIDORA_NO_CUDA MINIDORA_NATIVE
@@ -63,12 +94,22 @@ echo "cuda-check: nvcc $(nvcc --version | sed -n 's/.*release \([0-9.]*\).*/\1/p
 echo "cuda-check: building into $BUILD"
 t0=$SECONDS
 if ! "$PY" setup.py -q build_ext --build-lib "$BUILD/lib" --build-temp "$BUILD/temp" > "$BUILD/build.log" 2>&1; then
-    grep -E -B2 -A6 "error|Error" "$BUILD/build.log" | head -80 >&2 || tail -60 "$BUILD/build.log" >&2
+    { grep -E "error( |:)" "$BUILD/build.log" | sed "s/, line [0-9]*;/:/" | grep -v "^RuntimeError\|CalledProcessError" | sort | uniq -c | sort -rn | head -30; } >&2 || true
+    tail -5 "$BUILD/build.log" >&2
     echo "cuda-check: FAILED to compile (full log: $BUILD/build.log)" >&2
     trap - EXIT
     exit 1
 fi
 echo "cuda-check: built in $((SECONDS - t0)) s"
+
+# Device code for every architecture: the nvcc flags torch wrote into the ninja file.
+for arch in $(echo "$TORCH_CUDA_ARCH_LIST" | tr ';' ' '); do
+    num="${arch%%+PTX}"; num="${num//./}"
+    if ! grep -q "code=sm_$num" "$BUILD/temp/build.ninja"; then
+        echo "cuda-check: FAILED: no device code for sm_$num in the build (see $BUILD/temp/build.ninja)" >&2
+        exit 1
+    fi
+done
 
 SO=$(find "$BUILD/lib" -name '_C*.so' | head -1)
 if [ -z "$SO" ]; then
@@ -97,4 +138,38 @@ for op in ("nf4_dequantize", "nf4_linear", "nf4_linear_grad_input"):
             sys.exit(f"cuda-check: FAILED: minidora::{op} has no {key} kernel")
 print("cuda-check: minidora::{nf4_dequantize, nf4_linear, nf4_linear_grad_input} have CPU and CUDA kernels")
 EOF
+
+if [ -n "${PTXAS_SM70:-}" ]; then
+    cat > "$BUILD/kernels_sm70.cu" <<'CU'
+// Every kernel of nf4_kernels.cuh, with template arguments as nf4_cuda.cu launches them.
+#include "nf4_kernels.cuh"
+namespace minidora::cuda {
+#define LINEAR(K, T, DQ, N) \
+  template __global__ void K<T, DQ, N>(const T*, const uint4*, Scales, int, const T*, T*, int, \
+                                       int64_t, int64_t);
+LINEAR(linear_mma_kernel, __nv_bfloat16, true, 1)
+LINEAR(linear_mma_kernel, __half, false, 4)
+LINEAR(linear_rows_kernel, __nv_bfloat16, true, 16)
+LINEAR(linear_rows_kernel, __half, false, 1)
+LINEAR(linear_rows_kernel, float, true, 8)
+template __global__ void grad_input_kernel<__nv_bfloat16, true, 8>(
+    const __nv_bfloat16*, const uint32_t*, Scales, int, float*, int, int64_t, int64_t, int64_t);
+template __global__ void dequant_vec_kernel<__nv_bfloat16, true>(const uint4*, Scales, int,
+                                                                 int64_t, __nv_bfloat16*);
+template __global__ void dequant_elem_kernel<__half, false>(const uint8_t*, Scales, int, int64_t,
+                                                            int64_t, __half*);
+template __global__ void sum_splits_kernel<__nv_bfloat16>(const float*, int64_t, int64_t,
+                                                          __nv_bfloat16*);
+}  // namespace minidora::cuda
+CU
+    nvcc -std=c++17 -arch=compute_75 --ptx -I csrc/cuda "$BUILD/kernels_sm70.cu" -o "$BUILD/k75.ptx"
+    sed -e 's/^\.target sm_75/.target sm_70/' -e 's/^\.version .*/.version 8.8/' "$BUILD/k75.ptx" \
+        > "$BUILD/k70.ptx"
+    if ! "$PTXAS_SM70" -arch=sm_70 "$BUILD/k70.ptx" -o "$BUILD/k70.cubin" 2> "$BUILD/ptxas70.log"; then
+        sed 's/line [0-9]*; //' "$BUILD/ptxas70.log" | sort | uniq -c | head -10 >&2
+        echo "cuda-check: FAILED: the kernels do not assemble for sm_70 ($PTXAS_SM70)" >&2
+        exit 1
+    fi
+    echo "cuda-check: sm_70: every kernel assembles ($("$PTXAS_SM70" --version | tail -1))"
+fi
 echo "cuda-check: OK ($(du -h "$SO" | cut -f1) library, total $((SECONDS - start)) s)"
