@@ -75,7 +75,7 @@ for arch in $(echo "${TORCH_CUDA_ARCH_LIST:-$DEFAULT_ARCHS}" | tr ';' ' '); do
     num="${arch%%+PTX}"; num="${num//./}"
     if [[ "$NVCC_ARCHS" != *" $num "* ]]; then
         if [ -n "${TORCH_CUDA_ARCH_LIST:-}" ]; then
-            echo "cuda-check: nvcc $NVCC_RELEASE cannot compile for $arch (sm_$num); it supports sm_{${NVCC_ARCHS# }}" >&2
+            echo "cuda-check: nvcc $NVCC_RELEASE cannot compile for $arch (sm_$num); it supports $(echo $NVCC_ARCHS | sed "s/\([0-9]*\)/sm_\1/g")" >&2
             exit 1
         fi
         echo "cuda-check: sm_$num left out: nvcc $NVCC_RELEASE does not support it (CUDA 13 dropped sm_70; a CUDA 12 toolkit compiles it)"
