@@ -424,9 +424,10 @@ def test_cli_rejects_bad_options(argv, message, capsys, tmp_path):
     assert len(err.strip().splitlines()) == 1
 
 
-def test_cli_resume_and_writes_fail_cleanly(capsys, tmp_path):
-    """One process: no resume point, a resume point with nothing left to do, an adapter folder
-    rank 0 cannot write; each a one-line error, and the process group is gone afterwards."""
+def test_cli_init_adapters_resume_and_write_errors(capsys, tmp_path):
+    """One process: a run that starts from another run's adapters starts trained; no resume
+    point, a resume point with nothing left to do, an adapter folder rank 0 cannot write: each a
+    one-line error, and the process group is gone afterwards."""
     import torch.distributed as dist
 
     from minidora.__main__ import main
@@ -436,7 +437,12 @@ def test_cli_resume_and_writes_fail_cleanly(capsys, tmp_path):
     assert "--resume: no resume point in" in capsys.readouterr().err
     assert main([*quick, "--save-every", "2", "--out", str(tmp_path / "r")]) == 0
     assert (tmp_path / "r" / "resume" / "step-000002").is_dir()
-    capsys.readouterr()
+    fresh = capsys.readouterr().out.splitlines()[1]                  # train: step 1/2 loss ...
+    assert main([*quick, "--init-adapters", str(tmp_path / "r" / "adapters"), "--out",
+                 str(tmp_path / "i")]) == 0
+    started = capsys.readouterr().out.splitlines()[1]
+    assert fresh.startswith("train: step 1/2 loss") and started.startswith("train: step 1/2")
+    assert float(started.split()[-1]) < float(fresh.split()[-1])     # it starts trained
     assert main([*quick, "--resume", "--out", str(tmp_path / "r")]) == 1
     err = capsys.readouterr().err
     assert "the resume point is at step 2; --steps 2 leaves nothing to do" in err, err
