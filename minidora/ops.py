@@ -213,11 +213,14 @@ def cuda_linear_path(dtype: torch.dtype, capability: tuple[int, int] | None = No
 
     Raises:
         RuntimeError: ``cuda_kernel="mma"`` on a GPU below compute capability 8.0 (the error the
-            op itself raises there), or no extension.
+            op itself raises there), no extension, or no capability and no CUDA device.
     """
     _require_extension()
     _check_dtype(dtype, "dtype")
     if capability is None:
+        if not torch.cuda.is_available():
+            raise RuntimeError("cuda_linear_path: no CUDA device to take the compute capability "
+                               "from; pass capability=(major, minor)")
         capability = torch.cuda.get_device_capability()
     if (not isinstance(capability, tuple) or len(capability) != 2
             or not all(isinstance(c, int) and not isinstance(c, bool) for c in capability)):

@@ -79,7 +79,15 @@ def test_bad_argument_types():
 @pytest.fixture
 def t4(monkeypatch):
     """A process whose current CUDA device reports compute capability 7.5."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+
+
+def test_ops_without_a_device_asks_for_the_capability(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match=r"no CUDA device .* pass capability=\(major, minor\)"):
+        ops.cuda_linear_path(torch.bfloat16)
+    assert ops.cuda_linear_path(torch.bfloat16, (7, 5)) == "simt"
 
 
 def test_ops_follows_the_setting_and_the_device(t4):
