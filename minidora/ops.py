@@ -29,6 +29,7 @@ Build the extension with ``make build`` (or ``pip install -e .`` then
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import math
 import threading
 
@@ -49,6 +50,8 @@ try:
 except ImportError as e:  # not built: the reference path still works
     _C = None
     _IMPORT_ERROR = e
+    if importlib.util.find_spec(f"{__package__}._C") is None:  # rather than "partially initialized"
+        _IMPORT_ERROR = ModuleNotFoundError("this install has no minidora._C")
 
 _BACKENDS = ("auto", "reference", "compiled")
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
