@@ -514,6 +514,30 @@ def test_ctrl_c_train_subprocess(tmp_path):
     assert "Traceback" not in err and err.splitlines()[-1] == "minidora train: interrupted"
 
 
+def test_parallelize_and_join_refuse_bad_arguments(monkeypatch):
+    from minidora.demo.model import GPT
+    from minidora.distributed import DistributedError, parallelize
+
+    model = builtin(case_cfg("ddp", "qlora", "even")).model
+    with pytest.raises(ValueError, match=r"strategy must be one of \('fsdp2', 'ddp'\), got 'z"):
+        parallelize(model, "zero3")
+    with pytest.raises(ValueError, match="mixed_precision must be 'none' or 'bf16', got 'fp8'"):
+        parallelize(model, "fsdp2", "fp8")
+    with pytest.raises(ValueError, match="mixed_precision 'bf16' is FSDP2's MixedPrecisionPolicy"):
+        parallelize(model, "ddp", "bf16")
+    with pytest.raises(ValueError, match="model has no minidora adapter layers"):
+        parallelize(GPT(GPTConfig(vocab_size=41, n_embd=32, n_head=2)), "fsdp2")
+    with pytest.raises(ValueError, match="device must be 'auto', 'cpu' or 'cuda', got 'tpu'"):
+        join(device="tpu")
+    for env, message in (({"WORLD_SIZE": "two"}, r"\$WORLD_SIZE='two'; expected an integer >= 1"),
+                         ({"RANK": "2"}, r"\$RANK=2; expected 0..1 \(\$WORLD_SIZE=2\)")):
+        for k, v in {"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                     "MASTER_PORT": "1", **env}.items():
+            monkeypatch.setenv(k, v)
+        with pytest.raises(DistributedError, match=message):
+            join(timeout=1)
+
+
 def test_cli_names_a_missing_rendezvous_variable(capsys, monkeypatch, tmp_path):
     from minidora.__main__ import main
 
