@@ -4,9 +4,9 @@
 # For a machine with one NVIDIA GPU (written for an H200: 16 cores, no network). It installs
 # nothing from the internet. Python: $PYTHON if set, else the first of .venv-cuda/bin/python,
 # .venv/bin/python, python3 whose torch is a CUDA build that sees a GPU. If none has one, it tries
-# once to create .venv-cuda with `pip install torch==2.14.1 setuptools ninja numpy pytest` from
-# whatever package index or local wheel cache pip is configured with, and stops with a clear
-# message if that fails. minidora itself is used from the repository (no install needed).
+# once to create .venv-cuda with `pip install torch==2.14.1 setuptools ninja numpy pytest
+# expecttest` from whatever package index or local wheel cache pip is configured with, and stops
+# with a clear message if that fails. minidora itself is used from the repository (no install needed).
 #
 # Steps (each stops the script on failure):
 #   1. build minidora._C in place with CUDA (MINIDORA_FORCE_CUDA=1) for this GPU's architecture
@@ -45,7 +45,7 @@ done
 if [ -z "$PY" ]; then
     log "no python with a CUDA torch that sees a GPU; trying to create .venv-cuda from the configured package index"
     python3 -m venv .venv-cuda && .venv-cuda/bin/python -m pip install -q --retries 1 --timeout 20 \
-        torch==2.14.1 setuptools ninja numpy pytest && has_cuda_torch .venv-cuda/bin/python \
+        torch==2.14.1 setuptools ninja numpy pytest expecttest && has_cuda_torch .venv-cuda/bin/python \
         && PY=.venv-cuda/bin/python
 fi
 if [ -z "$PY" ]; then
@@ -118,7 +118,7 @@ assert paths == {'bfloat16': half, 'float16': half, 'float32': 'simt', 'float64'
 
 # --- 2. op tests ------------------------------------------------------------------------------
 status=0
-if "$PY" -c "import pytest" 2>/dev/null; then
+if "$PY" -c "import pytest, expecttest" 2>/dev/null; then
     SELECT=()
     [ "$QUICK" = 1 ] && SELECT=(-k cuda)
     log "pytest tests/test_ops.py tests/test_cuda_select.py -q ${SELECT[*]}"
@@ -129,7 +129,7 @@ if "$PY" -c "import pytest" 2>/dev/null; then
     log "pytest exit $rc in $((SECONDS - t0)) s"
     [ "$rc" = 0 ] || status=1
 else
-    log "pytest is not installed in $PY: op tests NOT run (validation below still runs)"
+    log "pytest or expecttest is not installed in $PY: op tests NOT run (validation below still runs)"
     status=1
 fi
 
