@@ -36,7 +36,7 @@ MAX_SEEDS = 20           # seeds per point of the rank sweep (seed .. seed + N -
 
 # Subcommands besides ``demo``: modules whose ``add_parser(subparsers)`` returns the new parser
 # and whose ``run(args)`` returns the exit status. Their heavy imports happen inside ``run``.
-SUBCOMMANDS = (".testing.cli", ".distributed.cli")
+SUBCOMMANDS = (".testing.cli", ".llm.cli", ".distributed.cli")
 
 
 class UsageError(Exception):
