@@ -19,13 +19,15 @@
 #
 # Cost measured on the 2-core development machine (see docs/bench-cuda.md): venv install about
 # 1 min (from the local package cache); build with MAX_JOBS=2: 168 s of CPU for one architecture,
-# 212 s for the default four (7 min wall while the shared machine was busy; about 3 to 4 min
-# estimated on idle cores). Exits 0 with "skipped: nvcc not found" when there is no nvcc;
+# 212 to 247 s for the default four (6 to 7 min wall while the shared machine was busy; about 3
+# to 4 min estimated on idle cores); the sm_70 step about 10 s. Exits 0 with "skipped: nvcc not found" when there is no nvcc;
 # non-zero on any compile or check error.
-#   4. only with PTXAS_SM70=<the ptxas of a CUDA 12 toolkit> (e.g. from the wheel
-#      nvidia-cuda-nvcc-cu12): every kernel of nf4_kernels.cuh, compiled by this nvcc to PTX for
-#      compute_75 and retargeted to sm_70, must assemble for sm_70 (the guard, checked for V100
-#      where nvcc 13 cannot compile for it).
+#   4. when this nvcc cannot compile sm_70 (CUDA 13): every kernel of nf4_kernels.cuh, compiled
+#      by this nvcc to PTX for compute_75 and retargeted to sm_70, must assemble for sm_70 with
+#      the ptxas of CUDA 12.9 (the guard, checked for V100). That ptxas is $PTXAS_SM70 if set,
+#      else the one of the wheel nvidia-cuda-nvcc-cu12==12.9.86, installed once into
+#      $CUDA_VENV/cuda12-ptxas (about 95 MB); where it cannot be had, the step says so and is
+#      skipped.
 # Environment: PYTHON (default python3), CUDA_VENV (default .venv-cuda), MAX_JOBS (default 2),
 # TORCH_CUDA_ARCH_LIST (default above), KEEP_BUILD=1 keeps the temporary build folder,
 # PTXAS_SM70 (step 4).
@@ -139,6 +141,19 @@ for op in ("nf4_dequantize", "nf4_linear", "nf4_linear_grad_input"):
 print("cuda-check: minidora::{nf4_dequantize, nf4_linear, nf4_linear_grad_input} have CPU and CUDA kernels")
 EOF
 
+PTXAS12_DIR="$VENV/cuda12-ptxas"
+if [ -z "${PTXAS_SM70:-}" ] && [[ "$NVCC_ARCHS" != *" 70 "* ]]; then
+    PTXAS_SM70="$PTXAS12_DIR/nvidia/cuda_nvcc/bin/ptxas"
+    if [ ! -x "$PTXAS_SM70" ]; then
+        "$PY" -m pip install -q --no-deps --target "$PTXAS12_DIR" nvidia-cuda-nvcc-cu12==12.9.86 \
+            > "$BUILD/ptxas12-install.log" 2>&1 || true
+    fi
+    if [ ! -x "$PTXAS_SM70" ]; then
+        tail -3 "$BUILD/ptxas12-install.log"
+        echo "cuda-check: sm_70 assembly check SKIPPED: no CUDA 12 ptxas (pip install nvidia-cuda-nvcc-cu12==12.9.86 failed)"
+        PTXAS_SM70=""
+    fi
+fi
 if [ -n "${PTXAS_SM70:-}" ]; then
     cat > "$BUILD/kernels_sm70.cu" <<'CU'
 // Every kernel of nf4_kernels.cuh, with template arguments as nf4_cuda.cu launches them.
