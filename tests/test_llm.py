@@ -428,8 +428,8 @@ def test_finetune_adapters_load_in_peft_with_the_same_logits(smollm2, tuned):
 @pytest.mark.llm
 @needs_extra
 def test_real_model_small_qdora_bf16_checkpointing_generate_compile(smollm2):
-    """Two of the 30 layers: QDoRA in bfloat16 with gradient checkpointing trains, generate()
-    and torch.compile give what the eager model gives."""
+    """Two of the 30 layers: QDoRA in bfloat16 with gradient checkpointing trains and generate()
+    is greedy decoding; QDoRA under torch.compile gives the eager logits."""
     model = copy.deepcopy(smollm2.model)
     model.model.layers = model.model.layers[:2]
     model.config.num_hidden_layers = 2
@@ -450,6 +450,15 @@ def test_real_model_small_qdora_bf16_checkpointing_generate_compile(smollm2):
         for _ in range(4):
             ids = torch.cat([ids, model(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)], 1)
         assert torch.equal(out, ids)
-        eager = model(input_ids=x).logits.float()
-        compiled = torch.compile(model)(input_ids=x).logits.float()
-    torch.testing.assert_close(compiled, eager, atol=0.05, rtol=0.02)
+    # torch.compile (inductor) in float32, where eager and compiled differ by summation order
+    # only (in bfloat16 inductor keeps some intermediates wider than eager does)
+    m32 = copy.deepcopy(smollm2.model)
+    m32.model.layers = m32.model.layers[:2]
+    m32.config.num_hidden_layers = 2
+    minidora.wrap(m32, "qdora", "all-linear", r=4, compute_dtype=torch.float32)
+    _randomize(m32)
+    with torch.no_grad():
+        eager = m32(input_ids=x).logits
+        compiled = torch.compile(m32)(input_ids=x).logits
+    assert (eager - smollm2.model(input_ids=x).logits).abs().max() > 1.0   # 2 of 30 layers
+    torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=1e-4)
