@@ -210,9 +210,11 @@ ax.legend(fontsize=8)
 show(fig, "llm_finetune.png")
 
 # %% [markdown]
-# Before fine-tuning the model answers from what it knows (Auren is not in it); after 30 steps
-# of 8 questions it answers the held-out phrasings with the facts it was taught under other
-# phrasings. `docs/real-model.md` has the numbers of the 40-step default of the command line.
+# Before fine-tuning the model makes something up (Auren is not in it). After fine-tuning its
+# answers take the short form of the training answers; whether they are the right facts depends
+# on how long it trains: the small size's 4 steps are far too few (one run answered "The city of
+# Elyria." for the capital, which is Maren). `docs/real-model.md` has the numbers of the command
+# line's default run, 40 steps.
 #
 # ## 4. Merging for inference
 #
