@@ -35,7 +35,7 @@ test: build
 
 # The tests on the real model (tests/test_llm.py, marked llm): 7 tests, the model loaded once;
 # 11 minutes measured on 2 cores shared with other jobs (load 6 to 10), most of it the 10-step
-# fine-tune; a few minutes on an idle machine.
+# fine-tune (not yet measured on an idle machine).
 test-llm: build
 	$(PY) -m pytest -q -m llm tests/test_llm.py
 
