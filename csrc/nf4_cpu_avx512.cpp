@@ -314,8 +314,8 @@ inline bool bf16_pairs(const NF4View& w, int64_t K) { return w.shift >= 6 && K %
 // 5 bits of each index, see word_indices). vcvtne2ps2bf16 rounds to nearest even like
 // c10::BFloat16, but reads float32 subnormals as zero: values below 2^-126, which only blocks
 // whose scale is below ~1.5e-37 have (the smallest nonzero |codebook| is 0.0796). vdpbf16ps
-// reads such weights as zero too, so the kernel gives the reference's result only for blocks of
-// larger scales; docs/format.md.
+// reads such weights (and bfloat16 subnormals of x) as zero too, so for blocks of smaller scales
+// the kernel's products are zero where the reference's are below 2^-126 (not yet handled).
 MD_TARGET_AVX512BF16 inline __m512i bf16_table(float scale) {
   const __m512 t = scaled_codebook(scale);
   return reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(t, t));
