@@ -123,8 +123,7 @@ NF4Operand make_operand(const at::Tensor& packed, const at::Tensor& absmax,
   return w;
 }
 
-// ---- the decode, at the chosen level
-// --------------------------------------------------------------
+// ---- the decode, at the chosen level ------------------------------------------------------------
 
 template <typename T> void decode_span(Isa isa, const NF4View& w, int64_t e0, int64_t n, T* out) {
 #if MINIDORA_X86

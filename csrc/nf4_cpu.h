@@ -108,8 +108,7 @@ template <typename U> __attribute__((always_inline)) inline U round_bf16_bits(U 
   return bits + ((bits >> 16) & 1) + 0x7FFF;
 }
 
-// ---- prefetching the next rows of W
-// --------------------------------------------------------------
+// ---- prefetching the next rows of W ------------------------------------------------------------
 
 // The few-rows kernels read NR adjacent rows of W at once, so the next group's rows start NR rows
 // further on. Each row is only K/2 bytes long (2 KiB for K = 4096), too short a stream for the
@@ -144,8 +143,8 @@ template <int MT, typename Tile> inline void for_each_m_tile(int64_t M, Tile&& t
 // Shared contracts (T: float, double, c10::BFloat16 or c10::Half; indices into NF4View as above):
 //   decode_span:  out[i] = T(value(e0 + i)) for i < n, bit-exact with the reference.
 //   forward_rows: y[m, o] = sum_k x[m, k] * T(W[o, k]) in float32, for the rows o in [n0, n1) of
-//                 W and every m < M; y is [M, N], row-major. x: [M, K] float32, in the layout
-//                 the level's stage_activations wrote.
+//                 W and every m < M; y is [M, N], row-major. x: [M, K] float32, row-major
+//                 (avx2) or in the order avx512::stage_activations wrote (avx512).
 //   grad_chunks:  gx[m, k] = sum_o gy[m, o] * T(W[o, k]) in float32, for the columns k of
 //                 32-column chunks [c0, c1) and every m < M; gy: [M, N], gx: [M, K] float32.
 
