@@ -13,6 +13,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 namespace minidora {
 
@@ -151,6 +152,28 @@ inline void check_bias(const char* op, const c10::optional<at::Tensor>& bias, co
               x.scalar_type(), ", got ", bias->scalar_type());
   TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out_features, op,
               ": bias must have shape [out_features] = [", out_features, "], got ", bias->sizes());
+}
+
+// The kernel of `backend` ("CPU", "CUDA") for device type `expected` got `name` on `device`: a
+// direct call of the kernel (redispatch) with a tensor of another backend.
+inline void check_kernel_device(const char* op, const char* backend, at::DeviceType expected,
+                                const char* name, const at::Device& device) {
+  TORCH_CHECK(device.type() == expected, op, ": the ", backend, " kernel got ", name, " on ",
+              device);
+}
+
+// The dtype nf4_dequantize decodes into.
+inline void check_dequantize_dtype(const char* op, at::ScalarType dtype) {
+  TORCH_CHECK(is_float_activation(dtype), op,
+              ": dtype must be float32, bfloat16, float16 or float64, got ", dtype);
+}
+
+// `sizes` with the last one replaced by `last`: the shape of nf4_linear's result [..., out] and of
+// its input gradient [..., in].
+inline std::vector<int64_t> with_last(at::IntArrayRef sizes, int64_t last) {
+  std::vector<int64_t> out(sizes.begin(), sizes.end());
+  out.back() = last;
+  return out;
 }
 
 }  // namespace minidora
