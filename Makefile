@@ -58,7 +58,7 @@ docs-check:
 lint: $(STAMP)
 	$(PY) -m pip install -q -e '.[lint]'
 	$(PY) -m ruff check .
-	$(VENV)/bin/clang-format --dry-run --Werror csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh
+	$(VENV)/bin/clang-format --dry-run --Werror csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.h
 
 cuda-check:
 	bash scripts/cuda_compile_check.sh

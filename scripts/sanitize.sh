@@ -22,14 +22,14 @@
 # Time measured on the 2-core development machine, shared with other jobs: build 1 to 2 min,
 # tests 1.5 to 3.5 min (2284 tests), 3 to 4.5 min in all.
 # Environment: PY (default .venv/bin/python), CXX (default g++), KEEP_BUILD=1 keeps the temporary
-# folder, SANITIZE_TESTS (default "tests/test_ops.py tests/test_properties.py").
+# folder, SANITIZE_TESTS (default "tests/test_ops.py tests/test_cpu_kernels.py tests/test_properties.py").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 start=$SECONDS
 
 PY="${PY:-.venv/bin/python}"
 CXX="${CXX:-g++}"
-TESTS="${SANITIZE_TESTS:-tests/test_ops.py tests/test_properties.py}"
+TESTS="${SANITIZE_TESTS:-tests/test_ops.py tests/test_cpu_kernels.py tests/test_properties.py}"
 LIBASAN=$("$CXX" -print-file-name=libasan.so)
 LIBUBSAN=$("$CXX" -print-file-name=libubsan.so)
 for lib in "$LIBASAN" "$LIBUBSAN"; do

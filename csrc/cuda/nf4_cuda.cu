@@ -61,7 +61,7 @@ Weight make_weight(const char* op, const at::Tensor& packed, const at::Tensor& a
                    const std::optional<at::Tensor>& nested_code,
                    const std::optional<at::Tensor>& offset, int64_t blocksize, int64_t numel,
                    const at::Device& device, const char* device_name) {
-  TORCH_CHECK(device.is_cuda(), op, ": the CUDA kernel got ", device_name, " on ", device);
+  check_kernel_device(op, "CUDA", at::kCUDA, device_name, device);
   check_nf4_weight(op, packed, absmax, nested_absmax, nested_code, offset, blocksize, numel, device,
                    device_name);
   const c10::cuda::CUDAGuard guard(device);  // for the contiguous copies
@@ -158,8 +158,7 @@ at::Tensor nf4_dequantize_cuda(const at::Tensor& packed, const at::Tensor& absma
                                at::IntArrayRef shape, at::ScalarType dtype) {
   const char* op = "nf4_dequantize";
   const int64_t numel = shape_numel(op, shape);
-  TORCH_CHECK(is_float_activation(dtype), op,
-              ": dtype must be float32, bfloat16, float16 or float64, got ", dtype);
+  check_dequantize_dtype(op, dtype);
   const Weight w = make_weight(op, packed, absmax, nested_absmax, nested_code, offset, blocksize,
                                numel, packed.device(), "packed");
   const c10::cuda::CUDAGuard guard(packed.device());
@@ -259,8 +258,7 @@ at::Tensor nf4_linear_cuda(const at::Tensor& x, const at::Tensor& packed, const 
   const c10::cuda::CUDAGuard guard(x.device());
   const at::ScalarType dt = x.scalar_type();
   const CudaLinearPath path = linear_path(dt);  // before M == 0: a bad setting is always an error
-  std::vector<int64_t> out_shape = x.sizes().vec();
-  out_shape.back() = out_features;
+  const std::vector<int64_t> out_shape = with_last(x.sizes(), out_features);
   if (M == 0) return at::empty(out_shape, x.options());
 
   const at::Tensor x2 = x.reshape({M, in_features}).contiguous();  // [M, K]
@@ -356,8 +354,7 @@ at::Tensor nf4_linear_grad_input_cuda(const at::Tensor& grad_y, const at::Tensor
   const Weight w = make_weight(op, packed, absmax, nested_absmax, nested_code, offset, blocksize,
                                numel, grad_y.device(), "grad_y");
   const c10::cuda::CUDAGuard guard(grad_y.device());
-  std::vector<int64_t> out_shape = grad_y.sizes().vec();
-  out_shape.back() = in_features;
+  const std::vector<int64_t> out_shape = with_last(grad_y.sizes(), in_features);
   if (M == 0) return at::empty(out_shape, grad_y.options());
 
   const at::ScalarType dt = grad_y.scalar_type();
