@@ -23,6 +23,8 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
+from ._cli import UsageError, check_int, path
+
 __all__ = ["main"]
 
 # Bounds of the demo's options. Far above the core count, torch's thread pool fails to start and
@@ -37,16 +39,6 @@ MAX_SEEDS = 20           # seeds per point of the rank sweep (seed .. seed + N -
 # Subcommands besides ``demo``: modules whose ``add_parser(subparsers)`` returns the new parser
 # and whose ``run(args)`` returns the exit status. Their heavy imports happen inside ``run``.
 SUBCOMMANDS = (".testing.cli", ".llm.cli", ".distributed.cli")
-
-
-class UsageError(Exception):
-    """Bad input found after parsing: reported as one line on stderr, exit status 1."""
-
-
-def _path(text: str) -> Path:
-    if not text.strip():
-        raise argparse.ArgumentTypeError("empty path; expected a folder")
-    return Path(text)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -87,9 +79,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="compute dtype of the 4-bit base in the q-methods (default float32: the "
                         "q-methods then differ from lora/dora by the quantization alone; bfloat16 "
                         "is QLoRA's default)")
-    d.add_argument("--out", type=_path, default=Path("minidora_out"),
+    d.add_argument("--out", type=path, default=Path("minidora_out"),
                    help="output folder (default minidora_out)")
-    d.add_argument("--cache-dir", type=_path, default=None,
+    d.add_argument("--cache-dir", type=path, default=None,
                    help="pretrained-weights cache (default $MINIDORA_CACHE or ~/.cache/minidora)")
     d.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
     d.add_argument("--threads", type=int, default=1,
@@ -101,12 +93,6 @@ def _parser() -> argparse.ArgumentParser:
     for name in SUBCOMMANDS:
         importlib.import_module(name, __package__).add_parser(sub).set_defaults(module=name)
     return p
-
-
-def _check_int(option: str, value: int, lo: int, hi: int, why: str = "") -> int:
-    if not lo <= value <= hi:
-        raise UsageError(f"{option}: got {value}; expected an integer in {lo}..{hi}{why}")
-    return value
 
 
 def _names(option: str, given: list[str] | None, default: tuple[str, ...],
@@ -135,7 +121,7 @@ def _ranks(given: list[str], hi: int, why: str) -> tuple[int, ...]:
         except ValueError:
             raise UsageError(f"--sweep-ranks: got {item!r}; expected an integer in "
                              f"1..{hi}{why}") from None
-        ranks.add(_check_int("--sweep-ranks", value, 1, hi, why))
+        ranks.add(check_int("--sweep-ranks", value, 1, hi, why))
     return tuple(sorted(ranks))
 
 
@@ -143,7 +129,7 @@ def _config(args):
     from .demo.train import ADAPTERS, DEMO_MODEL, METHODS, RunConfig, max_rank
 
     methods = _names("--methods", args.methods, METHODS, METHODS)
-    _check_int("--seed", args.seed, 0, MAX_SEED, " (2**63 - 1)")
+    check_int("--seed", args.seed, 0, MAX_SEED, " (2**63 - 1)")
     if args.quick:
         cfg = RunConfig(seed=args.seed, model=replace(DEMO_MODEL, n_embd=32, n_head=2),
                         batch_size=8, finetune_batch_size=8, pretrain_steps=40, steps=16,
@@ -158,7 +144,7 @@ def _config(args):
     for name, (hi, why) in bounds.items():
         value = getattr(args, name)
         if value is not None:
-            setattr(cfg, name, _check_int("--" + name.replace("_", "-"), value, 1, hi, why))
+            setattr(cfg, name, check_int("--" + name.replace("_", "-"), value, 1, hi, why))
     if args.alpha is not None:
         if not (math.isfinite(args.alpha) and 0 < args.alpha <= MAX_ALPHA):
             raise UsageError(f"--alpha: got {args.alpha}; expected a finite number > 0 and "

@@ -11,10 +11,11 @@ tell them. Ctrl-C is exit status 130; every exit leaves the process group cleanl
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from dataclasses import replace
 from pathlib import Path
+
+from .._cli import UsageError, check_float, check_int
 
 __all__ = ["add_parser", "run"]
 
@@ -25,10 +26,6 @@ MAX_SEED = 2**63 - 1
 MAX_THREADS = 256
 MAX_TIMEOUT = 86_400
 FAILED_KEY = "minidora/failed"      # the first failing rank writes its error here (the store)
-
-
-class UsageError(Exception):
-    """Bad input: one line on every rank, exit status 1."""
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -85,18 +82,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return t
 
 
-def _check_int(option: str, value: int, lo: int, hi: int, why: str = "") -> int:
-    if not lo <= value <= hi:
-        raise UsageError(f"{option}: got {value}; expected an integer in {lo}..{hi}{why}")
-    return value
-
-
-def _check_float(option: str, value: float, hi: float) -> float:
-    if not (math.isfinite(value) and 0 < value <= hi):
-        raise UsageError(f"{option}: got {value}; expected a finite number > 0 and <= {hi:g}")
-    return value
-
-
 def config(args: argparse.Namespace, world: int):
     """The checked :class:`~minidora.distributed.loop.TrainConfig` for ``world`` processes."""
     from ..demo.train import max_rank
@@ -110,24 +95,24 @@ def config(args: argparse.Namespace, world: int):
                       mixed_precision=args.mixed_precision, model=args.model)
     if args.quick:
         cfg = replace(cfg, gpt=replace(cfg.gpt, n_embd=32, n_head=2), steps=8, batch_size=8)
-    _check_int("--seed", args.seed, 0, MAX_SEED, " (2**63 - 1)")
+    check_int("--seed", args.seed, 0, MAX_SEED, " (2**63 - 1)")
     hi = max_rank(cfg.gpt)
-    cfg.rank = _check_int("--rank", 8 if args.rank is None else args.rank, 1, hi,
+    cfg.rank = check_int("--rank", 8 if args.rank is None else args.rank, 1, hi,
                           " (min(in_features, out_features) of the adapted layers)")
-    cfg.alpha = _check_float("--alpha", args.alpha, MAX_ALPHA)
-    cfg.lr = _check_float("--lr", args.lr, 1.0)
+    cfg.alpha = check_float("--alpha", args.alpha, MAX_ALPHA)
+    cfg.lr = check_float("--lr", args.lr, 1.0)
     if args.steps is not None:
-        cfg.steps = _check_int("--steps", args.steps, 1, MAX_STEPS)
+        cfg.steps = check_int("--steps", args.steps, 1, MAX_STEPS)
     if args.batch_size is not None:
-        cfg.batch_size = _check_int("--batch-size", args.batch_size, 1, MAX_BATCH)
+        cfg.batch_size = check_int("--batch-size", args.batch_size, 1, MAX_BATCH)
     if cfg.batch_size < world:
         raise UsageError(f"--batch-size: got {cfg.batch_size} rows for a world size of {world}; "
                          f"expected at least one row per rank ({world}..{MAX_BATCH})")
-    _check_int("--save-every", args.save_every, 0, MAX_STEPS)
-    _check_float("--timeout", args.timeout, MAX_TIMEOUT)
+    check_int("--save-every", args.save_every, 0, MAX_STEPS)
+    check_float("--timeout", args.timeout, MAX_TIMEOUT)
     if args.timeout < 1:
         raise UsageError(f"--timeout: got {args.timeout}; expected 1..{MAX_TIMEOUT} seconds")
-    _check_int("--threads", args.threads, 1, MAX_THREADS)
+    check_int("--threads", args.threads, 1, MAX_THREADS)
     if args.mixed_precision != "none" and args.strategy != "fsdp2":
         raise UsageError("--mixed-precision bf16 is FSDP2's policy; use --strategy fsdp2")
     if args.mixed_precision != "none" and args.dtype != "float32":

@@ -9,9 +9,10 @@ before any work starts (2 for what argparse itself rejects).
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
+
+from .._cli import UsageError, check_float, check_int, items, path
 
 __all__ = ["add_parser", "run", "DEFAULTS"]
 
@@ -26,12 +27,6 @@ DEFAULTS = {
     "builtin": {"steps": 300, "lr": 1e-2, "compute_dtype": "float32"},
     "hf": {"steps": 40, "lr": 2e-3, "compute_dtype": "bfloat16"},
 }
-
-
-def _path(text: str) -> Path:
-    if not text.strip():
-        raise argparse.ArgumentTypeError("empty path")
-    return Path(text)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -73,36 +68,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     f.add_argument("--seed", type=int, default=0, help="seed of adapters and batches (default 0)")
     f.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute activations in backward (Hugging Face models)")
-    f.add_argument("--data", type=_path, default=None,
+    f.add_argument("--data", type=path, default=None,
                    help="JSON lines of {\"prompt\", \"response\"[, \"split\"]} (default: the "
                         "shipped Auren set, 300 lines)")
-    f.add_argument("--out", type=_path, default=Path("minidora_finetune"),
+    f.add_argument("--out", type=path, default=Path("minidora_finetune"),
                    help="output folder (default minidora_finetune)")
-    f.add_argument("--cache-dir", type=_path, default=None,
+    f.add_argument("--cache-dir", type=path, default=None,
                    help="the built-in model's pretraining cache (default $MINIDORA_CACHE or "
                         "~/.cache/minidora)")
     f.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
     return f
-
-
-class UsageError(Exception):
-    pass
-
-
-def _int(option: str, value: int, lo: int, hi: int) -> int:
-    if not lo <= value <= hi:
-        raise UsageError(f"{option}: got {value}; expected an integer in {lo}..{hi}")
-    return value
-
-
-def _float(option: str, value: float, hi: float) -> float:
-    if not (math.isfinite(value) and 0 < value <= hi):
-        raise UsageError(f"{option}: got {value}; expected a finite number > 0 and <= {hi:g}")
-    return value
-
-
-def _items(values: list[str]) -> list[str]:
-    return list(dict.fromkeys(v.strip() for item in values for v in item.split(",") if v.strip()))
 
 
 def config(args: argparse.Namespace):
@@ -112,14 +87,14 @@ def config(args: argparse.Namespace):
 
     if args.model not in MODELS and not Path(args.model).is_dir():
         raise UsageError(f"--model: unknown model {args.model!r}; expected one of {model_names()}")
-    methods = _items(args.method or ["qlora"])
+    methods = items(args.method or ["qlora"])
     if not methods:
         raise UsageError(f"--method: no method given; expected some of {', '.join(METHODS)}")
     for m in methods:
         if m not in METHODS:
             raise UsageError(f"--method: unknown method {m!r}; expected some of "
                              f"{', '.join(METHODS)}")
-    targets = _items(args.targets or ["all-linear"])
+    targets = items(args.targets or ["all-linear"])
     if not targets:
         raise UsageError("--targets: no name given; expected layer names or all-linear")
     if "all-linear" in targets and len(targets) > 1:
@@ -128,15 +103,16 @@ def config(args: argparse.Namespace):
     cfg = FinetuneConfig(
         model=args.model, methods=tuple(methods),
         targets="all-linear" if targets == ["all-linear"] else targets,
-        rank=_int("--rank", args.rank, 1, MAX_RANK), alpha=_float("--alpha", args.alpha, MAX_ALPHA),
-        steps=_int("--steps", args.steps if args.steps is not None else defaults["steps"], 1,
-                   MAX_STEPS),
-        batch_size=_int("--batch-size", args.batch_size, 1, MAX_BATCH),
-        seq_len=_int("--seq-len", args.seq_len, 8, MAX_SEQ_LEN),
-        lr=_float("--lr", args.lr if args.lr is not None else defaults["lr"], 1.0),
+        rank=check_int("--rank", args.rank, 1, MAX_RANK),
+        alpha=check_float("--alpha", args.alpha, MAX_ALPHA),
+        steps=check_int("--steps", args.steps if args.steps is not None else defaults["steps"], 1,
+                        MAX_STEPS),
+        batch_size=check_int("--batch-size", args.batch_size, 1, MAX_BATCH),
+        seq_len=check_int("--seq-len", args.seq_len, 8, MAX_SEQ_LEN),
+        lr=check_float("--lr", args.lr if args.lr is not None else defaults["lr"], 1.0),
         compute_dtype=args.compute_dtype or defaults["compute_dtype"],
-        threads=_int("--threads", args.threads, 1, MAX_THREADS),
-        seed=_int("--seed", args.seed, 0, MAX_SEED),
+        threads=check_int("--threads", args.threads, 1, MAX_THREADS),
+        seed=check_int("--seed", args.seed, 0, MAX_SEED),
         gradient_checkpointing=args.gradient_checkpointing)
     if cfg.gradient_checkpointing and cfg.model == "builtin":
         raise UsageError("--gradient-checkpointing: the built-in model has none; it is for "
