@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 import minidora
 
 from ..analysis import effective_weight, weight_decomposition
+from ..demo.train import _lr_at  # warm-up then cosine decay to 10%, the demo's schedule
 from .data import IGNORE, Dataset, Encoded, encode
 from .models import LM, LLMError
 
@@ -95,14 +96,6 @@ def check_full_memory(n_params: int, available: int | None) -> int:
                        f"AdamW's two moments, +25% for activations) but only "
                        f"{available / 2**30:.2f} GiB is available; use --method qlora or lora")
     return need
-
-
-def _lr_at(step: int, total: int, peak: float) -> float:
-    warm = max(1, total // 10)
-    if step < warm:
-        return peak * (step + 1) / warm
-    t = (step - warm) / max(1, total - warm)
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
 
 
 def check_targets(model: nn.Module, targets: str | list[str]) -> None:
