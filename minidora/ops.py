@@ -134,6 +134,21 @@ def use_cpu_isa(isa: str):
     return use(cpu_isa=isa)
 
 
+def cpu_native_bf16() -> bool:
+    """Whether this thread's CPU kernel level has native bfloat16 arithmetic.
+
+    True at ``"avx512bf16"`` (bfloat16 dot products in hardware); False at ``"avx512"``,
+    ``"avx2"`` and ``"scalar"``, where bfloat16 is emulated (widened to float32 first) and runs
+    several times slower than float32. A level forced with ``use(cpu_isa=...)`` counts. Without
+    the extension, torch's own CPU detection answers (AVX512-BF16 or AMX tiles). The applications
+    take bfloat16 as their default compute dtype only where this is True.
+    """
+    if _C is not None:
+        return _C.cpu_isa() in ("avx512bf16", "amx")
+    return any(bool(getattr(torch.cpu, name, lambda: False)())
+               for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
 _CUDA_KERNELS = ("auto", "mma", "simt")
 
 

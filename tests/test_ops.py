@@ -872,3 +872,27 @@ def test_one_switch_picks_the_path():
         assert torch.equal(ops.nf4_linear(x, q), want)              # the reference, exactly
     with ops.use(cpu_isa="scalar"):
         assert torch.allclose(ops.nf4_linear(x, q), want, rtol=1e-5, atol=1e-5)
+
+
+# --- cpu_native_bf16: the applications' default compute dtype follows it ----------------------
+
+def test_cpu_native_bf16_follows_the_forced_kernel_level():
+    levels = ["scalar", "avx2", "avx512", "avx512bf16"]
+    best = ops._C.cpu_isa_best()
+    assert ops.cpu_native_bf16() is (best == "avx512bf16")
+    for isa in levels[: levels.index(best) + 1]:
+        with ops.use_cpu_isa(isa):
+            assert ops.cpu_native_bf16() is (isa == "avx512bf16"), isa
+    assert ops.cpu_native_bf16() is (best == "avx512bf16")          # back with the level
+
+
+def test_cpu_native_bf16_without_the_extension_asks_torch(monkeypatch):
+    monkeypatch.setattr(ops, "_C", None)
+    for bf16, amx in ((False, False), (True, False), (False, True)):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=bf16: v,
+                            raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v, raising=False)
+        assert ops.cpu_native_bf16() is (bf16 or amx)
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")     # an older torch: no answer
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
+    assert ops.cpu_native_bf16() is False
