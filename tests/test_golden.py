@@ -63,3 +63,29 @@ def test_expected_logits_are_peft_logits(regenerated):
     for case, want in shipped.items():
         # float32 logits of |value| < 1; another kernel order moves them by ~1e-7
         torch.testing.assert_close(made[case], want, rtol=0, atol=1e-5, msg=case)
+
+
+def test_bitsandbytes_2d_dequantize_is_the_format_or_its_avx512_defect():
+    """bitsandbytes' 2-D CPU dequantize depends on the CPU, so it is checked live, not stored:
+    its AVX2/scalar fallback follows the format; its AVX-512 kernel reads the scale of element
+    (row, col) as absmax[row * (in // blocksize) + col // blocksize], as if every row started a
+    new block, which is wrong for w64x96 with blocksize 64. Either output passes here, exactly;
+    anything else fails. The stored golden value is the 1-D call's, which is the format's."""
+    import bitsandbytes.functional as bnbf
+
+    from minidora import nf4
+
+    g = golden.nf4_bitsandbytes()
+    w = torch.from_numpy(g["w64x96_f32.input"])
+    bs = int(g["w64x96_f32.blocksize"])
+    packed, state = bnbf.quantize_4bit(w, blocksize=bs, compress_statistics=False,
+                                      quant_type="nf4")
+    got = bnbf.dequantize_4bit(packed, state)
+    q = nf4.quantize(w, blocksize=bs, double_quant=False)
+    assert torch.equal(nf4.dequantize(q), torch.from_numpy(g["w64x96_f32.dequantized"]))
+    rows, cols = w.shape
+    codes = torch.stack([q.packed >> 4, q.packed & 0xF], dim=1).view(rows, cols).long()
+    row_blocks = torch.arange(rows)[:, None] * (cols // bs) + torch.arange(cols)[None, :] // bs
+    defect = nf4.NF4_CODEBOOK[codes] * q.absmax[row_blocks]
+    assert not torch.equal(defect, nf4.dequantize(q))   # the case does tell the two apart
+    assert torch.equal(got, nf4.dequantize(q)) or torch.equal(got, defect)

@@ -13,11 +13,13 @@ What each file holds and how it is made:
 
 - ``nf4_bitsandbytes.npz``: per case, ``bitsandbytes.functional.quantize_4bit`` (quant_type
   "nf4") with and without ``compress_statistics`` (double quantization), and
-  ``dequantize_4bit``. Without double quantization the weight is passed as given ([out, in]);
-  with it, flattened to 1-D. The difference matters in one case: bitsandbytes' 2-D CPU
-  dequantize indexes scales as if every row started a new block, which is wrong when in_features
-  is not a multiple of the blocksize (``w64x96_f32.dequantized`` carries that defect; the 1-D
-  call and minidora follow the format).
+  ``dequantize_4bit``. Without double quantization the weight is quantized as given ([out, in])
+  and, flattened to 1-D, again (the bytes and scales must agree); every dequantized value comes
+  from the 1-D call. Its 2-D CPU dequantize depends on the CPU: bitsandbytes' AVX-512 kernel
+  indexes scales as if every row started a new block, which is wrong when in_features is not a
+  multiple of the blocksize (``w64x96_f32``), while its AVX2/scalar fallback follows the format.
+  A golden value must be the same on every CPU, so the 2-D dequantize is not stored;
+  ``tests/test_nf4_bitsandbytes.py`` checks it live on the CPU at hand.
 - ``adapters_peft.npz``: a float64 ``nn.Linear`` wrapped by ``peft.get_peft_model`` (LoRA, DoRA,
   with and without rsLoRA), the adapter weights set to the stored A, B, m; the output, the
   gradients of ``sum(y * grad_y)`` and ``merge_and_unload()``'s weight.
@@ -67,7 +69,13 @@ def nf4_file(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out.update({f"{case}.{k}": inputs[f"{case}.{k}"] for k in NF4_SUFFIXES})
         out[f"{case}.packed"] = packed.view(-1).numpy()
         out[f"{case}.absmax"] = st.absmax.numpy()
-        out[f"{case}.dequantized"] = bnbf.dequantize_4bit(packed, st).float().numpy()
+        # Dequantized through the 1-D call: its 2-D CPU call depends on the CPU (see above).
+        flat, flat_st = bnbf.quantize_4bit(w.reshape(-1), blocksize=bs,
+                                           compress_statistics=False, quant_type="nf4")
+        assert torch.equal(flat.view(-1), packed.view(-1)) and torch.equal(flat_st.absmax,
+                                                                         st.absmax), case
+        out[f"{case}.dequantized"] = (
+            bnbf.dequantize_4bit(flat, flat_st).float().reshape(w.shape).numpy())
         packed, st = bnbf.quantize_4bit(w.reshape(-1), blocksize=bs, compress_statistics=True,
                                        quant_type="nf4")
         out[f"{case}.dq.absmax_codes"] = st.absmax.numpy()
