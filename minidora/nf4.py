@@ -18,7 +18,18 @@ subtracts their mean and stores them with an 8-bit dynamic code in blocks of 256
 one float32 per 256 scales: 8/64 + 32/(64*256) = 0.127 bit (eq. 6 of the paper).
 
 Public entry points: :func:`quantize`, :func:`dequantize`, and the :class:`NF4Weight` they pass
-around. bitsandbytes' checkpoint keys are written and read by :mod:`minidora.bnb_checkpoint`.
+around. :func:`quantize` is a chain of small steps, each a function of its own so that a variant
+can change exactly one (:mod:`minidora.testing.nf4_mistakes` does): :func:`to_float32`,
+:func:`blockwise_absmax`, :func:`normalize`, :func:`nearest_code`, :func:`pack`, and with DQ
+:func:`double_quantize` (:func:`mean_scale`, :func:`dynamic_code`).
+
+**Edges.** A float64 weight beyond float32's range is refused (the scales are float32). A
+subnormal nested absmax is not clamped in DQ, as in bitsandbytes: its float32 reciprocal is inf,
+so the scales of that block get the extreme codes 0 and 255, and a scale equal to the offset
+(0 * inf = NaN) gets code 0, the code bitsandbytes' NaN-to-integer conversion yields on x86
+(AVX2 and AVX-512 alike) and on ARM (:func:`dynamic_code`).
+
+bitsandbytes' checkpoint keys are written and read by :mod:`minidora.bnb_checkpoint`.
 """
 
 from __future__ import annotations
@@ -55,15 +66,6 @@ def nf4_codebook(offset: float = 0.9677083) -> torch.Tensor:
 
 NF4_CODEBOOK = nf4_codebook()                                          # [16] float32
 DYNAMIC_CODE = torch.tensor(DYNAMIC_MAP, dtype=torch.float32)          # [256] float32
-
-
-def _midpoints(code: torch.Tensor) -> torch.Tensor:
-    return (code[:-1] + code[1:]) / 2
-
-
-def _nearest(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
-    """Index of the nearest code value; an exact tie goes to the lower index."""
-    return torch.bucketize(scaled, _midpoints(code), right=False)
 
 
 @dataclass
@@ -110,7 +112,7 @@ class NF4Weight:
 
     def scales(self) -> torch.Tensor:
         """The float32 per-block scales, decoding the double quantization if present."""
-        return _decode_scales(self.absmax, self.nested_absmax, self.offset)
+        return decode_scales(self.absmax, self.nested_absmax, self.offset)
 
     def plain_scales(self) -> NF4Weight:
         """The same weight with its double-quantized scales decoded to float32 (same values)."""
@@ -161,11 +163,70 @@ def _check_weight(weight) -> None:
                          "quantizing them would poison their whole block")
 
 
-def _blockwise_absmax(x: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pad x [n] with zeros to whole blocks; return (blocks [n_blocks, blocksize], absmax)."""
+# --- the steps of quantize, in order (public so that a variant can change exactly one) ------
+
+def to_float32(weight: torch.Tensor) -> torch.Tensor:
+    """Flatten ``weight`` row-major and upcast (or, from float64, round) it to float32.
+
+    Returns:
+        [n] float32.
+
+    Raises:
+        ValueError: a float64 value beyond float32's range: the scales are float32, as in
+            bitsandbytes' format, so such a weight has no NF4 form.
+    """
+    x = weight.detach().reshape(-1).to(torch.float32)                      # [n]
+    if weight.dtype == torch.float64 and not x.is_meta:
+        big = torch.isinf(x)
+        if big.any():
+            first = tuple(int(i) for i in big.view(weight.shape).nonzero()[0])
+            raise ValueError(
+                f"weight has {int(big.sum())} value(s) beyond float32's range, first at index "
+                f"{first}: {weight[first].item():g} (max |w| {weight.abs().max().item():g}); NF4 "
+                "scales are float32 (bitsandbytes' format), so |w| must be at most float32's max, "
+                f"{torch.finfo(torch.float32).max:.8g}")
+    return x
+
+
+def blockwise_absmax(x: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad x [n] with zeros to whole blocks.
+
+    Returns:
+        (blocks [n_blocks, blocksize], absmax [n_blocks]): the blocks and their max |x|.
+    """
     pad = -x.numel() % blocksize
     blocks = torch.nn.functional.pad(x, (0, pad)).view(-1, blocksize)
     return blocks, blocks.abs().amax(dim=1)                  # [n_blocks, bs], [n_blocks]
+
+
+def normalize(blocks: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
+    """blocks [n_blocks, bs] * (1 / absmax) [n_blocks]: multiply by the float32 reciprocal, as
+    bitsandbytes does (``x / absmax`` rounds differently next to a midpoint). The divisor is
+    clamped at 1e-38, so that an all-zero block gives zeros, not NaN."""
+    return blocks * (1.0 / absmax.clamp_min(1e-38))[:, None]
+
+
+def _midpoints(code: torch.Tensor) -> torch.Tensor:
+    return (code[:-1] + code[1:]) / 2
+
+
+def nearest_code(scaled: torch.Tensor, code: torch.Tensor = NF4_CODEBOOK) -> torch.Tensor:
+    """Index (int64, shape of ``scaled``) of the nearest value of the sorted ``code``; an exact
+    tie goes to the lower index."""
+    return torch.bucketize(scaled, _midpoints(code.to(scaled.device)), right=False)
+
+
+def pack(codes: torch.Tensor) -> torch.Tensor:
+    """[n] codes 0..15 -> [ceil(n / 2)] uint8, the first of each pair in the high nibble; an odd
+    count is padded with code 7 (the value 0.0)."""
+    if codes.numel() % 2:
+        codes = torch.cat([codes, codes.new_full((1,), 7)])
+    return ((codes[0::2] << 4) | codes[1::2]).to(torch.uint8)             # [ceil(n/2)]
+
+
+def unpack(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    """[ceil(numel / 2)] uint8 -> [numel] int64 codes (the inverse of :func:`pack`)."""
+    return torch.stack([packed >> 4, packed & 0xF], dim=1).view(-1)[:numel].long()
 
 
 # bitsandbytes finds the 8-bit code of a scale through a 65536-entry table rather than an exact
@@ -179,27 +240,51 @@ _GRID = 65535
 
 def _dynamic_grid_table() -> torch.Tensor:
     grid = -1.0 + (2.0 * torch.arange(_GRID + 1, dtype=torch.float32)) / _GRID   # [65536]
-    return _nearest(grid, DYNAMIC_CODE)                                            # [65536] codes
+    return nearest_code(grid, DYNAMIC_CODE)                                        # [65536] codes
 
 
 _DYNAMIC_TABLE = _dynamic_grid_table()
 
 
-def _double_quantize(absmax: torch.Tensor):
-    """Scales [n_blocks] float32 -> (uint8 codes, nested_absmax float32, offset 0-dim float32)."""
+def mean_scale(absmax: torch.Tensor) -> torch.Tensor:
+    """The offset of double quantization: the float32 mean of the scales [n_blocks], 0-dim."""
     offset = absmax.mean()
     if not absmax.is_meta and not torch.isfinite(offset):
         # a float32 sum of huge scales overflows where the mean itself does not: sum in float64
         offset = absmax.double().mean().float()
-    blocks, nested = _blockwise_absmax(absmax - offset, NESTED_BLOCKSIZE)       # [nb2, 256], [nb2]
-    scaled = (blocks * (1.0 / nested.clamp_min(1e-38))[:, None]).clamp(-1.0, 1.0)
-    grid_index = (((scaled + 1.0) * 0.5) * _GRID + 0.5).to(torch.int64)       # truncation
-    codes = _DYNAMIC_TABLE.to(absmax.device)[grid_index]                      # [nb2, 256]
-    codes = torch.where(nested[:, None] == 0, 0, codes)  # all-equal scales: bitsandbytes stores 0
+    return offset
+
+
+def dynamic_code(v: torch.Tensor) -> torch.Tensor:
+    """8-bit codes (int64, shape of ``v``) of normalized scales v, through bitsandbytes' grid.
+
+    v is clamped to [-1, 1]. A NaN v (0 * inf: a scale equal to the offset in a block whose
+    nested absmax is 0 or subnormal, so that its float32 reciprocal is inf) takes grid point 0,
+    hence code 0: bitsandbytes converts NaN to an integer whose low 16 bits are 0 (x86's
+    "integer indefinite" 0x80000000 in both its AVX2 and AVX-512 builds, and 0 on ARM).
+    """
+    v = v.clamp(-1.0, 1.0)                                      # NaN stays NaN
+    grid_index = (((v + 1.0) * 0.5) * _GRID + 0.5).nan_to_num(0.0).to(torch.int64)  # truncation
+    return _DYNAMIC_TABLE.to(v.device)[grid_index]
+
+
+def double_quantize(absmax: torch.Tensor):
+    """Scales [n_blocks] float32 -> (uint8 codes [n_blocks], nested_absmax [ceil(n_blocks / 256)]
+    float32, offset 0-dim float32).
+
+    Unlike the 4-bit step, bitsandbytes does not clamp the nested absmax here: where it is
+    subnormal its reciprocal is inf, and the scales of that block get code 255 (above the
+    offset), 0 (below it) or 0 (equal to it, NaN; see :func:`dynamic_code`).
+    """
+    offset = mean_scale(absmax)
+    blocks, nested = blockwise_absmax(absmax - offset, NESTED_BLOCKSIZE)       # [nb2, 256], [nb2]
+    codes = dynamic_code(blocks * (1.0 / nested)[:, None])                    # [nb2, 256]
     return codes.view(-1)[: absmax.numel()].to(torch.uint8), nested, offset
 
 
-def _decode_scales(absmax, nested_absmax, offset) -> torch.Tensor:
+def decode_scales(absmax, nested_absmax, offset) -> torch.Tensor:
+    """The float32 scales [n_blocks]: ``absmax`` itself, or with double quantization
+    float32(dynamic_map[code] * nested) + offset (two roundings, in that order)."""
     if nested_absmax is None:
         return absmax
     n = absmax.numel()
@@ -211,7 +296,8 @@ def quantize(weight: torch.Tensor, blocksize: int = 64, double_quant: bool = Tru
     """Quantize a floating-point tensor to NF4, bit-exact with bitsandbytes.
 
     Args:
-        weight: any shape, float32 / bfloat16 / float16 / float64, finite, non-empty.
+        weight: any shape, float32 / bfloat16 / float16 / float64, finite, non-empty (float64:
+            within float32's range, as the scales are float32).
         blocksize: elements per absmax block, a power of two in 32..4096.
         double_quant: also quantize the scales (QLoRA's DQ).
 
@@ -220,16 +306,12 @@ def quantize(weight: torch.Tensor, blocksize: int = 64, double_quant: bool = Tru
     """
     _check_weight(weight)
     _check_blocksize(blocksize)
-    x = weight.detach().reshape(-1).to(torch.float32)                    # [n]
-    blocks, absmax = _blockwise_absmax(x, blocksize)                     # [nb, bs], [nb]
-    scaled = blocks * (1.0 / absmax.clamp_min(1e-38))[:, None]           # multiply, not divide
-    codes = _nearest(scaled, NF4_CODEBOOK.to(x.device)).view(-1)[: x.numel()]
-    if codes.numel() % 2:
-        codes = torch.cat([codes, codes.new_full((1,), 7)])            # pad with code 7 (= 0.0)
-    packed = ((codes[0::2] << 4) | codes[1::2]).to(torch.uint8)          # [ceil(n/2)]
-    q = NF4Weight(packed, absmax, tuple(weight.shape), weight.dtype, blocksize)
+    x = to_float32(weight)                                               # [n]
+    blocks, absmax = blockwise_absmax(x, blocksize)                      # [nb, bs], [nb]
+    codes = nearest_code(normalize(blocks, absmax)).view(-1)[: x.numel()]   # [n]
+    q = NF4Weight(pack(codes), absmax, tuple(weight.shape), weight.dtype, blocksize)
     if double_quant:
-        q.absmax, q.nested_absmax, q.offset = _double_quantize(absmax)
+        q.absmax, q.nested_absmax, q.offset = double_quantize(absmax)
     return q
 
 
@@ -244,9 +326,9 @@ def dequantize(q: NF4Weight, dtype: torch.dtype | None = None) -> torch.Tensor:
     if q.double_quant and not isinstance(q.offset, torch.Tensor):
         raise TypeError("q.offset must be a float32 tensor (the mean scale) when q.nested_absmax "
                         f"is set (double quantization), got {type(q.offset).__name__}")
-    codes = torch.stack([q.packed >> 4, q.packed & 0xF], dim=1).view(-1)[: q.numel]   # [n]
+    codes = unpack(q.packed, q.numel)                                                # [n]
     scales = q.scales().repeat_interleave(q.blocksize)[: q.numel]                     # [n]
-    values = NF4_CODEBOOK.to(q.packed.device)[codes.long()] * scales
+    values = NF4_CODEBOOK.to(q.packed.device)[codes] * scales
     return values.to(dtype).view(q.shape)
 
 

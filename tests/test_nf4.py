@@ -363,3 +363,20 @@ def test_old_names_of_the_checkpoint_functions_still_work():
         sd = nf4.to_bnb_state_dict(q)
     with pytest.warns(DeprecationWarning, match="from_bnb_state_dict"):
         assert torch.equal(nf4.from_bnb_state_dict(sd).packed, q.packed)
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_float64_beyond_float32_range_is_refused_and_says_where(double_quant):
+    w = torch.randn(5, 70, dtype=torch.float64, generator=torch.Generator().manual_seed(11))
+    w[3, 41] = -2e39
+    w[4, 2] = 1e300
+    with pytest.raises(ValueError, match=r"2 value\(s\) beyond float32's range, first at "
+                                         r"index \(3, 41\): -2e\+39 \(max \|w\| 1e\+300\); NF4 "
+                                         r"scales are float32 \(bitsandbytes' format\), so \|w\| "
+                                         r"must be at most float32's max, 3.4028235e\+38"):
+        nf4.quantize(w, 64, double_quant)
+    # float32's max itself is a float64 weight like any other
+    w[3, 41], w[4, 2] = torch.finfo(torch.float32).max, 1.0
+    q = nf4.quantize(w, 64, double_quant)
+    assert torch.equal(nf4.dequantize(q), nf4.dequantize(nf4.quantize(w.float(), 64, double_quant))
+                       .double())

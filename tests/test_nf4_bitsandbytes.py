@@ -69,3 +69,39 @@ def test_case_seeds_are_the_same_in_every_process():
                             check=True, cwd=Path(__file__).parent,
                             env={**os.environ, "PYTHONHASHSEED": h}).stdout for h in ("1", "2")}
     assert len(seeds) == 1
+
+
+def subnormal_weights():
+    """Weights whose scales are subnormal: the nested absmax of double quantization is then
+    subnormal too, and its float32 reciprocal is inf (bitsandbytes does not clamp it). Whole
+    blocks only: bitsandbytes' CPU code treats a partial last block apart (it stores that
+    block's absmax clamped to 1e-38)."""
+    gen = torch.Generator().manual_seed(case_seed("subnormal"))
+    tiny = 2.0 ** -149                                      # the smallest float32 subnormal
+    # block absmaxes 1, 2, 3 (x tiny) repeated: the offset is exactly 2 tiny, so a third of the
+    # scales equal it (0 * inf = NaN in bitsandbytes' normalization)
+    exact = torch.tensor([1.0, 2.0, 3.0]).repeat(100)[:, None] * tiny * torch.ones(300, 32)
+    exact[:, 1:] *= torch.rand(300, 31, generator=gen)
+    return [
+        ("randn * 1e-40, 270 blocks", torch.randn(135, 128, generator=gen) * 1e-40, 64),
+        ("bfloat16 randn * 1e-39", (torch.randn(37, 64, generator=gen) * 1e-39).bfloat16(), 32),
+        ("scales equal to the offset", exact, 32),
+        ("subnormal and normal blocks", torch.cat([torch.randn(10, 64, generator=gen) * 3e-39,
+                                                   torch.randn(2, 64, generator=gen)]), 64),
+    ]
+
+
+@pytest.mark.parametrize("name, w, blocksize", subnormal_weights(),
+                         ids=[case[0] for case in subnormal_weights()])
+def test_subnormal_scales_match_bitsandbytes(name, w, blocksize):
+    for double_quant in (False, True):
+        packed, state = bnbF.quantize_4bit(w, blocksize=blocksize, compress_statistics=double_quant,
+                                           quant_type="nf4")
+        q = nf4.quantize(w, blocksize, double_quant=double_quant)
+        assert torch.equal(q.packed, packed.view(-1)), name
+        assert torch.equal(q.absmax, state.absmax), (name, double_quant)
+        if double_quant:
+            assert torch.equal(q.offset, state.offset) and q.offset > 0
+            assert torch.equal(q.nested_absmax, state.state2.absmax)
+            bnb_scales = bnbF.dequantize_blockwise(state.absmax, state.state2) + state.offset
+            assert torch.equal(q.scales(), bnb_scales)
