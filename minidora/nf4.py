@@ -21,7 +21,7 @@ Public entry points: :func:`quantize`, :func:`dequantize`, and the :class:`NF4We
 around. :func:`quantize` is a chain of small steps, each a function of its own so that a variant
 can change exactly one (:mod:`minidora.testing.nf4_mistakes` does): :func:`to_float32`,
 :func:`blockwise_absmax`, :func:`normalize`, :func:`nearest_code`, :func:`pack`, and with DQ
-:func:`double_quantize` (:func:`mean_scale`, :func:`dynamic_code`).
+:func:`double_quantize` (:func:`mean_scale`, :func:`quantize_scales`, :func:`dynamic_code`).
 
 **Edges.** A float64 weight beyond float32's range is refused (the scales are float32). A
 subnormal nested absmax is not clamped in DQ, as in bitsandbytes: its float32 reciprocal is inf,
@@ -268,18 +268,26 @@ def dynamic_code(v: torch.Tensor) -> torch.Tensor:
     return _DYNAMIC_TABLE.to(v.device)[grid_index]
 
 
-def double_quantize(absmax: torch.Tensor):
-    """Scales [n_blocks] float32 -> (uint8 codes [n_blocks], nested_absmax [ceil(n_blocks / 256)]
-    float32, offset 0-dim float32).
+def quantize_scales(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scales minus their offset, v [n_blocks] float32 -> (uint8 codes [n_blocks], nested_absmax
+    [ceil(n_blocks / 256)] float32), in blocks of 256.
 
     Unlike the 4-bit step, bitsandbytes does not clamp the nested absmax here: where it is
     subnormal its reciprocal is inf, and the scales of that block get code 255 (above the
     offset), 0 (below it) or 0 (equal to it, NaN; see :func:`dynamic_code`).
     """
-    offset = mean_scale(absmax)
-    blocks, nested = blockwise_absmax(absmax - offset, NESTED_BLOCKSIZE)       # [nb2, 256], [nb2]
+    blocks, nested = blockwise_absmax(v, NESTED_BLOCKSIZE)                    # [nb2, 256], [nb2]
     codes = dynamic_code(blocks * (1.0 / nested)[:, None])                    # [nb2, 256]
-    return codes.view(-1)[: absmax.numel()].to(torch.uint8), nested, offset
+    return codes.view(-1)[: v.numel()].to(torch.uint8), nested
+
+
+def double_quantize(absmax: torch.Tensor):
+    """Scales [n_blocks] float32 -> (uint8 codes [n_blocks], nested_absmax [ceil(n_blocks / 256)]
+    float32, offset 0-dim float32): the offset is their mean, and ``absmax - offset`` is coded
+    by :func:`quantize_scales`."""
+    offset = mean_scale(absmax)
+    codes, nested = quantize_scales(absmax - offset)
+    return codes, nested, offset
 
 
 def decode_scales(absmax, nested_absmax, offset) -> torch.Tensor:

@@ -172,6 +172,9 @@ def test_mistake_tables_without_a_mistake_are_the_reference():
             ref = nf4.quantize(case.weight, case.blocksize, dq)
             got = nf4_mistakes.quantize(case.weight, case.blocksize, dq)
             assert torch.equal(got["packed"], ref.packed) and torch.equal(got["absmax"], ref.absmax)
+            if dq:
+                assert torch.equal(got["nested_absmax"], ref.nested_absmax)
+                assert torch.equal(got["offset"], ref.offset)
             out = nf4_mistakes.dequantize(got, tuple(case.weight.shape), case.blocksize,
                                           case.weight.dtype)
             assert torch.equal(out, nf4.dequantize(ref))
@@ -179,6 +182,24 @@ def test_mistake_tables_without_a_mistake_are_the_reference():
         got = adapter_mistakes.expected(case)
         for q, want in case.golden.items():
             assert torch.allclose(got[q], want, rtol=1e-10, atol=1e-13), q
+
+
+@pytest.mark.parametrize("key", nf4_mistakes.QUANTIZE_MISTAKES)
+def test_every_quantize_mistake_fails_the_kit_and_is_named(key):
+    report = check_nf4(lambda w, bs, dq: nf4_mistakes.quantize(w, bs, dq, key))
+    assert any(nf4_mistakes.MISTAKES[key][0] in row.note for row in report.failures), report
+
+
+@pytest.mark.parametrize("key", nf4_mistakes.DEQUANTIZE_MISTAKES)
+def test_every_dequantize_mistake_fails_the_kit_and_is_named(key):
+    def dequantize(q):
+        fields = {"packed": q.packed, "absmax": q.absmax, "nested_absmax": q.nested_absmax,
+                  "offset": q.offset}
+        return nf4_mistakes.dequantize(fields, q.shape, q.blocksize, q.dtype, key)
+
+    report = check_nf4(nf4.quantize, dequantize)
+    assert {row.name for row in report.failures} == {"golden: dequantize", "random: dequantize"}
+    assert all(nf4_mistakes.MISTAKES[key][0] in row.note for row in report.failures), report
 
 
 # --- an independent LoRA and DoRA, with switches for the classic mistakes ------------------

@@ -64,25 +64,16 @@ QUANTIZE_MISTAKES = ("nibbles", "ties_up", "divide", "input_dtype", "codebook4",
                      "pad0", "per_row", "signed_max", "no_offset", "exact_dynamic", "offset_f64")
 DEQUANTIZE_MISTAKES = ("nibbles", "row_scales", "no_offset_back", "low_precision", "codebook4",
                        "offset_codebook")
-_GRID = 65535   # steps of bitsandbytes' lookup grid for the 8-bit scale codes
-NESTED = 256    # scales per double-quantization block (fixed by bitsandbytes)
+NESTED = nf4.NESTED_BLOCKSIZE   # scales per double-quantization block (fixed by bitsandbytes)
 
 
-def _mid(code: torch.Tensor) -> torch.Tensor:
-    return (code[:-1] + code[1:]) / 2
+def _swap_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    return (packed << 4) | (packed >> 4)                                 # uint8: wraps
 
 
-def _pack(codes: torch.Tensor, pad: int = 7, swap: bool = False) -> torch.Tensor:
-    if codes.numel() % 2:
-        codes = torch.cat([codes, codes.new_full((1,), pad)])
-    hi, lo = (codes[1::2], codes[0::2]) if swap else (codes[0::2], codes[1::2])
-    return ((hi << 4) | lo).to(torch.uint8)                              # [ceil(n/2)]
-
-
-def unpack(packed: torch.Tensor, swap: bool = False) -> torch.Tensor:
+def unpack(packed: torch.Tensor) -> torch.Tensor:
     """[m] uint8 -> [2m] int64 codes, high nibble first (the padding nibble included)."""
-    pair = (packed & 0xF, packed >> 4) if swap else (packed >> 4, packed & 0xF)
-    return torch.stack(pair, dim=1).view(-1).long()
+    return nf4.unpack(packed, 2 * packed.numel())
 
 
 def _codebook(mistake: str | None) -> torch.Tensor:
@@ -93,75 +84,81 @@ def _codebook(mistake: str | None) -> torch.Tensor:
     return nf4.NF4_CODEBOOK
 
 
-def _blocks(weight: torch.Tensor, bs: int, per_row: bool):
-    """-> (blocks [n_blocks, bs] float32, mask of the real elements [n_blocks, bs])."""
-    x = weight.detach().float()
-    rows = x.reshape(x.shape[0], -1) if per_row and x.dim() > 1 else x.reshape(1, -1)  # [rows, len]
+def _flatten(weight: torch.Tensor, bs: int, per_row: bool):
+    """-> (x [n'] float32, mask of its real elements [n'] or None). per_row: every row padded
+    with zeros to whole blocks, so that blocks restart at every row."""
+    x = nf4.to_float32(weight)                                           # [n]
+    if not per_row or weight.dim() < 2:
+        return x, None
+    rows = x.view(weight.shape[0], -1)                                   # [rows, len]
     pad = -rows.shape[1] % bs
     keep = F.pad(torch.ones_like(rows, dtype=torch.bool), (0, pad))
-    return F.pad(rows, (0, pad)).view(-1, bs), keep.view(-1, bs)
+    return F.pad(rows, (0, pad)).view(-1), keep.view(-1)
 
 
 def quantize(weight: torch.Tensor, blocksize: int, double_quant: bool,
              mistake: str | None = None) -> dict[str, torch.Tensor]:
-    """NF4-quantize ``weight`` (any shape) with one mistake (a key of MISTAKES) or none.
+    """NF4-quantize ``weight`` (any shape) with one mistake (a key of MISTAKES) or none: the
+    steps of :func:`minidora.nf4.quantize`, one of them changed.
 
     Returns:
         dict: packed [ceil(n/2)] uint8, absmax [n_blocks] (float32, or uint8 codes with double
         quantization), and with double quantization nested_absmax [ceil(n_blocks/256)] and
         offset (0-dim float32).
     """
-    blocks, keep = _blocks(weight, blocksize, mistake == "per_row")    # [nb, bs]
-    absmax = blocks.amax(1) if mistake == "signed_max" else blocks.abs().amax(1)
-    safe = absmax.clamp_min(1e-38)[:, None]
+    x, keep = _flatten(weight, blocksize, mistake == "per_row")          # [n']
+    blocks, absmax = nf4.blockwise_absmax(x, blocksize)                  # [nb, bs], [nb]
+    if mistake == "signed_max":
+        absmax = blocks.amax(1)
     if mistake == "divide":
-        scaled = blocks / safe
+        scaled = blocks / absmax.clamp_min(1e-38)[:, None]
     elif mistake == "input_dtype" and weight.dtype in (torch.bfloat16, torch.float16):
-        scaled = (blocks.to(weight.dtype) * (1.0 / safe).to(weight.dtype)).float()
+        inv = (1.0 / absmax.clamp_min(1e-38)).to(weight.dtype)
+        scaled = (blocks.to(weight.dtype) * inv[:, None]).float()
     else:
-        scaled = blocks * (1.0 / safe)
+        scaled = nf4.normalize(blocks, absmax)
     code = _codebook(mistake)
-    codes = torch.bucketize(scaled, _mid(code), right=mistake == "ties_up")[keep]   # [n]
-    out = {"packed": _pack(codes, 0 if mistake == "pad0" else 7, mistake == "nibbles"),
-           "absmax": absmax}
+    if mistake == "ties_up":
+        codes = torch.bucketize(scaled, (code[:-1] + code[1:]) / 2, right=True)
+    else:
+        codes = nf4.nearest_code(scaled, code)
+    codes = codes.view(-1)[keep] if keep is not None else codes.view(-1)[: weight.numel()]
+    if mistake == "pad0" and codes.numel() % 2:
+        codes = torch.cat([codes, codes.new_zeros(1)])
+    packed = nf4.pack(codes)
+    out = {"packed": _swap_nibbles(packed) if mistake == "nibbles" else packed, "absmax": absmax}
     if double_quant:
         out.update(_double_quantize(absmax, mistake))
     return out
 
 
 def _double_quantize(absmax: torch.Tensor, mistake: str | None) -> dict[str, torch.Tensor]:
-    offset = absmax.double().mean().float() if mistake == "offset_f64" else absmax.mean()
     if mistake == "no_offset":
         offset = torch.zeros((), dtype=torch.float32)
-    n_blocks, per = absmax.numel(), NESTED
-    blocks = F.pad(absmax - offset, (0, -n_blocks % per)).view(-1, per)   # [nb2, 256]
-    nested = blocks.abs().amax(1)
-    safe = nested.clamp_min(1e-38)[:, None]
-    scaled = (blocks * (1.0 / safe)).clamp(-1, 1)
-    dyn = nf4.DYNAMIC_CODE
-    if mistake == "exact_dynamic":
-        codes = torch.bucketize(scaled, _mid(dyn))
+    elif mistake == "offset_f64":
+        offset = absmax.double().mean().float()
     else:
-        grid = -1.0 + (2.0 * torch.arange(_GRID + 1, dtype=torch.float32)) / _GRID
-        table = torch.bucketize(grid, _mid(dyn))                       # [65536] codes
-        codes = table[(((scaled + 1.0) * 0.5) * _GRID + 0.5).long()]
-    codes[nested == 0] = 0
-    return {"absmax": codes.view(-1)[:n_blocks].to(torch.uint8), "nested_absmax": nested,
-            "offset": offset}
+        offset = nf4.mean_scale(absmax)
+    if mistake == "exact_dynamic":
+        blocks, nested = nf4.blockwise_absmax(absmax - offset, NESTED)   # [nb2, 256], [nb2]
+        v = (blocks * (1.0 / nested)[:, None]).clamp(-1, 1).nan_to_num(-1.0)
+        codes = nf4.nearest_code(v, nf4.DYNAMIC_CODE).view(-1)[: absmax.numel()].to(torch.uint8)
+    else:
+        codes, nested = nf4.quantize_scales(absmax - offset)
+    return {"absmax": codes, "nested_absmax": nested, "offset": offset}
 
 
 def dequantize(fields: dict[str, torch.Tensor], shape: tuple, blocksize: int, dtype: torch.dtype,
                mistake: str | None = None) -> torch.Tensor:
-    """Decode ``fields`` (as :func:`quantize` returns them) to ``shape`` in ``dtype``."""
+    """Decode ``fields`` (as :func:`quantize` returns them) to ``shape`` in ``dtype``: the steps
+    of :func:`minidora.nf4.dequantize`, one of them changed."""
     n = math.prod(shape)
-    codes = unpack(fields["packed"], mistake == "nibbles")[:n]            # [n]
-    scales = fields["absmax"]
-    if fields.get("nested_absmax") is not None:
-        per = NESTED
-        nested = fields["nested_absmax"].repeat_interleave(per)[: scales.numel()]
-        scales = nf4.DYNAMIC_CODE[scales.long()] * nested
-        if mistake != "no_offset_back":
-            scales = scales + fields["offset"]
+    packed = fields["packed"]
+    codes = nf4.unpack(_swap_nibbles(packed) if mistake == "nibbles" else packed, n)   # [n]
+    offset = fields.get("offset")
+    if mistake == "no_offset_back" and offset is not None:
+        offset = torch.zeros((), dtype=torch.float32)
+    scales = nf4.decode_scales(fields["absmax"], fields.get("nested_absmax"), offset)
     index = torch.arange(n) // blocksize                                  # [n]
     if mistake == "row_scales" and len(shape) == 2:
         rows, cols = shape
