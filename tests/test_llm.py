@@ -13,8 +13,11 @@ Two groups:
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import copy
 import importlib.util
+import io
 import json
 
 import pytest
@@ -318,12 +321,19 @@ def test_qdora_model_moved_to_bfloat16():
 
 # --- the real model (pytest -m llm) ------------------------------------------------------------
 
+LOAD_STDERR = {}       # what loading the real model wrote to stderr
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     if not HAVE_EXTRA:
         pytest.skip(f"needs the [llm] extra and the model wheel: {M.INSTALL}")
     torch.set_num_threads(2)
-    return M.load("smollm2-135m")
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):        # tqdm writes to sys.stderr as it is then
+        lm = M.load("smollm2-135m")
+    LOAD_STDERR["smollm2-135m"] = err.getvalue()
+    return lm
 
 
 @pytest.mark.llm
@@ -341,6 +351,7 @@ def test_gguf_model_loads(smollm2):
     with torch.no_grad():
         nxt = smollm2.logits(torch.tensor([ids]))[0, -1].argmax()
     assert smollm2.fmt.decode([int(nxt)]).strip() == "The"
+    assert "GGUF tensors" not in LOAD_STDERR["smollm2-135m"]     # no conversion progress bar
 
 
 @pytest.mark.llm
@@ -462,3 +473,128 @@ def test_real_model_small_qdora_bf16_checkpointing_generate_compile(smollm2):
         compiled = torch.compile(m32)(input_ids=x).logits
     assert (eager - smollm2.model(input_ids=x).logits).abs().max() > 1.0   # 2 of 30 layers
     torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=1e-4)
+
+
+# --- the compute dtype follows the CPU; where a run is; no GGUF conversion bar ------------------
+
+LEVELS = ["scalar", "avx2", "avx512", "avx512bf16"]       # each includes the ones before
+
+
+@contextlib.contextmanager
+def forced(isa):
+    """The CPU kernel level ``isa`` for this thread; a skip where this CPU lacks it."""
+    if not minidora.ops.extension_available():
+        pytest.skip("forcing a CPU kernel level needs the compiled extension minidora._C")
+    best = minidora.ops._C.cpu_isa_best()
+    if LEVELS.index(isa) > LEVELS.index(best):
+        pytest.skip(f"this CPU lacks the kernel level {isa} (its best is {best})")
+    with minidora.ops.use_cpu_isa(isa):
+        yield
+
+
+def finetune_args(*argv):
+    from minidora.llm import cli
+
+    p = argparse.ArgumentParser()
+    cli.add_parser(p.add_subparsers(dest="command"))
+    return p.parse_args(["finetune", *argv])
+
+
+@pytest.mark.parametrize("isa, model, want, why", [
+    ("avx2", "folder", "float32", "(the default here: this CPU has no native bfloat16 arithmetic "
+     "(CPU kernels avx2), so bfloat16 is emulated, several times slower than float32; "
+     "--compute-dtype bfloat16 asks for it anyway)"),
+    ("avx512bf16", "folder", "bfloat16", "(the default where the CPU has native bfloat16 "
+     "arithmetic, as here: CPU kernels avx512bf16; --compute-dtype float32 asks for float32)"),
+    ("avx2", "builtin", "float32", "(the default; --compute-dtype bfloat16 asks for bfloat16, "
+     "emulated on this CPU)"),
+    ("avx512bf16", "builtin", "float32", "(the default; --compute-dtype bfloat16 asks for "
+     "bfloat16, native on this CPU)"),
+])
+def test_finetune_default_compute_dtype_follows_the_cpu(isa, model, want, why, tmp_path):
+    """A Hugging Face model (a checkpoint folder, or smollm2-135m) computes in bfloat16 only
+    where the CPU kernels have native bfloat16; the built-in model in float32 everywhere."""
+    from minidora.llm import cli
+
+    if model == "folder":
+        pytest.importorskip("transformers")
+    args = finetune_args("--model", str(tmp_path) if model == "folder" else model)
+    with forced(isa):
+        dtype, line = cli.compute_dtype(args)
+        cfg = cli.config(args)
+    assert dtype == cfg.compute_dtype == want
+    assert line == f"compute dtype {want} {why}"
+
+
+@pytest.mark.parametrize("isa, asked", [("avx2", "bfloat16"), ("avx512bf16", "float32")])
+def test_finetune_compute_dtype_asked_for_wins(isa, asked, tmp_path):
+    from minidora.llm import cli
+
+    pytest.importorskip("transformers")
+    args = finetune_args("--model", str(tmp_path), "--compute-dtype", asked)
+    with forced(isa):
+        dtype, line = cli.compute_dtype(args)
+        cfg = cli.config(args)
+    assert dtype == cfg.compute_dtype == asked
+    emulated = ("; this CPU has no native bfloat16 arithmetic (CPU kernels avx2), so bfloat16 is "
+                "emulated, several times slower than float32")
+    assert line == f"compute dtype {asked} (asked for with --compute-dtype)" + (
+        emulated if asked == "bfloat16" else "")
+
+
+def test_finetune_says_its_dtype_and_where_it_is_when_redirected(tmp_path, capsys, monkeypatch):
+    """The whole command on a CPU forced to AVX2 kernels, with a Hugging Face checkpoint folder
+    as the model (replaced by an untrained demo GPT when it loads): the first line says float32
+    and why, the run computes in float32, and with stdout not a terminal (pytest captures it)
+    each step of a 3-step run prints where it is (the quiet first seconds set to none)."""
+    import re
+
+    from minidora.demo import progress
+    from minidora.demo.train import DEMO_MODEL
+    from minidora.llm import main as llm_main
+
+    pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    monkeypatch.setattr(llm_main, "load", lambda name, **kw: M.builtin_lm(GPT(DEMO_MODEL)))
+    monkeypatch.setattr(progress, "QUIET_S", 0.0)
+    (tmp_path / "ckpt").mkdir()
+    with forced("avx2"):
+        rc = main(["finetune", "--model", str(tmp_path / "ckpt"), "--steps", "3", "--method",
+                   "qlora", "--targets", "q_proj", "--out", str(tmp_path / "o")])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    lines = out.splitlines()
+    assert lines[0].startswith("compute dtype float32 (the default here: this CPU has no native "
+                               "bfloat16 arithmetic (CPU kernels avx2)")
+    doc = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert doc["config"]["compute_dtype"] == "float32"
+    steps = [re.fullmatch(r"  qlora: step (\d+)/3, loss \d+\.\d{3}, \d+ s elapsed, "
+                          r"(about \d+ s left|done)", ln) for ln in lines]
+    steps = [(int(m[1]), m[2]) for m in steps if m]
+    assert [s for s, _ in steps] == [1, 2, 3]
+    assert steps[-1][1] == "done" and steps[0][1] != "done"
+
+
+def test_no_progress_bars_silences_the_gguf_conversion_bar(capsys):
+    """transformers' GGUF loader draws its bar with tqdm.auto, not with transformers' own tqdm,
+    so disable_progress_bar() alone let it through (a bar on stderr for every load of
+    smollm2-135m); inside no_progress_bars() its tqdm is silent, and both come back after."""
+    import inspect
+
+    gguf_utils = pytest.importorskip("transformers.modeling_gguf_pytorch_utils")
+    from transformers.utils import logging
+
+    assert "tqdm(reader.tensors" in inspect.getsource(gguf_utils.load_gguf_checkpoint)
+    own, enabled = gguf_utils.tqdm, logging.is_progress_bar_enabled()
+    logging.enable_progress_bar()
+    try:
+        with M.no_progress_bars():
+            assert not logging.is_progress_bar_enabled()
+            assert list(gguf_utils.tqdm(range(3), desc="GGUF tensors")) == [0, 1, 2]
+        assert capsys.readouterr().err == ""
+        assert gguf_utils.tqdm is own and logging.is_progress_bar_enabled()
+        assert list(gguf_utils.tqdm(range(3), desc="GGUF tensors")) == [0, 1, 2]
+        assert "GGUF tensors" in capsys.readouterr().err        # outside: its bar as before
+    finally:
+        gguf_utils.tqdm = own
+        (logging.enable_progress_bar if enabled else logging.disable_progress_bar)()

@@ -2,8 +2,10 @@
 
 Defaults depend on the model (:data:`DEFAULTS`): the built-in character GPT trains 300 steps in
 float32; SmolLM2-135M (``--model smollm2-135m``, needs the ``[llm]`` extra and the model wheel)
-trains 40 steps with a bfloat16 base. Bad input ends with one line on stderr and exit status 1
-before any work starts (2 for what argparse itself rejects).
+trains 40 steps with a bfloat16 base where the CPU has native bfloat16 arithmetic and a float32
+base elsewhere (:func:`compute_dtype`; the run's first line says which and why). Bad input
+ends with one line on stderr and exit status 1 before any work starts (2 for what argparse
+itself rejects).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pathlib import Path
 
 from .._cli import UsageError, check_float, check_int, items, path
 
-__all__ = ["add_parser", "run", "DEFAULTS"]
+__all__ = ["add_parser", "run", "DEFAULTS", "compute_dtype"]
 
 MAX_STEPS = 100_000
 MAX_THREADS = 256
@@ -23,6 +25,7 @@ MAX_RANK = 4096
 MAX_SEQ_LEN = 8192
 MAX_ALPHA = 1e6
 MAX_SEED = 2**63 - 1
+# compute_dtype: the default where the CPU has native bfloat16 (float32 elsewhere)
 DEFAULTS = {
     "builtin": {"steps": 300, "lr": 1e-2, "compute_dtype": "float32"},
     "hf": {"steps": 40, "lr": 2e-3, "compute_dtype": "bfloat16"},
@@ -62,7 +65,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     f.add_argument("--lr", type=float, default=None,
                    help="peak learning rate in (0, 1] (default 1e-2 builtin, 2e-3 otherwise)")
     f.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default=None,
-                   help="dtype of the frozen base (default float32 builtin, bfloat16 otherwise)")
+                   help="dtype of the frozen base (default float32 builtin; otherwise bfloat16 "
+                        "where the CPU has native bfloat16 arithmetic, float32 elsewhere)")
     f.add_argument("--threads", type=int, default=2,
                    help=f"CPU threads for torch, 1..{MAX_THREADS} (default 2)")
     f.add_argument("--seed", type=int, default=0, help="seed of adapters and batches (default 0)")
@@ -110,7 +114,7 @@ def config(args: argparse.Namespace):
         batch_size=check_int("--batch-size", args.batch_size, 1, MAX_BATCH),
         seq_len=check_int("--seq-len", args.seq_len, 8, MAX_SEQ_LEN),
         lr=check_float("--lr", args.lr if args.lr is not None else defaults["lr"], 1.0),
-        compute_dtype=args.compute_dtype or defaults["compute_dtype"],
+        compute_dtype=compute_dtype(args)[0],
         threads=check_int("--threads", args.threads, 1, MAX_THREADS),
         seed=check_int("--seed", args.seed, 0, MAX_SEED),
         gradient_checkpointing=args.gradient_checkpointing)
@@ -124,6 +128,15 @@ def config(args: argparse.Namespace):
             "transformers",)
         check_extra(f"--model {args.model}", mods)
     return cfg
+
+
+def compute_dtype(args: argparse.Namespace) -> tuple[str, str]:
+    """The compute dtype of parsed ``args`` and one line saying which and why: the one asked for
+    with ``--compute-dtype``, else the model's default on this CPU (:data:`DEFAULTS`)."""
+    from ..demo.precision import compute_dtype as choose
+
+    preferred = DEFAULTS["builtin" if args.model == "builtin" else "hf"]["compute_dtype"]
+    return choose(args.compute_dtype, preferred)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -148,6 +161,7 @@ def run(args: argparse.Namespace) -> int:
                     "$MINIDORA_CACHE" if os.environ.get("MINIDORA_CACHE") else "cache folder")
             cache = _writable_dir(args.cache_dir or default_cache_dir(), what,
                                   hint="; choose another with --cache-dir or run with --no-cache")
+        print(compute_dtype(args)[1])
         run_all(cfg, out, args.data, cache)
     except (UsageError, MainUsageError, LLMError, DemoError) as e:
         print(f"minidora finetune: error: {e}", file=sys.stderr)

@@ -19,6 +19,8 @@ character GPT and a Hugging Face model.
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -29,7 +31,7 @@ import torch
 import torch.nn as nn
 
 __all__ = ["MODELS", "INSTALL", "GGUF_FILE", "LLMError", "Format", "LM", "load", "check_extra",
-           "smollm2_folder", "model_names", "builtin_lm"]
+           "smollm2_folder", "model_names", "builtin_lm", "no_progress_bars"]
 
 MODELS = {
     "builtin": "the demo's character GPT, 0.1 M parameters (no extra needed)",
@@ -152,17 +154,45 @@ def _hf_format(tok) -> Format:
                   decode=lambda ids: tok.decode(ids, skip_special_tokens=True), stop_id=stop)
 
 
+@contextlib.contextmanager
+def no_progress_bars():
+    """transformers draws no progress bar inside the block, the GGUF conversion's included.
+
+    ``transformers.utils.logging.disable_progress_bar()`` silences the bars drawn with
+    transformers' own tqdm, but the GGUF loader draws its "Converting and de-quantizing GGUF
+    tensors" bar with ``tqdm.auto.tqdm`` (the name ``tqdm`` of
+    ``transformers.modeling_gguf_pytorch_utils``), which ignores it. Inside the block that name
+    is transformers' tqdm, which follows the setting; the setting and the name come back on exit.
+    """
+    from transformers.utils import logging
+
+    try:
+        gguf_utils = importlib.import_module("transformers.modeling_gguf_pytorch_utils")
+    except ImportError:                     # a transformers without GGUF support: no such bar
+        gguf_utils = None
+    bars, own = logging.is_progress_bar_enabled(), getattr(gguf_utils, "tqdm", None)
+    logging.disable_progress_bar()
+    if own is not None:
+        gguf_utils.tqdm = logging.tqdm
+    try:
+        yield
+    finally:
+        if own is not None:
+            gguf_utils.tqdm = own
+        if bars:
+            logging.enable_progress_bar()
+
+
 def _hf(name: str, folder: Path, gguf_file: str | None) -> LM:
     os.environ["HF_HUB_OFFLINE"] = "1"         # before transformers is imported
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging
 
-    logging.disable_progress_bar()
     kw = {"gguf_file": gguf_file} if gguf_file else {}
     try:
-        tok = AutoTokenizer.from_pretrained(folder, local_files_only=True, **kw)
-        model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True,
-                                                     dtype=torch.float32, **kw)
+        with no_progress_bars():
+            tok = AutoTokenizer.from_pretrained(folder, local_files_only=True, **kw)
+            model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True,
+                                                         dtype=torch.float32, **kw)
     except (OSError, ValueError) as e:
         raise LLMError(f"--model {name}: cannot load a Hugging Face checkpoint from {folder} "
                        f"({type(e).__name__}: {str(e).strip().splitlines()[0][:200]})") from None

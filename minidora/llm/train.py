@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 import minidora
 
 from ..analysis import effective_weight, weight_decomposition
+from ..demo.progress import Progress
 from ..demo.train import _lr_at  # warm-up then cosine decay to 10%, the demo's schedule
 from .data import IGNORE, Dataset, Encoded, encode
 from .models import LM, LLMError
@@ -262,6 +263,7 @@ def run_method(lm: LM, method: str, cfg: FinetuneConfig, data: Dataset, out: Pat
     curve, evals, step_time = [], [(0, *held0)], 0.0
     rss_reset = _reset_peak_rss()
     bar = tqdm(range(cfg.steps), desc=f"{method:>5}", leave=False, disable=None)
+    lines = Progress(cfg.steps, f"  {method}", log)       # where it is, when not on a terminal
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, cfg.steps, cfg.lr)
@@ -280,6 +282,7 @@ def run_method(lm: LM, method: str, cfg: FinetuneConfig, data: Dataset, out: Pat
             raise LLMError(f"{method}: the loss is {curve[-1]} at step {step + 1}; lower --lr "
                            f"(now {cfg.lr:g})")
         bar.set_postfix(loss=f"{curve[-1]:.3f}")
+        lines.update(step + 1, loss=curve[-1])
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             evals.append((step + 1, *score(lm, model, held, autocast=ac)))
     res["peak_rss_bytes"] = peak_rss()
