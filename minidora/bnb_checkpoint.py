@@ -82,6 +82,9 @@ def from_bnb_state_dict(sd: dict[str, torch.Tensor], prefix: str = "weight") -> 
         meta = json.loads(bytes(blob.tolist()).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{blob_key!r} does not hold valid UTF-8 JSON: {e}") from None
+    except RecursionError:
+        raise ValueError(f"{blob_key!r} does not hold the JSON object bitsandbytes writes: it "
+                         "is nested too deeply") from None
     if not isinstance(meta, dict):
         raise ValueError(f"{blob_key!r} must hold a JSON object, got {type(meta).__name__}")
     if meta.get("quant_type") != "nf4":

@@ -120,10 +120,25 @@ def config(args: argparse.Namespace, world: int):
     for option, path in (("--base", args.base), ("--init-adapters", args.init_adapters)):
         if path is not None and not path.exists():
             raise UsageError(f"{option}: {str(path)!r} does not exist")
+    if args.base is not None:
+        _check_safetensors("--base", args.base)
     if args.out.exists() and not args.out.is_dir():
         raise UsageError(f"--out: {str(args.out)!r} exists and is not a folder")
     cfg.base = args.base
     return cfg
+
+
+def _check_safetensors(option: str, path: Path) -> None:
+    """Open the header of a safetensors file (never pickle), or name the file that is not one."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            f.keys()
+    except (SafetensorError, OSError, ValueError, UnicodeDecodeError) as e:
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UsageError(f"{option}: {str(path)!r} is not a readable safetensors file "
+                         f"({why})") from None
 
 
 def _first_failure(mine: str) -> str:
