@@ -548,6 +548,63 @@ def test_cli_names_a_missing_rendezvous_variable(capsys, monkeypatch, tmp_path):
     assert "missing rendezvous: $RANK, $WORLD_SIZE set but $MASTER_ADDR, $MASTER_PORT not" in err
 
 
+def test_a_resume_point_is_on_disk_before_the_older_one_goes(tmp_path, monkeypatch):
+    """save_resume: every file and folder of the new step is flushed to disk, then the JSON that
+    names it is replaced (and flushed), and only then is the older step removed, so a crash at
+    any moment leaves a whole, loadable resume point."""
+    import shutil
+
+    from minidora.distributed import save_resume
+    from minidora.distributed.state import RESUME_FILE
+
+    task = builtin(case_cfg("ddp", "qdora", "uneven"))
+    opt = torch.optim.AdamW([p for p in task.model.parameters() if p.requires_grad])
+    events = []
+    fsync, replace, rmtree = os.fsync, os.replace, shutil.rmtree
+
+    def spy_fsync(fd):
+        st = os.fstat(fd)
+        events.append(("fsync", (st.st_dev, st.st_ino)))
+        fsync(fd)
+
+    def spy_replace(src, dst):
+        events.append(("replace", Path(dst).name))
+        replace(src, dst)
+
+    def spy_rmtree(path, *args, **kwargs):
+        events.append(("rmtree", Path(path).name))
+        rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "fsync", spy_fsync)
+    monkeypatch.setattr(os, "replace", spy_replace)
+    monkeypatch.setattr(shutil, "rmtree", spy_rmtree)
+    join(timeout=30)
+    try:
+        save_resume(task.model, opt, tmp_path, 1, {})
+        events.clear()
+        save_resume(task.model, opt, tmp_path, 2, {})
+    finally:
+        leave(True)
+    new = tmp_path / "step-000002"
+    assert not (tmp_path / "step-000001").exists()
+    published = events.index(("replace", RESUME_FILE))
+    removed = events.index(("rmtree", "step-000001"))
+    assert published < removed
+
+    def flushed(path, before):
+        st = path.stat()
+        return ("fsync", (st.st_dev, st.st_ino)) in events[:before]
+
+    parts = [new, *new.rglob("*")]
+    assert len(parts) >= 3                              # the folder, .metadata, a .distcp
+    missing = [str(p.relative_to(tmp_path)) for p in parts if not flushed(p, published)]
+    assert not missing, f"not on disk before the resume JSON named them: {missing}"
+    assert flushed(tmp_path, published)                 # the entry of step-000002
+    assert flushed(tmp_path / RESUME_FILE, published)   # the JSON's bytes, before its rename
+    folder = tmp_path.stat()
+    assert ("fsync", (folder.st_dev, folder.st_ino)) in events[published + 1:removed]
+
+
 if __name__ == "__main__":
     {"matrix": _worker_matrix, "runs": _worker_runs}[sys.argv[1]](
         Path(sys.argv[2]))

@@ -97,10 +97,39 @@ def _state(module: nn.Module, opt: torch.optim.Optimizer) -> dict:
     return {"model": {k: v for k, v in msd.items() if k in keys}, "optim": osd}
 
 
+def _fsync(path: Path) -> None:
+    """Flush a file or a folder (its entries) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Flush every file under ``folder``, then every folder, deepest first: after this a crash
+    cannot lose any part of it."""
+    dirs = [folder]
+    for p in sorted(folder.rglob("*")):
+        if p.is_dir():
+            dirs.append(p)
+        else:
+            _fsync(p)
+    for d in reversed(dirs):
+        _fsync(d)
+
+
 def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    """Write ``path`` atomically and durably: a temporary file of this process, flushed, renamed
+    over it, and the folder flushed."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(obj, indent=2) + "\n")
+        _fsync(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync(path.parent)
 
 
 def save_resume(module: nn.Module, opt: torch.optim.Optimizer, folder: Path, step: int,
@@ -108,8 +137,10 @@ def save_resume(module: nn.Module, opt: torch.optim.Optimizer, folder: Path, ste
     """Write the resume point after ``step`` optimizer steps into ``folder``.
 
     ``settings`` (JSON-ready) is stored beside it; :func:`load_resume` checks the fields of
-    :data:`MUST_MATCH` against the run that loads it. Older step folders are removed once the
-    new one is complete.
+    :data:`MUST_MATCH` against the run that loads it. The order makes every moment of the save
+    a loadable resume point, as durable as the adapters: the new step folder is written and
+    flushed to disk (every file, then the folders), then the JSON that names it is replaced
+    atomically and flushed, and only then are the older step folders removed.
     """
     folder = Path(folder)
     _on_rank0(lambda: folder.mkdir(parents=True, exist_ok=True))
@@ -117,12 +148,15 @@ def save_resume(module: nn.Module, opt: torch.optim.Optimizer, folder: Path, ste
     dcp.save(_state(module, opt), checkpoint_id=str(folder / name))
 
     def publish():
+        _fsync_tree(folder / name)         # every rank's files (a shared folder), on disk
+        _fsync(folder)
         _write_json(folder / RESUME_FILE, {"format": "minidora-resume", "step": step,
                                            "state": name, "world_size": dist.get_world_size(),
                                            **settings})
         for old in folder.glob("step-*"):
             if old.name != name:
                 shutil.rmtree(old, ignore_errors=True)
+        _fsync(folder)
 
     _on_rank0(publish)
     return folder / name
