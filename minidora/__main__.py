@@ -208,12 +208,20 @@ def _one_line(e: BaseException) -> str:
     return type(e).__name__ + (f": {msg[:200]}" if msg else "")
 
 
+def _command(argv: list[str] | None) -> str:
+    """``minidora SUBCOMMAND`` as far as argv tells before parsing (for the interrupt line)."""
+    argv = sys.argv[1:] if argv is None else argv
+    first = next((a for a in argv if not a.startswith("-")), "")
+    return f"minidora {first}" if first.isidentifier() else "minidora"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m minidora`` and of ``minidora``; returns the exit status."""
-    args = _parser().parse_args(argv)
-    name = f"minidora {args.command}"
+    name = _command(argv)
     debug = os.environ.get("MINIDORA_DEBUG", "") not in ("", "0")
-    try:
+    try:   # Ctrl-C while the parser imports the subcommands is an interrupt like any other
+        args = _parser().parse_args(argv)
+        name = f"minidora {args.command}"
         if args.command == "demo":
             return _demo(args)
         return importlib.import_module(args.module, __package__).run(args)

@@ -6,6 +6,7 @@ signatures, exceptions, wrong shapes and dtypes) and the ``verify`` command line
 """
 
 import copy
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -431,3 +432,101 @@ def test_dora_without_an_exact_gradient_skips_gradcheck_and_keeps_the_callers_st
     row = report.rows[-1]
     assert row.name == "gradcheck (float64)" and row.ok is None
     assert "NotImplementedError: only the detached norm" in row.note
+
+
+# --- exits and interrupts: a sys.exit() in the code under test is a failed row; Ctrl-C is 130 -
+
+def exits_in_quantize(w, blocksize, double_quant):
+    sys.exit(0)
+
+
+def exits_in_factory(**kw):
+    raise SystemExit(3)
+
+
+def interrupts_in_quantize(w, blocksize, double_quant):
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("target, kind, message", [
+    ("exits_in_quantize", "nf4", "quantize_fn raised SystemExit(0)"),
+    ("exits_in_factory", "dora", "layer_factory raised SystemExit(3)"),
+])
+def test_cli_a_sys_exit_in_the_code_under_test_is_a_failed_row(target, kind, message, capsys):
+    assert main(["verify", f"{HERE}:{target}", "--kind", kind]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL" in out and message in out and "all passed" not in out
+
+
+def test_check_functions_turn_a_sys_exit_into_failed_rows():
+    report = check_nf4(exits_in_quantize, double_quant=False)
+    assert report.failures and all("SystemExit(0)" in r.note for r in report.failures)
+    report = check_lora(lambda **kw: MyAdapter(**kw) if kw["r"] != 1 else sys.exit())
+    failed = {r.name: r.note for r in report.failures}
+    assert "layer_factory raised SystemExit(None)" in failed["random: output y"]
+    assert "golden: output y" not in failed
+
+
+def test_cli_ctrl_c_in_the_code_under_test_exits_130(capsys):
+    assert main(["verify", f"{HERE}:interrupts_in_quantize", "--kind", "nf4"]) == 130
+    assert capsys.readouterr().err == "minidora verify: interrupted\n"
+
+
+def test_cli_module_that_exits_on_import_is_a_usage_error(tmp_path, capsys):
+    (tmp_path / "leaves.py").write_text("import sys\nsys.exit(0)\n")
+    assert main(["verify", f"{tmp_path / 'leaves.py'}:f", "--kind", "nf4"]) == 2
+    assert "cannot import" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["minidora.nf4:quantize", "--kind", "nf4", "--seed", str(10**23)],
+     "--seed: got 100000000000000000000000; expected an integer in 0..2**63 - 1"),
+    (["minidora.nf4:quantize", "--kind", "lora", "--seed", "-1"],
+     "--seed: got -1; expected an integer in 0..2**63 - 1"),
+])
+def test_cli_seed_out_of_range_is_a_usage_error(argv, message, capsys):
+    assert main(["verify", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err == f"minidora verify: error: {message}\n"
+
+
+def test_check_seed_out_of_range_is_a_value_error():
+    with pytest.raises(ValueError, match=r"seed must be an integer in 0..2\*\*63 - 1, got -1"):
+        check_nf4(nf4.quantize, seed=-1)
+    with pytest.raises(ValueError, match=rf"in 0..2\*\*63 - 1, got {2**70}"):
+        check_dora(Minidora, seed=2**70)
+    with pytest.raises(TypeError, match="seed must be an int, got float"):
+        check_lora(Minidora, seed=1.5)
+
+
+def test_cli_a_file_that_is_not_python_source_is_a_usage_error(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("def f(): pass\n")
+    assert main(["verify", f"{tmp_path / 'notes.txt'}:f", "--kind", "nf4"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not a Python source file; expected a path to a .py" in err
+
+
+# A sitecustomize that sends SIGINT the moment a given module starts to import: Ctrl-C during
+# start-up, at a fixed point, however slow the machine.
+SIGINT_AT_IMPORT = '''
+import importlib.abc, os, signal, sys
+class _Interrupt(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == os.environ["SIGINT_AT_IMPORT"]:
+            sys.meta_path.remove(self)
+            signal.raise_signal(signal.SIGINT)
+        return None
+sys.meta_path.insert(0, _Interrupt())
+'''
+
+
+@pytest.mark.parametrize("argv", [["verify", "minidora.nf4:quantize", "--kind", "nf4"],
+                                  ["demo", "--quick"], ["finetune", "--help"]])
+def test_ctrl_c_while_the_subcommands_import_is_one_line_and_130(argv, tmp_path):
+    (tmp_path / "sitecustomize.py").write_text(SIGINT_AT_IMPORT)
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "SIGINT_AT_IMPORT": "minidora.llm.cli"}
+    env.pop("MINIDORA_DEBUG", None)
+    done = subprocess.run([sys.executable, "-m", "minidora", *argv], capture_output=True,
+                          text=True, timeout=300, cwd=tmp_path, env=env)
+    assert done.returncode == 130, done.stderr
+    assert done.stderr == f"minidora {argv[0]}: interrupted\n"

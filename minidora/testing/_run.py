@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ._util import Malformed, describe_error
+from ._util import USER_ERRORS, Malformed, describe_error
 
 __all__ = ["QUANTITIES", "run_layer"]
 
@@ -37,7 +37,7 @@ def _bindings(layer, leaves: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
 def _call(layer, bind: dict, x: torch.Tensor, out_shape: tuple) -> torch.Tensor:
     try:
         y = torch.func.functional_call(layer, bind, (x,)) if bind else layer(x)
-    except Exception as e:
+    except USER_ERRORS as e:
         raise Malformed("layer(x) " + describe_error(e)) from None
     if not isinstance(y, torch.Tensor):
         raise Malformed(f"layer(x) returned {type(y).__name__}; "
@@ -60,7 +60,7 @@ def _build(factory, case, dropout: float, detach_norm: bool):
         kwargs["detach_norm"] = detach_norm
     try:
         layer = factory(**kwargs, **leaves)
-    except Exception as e:
+    except USER_ERRORS as e:
         raise Malformed("layer_factory " + describe_error(e)) from e
     if not callable(layer):
         raise Malformed(f"layer_factory returned {type(layer).__name__}; expected a layer: a "
@@ -111,7 +111,7 @@ def _gradients(y, x, leaves, grad_y, result) -> None:
     try:
         gs = (torch.autograd.grad(y, list(inputs.values()), grad_y, allow_unused=True)
               if y.requires_grad else [None] * len(inputs))
-    except Exception as e:
+    except USER_ERRORS as e:
         gs = [Malformed("backward " + describe_error(e))] * len(inputs)
     for name, g in zip(inputs, gs, strict=True):
         if g is None:
@@ -129,7 +129,7 @@ def _merged(layer, shape: tuple):
     try:
         with torch.no_grad():
             w = fn()
-    except Exception as e:
+    except USER_ERRORS as e:
         return Malformed("merged_weight() " + describe_error(e))
     if not isinstance(w, torch.Tensor) or tuple(w.shape) != shape or w.dtype != torch.float64:
         got = (f"{tuple(w.shape)} {w.dtype}" if isinstance(w, torch.Tensor) else type(w).__name__)

@@ -7,7 +7,15 @@ import inspect
 import numpy as np
 import torch
 
-__all__ = ["Malformed", "Tally", "as_tensor", "check_signature", "describe_error"]
+__all__ = ["Malformed", "Tally", "USER_ERRORS", "as_tensor", "check_seed", "check_signature",
+           "describe_error"]
+
+# What a call into the code under test may raise and still be a failed row: any exception, and
+# SystemExit (a sys.exit() inside it must not end the check, with any status). KeyboardInterrupt
+# is not among them: Ctrl-C still interrupts.
+USER_ERRORS = (Exception, SystemExit)
+
+MAX_SEED = 2**63 - 1    # torch takes seed + 2 as an unsigned 64-bit seed
 
 
 class Malformed(Exception):
@@ -16,9 +24,20 @@ class Malformed(Exception):
 
 def describe_error(e: BaseException) -> str:
     """'raised ValueError: first line of the message' (at most 200 characters)."""
+    if isinstance(e, SystemExit):
+        return f"raised SystemExit({e.code!r}): a sys.exit() in the code under test"
     msg = (str(e).strip().splitlines() or [""])[0]
     msg = msg if len(msg) <= 200 else msg[:197] + "..."
     return f"raised {type(e).__name__}" + (f": {msg}" if msg else "")
+
+
+def check_seed(seed) -> int:
+    """``seed`` if an int in 0..2**63 - 1, else TypeError / ValueError naming it."""
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    if not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed must be an integer in 0..2**63 - 1, got {seed}")
+    return seed
 
 
 def check_signature(fn, name: str, convention: str, *args, **kwargs) -> None:

@@ -26,7 +26,14 @@ import torch
 
 from . import adapter_mistakes as M
 from ._run import QUANTITIES, run_layer
-from ._util import Malformed, Tally, check_signature, describe_error
+from ._util import (
+    USER_ERRORS,
+    Malformed,
+    Tally,
+    check_seed,
+    check_signature,
+    describe_error,
+)
 from .adapter_cases import Case, golden_cases, random_case, random_cases
 
 __all__ = ["check_lora", "check_dora", "RTOL", "ATOL"]
@@ -105,7 +112,7 @@ def _gradcheck_row(factory, dora: bool, seed: int):
         return False, None, str(e)
     try:
         torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-8, rtol=1e-6)
-    except Exception as e:
+    except USER_ERRORS as e:
         note = "torch.autograd.gradcheck " + describe_error(e)
         got = run_layer(factory, case, detach_norm=False)
         if dora and all(not isinstance(got[q], Malformed) and _close(got[q], v).all()
@@ -119,6 +126,7 @@ def _gradcheck_row(factory, dora: bool, seed: int):
 
 def _check(kind: str, factory, seed: int):
     """Every row of check_lora / check_dora, with gradients on and the caller's RNG untouched."""
+    check_seed(seed)
     with torch.random.fork_rng(devices=[]), torch.enable_grad():
         torch.manual_seed(seed)                                # the dropout row's masks
         return _rows(kind, factory, seed)
@@ -173,7 +181,9 @@ def check_lora(layer_factory, *, seed: int = 0):
         A :class:`~minidora.testing.Report`.
 
     Raises:
-        TypeError: ``layer_factory`` is not callable or cannot take these keyword arguments.
+        TypeError: ``layer_factory`` is not callable or cannot take these keyword arguments; a
+            seed that is not an int.
+        ValueError: a seed outside 0..2**63 - 1.
     """
     return _check("lora", layer_factory, seed)
 
@@ -193,6 +203,8 @@ def check_dora(layer_factory, *, seed: int = 0):
         A :class:`~minidora.testing.Report`.
 
     Raises:
-        TypeError: ``layer_factory`` is not callable or cannot take these keyword arguments.
+        TypeError: ``layer_factory`` is not callable or cannot take these keyword arguments; a
+            seed that is not an int.
+        ValueError: a seed outside 0..2**63 - 1.
     """
     return _check("dora", layer_factory, seed)

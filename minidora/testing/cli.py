@@ -40,7 +40,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="with --kind nf4: your dequantize function, checked too")
     v.add_argument("--double-quant", choices=("both", "on", "off"), default="both",
                    help="with --kind nf4: check plain NF4 (off), double quantization (on), or both")
-    v.add_argument("--seed", type=int, default=0, help="seed of the random cases (default 0)")
+    v.add_argument("--seed", type=int, default=0,
+                   help="seed of the random cases, 0..2**63-1 (default 0)")
     return v
 
 
@@ -57,6 +58,9 @@ def load(spec: str):
                 raise UsageError(f"cannot import {module!r}: no such file")
             name = f"_minidora_verify_{path.stem}"
             found = importlib.util.spec_from_file_location(name, path)
+            if found is None or found.loader is None:
+                raise UsageError(f"cannot import {module!r}: not a Python source file; expected "
+                                 "a path to a .py file or a module name (my_pkg.nf4)")
             mod = importlib.util.module_from_spec(found)
             sys.modules[name] = mod
             found.loader.exec_module(mod)
@@ -81,11 +85,13 @@ def load(spec: str):
 def run(args: argparse.Namespace) -> int:
     """Run the check the parsed ``args`` ask for; print the report; return the exit status."""
     from . import check_dora, check_lora, check_nf4
-    from ._util import describe_error
+    from ._util import MAX_SEED, describe_error
 
     try:
         if args.kind != "nf4" and (args.dequantize or args.double_quant != "both"):
             raise UsageError("--dequantize and --double-quant go with --kind nf4 only")
+        if not 0 <= args.seed <= MAX_SEED:
+            raise UsageError(f"--seed: got {args.seed}; expected an integer in 0..2**63 - 1")
         fn = load(args.target)
         if args.kind == "nf4":
             deq = load(args.dequantize) if args.dequantize else None

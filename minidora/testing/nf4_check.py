@@ -21,7 +21,15 @@ import torch
 
 from .. import nf4
 from . import nf4_mistakes as M
-from ._util import Malformed, Tally, as_tensor, check_signature, describe_error
+from ._util import (
+    USER_ERRORS,
+    Malformed,
+    Tally,
+    as_tensor,
+    check_seed,
+    check_signature,
+    describe_error,
+)
 from .nf4_cases import Case, golden_cases, random_cases
 
 __all__ = ["check_nf4"]
@@ -155,7 +163,7 @@ def _check_dequantize(ctx: _Context, dequantize_fn, result) -> tuple[bool, float
         fields["offset"] = fields["offset"].reshape(())
     try:
         out = dequantize_fn(result)
-    except Exception as e:
+    except USER_ERRORS as e:
         return False, None, "dequantize_fn " + describe_error(e)
     if not isinstance(out, torch.Tensor) or not out.is_floating_point():
         what = out.dtype if isinstance(out, torch.Tensor) else type(out).__name__
@@ -215,7 +223,8 @@ def check_nf4(quantize_fn, dequantize_fn=None, *, double_quant: bool | None = No
 
     Raises:
         TypeError: a function that is not callable, cannot take these arguments, or returns
-            something that is neither form.
+            something that is neither form; a seed that is not an int.
+        ValueError: a seed outside 0..2**63 - 1.
     """
     from .report import Report, Row
 
@@ -226,6 +235,7 @@ def check_nf4(quantize_fn, dequantize_fn=None, *, double_quant: bool | None = No
                         "returns", object())
     if double_quant not in (None, True, False):
         raise TypeError(f"double_quant must be None, True or False, got {double_quant!r}")
+    check_seed(seed)
     modes = (False, True) if double_quant is None else (double_quant,)
     report = Report(f"check_nf4({_name(quantize_fn)}"
                     + (f", {_name(dequantize_fn)})" if dequantize_fn is not None else ")"))
@@ -238,7 +248,7 @@ def check_nf4(quantize_fn, dequantize_fn=None, *, double_quant: bool | None = No
                 label = f"{case.name} ({'DQ' if dq else 'plain'})"
                 try:
                     result = quantize_fn(case.weight.clone(), case.blocksize, dq)
-                except Exception as e:
+                except USER_ERRORS as e:
                     for t in tallies.values():
                         t.add(label, False, None, "quantize_fn " + describe_error(e))
                     continue
