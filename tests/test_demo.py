@@ -582,3 +582,114 @@ def test_sweep_summary_and_table():
     assert text[1].split() == ["method", "metric", "r=1", "r=4"]
     assert text[3].split() == ["lora", "acc", "20%", "[10%,", "30%]", "70%", "[50%,", "90%]"]
     assert text[5].split() == ["dora", "acc", "20%", "[20%,", "20%]"]   # no r=4 run: empty
+
+
+# --- the compute dtype line and the progress lines ----------------------------------------------
+
+LEVELS = ["scalar", "avx2", "avx512", "avx512bf16"]       # each includes the ones before
+
+
+@contextlib.contextmanager
+def forced(isa):
+    """The CPU kernel level ``isa`` for this thread; a skip where this CPU lacks it."""
+    if not minidora.ops.extension_available():
+        pytest.skip("forcing a CPU kernel level needs the compiled extension minidora._C")
+    best = minidora.ops._C.cpu_isa_best()
+    if LEVELS.index(isa) > LEVELS.index(best):
+        pytest.skip(f"this CPU lacks the kernel level {isa} (its best is {best})")
+    with minidora.ops.use_cpu_isa(isa):
+        yield
+
+
+def test_quick_run_says_its_compute_dtype(quick_run):
+    """float32 by default on every CPU; the line says whether bfloat16 would be native here."""
+    here = "native" if minidora.ops.cpu_native_bf16() else "emulated"
+    assert (f"compute dtype float32 (the default; --compute-dtype bfloat16 asks for bfloat16, "
+            f"{here} on this CPU)") in quick_run["stdout"].splitlines()
+
+
+@pytest.mark.parametrize("isa, emulated", [("avx2", True), ("avx512bf16", False)])
+def test_bfloat16_asked_for_is_said_to_be_emulated_where_it_is(quick_run, tmp_path, monkeypatch,
+                                                               isa, emulated):
+    """--compute-dtype bfloat16 wins on every CPU; on one without native bfloat16 the line says
+    it is emulated. With stdout not a terminal and the quiet first seconds set to none, every
+    fine-tuning step of the quick run says where the run is."""
+    from minidora.demo import progress
+
+    monkeypatch.setattr(progress, "QUIET_S", 0.0)
+    with forced(isa):
+        rc, stdout, stderr = _run_main(["demo", "--quick", "--methods", "qlora", "--no-sweep",
+                                        "--compute-dtype", "bfloat16", "--out",
+                                        str(tmp_path / "o"), "--cache-dir",
+                                        str(quick_run["cache"])])
+    assert rc == 0, stderr
+    line = "compute dtype bfloat16 (asked for with --compute-dtype)" + (
+        "; this CPU has no native bfloat16 arithmetic (CPU kernels avx2), so bfloat16 is "
+        "emulated, several times slower than float32" if emulated else "")
+    assert line in stdout.splitlines()
+    steps = json.loads((tmp_path / "o" / "results.json").read_text())["config"]["steps"]
+    done = [int(m[1]) for m in re.finditer(r"^  qlora: step (\d+)/(\d+), loss \d+\.\d{3}, \d+ s "
+                                           r"elapsed, (about \d+ s left|done)$", stdout, re.M)]
+    assert done == list(range(1, steps + 1))
+
+
+class FakeClock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+
+@pytest.mark.parametrize("per_step, total, want", [
+    (1.0, 40, [12, 16, 20, 24, 28, 32, 36, 40]),   # a tenth of the steps, after 10 quiet s
+    (50.0, 40, list(range(1, 41))),                # every 30 s at least: every step
+    (0.1, 40, []),                                 # done in 4 s: no line
+    (1.0, 7, []),                                  # 7 s
+    (4.0, 7, [3, 4, 5, 6, 7]),                     # every step (a tenth of 7 is less than 1)
+])
+def test_progress_lines_come_every_tenth_or_every_30_seconds(per_step, total, want):
+    from minidora.demo.progress import Progress
+
+    clock, lines = FakeClock(), []
+    p = Progress(total, "  lora", lines.append, enabled=True, clock=clock)
+    for step in range(total):
+        clock.t += per_step
+        p.update(step + 1, loss=2.0)
+    assert [int(re.match(r"  lora: step (\d+)/", ln)[1]) for ln in lines] == want
+
+
+def test_progress_line_says_elapsed_and_left():
+    from minidora.demo.progress import Progress, duration
+
+    clock, lines = FakeClock(), []
+    p = Progress(40, "  qlora", lines.append, enabled=True, clock=clock)
+    clock.t = 400.0
+    p.update(8, loss=1.9137)
+    clock.t = 2000.0
+    p.update(40, loss=1.0)
+    assert lines == ["  qlora: step 8/40, loss 1.914, 6m40s elapsed, about 26m40s left",
+                     "  qlora: step 40/40, loss 1.000, 33m20s elapsed, done"]
+    assert [duration(s) for s in (0.4, 59.4, 60, 3599, 3600, 7530)] == [
+        "0 s", "59 s", "1m00s", "59m59s", "1h00m", "2h05m"]
+
+
+def test_progress_lines_only_when_stdout_is_not_a_terminal(monkeypatch):
+    from minidora.demo.progress import Progress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr(sys, "stdout", Terminal())
+    assert not Progress(10, "x").enabled                # the tqdm bar shows where it is
+    monkeypatch.setattr(sys, "stdout", io.StringIO())
+    assert Progress(10, "x").enabled
+
+
+def test_compute_dtype_rejects_an_unknown_preferred_dtype():
+    from minidora.demo.precision import compute_dtype
+
+    with pytest.raises(ValueError, match=r"preferred must be one of \('float32', 'bfloat16'\), "
+                                         r"got 'float16'"):
+        compute_dtype(None, preferred="float16")

@@ -7,8 +7,10 @@ seeds (:mod:`.sweep`), then print the tables and write the plots and the JSON (:
 See docs/demo.md for what each column means.
 
 Modules, in reading order: :mod:`.data` (the shipped texts, tokenization, split), :mod:`.model`
-(the GPT), :mod:`.train` (pretraining and fine-tuning), :mod:`.memory` (peak tensor memory),
-:mod:`.report` (table, plots, JSON), :mod:`.sweep` (the rank sweep), :mod:`.main` (the whole
-run). Nothing is imported here, so ``python -m minidora.demo.data`` (which rewrites the shipped
-texts) runs cleanly.
+(the GPT), :mod:`.precision` (the default compute dtype for this CPU, and why), :mod:`.progress`
+(progress lines when stdout is not a terminal), :mod:`.train` (pretraining and fine-tuning),
+:mod:`.memory` (peak tensor memory), :mod:`.report` (table, plots, JSON), :mod:`.sweep` (the rank
+sweep), :mod:`.main` (the whole run); finetune and train use :mod:`.precision` and
+:mod:`.progress` too. Nothing is imported here, so ``python -m minidora.demo.data`` (which
+rewrites the shipped texts) runs cleanly.
 """

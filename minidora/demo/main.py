@@ -10,6 +10,7 @@ import torch
 from . import report, sweep
 from .data import load_corpora, problems
 from .model import GPT
+from .precision import compute_dtype
 from .train import DemoError, RunConfig, finetune, pretrain, score
 
 __all__ = ["OUTPUTS", "SWEEP_OUTPUTS", "outputs", "run"]
@@ -53,9 +54,12 @@ def _run(cfg: RunConfig, methods: list[str], out: Path, cache_dir: Path | None, 
     log(f"fine-tuning on {text_b.name} ({len(train.lines)} problems, {len(held.lines)} held "
         f"out): {', '.join(methods)}; {cfg.steps} steps of {cfg.finetune_batch_size} problems "
         f"each, rank {cfg.rank}, alpha {cfg.alpha:g}, seed {cfg.seed}")
+    if any(m.startswith("q") for m in methods):     # the dtype of the 4-bit base's matmul
+        log(compute_dtype(None if cfg.compute_dtype == "float32" else cfg.compute_dtype,
+                          preferred="float32")[1])
     results = {}
     for m in methods:
-        results[m] = report.add_correlations(finetune(m, state, cfg, train, held))
+        results[m] = report.add_correlations(finetune(m, state, cfg, train, held, log=log))
         r = results[m]
         log(f"  {m:<5}: held-out loss {r['final_held_out_loss']:.3f}, "
             f"acc {100 * r['final_accuracy']:5.1f}% ({r['seconds']:.1f} s)")

@@ -56,7 +56,7 @@ def run_sweep(state: dict, cfg: RunConfig, train: Problems, held_out: Problems,
         c = replace(cfg, rank=rank, alpha=scale * rank, seed=seed)
         res = known.get((method, rank, c.alpha, seed))
         if res is None:
-            res = finetune(method, state, c, train, held_out)
+            res = finetune(method, state, c, train, held_out, log=log)
         run = {k: res[k] for k in KEPT}
         run["corr_dD_dM"] = correlation(res["decomposition"])
         runs.append(run)

@@ -34,6 +34,7 @@ from ..analysis import effective_weight, weight_decomposition
 from .data import IGNORE, Corpus, Problems, eval_windows, random_batch
 from .memory import PeakTensorMemory
 from .model import GPT, GPTConfig
+from .progress import Progress
 
 __all__ = ["METHODS", "ADAPTERS", "LEARNING_RATES", "RunConfig", "DemoError", "pretrain",
            "finetune", "evaluate", "score", "default_cache_dir", "max_rank", "DEMO_MODEL"]
@@ -148,6 +149,7 @@ def pretrain(cfg: RunConfig, corpus: Corpus, alphabet: str, cache_dir: Path | No
     held = eval_windows(corpus.held_out, cfg.model.block_size)
     t0 = time.perf_counter()
     bar = tqdm(range(cfg.pretrain_steps), desc="pretrain", leave=False, disable=None)
+    lines = Progress(cfg.pretrain_steps, "pretraining", log)  # when not on a terminal
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, cfg.pretrain_steps, cfg.pretrain_lr)
@@ -157,6 +159,7 @@ def pretrain(cfg: RunConfig, corpus: Corpus, alphabet: str, cache_dir: Path | No
         loss.backward()
         opt.step()
         bar.set_postfix(loss=f"{loss.item():.3f}")
+        lines.update(step + 1, loss=loss.item())
     info = {"key": key, "steps": cfg.pretrain_steps, "seconds": time.perf_counter() - t0,
             "final_train_loss": loss.item(), "held_out_loss": evaluate(model, held),
             "cached": False}
@@ -236,13 +239,14 @@ def score(model: nn.Module, probs: Problems) -> tuple[float, float]:
 
 
 def finetune(method: str, state: dict[str, torch.Tensor], cfg: RunConfig, train: Problems,
-             held_out: Problems, position: int = 0) -> dict:
+             held_out: Problems, position: int = 0, log=print) -> dict:
     """Fine-tune the pretrained weights on text B's problems with one method.
 
     ``cfg.rank``, ``cfg.alpha`` and ``cfg.seed`` set the adapters and the batches (the rank sweep
     calls this with copies of ``cfg`` that differ in them). Every step draws
     ``cfg.finetune_batch_size`` training problems with a generator seeded ``cfg.seed + 1``: for
-    one seed, every method sees the same batches.
+    one seed, every method sees the same batches. A run of more than a few seconds sends
+    progress lines to ``log`` when stdout is not a terminal (:class:`.progress.Progress`).
 
     Returns:
         A JSON-ready dict: parameter counts, weight and peak memory, timings, answer loss and
@@ -271,6 +275,7 @@ def finetune(method: str, state: dict[str, torch.Tensor], cfg: RunConfig, train:
         curve, evals, points, step_time = [], [(0, *held0)], [], 0.0
         bar = tqdm(range(cfg.steps), desc=f"{method:>5}", leave=False, disable=None,
                    position=position)
+        lines = Progress(cfg.steps, f"  {method}", log)
         for step in bar:
             for g in opt.param_groups:
                 g["lr"] = _lr_at(step, cfg.steps, lr)
@@ -289,6 +294,7 @@ def finetune(method: str, state: dict[str, torch.Tensor], cfg: RunConfig, train:
                 step_time += time.perf_counter() - t0
             curve.append(loss.item())
             bar.set_postfix(loss=f"{curve[-1]:.3f}")
+            lines.update(step + 1, loss=curve[-1])
             if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
                 evals.append((step + 1, *score(model, held_out)))
             if (step + 1) % every == 0:
