@@ -605,6 +605,59 @@ def test_a_resume_point_is_on_disk_before_the_older_one_goes(tmp_path, monkeypat
     assert ("fsync", (folder.st_dev, folder.st_ino)) in events[published + 1:removed]
 
 
+# --- the compute dtype in the first line; times in the step lines --------------------------------
+
+LEVELS = ["scalar", "avx2", "avx512", "avx512bf16"]       # each includes the ones before
+
+
+@contextlib.contextmanager
+def forced_isa(isa):
+    """The CPU kernel level ``isa`` for this thread; a skip where this CPU lacks it."""
+    if not minidora.ops.extension_available():
+        pytest.skip("forcing a CPU kernel level needs the compiled extension minidora._C")
+    best = minidora.ops._C.cpu_isa_best()
+    if LEVELS.index(isa) > LEVELS.index(best):
+        pytest.skip(f"this CPU lacks the kernel level {isa} (its best is {best})")
+    with minidora.ops.use_cpu_isa(isa):
+        yield
+
+
+@pytest.mark.parametrize("isa, argv, why", [
+    ("avx2", [], "float32 (--dtype; bfloat16 only with --mixed-precision bf16)"),
+    ("avx2", ["--mixed-precision", "bf16"], "bfloat16 (--mixed-precision bf16; this CPU has no "
+     "native bfloat16 arithmetic (CPU kernels avx2), so bfloat16 is emulated, several times "
+     "slower than float32)"),
+    ("avx512bf16", ["--mixed-precision", "bf16"], "bfloat16 (--mixed-precision bf16)"),
+])
+def test_cli_first_line_says_the_compute_dtype(isa, argv, why, capsys, tmp_path):
+    from minidora.__main__ import main
+
+    with forced_isa(isa):
+        assert main(["train", "--quick", "--steps", "2", *argv, "--out", str(tmp_path)]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("train: builtin qdora") and first.endswith(f", compute dtype {why}")
+
+
+def test_step_lines_say_elapsed_and_left_once_the_run_is_not_short(capsys, tmp_path,
+                                                                   monkeypatch):
+    """Runs of a few seconds print the loss alone; past progress.QUIET_S (set to none here) each
+    step line adds the time so far and an estimate of the rest."""
+    import re
+
+    from minidora.__main__ import main
+    from minidora.demo import progress
+
+    assert main(["train", "--quick", "--steps", "2", "--out", str(tmp_path / "a")]) == 0
+    short = capsys.readouterr().out.splitlines()[1:3]
+    assert [re.fullmatch(r"train: step (\d)/2 loss \d\.\d{4}", ln)[1] for ln in short] == ["1", "2"]
+    monkeypatch.setattr(progress, "QUIET_S", 0.0)
+    assert main(["train", "--quick", "--steps", "2", "--out", str(tmp_path / "b")]) == 0
+    timed = capsys.readouterr().out.splitlines()[1:3]
+    assert re.fullmatch(r"train: step 1/2 loss \d\.\d{4} \(\d+ s elapsed, about \d+ s left\)",
+                        timed[0]), timed
+    assert re.fullmatch(r"train: step 2/2 loss \d\.\d{4} \(\d+ s elapsed, done\)", timed[1]), timed
+
+
 if __name__ == "__main__":
     {"matrix": _worker_matrix, "runs": _worker_runs}[sys.argv[1]](
         Path(sys.argv[2]))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import resource
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,13 +29,16 @@ import torch.nn.functional as F
 
 import minidora
 
+from ..demo import progress
 from ..demo.data import IGNORE, Problems
 from ..demo.model import GPT, GPTConfig
+from ..demo.precision import bf16_note
 from .group import Group
 from .shard import local_bytes, nf4_digest, parallelize, unwrap
 from .state import load_resume, save_adapters, save_resume
 
-__all__ = ["TrainConfig", "Task", "MODELS", "builtin", "train", "split_rows", "DTYPES"]
+__all__ = ["TrainConfig", "Task", "MODELS", "builtin", "train", "split_rows", "DTYPES",
+           "compute_line"]
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -106,6 +110,16 @@ def split_rows(n: int, rank: int, world: int) -> slice:
     return slice(rank * n // world, (rank + 1) * n // world)
 
 
+def compute_line(cfg: TrainConfig, device: torch.device) -> str:
+    """Which dtype the model computes in on ``device``, and why (part of the run's first line):
+    ``cfg.dtype``, or bfloat16 with FSDP2's mixed precision, said to be emulated on a CPU
+    without native bfloat16 arithmetic (:func:`minidora.ops.cpu_native_bf16`)."""
+    if cfg.mixed_precision == "bf16":
+        note = bf16_note() if device.type == "cpu" else ""
+        return "compute dtype bfloat16 (--mixed-precision bf16" + (f"; {note})" if note else ")")
+    return f"compute dtype {cfg.dtype} (--dtype; bfloat16 only with --mixed-precision bf16)"
+
+
 def _peak_rss_mib() -> float:
     kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return kib / (2**20 if sys.platform == "darwin" else 2**10)
@@ -154,7 +168,8 @@ def train(cfg: TrainConfig, group: Group, out: Path | None = None, save_every: i
     say = log if group.rank == 0 else (lambda *a, **k: None)
     say(f"train: {cfg.model} {cfg.method} r={cfg.rank}, {cfg.strategy} on {group.world_size} "
         f"process(es) ({group.backend}), global batch {cfg.batch_size} rows, steps "
-        f"{start}..{cfg.steps - 1}")
+        f"{start}..{cfg.steps - 1}, {compute_line(cfg, group.device)}")
+    t0 = time.monotonic()
     losses = []
     for step in range(start, cfg.steps):
         rows = torch.randint(n_rows, (cfg.batch_size,), generator=gen)       # [B], every rank
@@ -177,7 +192,10 @@ def train(cfg: TrainConfig, group: Group, out: Path | None = None, save_every: i
             dist.all_reduce(mean)
         losses.append(mean.item())
         if (step + 1) % max(1, cfg.steps // 10) == 0 or step + 1 == cfg.steps:
-            say(f"train: step {step + 1}/{cfg.steps} loss {losses[-1]:.4f}")
+            elapsed = time.monotonic() - t0               # a run of seconds: no times
+            say(f"train: step {step + 1}/{cfg.steps} loss {losses[-1]:.4f}" + (
+                f" ({progress.timing(elapsed, step + 1 - start, cfg.steps - step - 1)})"
+                if elapsed >= progress.QUIET_S else ""))
         if out is not None and save_every and (step + 1) % save_every == 0:
             save_resume(module, opt, out / "resume", step + 1, cfg.settings())
     if out is not None:
