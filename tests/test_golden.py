@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import time_limit
 from minidora.testing import golden
 
 for _name in ("bitsandbytes", "peft", "transformers"):
@@ -29,7 +30,7 @@ def regenerated(tmp_path_factory):
             f"{lib} {version(lib)} is installed; the golden files come from {pinned[lib]}")
     out = tmp_path_factory.mktemp("golden")
     subprocess.run([sys.executable, str(ROOT / "tools" / "make_golden.py"), str(out)],
-                   check=True, capture_output=True, timeout=600)
+                   check=True, capture_output=True, timeout=time_limit(300))
     return out
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import time_limit
 from minidora.testing import golden
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,9 +50,9 @@ def built(tmp_path_factory, src):
     env = no_torch_env(tmp, MINIDORA_NO_EXTENSION="1")
     for cmd in (["wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp / "dist"), str(src)],):
         subprocess.run([sys.executable, "-m", "pip", "-q", *cmd], check=True, env=env,
-                       capture_output=True, timeout=300)
+                       capture_output=True, timeout=time_limit(300))
     subprocess.run([sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp / "dist")], cwd=src,
-                   check=True, env=env, capture_output=True, timeout=300)
+                   check=True, env=env, capture_output=True, timeout=time_limit(300))
     return tmp / "dist"
 
 
@@ -112,7 +113,7 @@ def build_requires(src, tmp, no_extension: bool) -> dict:
             "b.get_requires_for_build_wheel(), 'editable': b.get_requires_for_build_editable(), "
             "'sdist': b.get_requires_for_build_sdist()}))")
     out = subprocess.run([sys.executable, "-c", code], cwd=src, env=env, check=True,
-                         capture_output=True, text=True, timeout=120).stdout
+                         capture_output=True, text=True, timeout=time_limit(120)).stdout
     return json.loads(out.splitlines()[-1])
 
 
@@ -137,7 +138,7 @@ def test_compiled_metadata_pins_the_torch_it_builds_against(src, tmp_path):
     env = {**os.environ}
     env.pop("MINIDORA_NO_EXTENSION", None)
     subprocess.run([sys.executable, "setup.py", "-q", "egg_info", "--egg-base", str(tmp_path)],
-                   cwd=src, env=env, check=True, capture_output=True, timeout=120)
+                   cwd=src, env=env, check=True, capture_output=True, timeout=time_limit(120))
     (requires,) = tmp_path.glob("*.egg-info/requires.txt")
     first_section = requires.read_text().split("[", 1)[0].split()
     assert f"torch=={torch.__version__.split('+')[0]}" in first_section
@@ -181,14 +182,15 @@ def test_pure_wheel_installs_beside_another_torch(built, tmp_path):
 
     venv = tmp_path / "venv"  # without pip and its setuptools, which would shadow torch's
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True,
-                   timeout=120)
+                   timeout=time_limit(120))
     py = venv / "bin" / "python"
     # .venv-cuda's packages first: its torch is the one found.
     (Path(site(py)) / "others.pth").write_text(f"{site(CUDA_VENV / 'bin' / 'python')}\n"
                                                f"{site(sys.executable)}\n")
     (wheel,) = built.glob("minidora-*.whl")
     subprocess.run([sys.executable, "-m", "pip", "--python", str(py), "install", "-q",
-                    "--no-index", str(wheel)], check=True, capture_output=True, timeout=300)
+                    "--no-index", str(wheel)], check=True, capture_output=True,
+                   timeout=time_limit(300))
     code = ("import torch, minidora; from minidora import nf4, ops; "
             "q = nf4.quantize(torch.randn(24, 64), 64, True); x = torch.randn(3, 64); "
             "y = ops.nf4_linear(x, q); "
@@ -197,7 +199,7 @@ def test_pure_wheel_installs_beside_another_torch(built, tmp_path):
             "try:\n    ops.nf4_linear(x, q, backend='compiled')\n"
             "except RuntimeError as e:\n    print(e)")
     out = subprocess.run([str(py), "-c", code], cwd=tmp_path, check=True, capture_output=True,
-                         text=True, timeout=300).stdout.split()
+                         text=True, timeout=time_limit(300)).stdout.split()
     assert out[0].startswith("2.14.1") and out[1] == "False"
     assert out[2].startswith(str(venv))
     error = " ".join(out[3:])

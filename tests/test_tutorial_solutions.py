@@ -19,6 +19,8 @@ from pathlib import Path
 import jupytext
 import pytest
 
+from helpers import time_limit
+
 ROOT = Path(__file__).resolve().parents[1]
 TUTORIALS = sorted((ROOT / "tutorials").glob("[0-9][0-9]_*.py"))
 SOLUTIONS = sorted((ROOT / "tutorials" / "solutions").glob("[0-9][0-9]_solutions.py"))
@@ -29,7 +31,7 @@ def run(args, tmp_path: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, MINIDORA_TUTORIAL_SIZE="small", MPLBACKEND="Agg",
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     return subprocess.run([sys.executable, *args], cwd=tmp_path, env=env, text=True,
-                          capture_output=True, timeout=600)
+                          capture_output=True, timeout=time_limit(600))
 
 
 def solutions_of(tutorial: Path) -> Path:

@@ -13,11 +13,14 @@ from pathlib import Path
 import jupytext
 import pytest
 
-from helpers import skip_without_llm_extra
+from helpers import skip_without_llm_extra, time_limit
 
 ROOT = Path(__file__).resolve().parents[1]
 TUTORIALS = sorted((ROOT / "tutorials").glob("[0-9][0-9]_*.py"))
 EXAMPLES = sorted((ROOT / "docs" / "examples").glob("*.py"))
+# Each tutorial takes at most a few minutes at the small size on a quiet 2-core machine (tutorial 7,
+# the longest, about TODO s); the limit scales with how busy the machine is (helpers.time_limit).
+QUIET_LIMIT_S = 600
 
 
 def run_script(path: Path, tmp_path: Path, size: str = "small") -> subprocess.CompletedProcess:
@@ -25,7 +28,7 @@ def run_script(path: Path, tmp_path: Path, size: str = "small") -> subprocess.Co
                MINIDORA_TUTORIAL_FIGDIR=str(tmp_path),
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     return subprocess.run([sys.executable, str(path)], cwd=tmp_path, env=env, text=True,
-                          capture_output=True, timeout=900)
+                          capture_output=True, timeout=time_limit(QUIET_LIMIT_S))
 
 
 def test_all_seven_tutorials_are_there():
