@@ -10,6 +10,9 @@ formulas of :mod:`minidora.lora` and :mod:`minidora.dora`:
 
 output, the gradients of ``sum(y * grad_y)`` with respect to x, A, B (and m), the merged
 weight, that dropout leaves the base path alone, and a float64 ``torch.autograd.gradcheck``.
+One robustness row holds a layer with a zero row of W0 + s B A (c = 0) to the reference, which
+clamps c at a small eps; PEFT itself gives NaN there, so that row fails as ``WARN`` and only
+counts with ``strict=True``.
 Everything is float64, so the same formula summed in another order agrees to ~1e-15; the
 tolerance ``|got - ref| <= 1e-13 + 1e-10 |ref|`` leaves room for an algebraically different
 route (minidora's DoRA computes the row norm from cached pieces) and none for a mistake, which
@@ -124,15 +127,17 @@ def _gradcheck_row(factory, dora: bool, seed: int):
     return True, None, f"eps 1e-6, atol 1e-8, rtol 1e-6 w.r.t. {what}"
 
 
-def _check(kind: str, factory, seed: int):
+def _check(kind: str, factory, seed: int, strict: bool):
     """Every row of check_lora / check_dora, with gradients on and the caller's RNG untouched."""
     check_seed(seed)
+    if not isinstance(strict, bool):
+        raise TypeError(f"strict must be True or False, got {strict!r}")
     with torch.random.fork_rng(devices=[]), torch.enable_grad():
         torch.manual_seed(seed)                                # the dropout row's masks
-        return _rows(kind, factory, seed)
+        return _rows(kind, factory, seed, strict)
 
 
-def _rows(kind: str, factory, seed: int):
+def _rows(kind: str, factory, seed: int, strict: bool):
     from .report import Report, Row
 
     dora = kind == "dora"
@@ -145,7 +150,9 @@ def _rows(kind: str, factory, seed: int):
     name = getattr(factory, "__qualname__", type(factory).__name__)
     report = Report(f"check_{kind}({name})")
     quantities = [q for q in QUANTITIES if dora or q != "grad_m"]
-    for group, cases in (("golden", golden_cases(dora)), ("random", random_cases(dora, seed))):
+    drawn = random_cases(dora, seed)
+    edges, regular = [c for c in drawn if c.zero_row], [c for c in drawn if not c.zero_row]
+    for group, cases in (("golden", golden_cases(dora)), ("random", regular)):
         tallies = {q: Tally() for q in quantities}
         for case in cases:
             got = run_layer(factory, case)
@@ -160,10 +167,18 @@ def _rows(kind: str, factory, seed: int):
     report.rows.append(Row("dropout only on the adapter path", ok, worst, TOLERANCE, note))
     ok, worst, note = _gradcheck_row(factory, dora, seed)
     report.rows.append(Row("gradcheck (float64)", ok, worst, "numerical vs analytical", note))
+    tally = Tally()
+    for case in edges:
+        got, want = run_layer(factory, case), M.expected(case)
+        for q in quantities:
+            tally.add(f"{case.name}, {_LABELS[q]}", *_compare(case, q, got[q], want[q], dora))
+    ok, worst, note = tally.result("finite, and equal to the reference with c clamped at eps")
+    report.rows.append(Row("robustness: zero row of W0 + s B A", ok, worst, TOLERANCE, note,
+                           counts=strict))
     return report
 
 
-def check_lora(layer_factory, *, seed: int = 0):
+def check_lora(layer_factory, *, seed: int = 0, strict: bool = False):
     """Check a LoRA layer against PEFT's float64 values and minidora's reference.
 
     Args:
@@ -176,19 +191,22 @@ def check_lora(layer_factory, *, seed: int = 0):
             ``nn.Parameter`` s of the same shape and dtype (found by value). An optional
             method ``layer.merged_weight()`` returns the merged weight [out, in].
         seed: seed of the random cases.
+        strict: count the robustness row (a zero row of W0 + s B A, where the row norm c is 0
+            and an unclamped division gives NaN, as PEFT's own layers do) as a failure; by
+            default it shows as ``WARN`` and does not fail the report.
 
     Returns:
         A :class:`~minidora.testing.Report`.
 
     Raises:
         TypeError: ``layer_factory`` is not callable or cannot take these keyword arguments; a
-            seed that is not an int.
+            seed that is not an int; a strict that is not a bool.
         ValueError: a seed outside 0..2**63 - 1.
     """
-    return _check("lora", layer_factory, seed)
+    return _check("lora", layer_factory, seed, strict)
 
 
-def check_dora(layer_factory, *, seed: int = 0):
+def check_dora(layer_factory, *, seed: int = 0, strict: bool = False):
     """Check a DoRA layer against PEFT's float64 values and minidora's reference.
 
     Args:
@@ -198,13 +216,16 @@ def check_dora(layer_factory, *, seed: int = 0):
             False asks for the exact gradient, which the gradcheck row uses (raise
             NotImplementedError there to skip that row).
         seed: seed of the random cases.
+        strict: count the robustness row (a zero row of W0 + s B A, where the row norm c is 0
+            and an unclamped division gives NaN, as PEFT's own layers do) as a failure; by
+            default it shows as ``WARN`` and does not fail the report.
 
     Returns:
         A :class:`~minidora.testing.Report`.
 
     Raises:
         TypeError: ``layer_factory`` is not callable or cannot take these keyword arguments; a
-            seed that is not an int.
+            seed that is not an int; a strict that is not a bool.
         ValueError: a seed outside 0..2**63 - 1.
     """
-    return _check("dora", layer_factory, seed)
+    return _check("dora", layer_factory, seed, strict)

@@ -40,6 +40,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="with --kind nf4: your dequantize function, checked too")
     v.add_argument("--double-quant", choices=("both", "on", "off"), default="both",
                    help="with --kind nf4: check plain NF4 (off), double quantization (on), or both")
+    v.add_argument("--strict", action="store_true",
+                   help="with --kind lora/dora: a failed robustness row (a zero row of W0 + s B A) "
+                        "fails the check too (default: shown as WARN, exit status 0)")
     v.add_argument("--seed", type=int, default=0,
                    help="seed of the random cases, 0..2**63-1 (default 0)")
     return v
@@ -90,6 +93,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.kind != "nf4" and (args.dequantize or args.double_quant != "both"):
             raise UsageError("--dequantize and --double-quant go with --kind nf4 only")
+        if args.kind == "nf4" and args.strict:
+            raise UsageError("--strict goes with --kind lora or dora only")
         if not 0 <= args.seed <= MAX_SEED:
             raise UsageError(f"--seed: got {args.seed}; expected an integer in 0..2**63 - 1")
         fn = load(args.target)
@@ -98,7 +103,8 @@ def run(args: argparse.Namespace) -> int:
             dq = {"both": None, "on": True, "off": False}[args.double_quant]
             report = check_nf4(fn, deq, double_quant=dq, seed=args.seed)
         else:
-            report = (check_lora if args.kind == "lora" else check_dora)(fn, seed=args.seed)
+            check = check_lora if args.kind == "lora" else check_dora
+            report = check(fn, seed=args.seed, strict=args.strict)
     except (UsageError, TypeError, ValueError) as e:
         print(f"minidora verify: error: {e}", file=sys.stderr)
         return 2

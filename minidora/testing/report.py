@@ -2,8 +2,9 @@
 
 Every ``check_*`` function of :mod:`minidora.testing` returns a :class:`Report`. ``print(report)``
 shows the table; ``report.ok`` says whether every row passed (skipped rows do not fail a
-report); ``report.assert_ok()`` raises ``AssertionError`` listing the failing rows, for use in a
-test suite.
+report, nor do robustness rows, shown as ``WARN``, unless the check ran with ``strict=True``);
+``report.assert_ok()`` raises ``AssertionError`` listing the failing rows, for use in a test
+suite.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ class Row:
             code steps), or None when nothing could be compared.
         tolerance: what |got - expected| may be, e.g. ``"exact"`` or ``"1e-13+1e-10|ref|"``.
         note: for a failure, where the first difference is and what it usually means.
+        counts: whether a failure of this row fails the report. False for a robustness row
+            (an edge the reference libraries themselves get wrong): it fails as ``WARN``.
     """
 
     name: str
@@ -33,11 +36,12 @@ class Row:
     worst: float | None = None
     tolerance: str = ""
     note: str = ""
+    counts: bool = True
 
     @property
     def status(self) -> str:
-        """``"ok"``, ``"FAIL"`` or ``"skip"``."""
-        return _STATUS[self.ok]
+        """``"ok"``, ``"FAIL"``, ``"WARN"`` (a failure that does not count) or ``"skip"``."""
+        return "WARN" if self.ok is False and not self.counts else _STATUS[self.ok]
 
 
 def _fmt(worst: float | None) -> str:
@@ -63,14 +67,20 @@ class Report:
 
     @property
     def failures(self) -> list[Row]:
-        """The failed rows."""
-        return [r for r in self.rows if r.ok is False]
+        """The failed rows that count (every failed row but the ``WARN`` ones)."""
+        return [r for r in self.rows if r.ok is False and r.counts]
+
+    @property
+    def warnings(self) -> list[Row]:
+        """The failed rows that do not count: robustness rows of a check run without strict."""
+        return [r for r in self.rows if r.ok is False and not r.counts]
 
     def summary(self) -> str:
-        """The first line: the title, the number of checks, how many failed or were skipped."""
-        n, bad = len(self.rows), len(self.failures)
+        """The first line: the title, the number of checks, how many failed, warned, skipped."""
+        n, bad, warned = len(self.rows), len(self.failures), len(self.warnings)
         skipped = sum(r.ok is None for r in self.rows)
-        tail = f", {skipped} skipped" if skipped else ""
+        tail = f", {warned} WARN" if warned else ""
+        tail += f", {skipped} skipped" if skipped else ""
         verdict = "all passed" if not bad else f"{bad} FAILED"
         return f"{self.title}: {n} checks, {verdict}{tail}"
 
