@@ -18,9 +18,7 @@ m_i = 0 and gets zero gradients: it stays zero, as W_0's row was.
            \qquad \tilde x = \text{dropout}(x)
 
 (one base product when dropout is off; k s B is an [out, r] product folded into the adapter's
-second matmul, so the scaling costs no extra pass). Since W_0 is frozen, its squared row norms
-are cached (computed again only when the base's tensors change) and no [out, in] temporary is
-ever formed:
+second matmul, so the scaling costs no extra pass). No [out, in] temporary is ever formed:
 
 .. math::  c_i^2 = \lVert W_{0,i}\rVert^2 + 2s\,[(W_0 A^\top)\odot B]_{i,\cdot}\mathbf 1
            + s^2\,[(B A A^\top)\odot B]_{i,\cdot}\mathbf 1
@@ -28,7 +26,11 @@ ever formed:
 W_0 A^T is one base product with A as the input ([out, r]), in the same precision as the
 forward's base product (a bf16 base: bf16 inputs, float32 accumulation; its rounding is then
 below that of the bf16 output); the rest is [out, r] work, summed in float32 or better and
-clamped at eps^2 before the square root. :func:`dora_reference` keeps the plain formula as the
+clamped at eps^2 before the square root. :math:`\lVert W_{0,i}\rVert^2` is computed again at
+every call, a chunk of rows at a time (one pass over W_0, a few percent of a training step:
+docs/bench-dora.md), and never cached: a cache cannot see every way a base changes (writes
+through ``.data`` and fused optimizer steps leave no trace; a compiled graph would keep the
+value it was traced with). :func:`dora_reference` keeps the plain formula as the
 specification; the tests hold the fast path to it.
 """
 
@@ -82,7 +84,6 @@ class DoRALinear(LoRALinear):
                  adapter_dtype: torch.dtype = torch.float32, eps: float = EPS):
         super().__init__(base, r, alpha, dropout, rslora, init, adapter_dtype)
         self.detach_norm, self.eps = bool(detach_norm), eps
-        self._w0_cache = None                                          # (key, [out] float64)
         self.magnitude = nn.Parameter(torch.empty(self.out_features, dtype=adapter_dtype,
                                                   device=self.lora_A.device))   # [out]
         self.reset_adapter()
@@ -95,15 +96,9 @@ class DoRALinear(LoRALinear):
             self.magnitude.copy_(self.weight_norm_sq().clamp_min(0).sqrt())
 
     def w0_norm_sq(self) -> torch.Tensor:
-        """||W0[i, :]||^2 per row, [out] float64: cached, and computed again whenever a tensor of
-        the base changes (loaded, replaced, moved or written in place: its version counter)."""
-        if self._w0_cache is not None and torch.compiler.is_compiling():
-            return self._w0_cache[1]              # traced graphs use the eager-time cache
-        key = tuple((id(t), t._version, t.data_ptr(), t.device)
-                    for t in (*self.base.parameters(), *self.base.buffers()))
-        if self._w0_cache is None or self._w0_cache[0] != key:
-            self._w0_cache = (key, frozen.row_norms_sq(self.base))
-        return self._w0_cache[1]
+        """||W0[i, :]||^2 per row of the weight the forward applies, [out] in acc_dtype: from the
+        base as it is now, at every call (never cached, so never stale)."""
+        return frozen.row_norms_sq(self.base, dtype=self.acc_dtype)
 
     def weight_norm_sq(self) -> torch.Tensor:
         """c^2 = ||W0 + s B A||^2 per row, by the identity above: [out] in acc_dtype."""
@@ -111,7 +106,7 @@ class DoRALinear(LoRALinear):
         A, B = self.lora_A.to(acc), self.lora_B.to(acc)                # [r, in], [out, r]
         cross = (base_times_At(self.base, A) * B).sum(1)               # [out]
         quad = ((B @ (A @ A.T)) * B).sum(1)                            # [out]
-        return self.w0_norm_sq().to(acc) + 2 * s * cross + s * s * quad
+        return self.w0_norm_sq() + 2 * s * cross + s * s * quad
 
     def weight_norm(self) -> torch.Tensor:
         """c = ||W0 + s B A|| per row, clamped at eps (finite value and gradient): [out]."""
@@ -119,7 +114,8 @@ class DoRALinear(LoRALinear):
         return c.detach() if self.detach_norm else c
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [..., in_features] -> [..., out_features] in x's dtype."""
+        """x: [..., in_features] -> [..., out_features] in x's dtype (a real floating type)."""
+        frozen.check_input(x)
         if self.merged:
             return frozen.product(self.base, x).to(x.dtype)
         acc, b = self.acc_dtype, self.base.bias
@@ -134,19 +130,21 @@ class DoRALinear(LoRALinear):
             y = y * k if b is None else torch.addcmul(b.to(acc), y, k)
         return self.add_lora(y, xd, k).to(x.dtype)                     # + k s x~ A^T B^T
 
-    # --- merging: W = (m / c) V'; unmerge divides by the k = m / c that merge keeps ------------
+    # --- merging: W = k V' with the k = m / c of forward; unmerge divides by the k merge kept ---
+
+    def merge_scale(self) -> torch.Tensor:
+        """k = m / c per row, with the c forward uses: [out] in acc_dtype (k = 1 exactly at
+        init, so an untrained adapter merges to W0 itself)."""
+        return self.magnitude.to(self.acc_dtype) / self.weight_norm()
 
     def merged_weight(self) -> torch.Tensor:
-        """The exact merged weight (m / c) V', [out, in] in acc_dtype (nothing is changed)."""
-        v = super().merged_weight()                                    # V' = W0 + s B A
-        c = torch.linalg.vector_norm(v, dim=1).clamp_min(self.eps)     # [out]
-        return (self.magnitude.to(v.dtype) / c)[:, None] * v
+        """The exact merged weight k V', [out, in] in acc_dtype (nothing is changed)."""
+        return self.merge_scale()[:, None] * super().merged_weight()    # V' = W0 + s B A
 
     _unmerge_extra_needed = True
 
     def _unmerge_extra(self, w0: torch.Tensor) -> dict:
-        v = super().merged_weight()
-        k = self.magnitude.to(v.dtype) / torch.linalg.vector_norm(v, dim=1).clamp_min(self.eps)
+        k = self.merge_scale()
         zero = (k == 0).nonzero().view(-1)          # rows a division cannot bring back
         return {"k": k, "zero_rows": zero, "w0_rows": w0[zero].clone()}
 

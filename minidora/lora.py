@@ -20,6 +20,7 @@ dtype and the sum is returned in x's dtype.
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 
 import torch
@@ -42,7 +43,7 @@ def lora_reference(x, W0, bias, A, B, s):
 
 def _check_args(base, r, alpha, dropout, init) -> None:
     frozen.check(base)
-    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+    if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r < 1:   # np.int64 too
         raise ValueError(f"r must be an integer >= 1, got {r!r}")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < math.inf:
         raise ValueError(f"alpha must be a finite number > 0, got {alpha!r}")
@@ -74,14 +75,14 @@ class LoRALinear(AdapterModule):
         _check_args(base, r, alpha, dropout, init)
         self.base = base.requires_grad_(False)
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.r, self.alpha, self.rslora, self.init = r, alpha, bool(rslora), init
-        self.scaling = alpha / (math.sqrt(r) if rslora else r)
+        self.r, self.alpha, self.rslora, self.init = int(r), alpha, bool(rslora), init
+        self.scaling = alpha / (math.sqrt(self.r) if rslora else self.r)
         self.dropout_p = float(dropout)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         device = next(base.parameters()).device
         kw = dict(dtype=adapter_dtype, device=device)
-        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **kw))    # [r, in]
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, **kw))   # [out, r]
+        self.lora_A = nn.Parameter(torch.empty(self.r, self.in_features, **kw))    # [r, in]
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, self.r, **kw))   # [out, r]
         self.reset_adapter()
         self.merged = False
         self._unmerge_state = None
@@ -121,7 +122,8 @@ class LoRALinear(AdapterModule):
         return y + a.to(y.dtype) @ B.T.to(y.dtype)                          # [..., out]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [..., in_features] -> [..., out_features] in x's dtype."""
+        """x: [..., in_features] -> [..., out_features] in x's dtype (a real floating type)."""
+        frozen.check_input(x)
         y = frozen.product(self.base, x)                                    # [..., out]
         if self.merged:
             return y.to(x.dtype)
@@ -142,23 +144,32 @@ class LoRALinear(AdapterModule):
         """Fold the adapter into the base weight; forward then runs the base alone.
 
         Returns:
-            How much of the adapter's update the stored weight lost, relative to the update:
-            ||stored - exact|| / ||exact - W0|| (0.0 when the base stores it exactly, or when
-            the update is zero). A dense float32/float64 base keeps it exactly; an NF4 base is
+            The share of the adapter's update the stored weight lost: ||stored - exact|| /
+            ||exact - W0||. A dense float32/float64 base keeps it exactly (0.0); an NF4 base is
             re-quantized (dequantize, merge, quantize again), which can lose most of a small
-            update: then (``warn``) a warning says so. :func:`minidora.merge_and_unload` keeps
-            the update in a dense layer instead.
+            update: then (``warn``) a warning says so, and :func:`minidora.merge_and_unload`
+            keeps the update in a dense layer instead. An update within rounding of zero
+            (||exact - W0|| <= eps ||W0||, eps of exact's dtype: an untrained adapter) has no
+            share to lose: the figure is then ||stored - exact|| / ||W0||, how far storing moved
+            the weight (:func:`minidora.base.share_lost`).
+
+        Raises:
+            RuntimeError: the layer is already merged.
+            ValueError: the weights are on the meta device, or the base would store the merged
+                weight as inf or NaN (it overflows the base's dtype); nothing is changed.
         """
         if self.merged:
             raise RuntimeError("this layer is already merged; call unmerge() first")
+        if any(t.is_meta for t in (*self.parameters(), *self.buffers())):
+            raise ValueError("the layer's weights are on the meta device (built under "
+                             "torch.device('meta')) and hold no values to merge; materialize "
+                             "them first (model.to_empty(device=...), then load_state_dict)")
         w0 = frozen.weight(self.base, self.acc_dtype)                        # [out, in]
         exact = self.merged_weight()                                         # [out, in]
         extra = self._unmerge_extra(w0)
         self._unmerge_state = {"base": frozen.store(self.base, exact), **extra}
         self.merged = True
-        update = (exact - w0).norm()
-        err = 0.0 if update == 0 else ((frozen.weight(self.base, exact.dtype) - exact).norm()
-                                       / update).item()
+        err = frozen.share_lost(self.base, w0, exact)
         if warn and err > MERGE_WARN:
             warnings.warn(f"merging lost {err:.0%} of the adapter's update (the base stores the "
                           f"merged weight as {frozen.storage(self.base)}); "
@@ -185,6 +196,27 @@ class LoRALinear(AdapterModule):
             frozen.store(self.base, self._unmerge_weight(frozen.weight(self.base, self.acc_dtype)))
         self._unmerge_state = None
         self.merged = False
+
+    def _load_from_state_dict(self, state_dict, prefix, *args):
+        """The merged flag follows what is loaded: ``<prefix>merged``, or False when that key is
+        absent (older files and adapter-only states hold unmerged layers). A merged base weight
+        is meaningful only with the adapter that was merged into it: a state that would leave
+        this layer merged, or make it merged, without holding the base's weights is refused
+        (``load_state_dict`` raises; this layer is left as it was)."""
+        flag = state_dict.get(prefix + "merged")
+        base = [prefix + "base." + k for k in self.base.state_dict()]
+        has_base = all(k in state_dict for k in base)
+        wants = isinstance(flag, torch.Tensor) and flag.numel() == 1 and bool(flag.item())
+        mine = any(k.startswith(prefix) for k in state_dict)
+        if mine and (self.merged or wants) and not has_base:
+            how = "unmerge it first (minidora.unmerge)" if self.merged else "load the whole state"
+            args[-1].append(f"layer {prefix[:-1]!r} {'is' if self.merged else 'would be'} merged "
+                            f"but the state does not hold its base weights ({', '.join(base)}): "
+                            f"a merged weight belongs with the adapter merged into it; {how}")
+            return                                              # args[-1]: error_msgs
+        super()._load_from_state_dict(state_dict, prefix, *args)
+        if flag is None and has_base:
+            self.merged, self._unmerge_state = False, None
 
     def extra_repr(self) -> str:
         return (f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, rslora={self.rslora}, "

@@ -236,6 +236,16 @@ def _tied_elsewhere(model: nn.Module, name: str, layer: LoRALinear) -> list[str]
             if p is w and n not in inside]
 
 
+def _naming(e: Exception, name: str) -> Exception | None:
+    """The same kind of error with the layer's name in front of its message (None if that kind
+    cannot be built from a message alone)."""
+    try:
+        named = type(e)(f"layer {name!r}: {e}")
+    except Exception:
+        return None
+    return named if str(named) == f"layer {name!r}: {e}" else None
+
+
 def merge(model: nn.Module) -> dict[str, float]:
     """Merge every adapter into its base weight, all or none.
 
@@ -248,6 +258,9 @@ def merge(model: nn.Module) -> dict[str, float]:
     Raises:
         ValueError: a base weight is tied to another module (e.g. ``lm_head`` and the input
             embeddings): merging would change that module too. Untie it first.
+        ValueError, RuntimeError: a layer cannot merge (on the meta device, a merged weight
+            the base would store as inf or NaN, ...): the error names the layer, and every
+            layer merged before it is unmerged again.
     """
     layers = adapter_layers(model)
     if not layers:
@@ -263,10 +276,13 @@ def merge(model: nn.Module) -> dict[str, float]:
         for n, layer in layers.items():
             errors[n] = layer.merge(warn=False)
             done.append(layer)
-    except BaseException:
+    except BaseException as e:
         for layer in done:                           # all or none
             layer.unmerge()
-        raise
+        named = _naming(e, n) if isinstance(e, Exception) else None
+        if named is None:
+            raise
+        raise named from e
     lossy = sorted(((e, n) for n, e in errors.items() if e > MERGE_WARN), reverse=True)
     if lossy:
         worst = ", ".join(f"{n} {e:.0%}" for e, n in lossy[:3])

@@ -102,17 +102,20 @@ class NF4Linear(nn.Module):
         """The dense weight, [out_features, in_features], in ``dtype`` (default compute_dtype)."""
         return ops.nf4_dequantize(self.weight_nf4, dtype or self.compute_dtype)
 
-    def row_norms_sq(self, chunk_elems: int = 1 << 20) -> torch.Tensor:
+    def row_norms_sq(self, chunk_elems: int = 1 << 20,
+                     dtype: torch.dtype = torch.float64) -> torch.Tensor:
         """||W[i, :]||^2 of the weight the forward applies (dequantized to compute_dtype), summed
-        in float64, a chunk of whole blocks at a time: [out_features] float64."""
+        in ``dtype``, a chunk of whole blocks at a time (at most ``chunk_elems`` elements and an
+        eighth of the weight, or one run of whole blocks): [out_features] of ``dtype``."""
         q = self.weight_nf4.plain_scales()
         unit = q.blocksize // math.gcd(self.in_features, q.blocksize)  # rows per whole blocks
-        step = max(unit, (chunk_elems // self.in_features) // unit * unit)
+        rows = min(chunk_elems, self.out_features * self.in_features // 8) // self.in_features
+        step = max(unit, rows // unit * unit)
         out = []
         for r0 in range(0, self.out_features, step):
             w = ops.nf4_dequantize(q.rows(r0, min(self.out_features, r0 + step)),
                                    self.compute_dtype)                       # [rows, in]
-            out.append(w.double().pow(2).sum(1))
+            out.append(torch.linalg.vector_norm(w.to(dtype), dim=1).square())
         return torch.cat(out)                                                # [out]
 
     @torch.no_grad()
@@ -131,6 +134,10 @@ class NF4Linear(nn.Module):
 
     def linear(self, x: torch.Tensor, bias: bool = True) -> torch.Tensor:
         """x [..., in] -> x W^T (+ b) [..., out], in compute_dtype (no cast back)."""
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():   # a cast would truncate
+            got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
+            raise TypeError(f"x must be a real floating-point tensor (float16, bfloat16, float32 "
+                            f"or float64), got {got}")
         x = x.to(self.compute_dtype)
         b = self.bias.to(self.compute_dtype) if (bias and self.bias is not None) else None
         return ops.nf4_linear(x, self.weight_nf4, b)                    # [..., out]

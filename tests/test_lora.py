@@ -4,6 +4,7 @@ dequantized weight, init, dropout, merging, bad input."""
 import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 
 from helpers import F64, check_peft_case, close, dense, gradcheck_layer
 from minidora import DoRALinear, LoRALinear, NF4Linear, lora_reference, nf4
+from minidora.lora import MERGE_WARN
 
 
 def randomize(layer, seed=1):
@@ -178,11 +180,63 @@ def test_merge_nf4_reports_the_share_of_the_update_lost_and_unmerge_restores_byt
     assert torch.equal(base.packed, packed) and torch.equal(base.absmax, absmax)
 
 
+@pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cls", [LoRALinear, DoRALinear])
+def test_merge_of_an_untrained_adapter_reports_how_far_storing_moved_the_weight(cls,
+                                                                               compute_dtype):
+    # B = 0: there is no update to lose. Re-quantizing (double quantization: new scale codes)
+    # still moves the weight a little; the figure says how much, relative to W0.
+    base = NF4Linear.from_linear(dense(33, 77, dtype=torch.float32, seed=5),
+                                 compute_dtype=compute_dtype)
+    layer = cls(base, r=4, alpha=8)
+    w0 = base.dequantize_weight(torch.float32)
+    assert torch.equal(layer.merged_weight(), w0)        # DoRA: k = m / c is exactly 1 at init
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        err = layer.merge()
+    moved = ((base.dequantize_weight(torch.float32) - w0).norm() / w0.norm()).item()
+    assert 0 < moved < MERGE_WARN and abs(err - moved) <= 1e-5 * moved
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cls", [LoRALinear, DoRALinear])
+def test_merge_of_an_untrained_adapter_into_a_dense_base_loses_nothing(cls, dtype):
+    layer = cls(dense(9, 14, dtype=dtype), r=2, alpha=4)
+    w0 = layer.base.weight.detach().clone()
+    assert layer.merge() == 0.0 and torch.equal(layer.base.weight, w0)
+
+
+@pytest.mark.parametrize("dtype,big", [(torch.float32, 1e20), (torch.float16, 1e3)])
+@pytest.mark.parametrize("cls", [LoRALinear, DoRALinear])
+def test_merge_refuses_a_weight_the_base_would_store_as_inf(cls, dtype, big):
+    layer = randomize(cls(dense(6, 10, dtype=dtype), r=2, alpha=4))
+    with torch.no_grad():
+        layer.lora_B.mul_(big).add_(big)       # float32: s B A overflows; float16: W' > 65504
+        layer.lora_A.mul_(big)
+        if cls is DoRALinear:                  # DoRA scales each row back to m: make m big too
+            layer.magnitude.fill_(min(big ** 2, 3e38))
+    w0 = layer.base.weight.detach().clone()
+    with pytest.raises(ValueError, match=rf"the merged weight has \d+ value\(s\) that a {dtype} "
+                                         r"weight stores as inf or NaN .*nothing was changed"):
+        layer.merge()
+    assert not layer.merged and torch.equal(layer.base.weight, w0)
+
+
+def test_merge_on_the_meta_device_is_a_clear_error():
+    with torch.device("meta"):
+        layer = LoRALinear(nn.Linear(8, 4), r=2)
+    with pytest.raises(ValueError, match=r"weights are on the meta device .*to_empty"):
+        layer.merge()
+    assert not layer.merged
+
+
 # --- bad input -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kwargs,match", [
     (dict(r=0), r"r must be an integer >= 1, got 0"),
     (dict(r=2.5), r"r must be an integer >= 1, got 2.5"),
+    (dict(r=True), r"r must be an integer >= 1, got True"),
+    (dict(r=np.int64(0)), r"r must be an integer >= 1, got (np.int64\()?0"),
     (dict(alpha=0), r"alpha must be a finite number > 0, got 0"),
     (dict(alpha=-3.0), r"alpha must be a finite number > 0, got -3.0"),
     (dict(alpha=math.inf), r"alpha must be a finite number > 0, got inf"),
@@ -194,6 +248,28 @@ def test_merge_nf4_reports_the_share_of_the_update_lost_and_unmerge_restores_byt
 def test_bad_options(kwargs, match):
     with pytest.raises(ValueError, match=match):
         LoRALinear(dense(4, 4), **kwargs)
+
+
+@pytest.mark.parametrize("cls", [LoRALinear, DoRALinear])
+def test_any_integral_rank_is_accepted(cls):
+    layer = cls(dense(5, 7), r=np.int64(3), alpha=6)
+    want = cls(dense(5, 7), r=3, alpha=6)
+    assert type(layer.r) is int and layer.r == 3 and layer.scaling == want.scaling == 2.0
+    assert layer.lora_A.shape == (3, 7)
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+@pytest.mark.parametrize("cls", [LoRALinear, DoRALinear])
+@pytest.mark.parametrize("x", [torch.arange(16).view(2, 8), torch.ones(2, 8, dtype=torch.bool),
+                               torch.randn(2, 8, dtype=torch.complex64)])
+def test_input_that_is_not_real_floating_point_is_refused(cls, quantized, x):
+    # nn.Linear refuses these; a cast would truncate the output to integers or drop x.imag
+    base = dense(3, 8, dtype=torch.float32)
+    if quantized:
+        base = NF4Linear.from_linear(base, blocksize=64)
+    layer = cls(base, r=2)
+    with pytest.raises(TypeError, match=rf"x must be a real floating-point tensor .*got {x.dtype}"):
+        layer(x)
 
 
 def test_bad_base():

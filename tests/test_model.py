@@ -251,11 +251,39 @@ def test_merge_is_all_or_none():
     def boom(warn=True):
         raise RuntimeError("disk full")
     layers[2].merge = boom
-    with pytest.raises(RuntimeError, match="disk full"):
+    with pytest.raises(RuntimeError, match="layer 'layers.1.q_proj': disk full"):
         minidora.merge(model)
     assert not any(lay.merged for lay in layers)
     for lay, w0 in zip(layers, w, strict=True):
         assert torch.allclose(lay.base.weight, w0, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("method,match", [
+    ("lora", r"the merged weight has \d+ value\(s\) that a torch.float16 weight stores as inf"),
+    ("qlora", r"NaN/Inf")])
+def test_merge_refuses_an_overflow_naming_the_layer(method, match):
+    model = minidora.wrap(Net(), method, ["q_proj"], compute_dtype=torch.float32)
+    if method == "lora":
+        model.half()
+    randomize_adapters(model)
+    layer = minidora.adapter_layers(model)["layers.0.q_proj"]
+    with torch.no_grad():
+        layer.lora_B.fill_(1e37 if method == "qlora" else 1e3)
+        layer.lora_A.fill_(1e3)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=rf"layer 'layers.0.q_proj': .*{match}"):
+        minidora.merge(model)
+    assert not any(lay.merged for lay in minidora.adapter_layers(model).values())
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_merge_on_the_meta_device_names_the_layer():
+    with torch.device("meta"):
+        model = minidora.wrap(Net(), "dora", ["q_proj"])
+    with pytest.raises(ValueError, match=r"layer 'layers.0.q_proj': the layer's weights are on "
+                                         r"the meta device"):
+        minidora.merge(model)
 
 
 def test_merge_refuses_a_weight_tied_to_another_module():
@@ -312,6 +340,45 @@ def test_merged_flag_travels_with_the_state_dict(method):
             minidora.unmerge(b)
     b.load_state_dict(minidora.wrap(Net(), method, ["q_proj"]).state_dict())
     assert not any(lay.merged for lay in minidora.adapter_layers(b).values())
+
+
+@pytest.mark.parametrize("method", minidora.METHODS)
+def test_a_state_without_merged_flags_loads_unmerged(method):
+    # older files have no ".merged" keys: what they hold is an unmerged layer, whatever the
+    # model they are loaded into was
+    a = randomize_adapters(minidora.wrap(Net(), method, ["q_proj"], compute_dtype=torch.float32))
+    old = {k: v for k, v in a.state_dict().items() if not k.endswith(".merged")}
+    b = minidora.wrap(Net(seed=1), method, ["q_proj"], compute_dtype=torch.float32)
+    randomize_adapters(b, seed=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        minidora.merge(b)
+    b.load_state_dict(old)
+    assert not any(lay.merged for lay in minidora.adapter_layers(b).values())
+    x = torch.randn(4, 32)
+    assert torch.equal(b(x), a(x))
+
+
+@pytest.mark.parametrize("method", minidora.METHODS)
+def test_a_state_without_base_weights_cannot_leave_a_layer_merged(method):
+    a = randomize_adapters(minidora.wrap(Net(), method, ["q_proj"], compute_dtype=torch.float32))
+    adapters = {k: v for k, v in a.state_dict().items() if ".base." not in k}
+    b = minidora.wrap(Net(seed=1), method, ["q_proj"], compute_dtype=torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        minidora.merge(b)
+    layer, x = b.layers[0].q_proj, torch.randn(4, 32)
+    y = layer(x)
+    no_flag = {k: v for k, v in adapters.items() if not k.endswith(".merged")}
+    with pytest.raises(RuntimeError, match=r"layer 'layers.0.q_proj' is merged but the state does "
+                                           r"not hold its base weights .*minidora.unmerge"):
+        b.load_state_dict(no_flag, strict=False)     # the old adapter stays in the base weight
+    assert layer.merged and torch.equal(layer(x), y)  # the layer is left as it was
+    c = minidora.wrap(Net(seed=1), method, ["q_proj"], compute_dtype=torch.float32)
+    merged_flag = {**adapters, "layers.0.q_proj.merged": torch.tensor(True)}
+    with pytest.raises(RuntimeError, match="'layers.0.q_proj' would be merged but the state"):
+        c.load_state_dict(merged_flag, strict=False)  # W0 would be taken for a merged weight
+    assert not any(lay.merged for lay in minidora.adapter_layers(c).values())
 
 
 def test_model_to_bfloat16_keeps_adapters_float32_unless_cast():

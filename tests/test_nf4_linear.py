@@ -142,6 +142,14 @@ def test_bad_input():
         NF4Linear.from_linear(linear(4, 64), blocksize=48)
 
 
+@pytest.mark.parametrize("x", [torch.arange(128).view(2, 64), torch.zeros(2, 64, dtype=torch.bool),
+                               torch.randn(2, 64, dtype=torch.complex64)])
+def test_input_that_is_not_real_floating_point_is_refused(x):
+    layer = NF4Linear.from_linear(linear(4, 64), compute_dtype=torch.float32)
+    with pytest.raises(TypeError, match=rf"x must be a real floating-point tensor .*got {x.dtype}"):
+        layer(x)
+
+
 def test_state_dict_with_other_double_quant_setting_is_refused():
     dq = NF4Linear.from_linear(linear(8, 64, seed=7), double_quant=True)
     plain = NF4Linear.from_linear(linear(8, 64, seed=7), double_quant=False)
