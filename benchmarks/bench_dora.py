@@ -11,7 +11,9 @@ disturb (``--threads 2`` uses wall time). Run:
     python benchmarks/bench_dora.py --quick    # 1024 x 1024, M = 128: a few seconds
 
 Variants: ``base`` (the frozen layer alone), ``LoRA`` and ``DoRA`` (minidora), ``PEFT LoRA`` and
-``PEFT DoRA`` (peft's LoRA layer with ``use_dora`` false/true, when peft is importable). Settings:
+``PEFT DoRA`` (peft's LoRA layer with ``use_dora`` false/true, when peft is importable), and
+``DoRA: W0 row norms alone``: the ||W0[i, :]||^2 that every DoRA forward computes afresh (no
+cache), timed alone, i.e. the part of the DoRA step that a cache would save. Settings:
 float32 everywhere; a bfloat16 dense base with float32 adapters; an NF4 base (double quant,
 blocksize 64) computing in bfloat16 (minidora only).
 
@@ -138,6 +140,7 @@ def run_setting(title, base_dtype, quantized, n, m, r, repeats, use_peft, clock)
     for layer in layers.values():
         randomize(layer)
     steps = {name: make_step(layer, x, g) for name, layer in layers.items()}
+    steps["DoRA: W0 row norms alone"] = layers["DoRA"].w0_norm_sq     # part of every DoRA step
     times = measure(steps, repeats, clock)
     peaks = {name: min(peak_step_mib(fn) for _ in range(2)) for name, fn in steps.items()}
     print(f"\n{title}: W [{n}, {n}], x [{m}, {n}], r = {r}, one forward + backward")
