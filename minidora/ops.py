@@ -168,6 +168,8 @@ def use(backend: str | None = None, cpu_isa: str | None = None,
         cpu_isa: the CPU kernel level of the compiled ops (``"auto"``, ``"scalar"``, ``"avx2"``,
             ``"avx512"``, ``"avx512bf16"``; one the CPU lacks raises ValueError). For the calling
             thread only; the worker threads of one op run the level of the thread that called it.
+            The environment variable ``MINIDORA_CPU_ISA=<level>`` caps the levels of a whole
+            process (read once): it runs as on a CPU whose best level is that one.
         cuda_kernel: the CUDA linear kernel for bfloat16/float16 activations: ``"auto"`` (tensor
             cores from compute capability 8.0 on, CUDA cores on V100 / T4), ``"mma"`` (tensor
             cores; a call on a GPU below 8.0 raises RuntimeError naming its capability) or

@@ -896,3 +896,27 @@ def test_cpu_native_bf16_without_the_extension_asks_torch(monkeypatch):
     monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")     # an older torch: no answer
     monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
     assert ops.cpu_native_bf16() is False
+
+
+@pytest.mark.skipif(not ops.extension_available(), reason="minidora._C not built")
+@pytest.mark.parametrize("cap", ["scalar", "avx2", "avx512", "avx512bf16", "sse9"])
+def test_minidora_cpu_isa_caps_the_levels_of_the_process(cap):
+    """MINIDORA_CPU_ISA runs a whole process as on a CPU whose best level is the cap (never above
+    what this CPU has); a name that is not a level is ignored with a line on stderr."""
+    import os
+    import subprocess
+    import sys
+
+    levels = ["scalar", "avx2", "avx512", "avx512bf16"]
+    have = ops._C.cpu_isa_best()
+    code = ("from minidora import ops; print(ops._C.cpu_isa_best(), ops.cpu_isa(), "
+            "ops.cpu_native_bf16())")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=dict(os.environ, MINIDORA_CPU_ISA=cap), timeout=120, check=True)
+    if cap in levels:
+        want = levels[min(levels.index(cap), levels.index(have))]
+        assert done.stderr == ""
+    else:
+        want = have
+        assert "MINIDORA_CPU_ISA=sse9 is not a level" in done.stderr
+    assert done.stdout.split() == [want, want, str(want == "avx512bf16")]
