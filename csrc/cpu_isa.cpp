@@ -39,8 +39,10 @@ Isa capped(Isa detected) {
       return static_cast<Isa>(std::min(level, static_cast<int>(detected)));
     }
   }
-  std::fprintf(stderr, "minidora: MINIDORA_CPU_ISA=%s is not a level (scalar, avx2, avx512, "
-               "avx512bf16); ignored\n", cap);
+  std::fprintf(stderr,
+               "minidora: MINIDORA_CPU_ISA=%s is not a level (scalar, avx2, avx512, "
+               "avx512bf16); ignored\n",
+               cap);
   return detected;
 }
 
