@@ -163,6 +163,7 @@ def wrap(model: nn.Module, method: str, target_modules: str | list[str] | tuple[
                                          compute_dtype=compute_dtype)
         new_layers[name] = cls(base, r=r, alpha=alpha, dropout=dropout, rslora=rslora, init=init,
                                adapter_dtype=adapter_dtype, **extra)
+        new_layers[name].train(model.get_submodule(name).training)  # eval stays eval (dropout)
     if "" in new_layers:
         model = new_layers.pop("")
     for name, layer in new_layers.items():

@@ -123,6 +123,21 @@ def test_unknown_target_lists_linear_layers():
         minidora.wrap(Net(), "lora", r"q_proj")                # regex must match the full name
 
 
+@pytest.mark.parametrize("method", minidora.METHODS)
+def test_wrap_keeps_an_eval_model_in_eval(method):
+    """A layer built by wrap takes the mode of the layer it replaces: dropout on the adapters'
+    input never runs in a model that was put in eval mode before wrapping."""
+    model = Net().eval()
+    minidora.wrap(model, method, ["q_proj"], r=4, dropout=0.5, compute_dtype=torch.float32)
+    layers = minidora.adapter_layers(model)
+    assert layers and not any(layer.training for layer in layers.values())
+    randomize_adapters(model)
+    x = torch.randn(4, 32)
+    assert torch.equal(model(x), model(x))
+    model.train()
+    assert all(layer.training for layer in layers.values())
+
+
 def test_wrap_bad_input_leaves_model_untouched():
     model = Net()
     with pytest.raises(ValueError, match=r"method must be one of \('lora', 'dora', 'qlora', "
