@@ -197,27 +197,6 @@ class LoRALinear(AdapterModule):
         self._unmerge_state = None
         self.merged = False
 
-    def _load_from_state_dict(self, state_dict, prefix, *args):
-        """The merged flag follows what is loaded: ``<prefix>merged``, or False when that key is
-        absent (older files and adapter-only states hold unmerged layers). A merged base weight
-        is meaningful only with the adapter that was merged into it: a state that would leave
-        this layer merged, or make it merged, without holding the base's weights is refused
-        (``load_state_dict`` raises; this layer is left as it was)."""
-        flag = state_dict.get(prefix + "merged")
-        base = [prefix + "base." + k for k in self.base.state_dict()]
-        has_base = all(k in state_dict for k in base)
-        wants = isinstance(flag, torch.Tensor) and flag.numel() == 1 and bool(flag.item())
-        mine = any(k.startswith(prefix) for k in state_dict)
-        if mine and (self.merged or wants) and not has_base:
-            how = "unmerge it first (minidora.unmerge)" if self.merged else "load the whole state"
-            args[-1].append(f"layer {prefix[:-1]!r} {'is' if self.merged else 'would be'} merged "
-                            f"but the state does not hold its base weights ({', '.join(base)}): "
-                            f"a merged weight belongs with the adapter merged into it; {how}")
-            return                                              # args[-1]: error_msgs
-        super()._load_from_state_dict(state_dict, prefix, *args)
-        if flag is None and has_base:
-            self.merged, self._unmerge_state = False, None
-
     def extra_repr(self) -> str:
         return (f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, rslora={self.rslora}, "
                 f"dropout={self.dropout_p}, merged={self.merged}")
