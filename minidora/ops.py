@@ -41,7 +41,8 @@ from . import nf4
 __all__ = [
     "nf4_linear", "nf4_dequantize", "extension_available", "cuda_available",
     "use", "choose", "set_backend", "get_backend", "set_default_backend", "use_backend",
-    "use_reference", "cpu_isa", "use_cpu_isa", "cuda_kernel", "cuda_linear_path",
+    "use_reference", "cpu_isa", "use_cpu_isa", "cpu_native_bf16", "cuda_kernel",
+    "cuda_linear_path",
 ]
 
 try:

@@ -551,11 +551,14 @@ sys.meta_path.insert(0, _Interrupt())
 '''
 
 
+@pytest.mark.parametrize("at", ["torch", "minidora.llm.cli"])
 @pytest.mark.parametrize("argv", [["verify", "minidora.nf4:quantize", "--kind", "nf4"],
                                   ["demo", "--quick"], ["finetune", "--help"]])
-def test_ctrl_c_while_the_subcommands_import_is_one_line_and_130(argv, tmp_path):
+def test_ctrl_c_while_the_subcommands_import_is_one_line_and_130(argv, at, tmp_path):
+    """At torch's import (the package itself imports nothing heavy: minidora/__init__.py loads
+    its names on first use) and at a subcommand's."""
     (tmp_path / "sitecustomize.py").write_text(SIGINT_AT_IMPORT)
-    env = {**os.environ, "PYTHONPATH": str(tmp_path), "SIGINT_AT_IMPORT": "minidora.llm.cli"}
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "SIGINT_AT_IMPORT": at}
     env.pop("MINIDORA_DEBUG", None)
     done = subprocess.run([sys.executable, "-m", "minidora", *argv], capture_output=True,
                           text=True, timeout=300, cwd=tmp_path, env=env)
