@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import time_limit
 from minidora import ops
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,7 +28,7 @@ def test_bench_nf4_runs_and_names_its_statistic(stat):
     out = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "bench_nf4.py"), "--shapes", "64x96",
          "--rows", "1,3", "--repeats", "1", "--skip-bnb", "--threads", "1", "--stat", stat],
-        capture_output=True, text=True, timeout=300, check=True).stdout
+        capture_output=True, text=True, timeout=time_limit(300), check=True).stdout
     assert f"milliseconds per call ({stat})" in out and f"ms ({stat})" in out
     other = {"median", "min"} - {stat}
     assert f"({other.pop()})" not in out

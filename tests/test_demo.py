@@ -23,6 +23,7 @@ import pytest
 import torch
 
 import minidora
+from helpers import time_limit
 from minidora.__main__ import main
 from minidora.demo import data, report, sweep
 from minidora.demo.memory import PeakTensorMemory
@@ -233,7 +234,8 @@ def test_entry_point_subprocess(tmp_path):
     cmd = [sys.executable, "-m", "minidora", "demo", "--quick", "--methods", "lora,qdora",
            "--sweep-methods", "qdora", "--sweep-ranks", "2,1", "--seeds", "1",
            "--out", str(tmp_path / "out")]
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path,
+                       timeout=time_limit(300))
     assert p.returncode == 0, p.stderr
     assert re.search(r"^lora\s", p.stdout, re.M) and re.search(r"^qdora\s", p.stdout, re.M)
     assert not re.search(r"^dora\s", p.stdout, re.M)
@@ -336,7 +338,7 @@ def test_unwritable_output_folder_subprocess(tmp_path):
     blocker.write_text("not a folder")
     env = {**os.environ, "MINIDORA_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "minidora", "demo", "--quick", "--out", str(blocker / "out")]
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=time_limit(120))
     assert p.returncode == 1
     assert len(p.stderr.strip().splitlines()) == 1 and "--out" in p.stderr, p.stderr
 

@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import minidora
+from helpers import time_limit
 from minidora.demo.model import GPTConfig
 from minidora.distributed import TrainConfig, builtin, join, leave, nf4_digest, train, unwrap
 
@@ -186,6 +187,7 @@ def launch(mode: str, out: Path, world: int = 2, timeout: float = GROUP_TIMEOUT)
     """``world`` processes of this script with torchrun's variables (no agent): [(exit status,
     stderr, seconds from the start to its exit)] by rank."""
     port, procs, t0 = free_port(), [], time.perf_counter()
+    timeout = time_limit(timeout)
     for rank in range(world):
         env = _env(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -210,7 +212,8 @@ def matrix(tmp_path_factory):
     out = tmp_path_factory.mktemp("matrix")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(HERE), "matrix", str(out)]
-    p = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=GROUP_TIMEOUT)
+    p = subprocess.run(cmd, env=_env(), capture_output=True, text=True,
+                       timeout=time_limit(GROUP_TIMEOUT))
     assert p.returncode == 0, p.stderr[-3000:]
     assert "SIGABRT" not in p.stderr and "destroy_process_group() was not called" not in p.stderr
     recs = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
@@ -503,9 +506,9 @@ def test_ctrl_c_train_subprocess(tmp_path):
                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         first = p.stdout.readline()
-        assert first.startswith("train: builtin qdora"), p.communicate(timeout=60)[1]
+        assert first.startswith("train: builtin qdora"), p.communicate(timeout=time_limit(60))[1]
         p.send_signal(signal.SIGINT)
-        _, err = p.communicate(timeout=60)
+        _, err = p.communicate(timeout=time_limit(60))
     finally:
         if p.poll() is None:
             p.kill()

@@ -20,6 +20,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import minidora
+from helpers import time_limit
 from minidora import nf4, ops
 from minidora.nf4_linear import NF4Linear
 
@@ -912,7 +913,8 @@ def test_minidora_cpu_isa_caps_the_levels_of_the_process(cap):
     code = ("from minidora import ops; print(ops._C.cpu_isa_best(), ops.cpu_isa(), "
             "ops.cpu_native_bf16())")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env=dict(os.environ, MINIDORA_CPU_ISA=cap), timeout=120, check=True)
+                          env=dict(os.environ, MINIDORA_CPU_ISA=cap),
+                          timeout=time_limit(120), check=True)
     if cap in levels:
         want = levels[min(levels.index(cap), levels.index(have))]
         assert done.stderr == ""

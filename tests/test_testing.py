@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import minidora
+from helpers import time_limit
 from minidora import nf4
 from minidora.__main__ import main
 from minidora.testing import (
@@ -441,8 +442,8 @@ def test_cli_usage_errors_exit_2_with_one_line(argv, message, capsys):
 
 def test_python_m_minidora_verify_usage_error_has_no_traceback():
     done = subprocess.run([sys.executable, "-m", "minidora", "verify", "no_such_module_xyz:f",
-                           "--kind", "lora"], capture_output=True, text=True, timeout=120,
-                          cwd=HERE.parents[1])
+                           "--kind", "lora"], capture_output=True, text=True,
+                          timeout=time_limit(120), cwd=HERE.parents[1])
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.startswith("minidora verify: error: cannot import 'no_such_module_xyz'")
 
@@ -561,7 +562,7 @@ def test_ctrl_c_while_the_subcommands_import_is_one_line_and_130(argv, at, tmp_p
     env = {**os.environ, "PYTHONPATH": str(tmp_path), "SIGINT_AT_IMPORT": at}
     env.pop("MINIDORA_DEBUG", None)
     done = subprocess.run([sys.executable, "-m", "minidora", *argv], capture_output=True,
-                          text=True, timeout=300, cwd=tmp_path, env=env)
+                          text=True, timeout=time_limit(300), cwd=tmp_path, env=env)
     assert done.returncode == 130, done.stderr
     assert done.stderr == f"minidora {argv[0]}: interrupted\n"
 
