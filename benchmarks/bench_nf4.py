@@ -7,6 +7,7 @@ load may change. Run:
     python benchmarks/bench_nf4.py            # the sizes in docs/bench-nf4-cpu.md
     python benchmarks/bench_nf4.py --cold     # weights not in the cache, as in a model's decode
     python benchmarks/bench_nf4.py --quick    # small sizes, a few seconds
+    python benchmarks/bench_nf4.py --isa avx2 # force a kernel level (e.g. AVX2 on an AVX-512 CPU)
 
 Variants, for y = x @ W^T with W [out, in] and x [M, in]:
     reference   ops.nf4_linear(..., backend="reference"): F.linear(x, nf4.dequantize(q, x.dtype))
@@ -396,8 +397,15 @@ def main() -> None:
                         help="cpu: the process's CPU time, robust to other jobs with --threads 1")
     parser.add_argument("--stat", default="median", choices=["median", "min"],
                         help="statistic over the repeats (min: least disturbed by other jobs)")
+    parser.add_argument("--isa", default="auto",
+                        choices=["auto", "scalar", "avx2", "avx512", "avx512bf16"],
+                        help="force the compiled kernels' ISA level (one this CPU has)")
     args = parser.parse_args()
     ops._require_extension()
+    try:
+        ops.choose(cpu_isa=args.isa)  # the compiled ops run on the calling (main) thread's level
+    except ValueError as e:
+        raise SystemExit(f"--isa {args.isa}: {e}") from None
     global STAT
     STAT = min if args.stat == "min" else statistics.median
     if args.threads:

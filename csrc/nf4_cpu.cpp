@@ -10,10 +10,13 @@
 //                              more rows, or float64: linear_tiled (decoded tiles of W, BLAS)
 //   nf4_linear_grad_input_cpu  M <= kMaxFusedRows: grad_fused
 //                                avx512, K % 32 == 0                   avx512::grad_chunks
+//                                avx2, K % 8 == 0                      avx2::grad_columns
 //                                otherwise                             grad_scalar
 //                              more rows, or float64: grad_tiled (decoded tiles of W, BLAS)
 //   decode_span                the decode of one thread at the chosen level:
 //                                avx512::decode_span, avx2::decode_span or decode_span_scalar
+//   decode_rounded             the same, into float32 values rounded through T (the tiles of a
+//                              16-bit dtype the level's BLAS does not multiply natively)
 //
 // The vector kernels are in csrc/nf4_cpu_avx2.cpp and csrc/nf4_cpu_avx512.cpp (contracts in
 // csrc/nf4_cpu.h); which levels the CPU has, and which one each thread asked for
@@ -34,6 +37,13 @@
 //     decoding costs little next to the matmul and no full dense copy of W is allocated.
 // In both, W is first rounded to the activation dtype (as the reference does) and products are
 // accumulated in float32 (float64 for float64 activations).
+//
+// bfloat16 and float16 activations where the CPU has no arithmetic of that dtype (native_blas:
+// bfloat16 only at the avx512bf16 level, float16 at none): BLAS would emulate the 16-bit matmul,
+// 8x slower than float32 on an AVX2 CPU and far worse for float16. The many-rows regime then
+// decodes tiles into float32 values rounded through the dtype (decode_rounded), converts x to
+// float32 once, multiplies in float32 and rounds the result once: a bfloat16 matmul with float32
+// accumulation, exactly what the few-rows kernels compute and within the reference's tolerance.
 #include "nf4_cpu.h"
 
 #include <ATen/Parallel.h>
@@ -75,6 +85,12 @@ template <typename T> void forward_rows_scalar(const NF4View& w, const float* xf
       }
     }
   });
+}
+
+// out[i] = float(T(value(e0 + i))) for i < n.
+template <typename T>
+void decode_rounded_scalar(const NF4View& w, int64_t e0, int64_t n, float* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = round_through<T>(w.value(e0 + i));
 }
 
 // gx[m, k] = sum_o gy[m, o] * T(W[o, k]), float32 accumulation. gy: [M, N], gx: [M, K] zeroed.
@@ -133,6 +149,31 @@ template <typename T> void decode_span(Isa isa, const NF4View& w, int64_t e0, in
   decode_span_scalar<T>(w, e0, n, out);
 }
 
+template <typename T>
+void decode_rounded(Isa isa, const NF4View& w, int64_t e0, int64_t n, float* out) {
+#if MINIDORA_X86
+  if (isa >= Isa::kAvx512) return avx512::decode_rounded<T>(w, e0, n, out);
+  if (isa >= Isa::kAvx2) return avx2::decode_rounded<T>(w, e0, n, out);
+#endif
+  decode_rounded_scalar<T>(w, e0, n, out);
+}
+
+// Whether the BLAS behind at::mm multiplies T natively at this level (see the top of the file).
+template <typename T> bool native_blas(Isa isa) {
+  if constexpr (std::is_same<T, c10::BFloat16>::value) return isa >= Isa::kAvx512Bf16;
+  return !std::is_same<T, c10::Half>::value;
+}
+
+// Tiles for a BLAS on S: S == T, the weights in T; S == float (T 16-bit), rounded through T.
+template <typename S, typename T>
+void decode_tile(Isa isa, const NF4View& w, int64_t e0, int64_t n, S* out) {
+  if constexpr (std::is_same<S, T>::value) {
+    decode_span<T>(isa, w, e0, n, out);
+  } else {
+    decode_rounded<T>(isa, w, e0, n, out);
+  }
+}
+
 // Decodes elements [e0, e0 + n) into out, in parallel over 32-element chunks.
 template <typename T>
 void decode_parallel(Isa isa, const NF4View& w, int64_t e0, int64_t n, T* out) {
@@ -173,9 +214,10 @@ template <typename T> void forward_fused(Isa isa, const NF4View& w, const T* x, 
     });
   }
   if (isa >= Isa::kAvx2 && K % avx2::kChunk == 0) {
-    const std::vector<float> xf = to_float(x, M * K);
+    std::vector<float> xs(M * K);
+    avx2::stage_activations<T>(x, M, K, xs.data());
     return at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-      avx2::forward_rows<T>(w, xf.data(), M, N, K, n0, n1, yf);
+      avx2::forward_rows<T>(w, xs.data(), M, N, K, n0, n1, yf);
     });
   }
 #endif
@@ -210,6 +252,12 @@ at::Tensor grad_fused(Isa isa, const NF4View& w, const at::Tensor& gy2d, int64_t
   if (isa >= Isa::kAvx512 && K % avx512::kChunk == 0) {
     at::parallel_for(0, K / avx512::kChunk, 4, [&](int64_t c0, int64_t c1) {
       avx512::grad_chunks<T>(w, gf.data(), M, N, K, c0, c1, gx.data());
+    });
+    done = true;
+  } else if (isa >= Isa::kAvx2 && K % avx2::kChunk == 0) {
+    const int64_t unit = K % 32 == 0 ? 32 : avx2::kChunk;  // columns per step of the kernel
+    at::parallel_for(0, K / unit, 128 / unit, [&](int64_t c0, int64_t c1) {
+      avx2::grad_columns<T>(w, gf.data(), M, N, K, c0 * unit, c1 * unit, gx.data());
     });
     done = true;
   }
@@ -247,12 +295,13 @@ int64_t tile_lines(int64_t total, int64_t bytes_per_line, int64_t multiple) {
 // one tile (one decode in parallel, then one multi-threaded BLAS call), decoding into the buffer
 // that the previous product had just read was at times several times slower: each store first
 // had to take its line back from the other core's cache (docs/bench-nf4-cpu.md).
-template <typename T> at::Tensor linear_tiled(Isa isa, const NF4View& w, const at::Tensor& x2d,
-                                              const c10::optional<at::Tensor>& bias, int64_t N,
-                                              int64_t K) {
+// S: the dtype of the tiles and of x2d, T: the activation dtype the weights are rounded through.
+template <typename S, typename T>
+at::Tensor linear_tiled_on(Isa isa, const NF4View& w, const at::Tensor& x2d,
+                           const c10::optional<at::Tensor>& bias, int64_t N, int64_t K) {
   const int64_t M = x2d.size(0);
   at::Tensor y = at::empty({M, N}, x2d.options());
-  const int64_t rows = tile_lines(N, K * sizeof(T), 16);
+  const int64_t rows = tile_lines(N, K * sizeof(S), 16);
   const at::ThreadLocalState
       state;  // the caller's dispatch state, for the BLAS calls of every thread
   at::parallel_for(0, (N + rows - 1) / rows, 1, [&](int64_t t0, int64_t t1) {
@@ -260,7 +309,7 @@ template <typename T> at::Tensor linear_tiled(Isa isa, const NF4View& w, const a
     at::Tensor buffer = workspace(rows * K, x2d.options());
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n0 = t * rows, nt = std::min(rows, N - n0);
-      decode_span<T>(isa, w, n0 * K, nt * K, buffer.data_ptr<T>());
+      decode_tile<S, T>(isa, w, n0 * K, nt * K, buffer.data_ptr<S>());
       const at::Tensor tile = buffer.narrow(0, 0, nt * K).view({nt, K});  // W[n0:n0+nt, :]
       at::Tensor out = y.narrow(1, n0, nt);
       if (bias.has_value()) {
@@ -271,6 +320,19 @@ template <typename T> at::Tensor linear_tiled(Isa isa, const NF4View& w, const a
     }
   });
   return y;
+}
+
+template <typename T> at::Tensor linear_tiled(Isa isa, const NF4View& w, const at::Tensor& x2d,
+                                              const c10::optional<at::Tensor>& bias, int64_t N,
+                                              int64_t K) {
+  if constexpr (sizeof(T) == 2) {
+    if (!native_blas<T>(isa)) {  // float32 BLAS, one rounding of y to T at the end
+      const c10::optional<at::Tensor> b32 =
+          bias.has_value() ? c10::optional<at::Tensor>(bias->to(at::kFloat)) : c10::nullopt;
+      return linear_tiled_on<float, T>(isa, w, x2d.to(at::kFloat), b32, N, K).to(x2d.scalar_type());
+    }
+  }
+  return linear_tiled_on<T, T>(isa, w, x2d, bias, N, K);
 }
 
 // Asks for the packed bytes and the scale codes of elements [e, e + n) to be brought into the
@@ -289,16 +351,17 @@ inline void prefetch_span(const NF4View& w, int64_t e, int64_t n) {
 constexpr int64_t kRowsAhead = 4;
 
 // Many rows, gx = gy @ W, with each thread owning its tiles as in linear_tiled.
-// 16-bit dtypes: column tiles W[:, k0:k0+kt], gx[:, k0:k0+kt] = gy @ tile, so that every element of
-// gx is one complete sum accumulated in float32 by BLAS (no partial sums rounded to 16 bits).
-// float32 / float64: row tiles W[n0:n0+nt, :], which read W in order; each thread adds
+// 16-bit tiles (S): column tiles W[:, k0:k0+kt], gx[:, k0:k0+kt] = gy @ tile, so that every element
+// of gx is one complete sum accumulated in float32 by BLAS (no partial sums rounded to 16 bits).
+// float32 / float64 tiles: row tiles W[n0:n0+nt, :], which read W in order; each thread adds
 // gy[:, n0:n0+nt] @ tile into its own float32/float64 sum, and the sums are added at the end.
-template <typename T>
-at::Tensor grad_tiled(Isa isa, const NF4View& w, const at::Tensor& gy2d, int64_t N, int64_t K) {
+// S and T as in linear_tiled_on.
+template <typename S, typename T>
+at::Tensor grad_tiled_on(Isa isa, const NF4View& w, const at::Tensor& gy2d, int64_t N, int64_t K) {
   const int64_t M = gy2d.size(0);
   at::Tensor gx = at::empty({M, K}, gy2d.options());
   const at::ThreadLocalState state;  // as in linear_tiled
-  if constexpr (sizeof(T) == 2) {
+  if constexpr (sizeof(S) == 2) {
     const int64_t cols = tile_lines(K, N * sizeof(T), 128);  // whole 64-byte lines of each row
     at::parallel_for(0, (K + cols - 1) / cols, 1, [&](int64_t t0, int64_t t1) {
       const at::ThreadLocalStateGuard guard(state);
@@ -316,7 +379,7 @@ at::Tensor grad_tiled(Isa isa, const NF4View& w, const at::Tensor& gy2d, int64_t
       }
     });
   } else {
-    const int64_t rows = tile_lines(N, K * sizeof(T), 16);
+    const int64_t rows = tile_lines(N, K * sizeof(S), 16);
     std::vector<at::Tensor> sums(at::get_num_threads());  // one per thread that had tiles
     at::parallel_for(0, (N + rows - 1) / rows, 1, [&](int64_t t0, int64_t t1) {
       const at::ThreadLocalStateGuard guard(state);
@@ -324,7 +387,7 @@ at::Tensor grad_tiled(Isa isa, const NF4View& w, const at::Tensor& gy2d, int64_t
       at::Tensor sum = t0 == 0 ? gx : at::empty({M, K}, gy2d.options());
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t n0 = t * rows, nt = std::min(rows, N - n0);
-        decode_span<T>(isa, w, n0 * K, nt * K, buffer.data_ptr<T>());
+        decode_tile<S, T>(isa, w, n0 * K, nt * K, buffer.data_ptr<S>());
         const at::Tensor tile = buffer.narrow(0, 0, nt * K).view({nt, K});  // W[n0:n0+nt, :]
         if (t == t0) {
           at::mm_out(sum, gy2d.narrow(1, n0, nt), tile);
@@ -338,6 +401,15 @@ at::Tensor grad_tiled(Isa isa, const NF4View& w, const at::Tensor& gy2d, int64_t
       if (s.defined()) gx.add_(s);
   }
   return gx;
+}
+
+template <typename T>
+at::Tensor grad_tiled(Isa isa, const NF4View& w, const at::Tensor& gy2d, int64_t N, int64_t K) {
+  if constexpr (sizeof(T) == 2) {
+    if (!native_blas<T>(isa))  // float32 BLAS, one rounding of gx to T at the end
+      return grad_tiled_on<float, T>(isa, w, gy2d.to(at::kFloat), N, K).to(gy2d.scalar_type());
+  }
+  return grad_tiled_on<T, T>(isa, w, gy2d, N, K);
 }
 
 // ---- the ops -----------------------------------------------------------------------------------

@@ -99,6 +99,13 @@ template <typename T> inline float round_through(float v) {
   return static_cast<float>(static_cast<T>(v));
 }
 
+// The same, with the dtype named by its Rounding.
+template <Rounding R> inline float round_to(float v) {
+  if constexpr (R == Rounding::kBFloat16) return round_through<c10::BFloat16>(v);
+  if constexpr (R == Rounding::kFloat16) return round_through<c10::Half>(v);
+  return v;
+}
+
 // float32 bit patterns rounded to bfloat16, nearest even (as c10::BFloat16 for every finite value):
 // the bfloat16 bits are the high 16 bits of the result, the low 16 bits are left to the caller
 // (shift them out for a bfloat16, mask them off for the float32 value). U is uint32_t or a GCC
@@ -141,26 +148,37 @@ template <int MT, typename Tile> inline void for_each_m_tile(int64_t M, Tile&& t
 
 // ---- the kernels of each ISA level --------------------------------------------------------------
 // Shared contracts (T: float, double, c10::BFloat16 or c10::Half; indices into NF4View as above):
-//   decode_span:  out[i] = T(value(e0 + i)) for i < n, bit-exact with the reference.
-//   forward_rows: y[m, o] = sum_k x[m, k] * T(W[o, k]) in float32, for the rows o in [n0, n1) of
-//                 W and every m < M; y is [M, N], row-major. x: [M, K] float32, row-major
-//                 (avx2) or in the order avx512::stage_activations wrote (avx512).
-//   grad_chunks:  gx[m, k] = sum_o gy[m, o] * T(W[o, k]) in float32, for the columns k of
-//                 32-column chunks [c0, c1) and every m < M; gy: [M, N], gx: [M, K] float32.
+//   decode_span:       out[i] = T(value(e0 + i)) for i < n, bit-exact with the reference.
+//   decode_rounded:    out[i] = float(T(value(e0 + i))): the weights as T holds them, in float32
+//                      (for a float32 BLAS where T has no native arithmetic), bit-exact.
+//   stage_activations: x [M, K] of T -> float32 in the order the level's forward_rows reads.
+//   forward_rows:      y[m, o] = sum_k x[m, k] * T(W[o, k]) in float32, for the rows o in
+//                      [n0, n1) of W and every m < M; y is [M, N], row-major; x: [M, K] float32
+//                      as stage_activations of the same level wrote it.
+//   grad_chunks:       gx[m, k] = sum_o gy[m, o] * T(W[o, k]) in float32, for the columns k of
+//   (grad_columns)     32-column chunks [c0, c1) (avx2: columns [k0, k1), multiples of 8) and
+//                      every m < M; gy: [M, N], gx: [M, K] float32.
 
 #if MINIDORA_X86
 namespace avx2 {
-constexpr int64_t kChunk = 8;  // forward_rows needs K % kChunk == 0
+constexpr int64_t kChunk = 8;  // forward_rows and grad_columns need K % kChunk == 0
 template <typename T>
 MD_TARGET_AVX2 void decode_span(const NF4View& w, int64_t e0, int64_t n, T* out);
+template <typename T>
+MD_TARGET_AVX2 void decode_rounded(const NF4View& w, int64_t e0, int64_t n, float* out);
+template <typename T> void stage_activations(const T* x, int64_t M, int64_t K, float* out);
 template <typename T> void forward_rows(const NF4View& w, const float* x, int64_t M, int64_t N,
                                         int64_t K, int64_t n0, int64_t n1, float* y);
+template <typename T> void grad_columns(const NF4View& w, const float* gy, int64_t M, int64_t N,
+                                        int64_t K, int64_t k0, int64_t k1, float* gx);
 }  // namespace avx2
 
 namespace avx512 {
 constexpr int64_t kChunk = 32;  // forward_rows, grad_chunks and forward_rows_bf16 need K % 32 == 0
 template <typename T>
 MD_TARGET_AVX512 void decode_span(const NF4View& w, int64_t e0, int64_t n, T* out);
+template <typename T>
+MD_TARGET_AVX512 void decode_rounded(const NF4View& w, int64_t e0, int64_t n, float* out);
 // x [M, K] of T -> float32 in the order forward_rows reads (each 32-chunk permuted, see there).
 template <typename T> void stage_activations(const T* x, int64_t M, int64_t K, float* out);
 template <typename T> void forward_rows(const NF4View& w, const float* x, int64_t M, int64_t N,

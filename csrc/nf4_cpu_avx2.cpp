@@ -1,9 +1,15 @@
-// AVX2 kernels of the NF4 ops (CPUs without AVX-512): the decode and the few-rows forward.
-// Contracts: csrc/nf4_cpu.h; the scalar specification they must equal: csrc/nf4_cpu.cpp.
+// AVX2 kernels of the NF4 ops (CPUs without AVX-512): the decode, the few-rows forward and input
+// gradient. Contracts: csrc/nf4_cpu.h; the scalar specification they must equal: csrc/nf4_cpu.cpp.
 //
-// A block's 16 values codebook[c] * scale sit in two 8-lane registers; 8 codes are looked up with
-// two 8-entry permutes and a blend on bit 3 of the code. Without AVX-512 the few-rows input
-// gradient runs on the scalar loop.
+// A block's 16 values codebook[c] * scale (rounded through the activation dtype) sit in two 8-lane
+// registers; codes are looked up with two 8-entry permutes (vpermps reads the low 3 bits of an
+// index) and a blend on bit 3 of the code. The decode into memory takes 8 codes at a time in
+// natural order (codes8, lookup16). The fused kernels take 32 at a time when K % 32 == 0
+// (lookup32): vpmovzxbd widens 8 packed bytes to 8 lanes, which index the low nibbles as they are
+// and the high nibbles after one shift, with no other shuffle; each group of 16 weights then comes
+// out as its even elements, then its odd ones (kFusedOrder), the order in which the activations
+// are staged once per call (stage_activations) and the input gradient is accumulated. Per 8
+// weights: 2 vpermps, 0.5 vpmovzxbd, 1 blend, 1.5 shifts and the FMA with x.
 // GCC's own intrinsic headers trip -Wmaybe-uninitialized (their _mm256_undefined_* helpers).
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 // round_bf16_bits (csrc/nf4_cpu.h) is inlined into the vector kernels; GCC warns that a vector
@@ -22,6 +28,10 @@ namespace avx2 {
 namespace {
 
 typedef uint32_t u32x8 __attribute__((vector_size(32)));
+
+// The order of the weights of each 16-element group in the registers lookup32 fills: the even
+// elements (high nibbles), then the odd ones.
+constexpr int kFusedOrder[16] = {0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15};
 
 // The 8 codes of elements e..e+7 (e % 8 == 0: 4 whole bytes), each in the low 4 bits of a lane,
 // natural order: element i is bits 8*(i/2) + 4*(1 - i%2) of the little-endian word.
@@ -83,52 +93,147 @@ template <typename T> MD_TARGET_AVX2 inline void store8(__m256 v, T* out) {
   }
 }
 
+// 32 elements (16 bytes at p, inside one block): vpmovzxbd puts 8 bytes in 8 lanes; vpermps reads
+// the low 3 bits of each lane (the low nibble, or the high one after a shift) and a blend on bit 3
+// of the nibble picks the table half. f[2g] holds elements 16g + 2i (the high nibbles), f[2g + 1]
+// elements 16g + 2i + 1 (kFusedOrder).
+MD_TARGET_AVX2 __attribute__((always_inline)) inline void lookup32(const uint8_t* p, __m256 lo,
+                                                                   __m256 hi, __m256 (&f)[4]) {
+  for (int g = 0; g < 2; ++g) {
+    const __m256i idx =
+        _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8 * g)));
+    const __m256i high = _mm256_srli_epi32(idx, 4);
+    f[2 * g] =
+        _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo, high), _mm256_permutevar8x32_ps(hi, high),
+                         _mm256_castsi256_ps(_mm256_slli_epi32(idx, 24)));
+    f[2 * g + 1] =
+        _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo, idx), _mm256_permutevar8x32_ps(hi, idx),
+                         _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+  }
+}
+
 MD_TARGET_AVX2 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_hadd_ps(s, s);
   return _mm_cvtss_f32(_mm_hadd_ps(s, s));
 }
 
-// Fused forward, MR rows of x (float32, natural layout) times NR rows of W; K % 8 == 0.
-template <int MR, int NR, Rounding R>
-MD_TARGET_AVX2 void forward_block(const NF4View& w, const float* xf, int64_t K, int64_t o0,
-                                  float* y, int64_t N) {
-  __m256 acc[MR][NR], lo[NR], hi[NR];
-  int64_t current[NR];
-  for (int r = 0; r < NR; ++r) {
-    current[r] = -1;
-    lo[r] = hi[r] = _mm256_setzero_ps();
-    for (int m = 0; m < MR; ++m) acc[m][r] = _mm256_setzero_ps();
+// STEP elements of one row of W from byte p, inside one block: 32 in kFusedOrder (lookup32), or 8
+// in natural order.
+template <int STEP>
+MD_TARGET_AVX2 __attribute__((always_inline)) inline void lookup_step(const uint8_t* p, __m256 lo,
+                                                                      __m256 hi,
+                                                                      __m256 (&f)[STEP / 8]) {
+  if constexpr (STEP == 32) {
+    lookup32(p, lo, hi, f);
+  } else {
+    f[0] = lookup16(codes8(p), lo, hi);
   }
-  const uint8_t* group = w.packed + ((o0 * K) >> 1);
-  for (int64_t k = 0; k < K; k += 8) {
-    __m256 wv[NR];
-    if ((k & 127) == 0) prefetch_next_group<NR>(group, K, k);
-    for (int r = 0; r < NR; ++r) {
-      const int64_t e = (o0 + r) * K + k;
-      const int64_t block = e >> w.shift;
-      if (block != current[r]) {
-        current[r] = block;
-        block_table<R>(w.scale(block), lo[r], hi[r]);
-      }
-      wv[r] = lookup16(codes8(w.packed + (e >> 1)), lo[r], hi[r]);
-    }
-    for (int m = 0; m < MR; ++m) {
-      const __m256 xv = _mm256_loadu_ps(xf + m * K + k);
-      for (int r = 0; r < NR; ++r) acc[m][r] = _mm256_fmadd_ps(xv, wv[r], acc[m][r]);
-    }
-  }
-  for (int m = 0; m < MR; ++m)
-    for (int r = 0; r < NR; ++r) y[m * N + o0 + r] = hsum(acc[m][r]);
 }
 
-}  // namespace
+// Fused forward: MR rows of x (float32, staged by stage_activations) times row o of W, in steps of
+// STEP elements (32 when K % 32 == 0, so that a step never leaves its block, else 8). NA
+// accumulators per row of x, so that consecutive FMAs do not wait for each other.
+template <int MR, int STEP, Rounding R>
+MD_TARGET_AVX2 void forward_row(const NF4View& w, const float* xs, int64_t K, int64_t o, float* y,
+                                int64_t N) {
+  constexpr int NQ = STEP / 8;
+  constexpr int NA = std::min(NQ, MR == 1 ? 4 : 2);
+  __m256 acc[MR][NA];
+  for (int m = 0; m < MR; ++m)
+    for (int a = 0; a < NA; ++a) acc[m][a] = _mm256_setzero_ps();
+  const int64_t e0 = o * K;
+  const uint8_t* row = w.packed + (e0 >> 1);
+  int64_t current = -1;
+  __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; k += STEP) {
+    if ((k & 127) == 0) prefetch_next_group<1>(row, K, k);
+    const int64_t block = (e0 + k) >> w.shift;
+    if (block != current) {
+      current = block;
+      block_table<R>(w.scale(block), lo, hi);
+    }
+    __m256 f[NQ];
+    lookup_step<STEP>(row + (k >> 1), lo, hi, f);
+    for (int m = 0; m < MR; ++m)
+      for (int q = 0; q < NQ; ++q)
+        acc[m][q % NA] =
+            _mm256_fmadd_ps(_mm256_loadu_ps(xs + m * K + k + 8 * q), f[q], acc[m][q % NA]);
+  }
+  for (int m = 0; m < MR; ++m) {
+    for (int a = 1; a < NA; ++a) acc[m][0] = _mm256_add_ps(acc[m][0], acc[m][a]);
+    y[m * N + o] = hsum(acc[m][0]);
+  }
+}
 
-template <typename T>
-MD_TARGET_AVX2 void decode_span(const NF4View& w, int64_t e0, int64_t n, T* out) {
+// Rows [n0, n1) of W, each times every row of x in tiles of up to 4 rows (the row's packed bytes
+// stay in L1 while the tiles read them).
+template <int STEP, Rounding R> void forward_rows_step(const NF4View& w, const float* xs, int64_t M,
+                                                       int64_t N, int64_t K, int64_t n0, int64_t n1,
+                                                       float* y) {
+  for (int64_t o = n0; o < n1; ++o)
+    for_each_m_tile<4>(M, [&]<int MR>(int64_t m0) {
+      forward_row<MR, STEP, R>(w, xs + m0 * K, K, o, y + m0 * N, N);
+    });
+}
+
+// Fused input gradient: MR rows of gy times W[:, k0:k0 + STEP], summed over all N rows of W with
+// the accumulators in registers (STEP as in forward_row), then stored in natural order.
+template <int MR, int STEP, Rounding R>
+MD_TARGET_AVX2 void grad_step(const NF4View& w, const float* gy, int64_t N, int64_t K, int64_t k0,
+                              float* gx) {
+  constexpr int NQ = STEP / 8;
+  __m256 acc[MR][NQ];
+  for (int m = 0; m < MR; ++m)
+    for (int q = 0; q < NQ; ++q) acc[m][q] = _mm256_setzero_ps();
+  int64_t current = -1;
+  __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();
+  for (int64_t o = 0; o < N; ++o) {
+    const int64_t e = o * K + k0;
+    const int64_t block = e >> w.shift;
+    if (block != current) {
+      current = block;
+      block_table<R>(w.scale(block), lo, hi);
+    }
+    __m256 f[NQ];
+    lookup_step<STEP>(w.packed + (e >> 1), lo, hi, f);
+    for (int m = 0; m < MR; ++m) {
+      const __m256 g = _mm256_set1_ps(gy[m * N + o]);
+      for (int q = 0; q < NQ; ++q) acc[m][q] = _mm256_fmadd_ps(g, f[q], acc[m][q]);
+    }
+  }
+  for (int m = 0; m < MR; ++m) {
+    float* out = gx + m * K + k0;
+    if constexpr (STEP == 32) {  // interleave the even and odd elements of each 16-group again
+      for (int g = 0; g < 2; ++g) {
+        const __m256 a = _mm256_unpacklo_ps(acc[m][2 * g], acc[m][2 * g + 1]);  // 0-3 | 8-11
+        const __m256 b = _mm256_unpackhi_ps(acc[m][2 * g], acc[m][2 * g + 1]);  // 4-7 | 12-15
+        _mm256_storeu_ps(out + 16 * g, _mm256_permute2f128_ps(a, b, 0x20));
+        _mm256_storeu_ps(out + 16 * g + 8, _mm256_permute2f128_ps(a, b, 0x31));
+      }
+    } else {
+      _mm256_storeu_ps(out, acc[m][0]);
+    }
+  }
+}
+
+// Columns [k0, k1) in steps of STEP, for every row of gy in tiles of up to 2 rows.
+template <int STEP, Rounding R> void grad_columns_step(const NF4View& w, const float* gy, int64_t M,
+                                                       int64_t N, int64_t K, int64_t k0, int64_t k1,
+                                                       float* gx) {
+  for (int64_t k = k0; k < k1; k += STEP)
+    for_each_m_tile<2>(M, [&]<int MR>(int64_t m0) {
+      grad_step<MR, STEP, R>(w, gy + m0 * N, N, K, k, gx + m0 * K);
+    });
+}
+
+// The decode into memory: out[i] = T(value(e0 + i)) with the table rounded through R first
+// (R = float32: the plain decode; T = float: decode_rounded).
+template <typename T, Rounding R>
+MD_TARGET_AVX2 void decode_impl(const NF4View& w, int64_t e0, int64_t n, T* out) {
   int64_t i = 0;
   const int64_t head = std::min<int64_t>(n, (8 - (e0 & 7)) & 7);
-  for (; i < head; ++i) out[i] = static_cast<T>(w.value(e0 + i));
+  for (; i < head; ++i) out[i] = static_cast<T>(round_to<R>(w.value(e0 + i)));
   int64_t current = -1;
   __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();
   for (; i + 8 <= n; i += 8) {  // 8 elements from a multiple of 8: inside one block
@@ -136,30 +241,56 @@ MD_TARGET_AVX2 void decode_span(const NF4View& w, int64_t e0, int64_t n, T* out)
     const int64_t block = e >> w.shift;
     if (block != current) {
       current = block;
-      block_table<Rounding::kFloat32>(w.scale(block), lo, hi);
+      block_table<R>(w.scale(block), lo, hi);
     }
     store8<T>(lookup16(codes8(w.packed + (e >> 1)), lo, hi), out + i);
   }
-  for (; i < n; ++i) out[i] = static_cast<T>(w.value(e0 + i));
+  for (; i < n; ++i) out[i] = static_cast<T>(round_to<R>(w.value(e0 + i)));
 }
 
-// Tiles of two rows of x times two rows of W; a last single row of x takes four rows of W.
+}  // namespace
+
+// ---- the entry points (csrc/nf4_cpu.h) ----------------------------------------------------------
+
+template <typename T>
+MD_TARGET_AVX2 void decode_span(const NF4View& w, int64_t e0, int64_t n, T* out) {
+  decode_impl<T, Rounding::kFloat32>(w, e0, n, out);
+}
+
+template <typename T>
+MD_TARGET_AVX2 void decode_rounded(const NF4View& w, int64_t e0, int64_t n, float* out) {
+  decode_impl<float, rounding_of<T>()>(w, e0, n, out);
+}
+
+// K % 32 == 0: each 16-group in kFusedOrder (lookup32); else natural order (lookup16).
+template <typename T> void stage_activations(const T* x, int64_t M, int64_t K, float* out) {
+  if (K % 32 != 0) {
+    for (int64_t i = 0; i < M * K; ++i) out[i] = static_cast<float>(x[i]);
+    return;
+  }
+  for (int64_t i = 0; i < M * K; i += 16)
+    for (int j = 0; j < 16; ++j) out[i + j] = static_cast<float>(x[i + kFusedOrder[j]]);
+}
+
 template <typename T> void forward_rows(const NF4View& w, const float* x, int64_t M, int64_t N,
                                         int64_t K, int64_t n0, int64_t n1, float* y) {
-  constexpr Rounding R = rounding_of<T>();
-  for_each_m_tile<2>(M, [&]<int MR>(int64_t m0) {
-    const float* xm = x + m0 * K;
-    float* ym = y + m0 * N;
-    constexpr int NR = MR == 1 ? 4 : 2;
-    int64_t o = n0;
-    for (; o + NR <= n1; o += NR) forward_block<MR, NR, R>(w, xm, K, o, ym, N);
-    for (; o < n1; ++o) forward_block<MR, 1, R>(w, xm, K, o, ym, N);
-  });
+  if (K % 32 == 0) return forward_rows_step<32, rounding_of<T>()>(w, x, M, N, K, n0, n1, y);
+  forward_rows_step<8, rounding_of<T>()>(w, x, M, N, K, n0, n1, y);
+}
+
+template <typename T> void grad_columns(const NF4View& w, const float* gy, int64_t M, int64_t N,
+                                        int64_t K, int64_t k0, int64_t k1, float* gx) {
+  if (K % 32 == 0) return grad_columns_step<32, rounding_of<T>()>(w, gy, M, N, K, k0, k1, gx);
+  grad_columns_step<8, rounding_of<T>()>(w, gy, M, N, K, k0, k1, gx);
 }
 
 #define MD_INSTANTIATE(T)                                                                         \
   template void decode_span<T>(const NF4View&, int64_t, int64_t, T*);                             \
+  template void decode_rounded<T>(const NF4View&, int64_t, int64_t, float*);                      \
+  template void stage_activations<T>(const T*, int64_t, int64_t, float*);                         \
   template void forward_rows<T>(const NF4View&, const float*, int64_t, int64_t, int64_t, int64_t, \
+                                int64_t, float*);                                                 \
+  template void grad_columns<T>(const NF4View&, const float*, int64_t, int64_t, int64_t, int64_t, \
                                 int64_t, float*);
 MD_INSTANTIATE(float)
 MD_INSTANTIATE(double)

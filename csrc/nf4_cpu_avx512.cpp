@@ -482,6 +482,27 @@ MD_TARGET_AVX512 void decode_span(const NF4View& w, int64_t e0, int64_t n, T* ou
   for (; i < n; ++i) out[i] = static_cast<T>(w.value(e0 + i));
 }
 
+// decode_span<float> with each block's table rounded through T.
+template <typename T>
+MD_TARGET_AVX512 void decode_rounded(const NF4View& w, int64_t e0, int64_t n, float* out) {
+  constexpr Rounding R = rounding_of<T>();
+  int64_t i = 0;
+  const int64_t head = std::min<int64_t>(n, (32 - (e0 & 31)) & 31);
+  for (; i < head; ++i) out[i] = round_to<R>(w.value(e0 + i));
+  int64_t current = -1;
+  __m512 table = _mm512_setzero_ps();
+  for (; i + 32 <= n; i += 32) {
+    const int64_t e = e0 + i;
+    const int64_t block = e >> w.shift;
+    if (block != current) {
+      current = block;
+      table = rounded_table<R>(w.scale(block));
+    }
+    decode_chunk<float>(w.packed + (e >> 1), table, _mm512_setzero_si512(), out + i);
+  }
+  for (; i < n; ++i) out[i] = round_to<R>(w.value(e0 + i));
+}
+
 template <typename T> void stage_activations(const T* x, int64_t M, int64_t K, float* out) {
   for (int64_t m = 0; m < M; ++m) {
     const T* xm = x + m * K;
@@ -527,6 +548,7 @@ void forward_rows_bf16(const NF4View& w, const c10::BFloat16* x, int64_t M, int6
 
 #define MD_INSTANTIATE(T)                                                                         \
   template void decode_span<T>(const NF4View&, int64_t, int64_t, T*);                             \
+  template void decode_rounded<T>(const NF4View&, int64_t, int64_t, float*);                      \
   template void stage_activations<T>(const T*, int64_t, int64_t, float*);                         \
   template void forward_rows<T>(const NF4View&, const float*, int64_t, int64_t, int64_t, int64_t, \
                                 int64_t, float*);                                                 \

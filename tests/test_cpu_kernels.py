@@ -7,7 +7,10 @@ chunk (which sends the few-rows forward to a lower level's kernel), out_features
 multiple of the rows of W a kernel takes at once (8, 4, 2), M that is not a multiple of the tile
 height (the rows of x a kernel takes at once: 2 for AVX2, 4 for AVX-512, up to 8 for AVX512_BF16),
 and activations, gradients and weight tensors that are not contiguous. Every M of the few-rows
-regime (1..16) and the first of the many-rows one (17) is tried, with two checks each:
+regime (1..16) and the first of the many-rows one (17) is tried, with two checks each. M = 17 in
+bfloat16 below the avx512bf16 level, and in float16 at every level, takes the float32 tiles
+rounded through the dtype (decode_rounded); the AVX2 kernels take 32 weights a step when
+in_features % 32 == 0 and 8 otherwise.
 
 * one-hot rows of x (or of grad_y) make every result element a single product, so the kernel
   must return the dequantized weights bit for bit;
@@ -30,7 +33,8 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]  # float64 always takes 
 SHAPES = [
     (39, 96, 64),     # rows start inside a block (96 % 64), last block partial, out % 8 == 7
     (37, 97, 32),     # odd in_features: no vector forward kernel fits, every level runs scalar
-    (21, 136, 64),    # in % 8 == 0 but in % 32 != 0: the AVX2 forward at the AVX-512 levels
+    (21, 136, 64),    # in % 8 == 0 but in % 32 != 0: the AVX2 forward at the AVX-512 levels,
+                      # 8-weight steps of the AVX2 kernels
     (35, 320, 64),    # rows on block boundaries: scales decoded 64 blocks at a time; K % 64 == 0
                       # and blocksize >= 64: the bfloat16 kernel's 64-element steps
     (19, 192, 128),   # the same steps in rows that start inside a block
