@@ -3,6 +3,7 @@ gradcheck of a layer's adapter parameters, the skip of tutorial 7 without the [l
 time limits that scale with how slow the machine is now. Golden files come from
 minidora.testing.golden."""
 
+import contextlib
 import importlib.util
 import os
 import statistics
@@ -128,3 +129,21 @@ def time_limit(quiet_s: float) -> float:
     """A time limit for work that takes a fraction of ``quiet_s`` on a quiet machine, scaled by
     :func:`slowdown`: a limit catches a hang, never a busy machine."""
     return quiet_s * slowdown()
+
+
+CPU_LEVELS = ["scalar", "avx2", "avx512", "avx512bf16"]     # each includes the ones before
+
+
+@contextlib.contextmanager
+def forced_isa(isa):
+    """The CPU kernel level ``isa`` for this thread; a skip, saying why, where this CPU (or
+    MINIDORA_CPU_ISA) lacks it."""
+    from minidora import ops
+
+    if not ops.extension_available():
+        pytest.skip("forcing a CPU kernel level needs the compiled extension minidora._C")
+    best = ops._C.cpu_isa_best()
+    if CPU_LEVELS.index(isa) > CPU_LEVELS.index(best):
+        pytest.skip(f"this CPU lacks the kernel level {isa} (its best is {best})")
+    with ops.use_cpu_isa(isa):
+        yield

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 import minidora
-from helpers import time_limit
+from helpers import forced_isa, time_limit
 from minidora.__main__ import main
 from minidora.demo import data, report, sweep
 from minidora.demo.memory import PeakTensorMemory
@@ -588,19 +588,6 @@ def test_sweep_summary_and_table():
 
 # --- the compute dtype line and the progress lines ----------------------------------------------
 
-LEVELS = ["scalar", "avx2", "avx512", "avx512bf16"]       # each includes the ones before
-
-
-@contextlib.contextmanager
-def forced(isa):
-    """The CPU kernel level ``isa`` for this thread; a skip where this CPU lacks it."""
-    if not minidora.ops.extension_available():
-        pytest.skip("forcing a CPU kernel level needs the compiled extension minidora._C")
-    best = minidora.ops._C.cpu_isa_best()
-    if LEVELS.index(isa) > LEVELS.index(best):
-        pytest.skip(f"this CPU lacks the kernel level {isa} (its best is {best})")
-    with minidora.ops.use_cpu_isa(isa):
-        yield
 
 
 def test_quick_run_says_its_compute_dtype(quick_run):
@@ -619,7 +606,7 @@ def test_bfloat16_asked_for_is_said_to_be_emulated_where_it_is(quick_run, tmp_pa
     from minidora.demo import progress
 
     monkeypatch.setattr(progress, "QUIET_S", 0.0)
-    with forced(isa):
+    with forced_isa(isa):
         rc, stdout, stderr = _run_main(["demo", "--quick", "--methods", "qlora", "--no-sweep",
                                         "--compute-dtype", "bfloat16", "--out",
                                         str(tmp_path / "o"), "--cache-dir",

@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import minidora
-from helpers import time_limit
+from helpers import forced_isa, time_limit
 from minidora.demo.model import GPTConfig
 from minidora.distributed import TrainConfig, builtin, join, leave, nf4_digest, train, unwrap
 
@@ -610,19 +610,6 @@ def test_a_resume_point_is_on_disk_before_the_older_one_goes(tmp_path, monkeypat
 
 # --- the compute dtype in the first line; times in the step lines --------------------------------
 
-LEVELS = ["scalar", "avx2", "avx512", "avx512bf16"]       # each includes the ones before
-
-
-@contextlib.contextmanager
-def forced_isa(isa):
-    """The CPU kernel level ``isa`` for this thread; a skip where this CPU lacks it."""
-    if not minidora.ops.extension_available():
-        pytest.skip("forcing a CPU kernel level needs the compiled extension minidora._C")
-    best = minidora.ops._C.cpu_isa_best()
-    if LEVELS.index(isa) > LEVELS.index(best):
-        pytest.skip(f"this CPU lacks the kernel level {isa} (its best is {best})")
-    with minidora.ops.use_cpu_isa(isa):
-        yield
 
 
 @pytest.mark.parametrize("isa, argv, why", [

@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 
 import minidora
+from helpers import forced_isa
 from minidora.__main__ import main
 from minidora.demo.model import GPT, GPTConfig
 from minidora.llm import data as D
@@ -477,19 +478,6 @@ def test_real_model_small_qdora_bf16_checkpointing_generate_compile(smollm2):
 
 # --- the compute dtype follows the CPU; where a run is; no GGUF conversion bar ------------------
 
-LEVELS = ["scalar", "avx2", "avx512", "avx512bf16"]       # each includes the ones before
-
-
-@contextlib.contextmanager
-def forced(isa):
-    """The CPU kernel level ``isa`` for this thread; a skip where this CPU lacks it."""
-    if not minidora.ops.extension_available():
-        pytest.skip("forcing a CPU kernel level needs the compiled extension minidora._C")
-    best = minidora.ops._C.cpu_isa_best()
-    if LEVELS.index(isa) > LEVELS.index(best):
-        pytest.skip(f"this CPU lacks the kernel level {isa} (its best is {best})")
-    with minidora.ops.use_cpu_isa(isa):
-        yield
 
 
 def finetune_args(*argv):
@@ -519,7 +507,7 @@ def test_finetune_default_compute_dtype_follows_the_cpu(isa, model, want, why, t
     if model == "folder":
         pytest.importorskip("transformers")
     args = finetune_args("--model", str(tmp_path) if model == "folder" else model)
-    with forced(isa):
+    with forced_isa(isa):
         dtype, line = cli.compute_dtype(args)
         cfg = cli.config(args)
     assert dtype == cfg.compute_dtype == want
@@ -532,7 +520,7 @@ def test_finetune_compute_dtype_asked_for_wins(isa, asked, tmp_path):
 
     pytest.importorskip("transformers")
     args = finetune_args("--model", str(tmp_path), "--compute-dtype", asked)
-    with forced(isa):
+    with forced_isa(isa):
         dtype, line = cli.compute_dtype(args)
         cfg = cli.config(args)
     assert dtype == cfg.compute_dtype == asked
@@ -558,7 +546,7 @@ def test_finetune_says_its_dtype_and_where_it_is_when_redirected(tmp_path, capsy
     monkeypatch.setattr(llm_main, "load", lambda name, **kw: M.builtin_lm(GPT(DEMO_MODEL)))
     monkeypatch.setattr(progress, "QUIET_S", 0.0)
     (tmp_path / "ckpt").mkdir()
-    with forced("avx2"):
+    with forced_isa("avx2"):
         rc = main(["finetune", "--model", str(tmp_path / "ckpt"), "--steps", "3", "--method",
                    "qlora", "--targets", "q_proj", "--out", str(tmp_path / "o")])
     out = capsys.readouterr().out
