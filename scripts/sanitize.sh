@@ -99,7 +99,9 @@ export TORCHINDUCTOR_COMPILE_THREADS=1   # torch.compile's tests compile in-proc
 export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-passive}"
 # python -c without the current directory at sys.path[0] (what -P does from python 3.11 on)
 NO_CWD='import sys; del sys.path[0]'
-if ! "$PY" -c "$NO_CWD; import minidora._C as c; sys.exit(not c.__file__.startswith('$BUILD/pkg/'))"; then
+# torch first: the extension links against torch's libraries (import minidora alone does not load
+# torch: its names are imported on first use)
+if ! "$PY" -c "$NO_CWD; import torch, minidora._C as c; sys.exit(not c.__file__.startswith('$BUILD/pkg/'))"; then
     echo "sanitize: FAILED: python does not load the instrumented minidora._C" >&2
     exit 1
 fi
