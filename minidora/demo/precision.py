@@ -2,11 +2,11 @@
 
 bfloat16 halves the base's memory traffic, but only a CPU with native bfloat16 arithmetic
 (AVX512-BF16; :func:`minidora.ops.cpu_native_bf16`) turns that into speed. Elsewhere every
-bfloat16 value is widened to float32 in software: one fine-tuning step of SmolLM2-135M took
-about 320 s in bfloat16 and 50 s in float32 on an AVX2-only CPU. So a model that prefers
-bfloat16 gets it by default only where it is native, float32 elsewhere, and a dtype asked for
-explicitly always wins. Every choice comes with one line for the run's output, saying which and
-why.
+bfloat16 value is widened to float32 in software (one fine-tuning step of SmolLM2-135M was
+reported at about 320 s in bfloat16 and 50 s in float32 on a busy AVX2-only CPU). So a model
+that prefers bfloat16 gets it by default only where it is native, float32 elsewhere, and a dtype
+asked for explicitly always wins. Every choice comes with one line for the run's output, saying
+which and why.
 """
 
 from __future__ import annotations
