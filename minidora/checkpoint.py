@@ -72,8 +72,9 @@ _SAVE_LOCK = threading.RLock()
 
 # --- files: atomic writes, safe reads ----------------------------------------------------------
 
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
+def fsync_path(path: Path) -> None:
+    """Flush a file, or a folder's entries, to disk (POSIX)."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
@@ -93,7 +94,7 @@ def _atomic_write(path: Path, write) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
+    fsync_path(path.parent)
 
 
 def _pid_alive(pid: int) -> bool:

@@ -97,15 +97,6 @@ def _state(module: nn.Module, opt: torch.optim.Optimizer) -> dict:
     return {"model": {k: v for k, v in msd.items() if k in keys}, "optim": osd}
 
 
-def _fsync(path: Path) -> None:
-    """Flush a file or a folder (its entries) to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _fsync_tree(folder: Path) -> None:
     """Flush every file under ``folder``, then every folder, deepest first: after this a crash
     cannot lose any part of it."""
@@ -114,9 +105,9 @@ def _fsync_tree(folder: Path) -> None:
         if p.is_dir():
             dirs.append(p)
         else:
-            _fsync(p)
+            checkpoint.fsync_path(p)
     for d in reversed(dirs):
-        _fsync(d)
+        checkpoint.fsync_path(d)
 
 
 def _write_json(path: Path, obj: dict) -> None:
@@ -125,11 +116,11 @@ def _write_json(path: Path, obj: dict) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         tmp.write_text(json.dumps(obj, indent=2) + "\n")
-        _fsync(tmp)
+        checkpoint.fsync_path(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    _fsync(path.parent)
+    checkpoint.fsync_path(path.parent)
 
 
 def save_resume(module: nn.Module, opt: torch.optim.Optimizer, folder: Path, step: int,
@@ -149,14 +140,14 @@ def save_resume(module: nn.Module, opt: torch.optim.Optimizer, folder: Path, ste
 
     def publish():
         _fsync_tree(folder / name)         # every rank's files (a shared folder), on disk
-        _fsync(folder)
+        checkpoint.fsync_path(folder)
         _write_json(folder / RESUME_FILE, {"format": "minidora-resume", "step": step,
                                            "state": name, "world_size": dist.get_world_size(),
                                            **settings})
         for old in folder.glob("step-*"):
             if old.name != name:
                 shutil.rmtree(old, ignore_errors=True)
-        _fsync(folder)
+        checkpoint.fsync_path(folder)
 
     _on_rank0(publish)
     return folder / name
