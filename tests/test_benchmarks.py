@@ -15,8 +15,9 @@ ROOT = Path(__file__).resolve().parents[1]
 needs_ext = pytest.mark.skipif(not ops.extension_available(), reason="minidora._C not built")
 
 
-def _bench_module():
-    spec = importlib.util.spec_from_file_location("bench_nf4", ROOT / "benchmarks" / "bench_nf4.py")
+def _benchmark(name):
+    """benchmarks/NAME.py as a module (the benchmarks are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -35,7 +36,7 @@ def test_bench_nf4_runs_and_names_its_statistic(stat):
 
 
 def test_bench_check_refuses_a_result_off_by_more_than_rounding():
-    check = _bench_module().check
+    check = _benchmark("bench_nf4").check
     g = torch.Generator().manual_seed(0)
     a, w = torch.randn(3, 40, generator=g), torch.randn(7, 40, generator=g)
     want = a @ w.T
@@ -44,13 +45,6 @@ def test_bench_check_refuses_a_result_off_by_more_than_rounding():
     bad[1, 2] += 1e-3
     with pytest.raises(SystemExit, match="bad: the compiled result differs"):
         check(bad, want, a, w, "bad")
-
-
-def _bench_llm():
-    spec = importlib.util.spec_from_file_location("bench_llm", ROOT / "benchmarks" / "bench_llm.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @needs_ext
@@ -63,7 +57,7 @@ def test_bench_llm_compute_dtype_follows_the_cpu_unless_given(isa, asked, want):
     best = ops._C.cpu_isa_best()
     if levels.index(isa) > levels.index(best):
         pytest.skip(f"this CPU lacks the kernel level {isa} (its best is {best})")
-    bench = _bench_llm()
+    bench = _benchmark("bench_llm")
     with ops.use_cpu_isa(isa):
         a = bench.parse_args([] if asked is None else ["--compute-dtype", asked])
     assert a.compute_dtype == want
