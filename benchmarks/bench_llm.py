@@ -12,7 +12,7 @@ batches of the shipped Auren questions (answer tokens only), from the same seed:
 
 D is ``--compute-dtype``: by default bfloat16 where the CPU has native bfloat16 arithmetic
 (AVX512-BF16) and float32 elsewhere, where emulated bfloat16 is several times slower
-(:mod:`minidora.demo.precision`, as ``finetune``); the first lines name the CPU and D.
+(:mod:`minidora.apps.demo.precision`, as ``finetune``); the first lines name the CPU and D.
 
 The steps alternate, one of each in turn, in one process, so both see the same machine load.
 Reported per method: the median seconds per step and its ratio, the peak resident-set growth
@@ -41,8 +41,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import minidora  # noqa: E402
-from minidora.demo.precision import DTYPES, compute_dtype  # noqa: E402
-from minidora.llm import data, models  # noqa: E402
+from minidora.apps.demo.precision import DTYPES, compute_dtype  # noqa: E402
+from minidora.apps.finetune import data, models  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

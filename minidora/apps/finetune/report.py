@@ -1,5 +1,5 @@
 """The results table, the probe answers, the loss curves (PNG) and the results JSON of
-``finetune``, in the demo's style (:mod:`minidora.demo.report`)."""
+``finetune``, in the demo's style (:mod:`minidora.apps.demo.report`)."""
 
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ which and why.
 
 from __future__ import annotations
 
-from .. import ops
+from minidora import ops
 
 __all__ = ["DTYPES", "compute_dtype", "bf16_note", "cpu_level"]
 

@@ -29,8 +29,8 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 import minidora
+from minidora.analysis import effective_weight, weight_decomposition
 
-from ..analysis import effective_weight, weight_decomposition
 from .data import IGNORE, Corpus, Problems, eval_windows, random_batch
 from .memory import PeakTensorMemory
 from .model import GPT, GPTConfig
@@ -183,7 +183,7 @@ def _model_tensors(model: nn.Module) -> list[torch.Tensor]:
 
 def _backend(name: str):
     """The requested NF4 path for a ``with`` block (``minidora.ops.use``), checked first."""
-    from .. import ops
+    from minidora import ops
 
     if name == "compiled" and not ops.extension_available():
         raise DemoError("--backend compiled needs the compiled extension minidora._C; build it "

@@ -15,7 +15,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from .._cli import UsageError, check_float, check_int
+from ..common import UsageError, check_float, check_int
 
 __all__ = ["add_parser", "run"]
 
@@ -36,7 +36,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "many (torchrun --nproc_per_node N -m minidora train): FSDP2 shards the 4-bit "
                     "base and the adapters, DDP replicates them. gloo on the CPU, NCCL on GPUs.")
     t.add_argument("--model", default="builtin",
-                   help="the model, a name in minidora.distributed.loop.MODELS (default builtin: "
+                   help="the model, a name in minidora.apps.train.loop.MODELS (default builtin: "
                         "the demo's small GPT on the number-words task)")
     t.add_argument("--method", choices=("qlora", "qdora", "lora", "dora"), default="qdora",
                    help="adapter method (default qdora)")
@@ -83,7 +83,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def config(args: argparse.Namespace, world: int):
-    """The checked :class:`~minidora.distributed.loop.TrainConfig` for ``world`` processes."""
+    """The checked :class:`~minidora.apps.train.loop.TrainConfig` for ``world`` processes."""
     from ..demo.train import max_rank
     from .loop import MODELS, TrainConfig
 

@@ -14,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .._cli import UsageError, check_float, check_int, items, path
+from ..common import UsageError, check_float, check_int, items, path, writable_dir
 
 __all__ = ["add_parser", "run", "DEFAULTS", "compute_dtype"]
 
@@ -85,7 +85,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def config(args: argparse.Namespace):
-    """The :class:`~minidora.llm.train.FinetuneConfig` of parsed ``args`` (UsageError if bad)."""
+    """The :class:`~minidora.apps.finetune.train.FinetuneConfig` of parsed ``args`` (UsageError
+    if bad)."""
     from .models import MODELS, model_names
     from .train import METHODS, FinetuneConfig
 
@@ -143,8 +144,6 @@ def run(args: argparse.Namespace) -> int:
     """Run ``finetune`` with parsed ``args``; return the exit status."""
     import os
 
-    from ..__main__ import UsageError as MainUsageError
-    from ..__main__ import _writable_dir
     from ..demo.train import DemoError, default_cache_dir
     from .main import OUTPUTS
     from .main import run as run_all
@@ -154,16 +153,16 @@ def run(args: argparse.Namespace) -> int:
         cfg = config(args)
         if args.data is not None and not args.data.is_file():
             raise UsageError(f"--data: {str(args.data)!r} is not a file; expected JSON lines")
-        out = _writable_dir(args.out, "--out", OUTPUTS)
+        out = writable_dir(args.out, "--out", OUTPUTS)
         cache = None
         if cfg.model == "builtin" and not args.no_cache:
             what = ("--cache-dir" if args.cache_dir else
                     "$MINIDORA_CACHE" if os.environ.get("MINIDORA_CACHE") else "cache folder")
-            cache = _writable_dir(args.cache_dir or default_cache_dir(), what,
-                                  hint="; choose another with --cache-dir or run with --no-cache")
+            cache = writable_dir(args.cache_dir or default_cache_dir(), what,
+                                 hint="; choose another with --cache-dir or run with --no-cache")
         print(compute_dtype(args)[1])
         run_all(cfg, out, args.data, cache)
-    except (UsageError, MainUsageError, LLMError, DemoError) as e:
+    except (UsageError, LLMError, DemoError) as e:
         print(f"minidora finetune: error: {e}", file=sys.stderr)
         return 1
     return 0

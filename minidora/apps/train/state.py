@@ -32,8 +32,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from .. import checkpoint
-from ..model import adapter_layers
+from minidora import adapter_layers, checkpoint
+
 from .shard import unwrap
 
 __all__ = ["save_adapters", "save_resume", "load_resume", "resume_info", "RESUME_FILE",

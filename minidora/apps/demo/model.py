@@ -83,7 +83,7 @@ class GPT(nn.Module):
 
     Args:
         cfg: sizes; the defaults give about 0.4 M parameters (the demo's own, ``DEMO_MODEL`` in
-            :mod:`minidora.demo.train`, about 0.1 M).
+            :mod:`minidora.apps.demo.train`, about 0.1 M).
     """
 
     def __init__(self, cfg: GPTConfig):
