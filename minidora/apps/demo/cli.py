@@ -8,22 +8,25 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 from dataclasses import replace
 from pathlib import Path
 
-from ..common import UsageError, check_int, path, writable_dir
+from ..common import (
+    MAX_ALPHA,
+    MAX_SEED,
+    MAX_STEPS,
+    MAX_THREADS,
+    UsageError,
+    cache_folder,
+    check_int,
+    path,
+    writable_dir,
+)
 
 __all__ = ["add_parser", "run", "config"]
 
-# Bounds of the demo's options. Far above the core count, torch's thread pool fails to start and
-# takes the process down with it; more steps than this is not a demo any more; alpha / r scales
-# the update, and an alpha far above the usual 8..512 only drives float32 to inf and NaN.
-MAX_THREADS = 256
-MAX_STEPS = 100_000
-MAX_ALPHA = 1e6
-MAX_SEED = 2**63 - 1     # torch takes it as a signed or an unsigned 64-bit seed; so does seed + 1
+# The bound of the demo's own option (the others are in minidora.apps.common).
 MAX_SEEDS = 20           # seeds per point of the rank sweep (seed .. seed + N - 1, + 1 for batches)
 
 
@@ -154,18 +157,12 @@ def run(args: argparse.Namespace) -> int:
     """Run ``demo`` with parsed ``args``; return the exit status."""
     from .main import outputs
     from .main import run as run_all
-    from .train import DemoError, default_cache_dir
+    from .train import DemoError
 
     try:
         cfg, methods = config(args)
         out = writable_dir(args.out, "--out", outputs(cfg))
-        cache = None
-        if not args.no_cache:
-            what = ("--cache-dir" if args.cache_dir else
-                    "$MINIDORA_CACHE" if os.environ.get("MINIDORA_CACHE") else "cache folder")
-            cache = writable_dir(args.cache_dir or default_cache_dir(), what,
-                                 hint="; choose another with --cache-dir or run with --no-cache")
-        run_all(cfg, methods, out, cache)
+        run_all(cfg, methods, out, cache_folder(args.cache_dir, args.no_cache))
     except (UsageError, DemoError) as e:
         print(f"minidora demo: error: {e}", file=sys.stderr)
         return 1

@@ -27,15 +27,14 @@ from pathlib import Path
 
 import torch
 
+from ..common import HELD_OUT_FRACTION, IGNORE, SPLIT_SEED
+
 __all__ = ["Corpus", "Problems", "load_corpora", "make_tales", "make_numbers", "number_word",
            "problems", "TEXT_A", "TEXT_B", "IGNORE"]
 
 TEXT_A = "tales.txt"
 TEXT_B = "numbers.txt"
-HELD_OUT_FRACTION = 0.15
-SPLIT_SEED = 1234
 ANSWER_SEP = " is "  # text B's lines are "<number in words> is <number in figures>."
-IGNORE = -100        # target id outside the answers: F.cross_entropy's default ignore_index
 
 _ONES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
          "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen",

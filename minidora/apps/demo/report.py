@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["correlation", "add_correlations", "format_table", "document", "write_json",
-           "plot_losses", "plot_decomposition", "SCHEMA_VERSION"]
+           "plot_losses", "plot_decomposition", "SCHEMA_VERSION", "format_bytes", "pyplot",
+           "save_png", "log_axis"]
 
 SCHEMA_VERSION = 2
 HEADLINE_LAYER = "q_proj"
@@ -41,7 +42,8 @@ def add_correlations(res: dict) -> dict:
     return res
 
 
-def _bytes(n: float) -> str:
+def format_bytes(n: float) -> str:
+    """``512 B``, ``1.5 KiB``, ``3.2 MiB``, ``1.1 GiB``."""
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -56,8 +58,8 @@ COLUMNS = ["method", "trainable", "weights", "peak mem", "ms/step", "train loss"
 def table_rows(results: dict[str, dict]) -> list[list[str]]:
     rows = []
     for name, r in results.items():
-        rows.append([name, f"{r['trainable_params']:,}", _bytes(r["weight_bytes"]),
-                     _bytes(r["peak_bytes"]), f"{1000 * r['seconds_per_step']:.1f}",
+        rows.append([name, f"{r['trainable_params']:,}", format_bytes(r["weight_bytes"]),
+                     format_bytes(r["peak_bytes"]), f"{1000 * r['seconds_per_step']:.1f}",
                      f"{r['final_train_loss']:.4f}", f"{r['final_held_out_loss']:.4f}",
                      f"{100 * r['final_train_accuracy']:.1f}%",
                      f"{100 * r['final_accuracy']:.1f}%", f"{r['corr_dD_dM']:+.2f}"])
@@ -101,7 +103,8 @@ def write_json(path: Path, doc: dict) -> None:
     path.write_text(json.dumps(_jsonable(doc), indent=1, allow_nan=False))
 
 
-def _plt():
+def pyplot():
+    """``matplotlib.pyplot`` on the Agg backend (files only, no window)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -110,7 +113,7 @@ def _plt():
     return plt
 
 
-def _save(fig, path: Path, dpi: int = 80) -> None:
+def save_png(fig, path: Path, dpi: int = 80) -> None:
     """Save ``fig`` as a PNG with a 256-colour palette (Pillow comes with matplotlib): the same
     picture as matplotlib's RGBA file in about a third of the bytes. Closes the figure."""
     import io
@@ -119,13 +122,13 @@ def _save(fig, path: Path, dpi: int = 80) -> None:
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi)
-    _plt().close(fig)
+    pyplot().close(fig)
     buf.seek(0)
     with Image.open(buf) as im:
         im.convert("RGB").quantize(colors=256).save(path, format="png", optimize=True)
 
 
-def _log_axis(ax) -> None:
+def log_axis(ax) -> None:
     """A log-scale y axis labelled at 1, 2 and 5 times the powers of ten, in plain numbers."""
     from matplotlib import ticker
 
@@ -138,7 +141,7 @@ def _log_axis(ax) -> None:
 def plot_losses(path: Path, results: dict[str, dict], baseline: dict) -> None:
     """Training loss (moving average), held-out loss and held-out accuracy against step, one
     colour per method; the losses are on the answer characters."""
-    plt = _plt()
+    plt = pyplot()
     from matplotlib import ticker
 
     fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(13, 3.8), constrained_layout=True)
@@ -154,7 +157,7 @@ def plot_losses(path: Path, results: dict[str, dict], baseline: dict) -> None:
         ax.axhline(baseline[key], color="gray", ls=":", label="pretrained")
         ax.set_xlabel("step")
     for ax in (ax1, ax2):
-        _log_axis(ax)
+        log_axis(ax)
     ax1.set_title("training loss on the answers (moving average)")
     ax2.set_title("held-out answer loss")
     ax3.set_title("held-out accuracy (exact answer)")
@@ -162,12 +165,12 @@ def plot_losses(path: Path, results: dict[str, dict], baseline: dict) -> None:
     ax3.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:.0%}"))
     ax3.legend(fontsize=8)
     fig.suptitle("Fine-tuning on text B, same steps, batches and seed for every method")
-    _save(fig, path)
+    save_png(fig, path)
 
 
 def plot_decomposition(path: Path, results: dict[str, dict]) -> None:
     """dM against dD of the q_proj weights over the checkpoints, one panel per method."""
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(results), figsize=(max(7.0, 3.2 * len(results)), 3.4),
                              squeeze=False,
                              constrained_layout=True)
@@ -188,4 +191,4 @@ def plot_decomposition(path: Path, results: dict[str, dict]) -> None:
     if results:
         fig.colorbar(sc, ax=axes[0][-1], label="step")
     fig.suptitle("q_proj weights against W0 (DoRA paper eqs. 3-4); colour: step, marker: layer")
-    _save(fig, path)
+    save_png(fig, path)

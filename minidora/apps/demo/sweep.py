@@ -18,7 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from .data import Problems
-from .report import _plt, _save, correlation
+from .report import correlation, pyplot, save_png
 from .train import RunConfig, finetune
 
 __all__ = ["sweep_points", "run_sweep", "summarize", "format_sweep", "plot_rank_sweep"]
@@ -115,7 +115,7 @@ def plot_rank_sweep(path: Path, runs: list[dict], summary: list[dict], reference
     """Held-out accuracy and loss against rank, one colour per method: every seed as a dot, the
     mean as a line, the min-max range as a band; ``references`` ({label: (loss, accuracy)},
     e.g. full fine-tuning and the pretrained model) as grey horizontal lines."""
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), constrained_layout=True)
     ranks = sorted({row["rank"] for row in summary})
     panels = (("accuracy", "final_accuracy", "held-out accuracy (exact answer)"),
@@ -147,4 +147,4 @@ def plot_rank_sweep(path: Path, runs: list[dict], summary: list[dict], reference
         ax.legend(fontsize=8, loc="center left" if metric == "accuracy" else "lower left")
     n = max(row["accuracy"]["n"] for row in summary)
     fig.suptitle(f"Rank sweep on text B: a dot per seed ({n} per point), the band their range")
-    _save(fig, path)
+    save_png(fig, path)

@@ -1,8 +1,9 @@
 """Pretraining (cached) and fine-tuning with one method, under a shared budget.
 
 :func:`pretrain` trains the small GPT on text A, or loads the weights from the cache
-(``$MINIDORA_CACHE``, default ``~/.cache/minidora``; safetensors + JSON, keyed by a hash of the
-model and training config and of text A). :func:`finetune` starts from those weights and trains on
+(:func:`~minidora.apps.common.default_cache_dir`: ``$MINIDORA_CACHE``, default
+``~/.cache/minidora``; safetensors + JSON, keyed by a hash of the model and training config and
+of text A). :func:`finetune` starts from those weights and trains on
 text B's problems with one method: ``full`` (every parameter), or ``lora`` / ``dora`` / ``qlora`` /
 ``qdora`` through :func:`minidora.wrap` on the six linear layers of every block. Every method gets
 the same seed, batches, steps and schedule; only the learning rate differs (see
@@ -15,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -31,16 +31,17 @@ from tqdm.auto import tqdm
 import minidora
 from minidora.analysis import effective_weight, weight_decomposition
 
-from .data import IGNORE, Corpus, Problems, eval_windows, random_batch
+from ..common import IGNORE, lr_at
+from .data import Corpus, Problems, eval_windows, random_batch
 from .memory import PeakTensorMemory
 from .model import GPT, GPTConfig
 from .progress import Progress
 
 __all__ = ["METHODS", "ADAPTERS", "LEARNING_RATES", "RunConfig", "DemoError", "pretrain",
-           "finetune", "evaluate", "score", "default_cache_dir", "max_rank", "DEMO_MODEL"]
+           "finetune", "evaluate", "score", "max_rank", "DEMO_MODEL"]
 
-METHODS = ("full", "lora", "dora", "qlora", "qdora")
-ADAPTERS = METHODS[1:]
+ADAPTERS = minidora.METHODS                # the adapter methods of minidora.wrap
+METHODS = ("full", *ADAPTERS)
 # Peak learning rates (AdamW, 10% warm-up, cosine decay to 10%), from short trials over two seeds
 # (docs/demo.md). Full fine-tuning moves every weight and wants a smaller step than the adapters,
 # which start at B = 0.
@@ -79,19 +80,6 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def default_cache_dir() -> Path:
-    env = os.environ.get("MINIDORA_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "minidora"
-
-
-def _lr_at(step: int, total: int, peak: float) -> float:
-    warm = max(1, total // 10)
-    if step < warm:
-        return peak * (step + 1) / warm
-    t = (step - warm) / max(1, total - warm)
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
 
 
 @torch.no_grad()
@@ -152,7 +140,7 @@ def pretrain(cfg: RunConfig, corpus: Corpus, alphabet: str, cache_dir: Path | No
     lines = Progress(cfg.pretrain_steps, "pretraining", log)  # when not on a terminal
     for step in bar:
         for g in opt.param_groups:
-            g["lr"] = _lr_at(step, cfg.pretrain_steps, cfg.pretrain_lr)
+            g["lr"] = lr_at(step, cfg.pretrain_steps, cfg.pretrain_lr)
         x, y = random_batch(corpus.train, cfg.batch_size, cfg.model.block_size, gen)
         loss = model.loss(x, y)
         opt.zero_grad(set_to_none=True)
@@ -278,7 +266,7 @@ def finetune(method: str, state: dict[str, torch.Tensor], cfg: RunConfig, train:
         lines = Progress(cfg.steps, f"  {method}", log)
         for step in bar:
             for g in opt.param_groups:
-                g["lr"] = _lr_at(step, cfg.steps, lr)
+                g["lr"] = lr_at(step, cfg.steps, lr)
             rows = torch.randint(len(train.lines), (cfg.finetune_batch_size,), generator=gen)
             x, y = train.batch(rows)                                  # [B, T'] each
             meter = contextlib.nullcontext() if step else PeakTensorMemory(_model_tensors(model))

@@ -14,17 +14,26 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..common import UsageError, check_float, check_int, items, path, writable_dir
+from ..common import (
+    MAX_ALPHA,
+    MAX_BATCH,
+    MAX_SEED,
+    MAX_STEPS,
+    MAX_THREADS,
+    UsageError,
+    cache_folder,
+    check_float,
+    check_int,
+    items,
+    path,
+    writable_dir,
+)
 
 __all__ = ["add_parser", "run", "DEFAULTS", "compute_dtype"]
 
-MAX_STEPS = 100_000
-MAX_THREADS = 256
-MAX_BATCH = 4096
+# The bounds of finetune's own options (the others are in minidora.apps.common).
 MAX_RANK = 4096
 MAX_SEQ_LEN = 8192
-MAX_ALPHA = 1e6
-MAX_SEED = 2**63 - 1
 # compute_dtype: the default where the CPU has native bfloat16 (float32 elsewhere)
 DEFAULTS = {
     "builtin": {"steps": 300, "lr": 1e-2, "compute_dtype": "float32"},
@@ -142,9 +151,7 @@ def compute_dtype(args: argparse.Namespace) -> tuple[str, str]:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``finetune`` with parsed ``args``; return the exit status."""
-    import os
-
-    from ..demo.train import DemoError, default_cache_dir
+    from ..demo.train import DemoError
     from .main import OUTPUTS
     from .main import run as run_all
     from .models import LLMError
@@ -155,11 +162,8 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"--data: {str(args.data)!r} is not a file; expected JSON lines")
         out = writable_dir(args.out, "--out", OUTPUTS)
         cache = None
-        if cfg.model == "builtin" and not args.no_cache:
-            what = ("--cache-dir" if args.cache_dir else
-                    "$MINIDORA_CACHE" if os.environ.get("MINIDORA_CACHE") else "cache folder")
-            cache = writable_dir(args.cache_dir or default_cache_dir(), what,
-                                 hint="; choose another with --cache-dir or run with --no-cache")
+        if cfg.model == "builtin":
+            cache = cache_folder(args.cache_dir, args.no_cache)
         print(compute_dtype(args)[1])
         run_all(cfg, out, args.data, cache)
     except (UsageError, LLMError, DemoError) as e:

@@ -22,15 +22,13 @@ from pathlib import Path
 
 import torch
 
+from ..common import HELD_OUT_FRACTION, IGNORE, SPLIT_SEED
 from .models import Format, LLMError
 
 __all__ = ["DEFAULT_DATA", "Example", "Dataset", "read_examples", "load_dataset", "Encoded",
            "encode", "IGNORE"]
 
 DEFAULT_DATA = "auren_qa.jsonl"
-HELD_OUT_FRACTION = 0.15
-SPLIT_SEED = 1234
-IGNORE = -100
 SPLITS = ("train", "held_out")
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..demo.report import _bytes, _log_axis, _plt, _save, write_json
+from ..demo.report import format_bytes, log_axis, pyplot, save_png, write_json
 
 __all__ = ["COLUMNS", "table_rows", "format_table", "format_probes", "plot_losses", "document",
            "write_json", "SCHEMA_VERSION"]
@@ -18,8 +18,8 @@ COLUMNS = ["method", "trainable", "weights", "peak RSS", "s/step", "loss before"
 
 
 def table_rows(results: dict[str, dict]) -> list[list[str]]:
-    return [[name, f"{r['trainable_params']:,}", _bytes(r["weight_bytes"]),
-             _bytes(r["peak_rss_bytes"]), f"{r['seconds_per_step']:.3f}",
+    return [[name, f"{r['trainable_params']:,}", format_bytes(r["weight_bytes"]),
+             format_bytes(r["peak_rss_bytes"]), f"{r['seconds_per_step']:.3f}",
              f"{r['initial_train_loss']:.3f}", f"{r['final_train_loss']:.3f}",
              f"{r['initial_held_out_loss']:.3f}", f"{r['final_held_out_loss']:.3f}",
              f"{100 * r['final_accuracy']:.0f}%"] for name, r in results.items()]
@@ -48,7 +48,7 @@ def format_probes(results: dict[str, dict]) -> str:
 
 def plot_losses(path: Path, results: dict[str, dict], title: str) -> None:
     """Training loss per step and held-out loss at each evaluation, one colour per method."""
-    plt = _plt()
+    plt = pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8), constrained_layout=True)
     for name, r in results.items():
         curve = np.array(r["train_curve"])
@@ -56,12 +56,12 @@ def plot_losses(path: Path, results: dict[str, dict], title: str) -> None:
         steps, held, _ = zip(*r["held_out_curve"], strict=True)
         ax2.plot(steps, held, marker=".", label=name)
     for ax, what in ((ax1, "training loss (answer tokens)"), (ax2, "held-out loss")):
-        _log_axis(ax)
+        log_axis(ax)
         ax.set_xlabel("step")
         ax.set_title(what)
     ax2.legend(fontsize=8)
     fig.suptitle(title)
-    _save(fig, path)
+    save_png(fig, path)
 
 
 def document(config: dict, model: dict, data: dict, results: dict[str, dict],

@@ -17,7 +17,6 @@ import contextlib
 import copy
 import math
 import re
-import resource
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,16 +29,16 @@ from tqdm.auto import tqdm
 import minidora
 from minidora.analysis import effective_weight, weight_decomposition
 
+from ..common import IGNORE, lr_at, peak_rss, reset_peak_rss
 from ..demo.progress import Progress
-from ..demo.train import _lr_at  # warm-up then cosine decay to 10%, the demo's schedule
-from .data import IGNORE, Dataset, Encoded, encode
+from ..demo.train import METHODS
+from .data import Dataset, Encoded, encode
 from .models import LM, LLMError
 
 __all__ = ["METHODS", "FinetuneConfig", "run_method", "check_full_memory", "score", "generate",
            "available_memory", "FULL_BYTES_PER_PARAM",
            "enable_checkpointing"]
 
-METHODS = ("full", "lora", "dora", "qlora", "qdora")
 # float32 weight + gradient + AdamW's two moments; activations and the allocator come on top.
 FULL_BYTES_PER_PARAM = 16
 FULL_MARGIN = 1.25
@@ -201,28 +200,6 @@ def generate(lm: LM, model: nn.Module, prompt: str, max_new_tokens: int = 16) ->
     return lm.fmt.decode(new).strip()
 
 
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's high-water mark of this process' RSS (Linux), True if it worked."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_rss() -> int:
-    """Peak resident memory of this process in bytes (since the last reset, on Linux)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def run_method(lm: LM, method: str, cfg: FinetuneConfig, data: Dataset, out: Path | None,
                log=print) -> dict:
     """Fine-tune a copy of ``lm.model`` with ``method``; save the adapters into ``out/method``.
@@ -261,12 +238,12 @@ def run_method(lm: LM, method: str, cfg: FinetuneConfig, data: Dataset, out: Pat
     gen = torch.Generator().manual_seed(cfg.seed + 1)      # the same batches for every method
     model.train()
     curve, evals, step_time = [], [(0, *held0)], 0.0
-    rss_reset = _reset_peak_rss()
+    rss_reset = reset_peak_rss()
     bar = tqdm(range(cfg.steps), desc=f"{method:>5}", leave=False, disable=None)
     lines = Progress(cfg.steps, f"  {method}", log)       # where it is, when not on a terminal
     for step in bar:
         for g in opt.param_groups:
-            g["lr"] = _lr_at(step, cfg.steps, cfg.lr)
+            g["lr"] = lr_at(step, cfg.steps, cfg.lr)       # warm-up, cosine decay
         rows = torch.randint(len(train.x), (cfg.batch_size,), generator=gen)
         x, y, mask = train.batch(rows)
         t0 = time.perf_counter()

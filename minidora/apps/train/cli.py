@@ -15,16 +15,20 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from ..common import UsageError, check_float, check_int
+from ..common import (
+    MAX_ALPHA,
+    MAX_BATCH,
+    MAX_SEED,
+    MAX_STEPS,
+    MAX_THREADS,
+    UsageError,
+    check_float,
+    check_int,
+)
 
 __all__ = ["add_parser", "run"]
 
-MAX_STEPS = 100_000
-MAX_BATCH = 4096
-MAX_ALPHA = 1e6
-MAX_SEED = 2**63 - 1
-MAX_THREADS = 256
-MAX_TIMEOUT = 86_400
+MAX_TIMEOUT = 86_400                # train's own bound (the others are in minidora.apps.common)
 FAILED_KEY = "minidora/failed"      # the first failing rank writes its error here (the store)
 
 
@@ -157,12 +161,12 @@ def run(args: argparse.Namespace) -> int:
     """Run ``minidora train`` with the parsed ``args``; returns the exit status."""
     import torch
 
-    from .group import DistributedError, _from_env, join, leave
+    from .group import DistributedError, from_env, join, leave
     from .loop import train
 
     name = "minidora train"
     try:
-        rank, world, _ = _from_env()
+        rank, world, _ = from_env()
         name = f"minidora train: rank {rank} of {world}"
         cfg = config(args, world)
     except (UsageError, DistributedError) as e:

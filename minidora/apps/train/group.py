@@ -21,7 +21,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-__all__ = ["Group", "join", "leave", "DistributedError", "ENV"]
+__all__ = ["Group", "join", "leave", "from_env", "DistributedError", "ENV"]
 
 ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -57,7 +57,7 @@ def _env_int(name: str, lo: int) -> int:
     return value
 
 
-def _from_env() -> tuple[int, int, int]:
+def from_env() -> tuple[int, int, int]:
     """(rank, world size, local rank) from torchrun's variables; (0, 1, 0) when none is set."""
     present = [k for k in ENV if k in os.environ]
     if not present:
@@ -92,7 +92,7 @@ def join(timeout: float = 600.0, device: str = "auto") -> Group:
     """
     if device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
-    rank, world, local = _from_env()
+    rank, world, local = from_env()
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if use_cuda and not torch.cuda.is_available():
         raise DistributedError("device 'cuda' asked for, but this torch sees no CUDA device")

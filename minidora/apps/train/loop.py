@@ -15,11 +15,9 @@ rows to logits), so another model plugs in by adding an entry.
 
 from __future__ import annotations
 
-import resource
-import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -29,10 +27,12 @@ import torch.nn.functional as F
 
 import minidora
 
+from ..common import IGNORE, peak_rss
 from ..demo import progress
-from ..demo.data import IGNORE, Problems
+from ..demo.data import Problems
 from ..demo.model import GPT, GPTConfig
 from ..demo.precision import bf16_note
+from ..demo.train import DEMO_MODEL
 from .group import Group
 from .shard import local_bytes, nf4_digest, parallelize, unwrap
 from .state import load_resume, save_adapters, save_resume
@@ -58,8 +58,7 @@ class TrainConfig:
     seed: int = 0
     dtype: str = "float32"         # base compute, adapters and model: float32 | float64
     mixed_precision: str = "none"  # none | bf16 (FSDP2's MixedPrecisionPolicy)
-    gpt: GPTConfig = field(default_factory=lambda: GPTConfig(
-        vocab_size=41, block_size=64, n_layer=2, n_head=4, n_embd=64))   # the demo's GPT
+    gpt: GPTConfig = DEMO_MODEL    # the demo's GPT (frozen: a safe shared default)
     base: Path | None = None       # safetensors state dict of the GPT; None: initialized from seed
 
     def settings(self) -> dict:
@@ -118,11 +117,6 @@ def compute_line(cfg: TrainConfig, device: torch.device) -> str:
         note = bf16_note() if device.type == "cpu" else ""
         return "compute dtype bfloat16 (--mixed-precision bf16" + (f"; {note})" if note else ")")
     return f"compute dtype {cfg.dtype} (--dtype; bfloat16 only with --mixed-precision bf16)"
-
-
-def _peak_rss_mib() -> float:
-    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return kib / (2**20 if sys.platform == "darwin" else 2**10)
 
 
 def train(cfg: TrainConfig, group: Group, out: Path | None = None, save_every: int = 0,
@@ -203,5 +197,5 @@ def train(cfg: TrainConfig, group: Group, out: Path | None = None, save_every: i
         say(f"train: adapters written to {out / 'adapters'} (PEFT layout in "
             f"{out / 'adapters' / 'peft'})")
     return {"losses": losses, "start": start, "local_bytes": local_bytes(unwrap(module)),
-            "peak_rss_mib": _peak_rss_mib(), "nf4_sha256": nf4_digest(module), "module": module,
+            "peak_rss_mib": peak_rss() / 2**20, "nf4_sha256": nf4_digest(module), "module": module,
             "optimizer": opt}
