@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from minidora import nf4, ops  # noqa: E402
+from minidora import backends, nf4, ops  # noqa: E402
 
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
 
@@ -114,7 +114,7 @@ def isa_line() -> str:
               if f in flags]
     return (f"ISA: {'AMX (' + ', '.join(amx) + ')' if amx else 'no AMX'}; "
             f"{', '.join(vector) or 'no AVX2'}; minidora kernels: {ops.cpu_isa()} "
-            f"(best {ops._C.cpu_isa_best()})")
+            f"(best {ops.cpu_isa_best()})")
 
 
 def mib(n: float) -> str:
@@ -401,7 +401,7 @@ def main() -> None:
                         choices=["auto", "scalar", "avx2", "avx512", "avx512bf16"],
                         help="force the compiled kernels' ISA level (one this CPU has)")
     args = parser.parse_args()
-    ops._require_extension()
+    backends.require_extension()
     try:
         ops.choose(cpu_isa=args.isa)  # the compiled ops run on the calling (main) thread's level
     except ValueError as e:

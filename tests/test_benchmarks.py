@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import time_limit
+from helpers import CPU_LEVELS, time_limit
 from minidora import ops
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,9 +53,8 @@ def test_bench_check_refuses_a_result_off_by_more_than_rounding():
     ("avx512bf16", None, "bfloat16"), ("avx512bf16", "float32", "float32")])
 def test_bench_llm_compute_dtype_follows_the_cpu_unless_given(isa, asked, want):
     """bench_llm.py --compute-dtype (the options only: the real model is not loaded)."""
-    levels = ["scalar", "avx2", "avx512", "avx512bf16"]
-    best = ops._C.cpu_isa_best()
-    if levels.index(isa) > levels.index(best):
+    best = ops.cpu_isa_best()
+    if CPU_LEVELS.index(isa) > CPU_LEVELS.index(best):
         pytest.skip(f"this CPU lacks the kernel level {isa} (its best is {best})")
     bench = _benchmark("bench_llm")
     with ops.use_cpu_isa(isa):

@@ -22,8 +22,8 @@ A level this CPU lacks is skipped, with the reason; the ids of the tests say whi
 import pytest
 import torch
 import torch.nn.functional as F
-from test_ops import _layout, _quantized, _randn, _seed, assert_close_to_reference
 
+from helpers import as_layout, assert_close_to_reference, case_seed, normal, quantized_weight
 from minidora import nf4, ops
 
 LEVELS = ["scalar", "avx2", "avx512", "avx512bf16"]  # each includes the ones before it
@@ -46,7 +46,7 @@ ROWS = range(1, 18)   # 1..16: few-rows kernels, every remainder of every tile h
 @pytest.fixture(params=LEVELS)
 def level(request):
     """Force one ISA level for the test's thread; skip when this CPU does not have it."""
-    best = ops._C.cpu_isa_best()
+    best = ops.cpu_isa_best()
     if LEVELS.index(request.param) > LEVELS.index(best):
         pytest.skip(f"this CPU has no {request.param} (its best level is {best})")
     with ops.use(cpu_isa=request.param):
@@ -83,8 +83,8 @@ def _one_hot(rows, features, dtype, seed):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_forward_every_m(level, shape, dtype):
     out_f, in_f, blocksize = shape
-    seed = _seed(shape, str(dtype), "forward")
-    q = _quantized((out_f, in_f), blocksize, True, "cpu", seed)
+    seed = case_seed(shape, str(dtype), "forward")
+    q = quantized_weight((out_f, in_f), blocksize, True, "cpu", seed)
     w = nf4.dequantize(q, dtype)                                         # [out, in]
     strided = _strided_weight(q)
     for rows in ROWS:
@@ -92,8 +92,8 @@ def test_forward_every_m(level, shape, dtype):
         y = ops.nf4_linear(x, q, backend="compiled")                     # [rows, out]
         assert torch.equal(y, w[:, cols].T.contiguous()), (level, rows)
         layout = ["strided", "transposed"][rows % 2]
-        x = _layout(_randn(2, rows, in_f, dtype=dtype, device="cpu", seed=seed + rows), layout)
-        bias = _layout(_randn(out_f, dtype=dtype, device="cpu", seed=seed - rows), "strided")
+        x = as_layout(normal(2, rows, in_f, dtype=dtype, device="cpu", seed=seed + rows), layout)
+        bias = as_layout(normal(out_f, dtype=dtype, device="cpu", seed=seed - rows), "strided")
         y = ops.nf4_linear(x, strided, bias, backend="compiled")         # [2, rows, out]
         ref = F.linear(x, w, bias)
         assert_close_to_reference(y, ref, x.double().abs() @ w.double().abs().T
@@ -105,8 +105,8 @@ def test_forward_every_m(level, shape, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_input_gradient_every_m(level, shape, dtype):
     out_f, in_f, blocksize = shape
-    seed = _seed(shape, str(dtype), "grad")
-    q = _quantized((out_f, in_f), blocksize, False, "cpu", seed)
+    seed = case_seed(shape, str(dtype), "grad")
+    q = quantized_weight((out_f, in_f), blocksize, False, "cpu", seed)
     w = nf4.dequantize(q, dtype)                                         # [out, in]
     args = ops._weight_args(_strided_weight(q))
     grad = torch.ops.minidora.nf4_linear_grad_input
@@ -114,6 +114,6 @@ def test_input_gradient_every_m(level, shape, dtype):
         gy, picked = _one_hot(rows, out_f, dtype, seed + rows)
         assert torch.equal(grad(gy, *args, out_f, in_f), w[picked].contiguous()), (level, rows)
         layout = ["strided", "transposed"][rows % 2]
-        gy = _layout(_randn(rows, 3, out_f, dtype=dtype, device="cpu", seed=seed + rows), layout)
+        gy = as_layout(normal(rows, 3, out_f, dtype=dtype, device="cpu", seed=seed + rows), layout)
         gx = grad(gy, *args, out_f, in_f)                                # [rows, 3, in]
         assert_close_to_reference(gx, gy @ w, gy.double().abs() @ w.double().abs(), out_f)

@@ -1,26 +1,33 @@
-"""Tests of minidora/ops.py and the compiled NF4 ops behind it (csrc/).
+"""Tests of minidora/ops.py and the compiled NF4 ops behind it (csrc/, minidora/_register.py).
 
-Every compiled op is checked against the plain PyTorch reference (minidora.nf4 and F.linear) on
-every device that has kernels, and on the CPU with each kernel set (AVX-512 and the portable
-scalar one): outputs, input gradients, torch.library.opcheck, torch.compile and gradcheck.
+Every compiled op is checked against the plain PyTorch reference (``ops.reference``: nf4 and
+F.linear) on every device that has kernels, and on the CPU with each kernel level it has (scalar,
+AVX2, AVX-512, AVX512-BF16): outputs, input gradients, torch.library.opcheck, torch.compile,
+gradcheck, fake kernels, and bad input at the Python and the C++ boundary. Which path a call
+takes is tested in tests/test_backends.py.
 
 The suite requires the built extension (``make test`` builds it): without it the compiled tests
 fail, they do not skip.
 """
 
-import contextlib
 import math
-import threading
-import zlib
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import minidora
-from helpers import time_limit
+from helpers import (
+    CPU_LEVELS,
+    FLOAT_DTYPES,
+    as_layout,
+    assert_close_to_reference,
+    case_seed,
+    normal,
+    quantized_weight,
+    random_weight,
+)
 from minidora import nf4, ops
 from minidora.nf4_linear import NF4Linear
 
@@ -29,14 +36,12 @@ DEVICES = ["cpu"] + (["cuda"] if minidora.ops.cuda_available() else [])
 
 def _kernels():
     """(device, cpu kernel set) pairs: each CPU kernel set this machine can run, and CUDA."""
-    levels = ["scalar", "avx2", "avx512", "avx512bf16"]  # each includes the one before
-    best = ops._C.cpu_isa_best() if ops.extension_available() else "scalar"
-    isas = levels[: levels.index(best) + 1]
+    best = ops.cpu_isa_best() if ops.extension_available() else "scalar"
+    isas = CPU_LEVELS[: CPU_LEVELS.index(best) + 1]
     return [("cpu", isa) for isa in isas] + [(d, None) for d in DEVICES if d != "cpu"]
 
 
 KERNELS = _kernels()
-FLOAT_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 
 
 @pytest.fixture(params=KERNELS, ids=lambda k: k[0] if k[1] is None else f"{k[0]}-{k[1]}")
@@ -51,41 +56,6 @@ def device(request):
             yield dev
 
 
-def _seed(*parts) -> int:
-    """A seed that depends on the test case only (str hashes change between runs)."""
-    return zlib.crc32(repr(parts).encode())
-
-
-def _random_weight(shape, seed, spread=1.0):
-    """Fresh Gaussian weights; rows scaled by 10**U(-spread, spread) so blocks differ in scale."""
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(shape, generator=g)
-    if len(shape) > 1:
-        exponent = torch.rand(shape[0], *[1] * (len(shape) - 1), generator=g) * 2 - 1
-        w = w * 10 ** (exponent * spread)
-    return w
-
-
-def _quantized(shape, blocksize, double_quant, device, seed=0, spread=1.0):
-    q = nf4.quantize(_random_weight(shape, seed, spread), blocksize, double_quant)
-    for name in ("packed", "absmax", "nested_absmax", "offset"):
-        t = getattr(q, name)
-        if t is not None:
-            setattr(q, name, t.to(device))
-    return q
-
-
-def _randn(*shape, dtype, device, seed):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(shape, generator=g, dtype=torch.float64).to(dtype=dtype, device=device)
-
-
-def test_extension_is_built():
-    assert ops.extension_available(), (
-        f"minidora._C failed to import ({ops._IMPORT_ERROR!r}); build it with `make build`")
-    assert "cpu" in ops._DEVICES
-
-
 # --- nf4_dequantize: bit-exact --------------------------------------------------------------
 
 DEQ_SHAPES = [(1,), (7,), (33, 65), (64, 64), (3, 5, 31), (257, 129), (96, 1000)]
@@ -95,8 +65,8 @@ DEQ_SHAPES = [(1,), (7,), (33, 65), (64, 64), (3, 5, 31), (257, 129), (96, 1000)
 @pytest.mark.parametrize("blocksize", [32, 64, 128, 256, 1024, 4096])
 @pytest.mark.parametrize("double_quant", [False, True], ids=["fp32-scales", "dq"])
 def test_dequantize_bit_exact(device, shape, blocksize, double_quant):
-    seed = _seed(shape, blocksize, double_quant)
-    q = _quantized(shape, blocksize, double_quant, device, seed)
+    seed = case_seed(shape, blocksize, double_quant)
+    q = quantized_weight(shape, blocksize, double_quant, device, seed)
     for dtype in FLOAT_DTYPES:
         out = ops.nf4_dequantize(q, dtype, backend="compiled")
         ref = nf4.dequantize(q, dtype)
@@ -108,14 +78,14 @@ def test_dequantize_bit_exact(device, shape, blocksize, double_quant):
 def test_dequantize_bit_exact_extreme_scales(device, double_quant):
     """Scales from 1e-30 to 1e30: float16 overflows and underflows, bfloat16 meets subnormals;
     every cast must round exactly as the reference's single .to(dtype)."""
-    q = _quantized((200, 96), 32, double_quant, device, seed=5, spread=30.0)
+    q = quantized_weight((200, 96), 32, double_quant, device, seed=5, spread=30.0)
     for dtype in FLOAT_DTYPES:
         assert torch.equal(ops.nf4_dequantize(q, dtype, backend="compiled"),
                            nf4.dequantize(q, dtype)), dtype
 
 
 def test_dequantize_default_dtype_and_zero_block(device):
-    w = _random_weight((6, 64), seed=3).to(torch.bfloat16)
+    w = random_weight((6, 64), seed=3).to(torch.bfloat16)
     w[2] = 0                                                   # one all-zero block
     q = nf4.quantize(w, 64, True)
     q.packed, q.absmax, q.nested_absmax, q.offset = (
@@ -127,37 +97,6 @@ def test_dequantize_default_dtype_and_zero_block(device):
 
 
 # --- nf4_linear and nf4_linear_grad_input vs the reference ----------------------------------
-
-# Tolerance, element-wise, for a result r = sum_j a_j b_j compared with the reference:
-#   |r - r_ref| <= 2 sqrt(n) u_acc sum_j |a_j b_j|  +  2 u_out |r_ref|
-# Both paths multiply the same values (W rounded to the activation dtype, products exact in
-# float32 for 16-bit inputs) and accumulate in float32 (float64 for float64), only in another
-# order: a reordered sum of n terms differs by about sqrt(n) u_acc sum|a b| (statistical bound;
-# the worst case is n u_acc). Then both round to the output dtype, and two roundings of nearly
-# equal values differ by at most one ulp <= 2 u_out |r|. u is the unit roundoff: 2^-24 float32,
-# 2^-8 bfloat16, 2^-11 float16, 2^-53 float64. Measured worst ratio of error to this bound over
-# this suite: ~0.37 (float32), ~0.6 (bfloat16), ~0.98 (float16, one-ulp flips).
-# With a bias, PyTorch's F.linear on some layouts (a non-contiguous batched x) rounds x @ W^T to
-# the output dtype before adding the bias: one more rounding, at most u_out |x @ W^T|, is allowed
-# for it (`rounded_before`).
-UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11,
-                 torch.float64: 2.0**-53}
-
-
-def assert_close_to_reference(out, ref, magnitude, n_terms, rounded_before=None):
-    """magnitude: sum_j |a_j b_j| per element (float64), n_terms: length of each sum,
-    rounded_before: |x @ W^T| where the reference may round it before adding the bias."""
-    assert out.shape == ref.shape and out.dtype == ref.dtype and out.device == ref.device
-    u_acc = 2.0**-53 if ref.dtype == torch.float64 else 2.0**-24
-    u_out = UNIT_ROUNDOFF[ref.dtype]
-    tol = 2 * math.sqrt(n_terms) * u_acc * magnitude + 2 * u_out * ref.double().abs()
-    if rounded_before is not None:
-        tol = tol + u_out * rounded_before
-    err = (out.double() - ref.double()).abs()
-    worst = (err / tol.clamp_min(1e-300)).max().item()
-    assert (err <= tol).all(), (f"max error / tolerance = {worst:.3g}, "
-                                f"max error {err.max().item():.3g}")
-
 
 # (out_features, in_features, blocksize, double_quant): odd sizes, partial blocks, rows that
 # start inside a block (in % blocksize != 0, with in % 32 == 0 for the vector kernels), more than
@@ -177,32 +116,17 @@ def _case_id(case) -> str:
     return f"{out_f}x{in_f}-bs{blocksize}"
 
 
-def _layout(x, layout):
-    """The same values as x, as a non-contiguous tensor when asked."""
-    if layout == "strided":      # every other element of a wider tensor
-        wide = torch.zeros(*x.shape[:-1], 2 * x.shape[-1], dtype=x.dtype, device=x.device)
-        wide[..., ::2] = x
-        out = wide[..., ::2]
-    elif layout == "transposed":  # batch dims stored after the feature dim
-        out = x.movedim(-1, 0).contiguous().movedim(0, -1)
-    else:
-        return x
-    one_row_or_column = x.numel() == x.shape[-1] or x.shape[-1] == 1  # then always contiguous
-    assert torch.equal(out, x) and (one_row_or_column or not out.is_contiguous())
-    return out
-
-
 @pytest.mark.parametrize("case", LINEAR_CASES, ids=_case_id)
 @pytest.mark.parametrize("batch", BATCHES, ids=lambda b: "x".join(map(str, b)))
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 def test_linear_forward(device, case, batch, dtype):
     out_f, in_f, blocksize, dq = case
-    seed = _seed(case, batch)
-    q = _quantized((out_f, in_f), blocksize, dq, device, seed)
+    seed = case_seed(case, batch)
+    q = quantized_weight((out_f, in_f), blocksize, dq, device, seed)
     layout = ["contiguous", "strided", "transposed"][seed % 3]
-    x = _layout(_randn(*batch, in_f, dtype=dtype, device=device, seed=seed + 1), layout)
+    x = as_layout(normal(*batch, in_f, dtype=dtype, device=device, seed=seed + 1), layout)
     w = nf4.dequantize(q, dtype)                                          # [out, in]
-    for bias in (None, _randn(out_f, dtype=dtype, device=device, seed=seed + 2)):
+    for bias in (None, normal(out_f, dtype=dtype, device=device, seed=seed + 2)):
         y = ops.nf4_linear(x, q, bias, backend="compiled")                # [*batch, out]
         ref = F.linear(x, w, bias)
         magnitude = x.double().abs() @ w.double().abs().T
@@ -221,7 +145,7 @@ def test_linear_one_hot_rows_read_weights_exactly(device, rows, dtype):
     row exactly (the fused float32 kernel decodes 16 double-quantized scales at once, with the
     reference's two float32 roundings). 40x2592, blocksize 32: 81 blocks per row, runs of 16
     scales straddling two nested scales; column 32 b + (b % 32) lies in block b."""
-    q = _quantized((40, 2592), 32, True, device, 31)
+    q = quantized_weight((40, 2592), 32, True, device, 31)
     w = nf4.dequantize(q, dtype)                                   # [40, 2592]
     cols = torch.tensor([32 * b + b % 32 for b in range(81)])
     for start in range(0, 81, rows):
@@ -239,15 +163,15 @@ def test_linear_several_tiles(device, dtype):
     end; columns for the 16-bit gradient): with two threads 4200 x 1056 takes 5 to 17 tiles of
     each kind, the last one partial, with rows starting inside a block (1056 % 64 != 0)."""
     out_f, in_f = 4200, 1056
-    q = _quantized((out_f, in_f), 64, True, device, 11)
+    q = quantized_weight((out_f, in_f), 64, True, device, 11)
     w = nf4.dequantize(q, dtype)
-    x = _randn(40, in_f, dtype=dtype, device=device, seed=12).requires_grad_()
-    bias = _randn(out_f, dtype=dtype, device=device, seed=13)
+    x = normal(40, in_f, dtype=dtype, device=device, seed=12).requires_grad_()
+    bias = normal(out_f, dtype=dtype, device=device, seed=13)
     y = ops.nf4_linear(x, q, bias, backend="compiled")
     assert_close_to_reference(y, F.linear(x, w, bias), x.double().abs() @ w.double().abs().T
                               + bias.double().abs(), in_f,
                               rounded_before=(x.double() @ w.double().T).abs())
-    grad_y = _randn(40, out_f, dtype=dtype, device=device, seed=14)
+    grad_y = normal(40, out_f, dtype=dtype, device=device, seed=14)
     (gx,) = torch.autograd.grad(y, x, grad_y)
     assert_close_to_reference(gx, grad_y @ w, grad_y.double().abs() @ w.double().abs(), out_f)
 
@@ -258,10 +182,10 @@ def test_linear_tiles_any_thread_count(threads, dtype):
     """Each thread owns some of the tiles, at least two per thread when W is small: 700 x 544
     takes 2 tiles of each kind on one thread (no parallel region), and 5 or 6 spread unevenly
     over three threads (the float32 gradient then adds three per-thread sums)."""
-    q = _quantized((700, 544), 64, True, "cpu", 21)
+    q = quantized_weight((700, 544), 64, True, "cpu", 21)
     w = nf4.dequantize(q, dtype)
-    x = _randn(50, 544, dtype=dtype, device="cpu", seed=22).requires_grad_()
-    grad_y = _randn(50, 700, dtype=dtype, device="cpu", seed=23)
+    x = normal(50, 544, dtype=dtype, device="cpu", seed=22).requires_grad_()
+    grad_y = normal(50, 700, dtype=dtype, device="cpu", seed=23)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -278,12 +202,12 @@ def test_linear_tiles_any_thread_count(threads, dtype):
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 def test_linear_input_gradient(device, case, batch, dtype):
     out_f, in_f, blocksize, dq = case
-    seed = _seed(case, batch, "grad")
-    q = _quantized((out_f, in_f), blocksize, dq, device, seed)
+    seed = case_seed(case, batch, "grad")
+    q = quantized_weight((out_f, in_f), blocksize, dq, device, seed)
     w = nf4.dequantize(q, dtype)                                          # [out, in]
-    x = _randn(*batch, in_f, dtype=dtype, device=device, seed=seed + 1).requires_grad_()
-    bias = _randn(out_f, dtype=dtype, device=device, seed=seed + 2).requires_grad_()
-    grad_y = _layout(_randn(*batch, out_f, dtype=dtype, device=device, seed=seed + 3),
+    x = normal(*batch, in_f, dtype=dtype, device=device, seed=seed + 1).requires_grad_()
+    bias = normal(out_f, dtype=dtype, device=device, seed=seed + 2).requires_grad_()
+    grad_y = as_layout(normal(*batch, out_f, dtype=dtype, device=device, seed=seed + 3),
                      ["contiguous", "strided", "transposed"][seed % 3])
     ops.nf4_linear(x, q, bias, backend="compiled").backward(grad_y)
     ref_x, ref_b = torch.autograd.grad(F.linear(x, w, bias), (x, bias), grad_y)
@@ -299,19 +223,19 @@ def test_linear_input_gradient(device, case, batch, dtype):
 @pytest.mark.parametrize("rows", [1, 16, 64], ids=lambda m: f"M{m}")
 def test_linear_realistic_size(device, rows):
     """A transformer-sized layer in both regimes, float32 and bfloat16, forward and backward."""
-    q = _quantized((1024, 2048), 64, True, device, seed=11)
+    q = quantized_weight((1024, 2048), 64, True, device, seed=11)
     for dtype in (torch.float32, torch.bfloat16):
         w = nf4.dequantize(q, dtype)
-        x = _randn(rows, 2048, dtype=dtype, device=device, seed=rows).requires_grad_()
+        x = normal(rows, 2048, dtype=dtype, device=device, seed=rows).requires_grad_()
         y = ops.nf4_linear(x, q, backend="compiled")
         assert_close_to_reference(y, F.linear(x, w), x.double().abs() @ w.double().abs().T, 2048)
-        grad_y = _randn(rows, 1024, dtype=dtype, device=device, seed=rows + 1)
+        grad_y = normal(rows, 1024, dtype=dtype, device=device, seed=rows + 1)
         (gx,) = torch.autograd.grad(y, x, grad_y)
         assert_close_to_reference(gx, grad_y @ w, grad_y.double().abs() @ w.double().abs(), 1024)
 
 
 def test_linear_empty_batch(device):
-    q = _quantized((8, 64), 32, True, device)
+    q = quantized_weight((8, 64), 32, True, device)
     x = torch.zeros(0, 3, 64, device=device)
     assert ops.nf4_linear(x, q, backend="compiled").shape == (0, 3, 8)
 
@@ -321,25 +245,25 @@ def test_linear_empty_batch(device):
 @pytest.mark.parametrize("double_quant", [False, True], ids=["fp32-scales", "dq"])
 @pytest.mark.parametrize("rows", [2, 40], ids=lambda m: f"M{m}")
 def test_opcheck_linear(device, double_quant, rows):
-    q = _quantized((24, 96), 32, double_quant, device, seed=rows)
+    q = quantized_weight((24, 96), 32, double_quant, device, seed=rows)
     w = ops._weight_args(q)
-    x = _randn(rows, 96, dtype=torch.float32, device=device, seed=1).requires_grad_()
-    b = _randn(24, dtype=torch.float32, device=device, seed=2).requires_grad_()
+    x = normal(rows, 96, dtype=torch.float32, device=device, seed=1).requires_grad_()
+    b = normal(24, dtype=torch.float32, device=device, seed=2).requires_grad_()
     torch.library.opcheck(torch.ops.minidora.nf4_linear.default, (x, *w, 24, 96, b))
     torch.library.opcheck(torch.ops.minidora.nf4_linear.default, (x.detach(), *w, 24, 96, None))
 
 
 @pytest.mark.parametrize("double_quant", [False, True], ids=["fp32-scales", "dq"])
 def test_opcheck_grad_input(device, double_quant):
-    q = _quantized((24, 96), 32, double_quant, device, seed=4)
-    gy = _randn(3, 24, dtype=torch.bfloat16, device=device, seed=1).requires_grad_()
+    q = quantized_weight((24, 96), 32, double_quant, device, seed=4)
+    gy = normal(3, 24, dtype=torch.bfloat16, device=device, seed=1).requires_grad_()
     torch.library.opcheck(torch.ops.minidora.nf4_linear_grad_input.default,
                           (gy, *ops._weight_args(q), 24, 96))
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 def test_opcheck_dequantize(device, dtype):
-    q = _quantized((40, 33), 64, True, device, seed=6)
+    q = quantized_weight((40, 33), 64, True, device, seed=6)
     torch.library.opcheck(torch.ops.minidora.nf4_dequantize.default,
                           (*ops._weight_args(q), [40, 33], dtype))
 
@@ -357,17 +281,17 @@ class _NF4Linear(torch.nn.Module):
 
 
 def test_torch_compile_fullgraph(device):
-    q = _quantized((48, 160), 32, True, device, seed=8)
-    layer = _NF4Linear(q, _randn(48, dtype=torch.float32, device=device, seed=1))
+    q = quantized_weight((48, 160), 32, True, device, seed=8)
+    layer = _NF4Linear(q, normal(48, dtype=torch.float32, device=device, seed=1))
     compiled = torch.compile(layer, fullgraph=True)
     w = nf4.dequantize(q, torch.float32)
     for rows in (3, 40):  # both regimes
-        x = _randn(2, rows, 160, dtype=torch.float32, device=device, seed=rows).requires_grad_()
+        x = normal(2, rows, 160, dtype=torch.float32, device=device, seed=rows).requires_grad_()
         y = compiled(x)
         assert torch.equal(y, layer(x))  # same op, same kernel
         magnitude = x.double().abs() @ w.double().abs().T + layer.bias.double().abs()
         assert_close_to_reference(y, F.linear(x, w, layer.bias), magnitude, 160)
-        grad_y = _randn(2, rows, 48, dtype=torch.float32, device=device, seed=rows + 1)
+        grad_y = normal(2, rows, 48, dtype=torch.float32, device=device, seed=rows + 1)
         gx, gb = torch.autograd.grad(y, (x, layer.bias), grad_y)
         ref_x, ref_b = torch.autograd.grad(F.linear(x, w, layer.bias), (x, layer.bias), grad_y)
         assert_close_to_reference(gx, ref_x, grad_y.double().abs() @ w.double().abs(), 48)
@@ -378,9 +302,9 @@ def test_torch_compile_fullgraph(device):
 def test_gradcheck_float64(device, rows):
     """Gradients of x and bias, and of the backward itself (nf4_linear_grad_input is
     differentiable), against finite differences in float64."""
-    q = _quantized((12, 40), 32, True, device, seed=9)
-    x = _randn(*rows, 40, dtype=torch.float64, device=device, seed=1).requires_grad_()
-    b = _randn(12, dtype=torch.float64, device=device, seed=2).requires_grad_()
+    q = quantized_weight((12, 40), 32, True, device, seed=9)
+    x = normal(*rows, 40, dtype=torch.float64, device=device, seed=1).requires_grad_()
+    b = normal(12, dtype=torch.float64, device=device, seed=2).requires_grad_()
 
     def f(x, b):
         return ops.nf4_linear(x, q, b, backend="compiled")
@@ -398,7 +322,7 @@ def _moved(q, to):
 def test_meta_tensors_use_fake_kernels():
     """A whole model on the meta device (x and every weight tensor) gets shapes from the fake
     kernels of the ops, and from the reference path through ops.nf4_linear."""
-    q = _moved(_quantized((24, 96), 32, True, "cpu"), lambda t: t.to("meta"))
+    q = _moved(quantized_weight((24, 96), 32, True, "cpu"), lambda t: t.to("meta"))
     x = torch.empty(2, 5, 96, device="meta")
     w = ops._weight_args(q)
     y = torch.ops.minidora.nf4_linear(x, *w, 24, 96, torch.empty(24, device="meta"))
@@ -408,7 +332,7 @@ def test_meta_tensors_use_fake_kernels():
     d = torch.ops.minidora.nf4_dequantize(*w, [24, 96], torch.bfloat16)
     assert d.device.type == "meta" and d.shape == (24, 96) and d.dtype == torch.bfloat16
     assert ops.nf4_linear(x, q).shape == (2, 5, 24)
-    layer = NF4Linear(_quantized((24, 96), 32, True, "cpu"), torch.randn(24)).to("meta")
+    layer = NF4Linear(quantized_weight((24, 96), 32, True, "cpu"), torch.randn(24)).to("meta")
     assert layer(x).shape == (2, 5, 24)
 
 
@@ -416,7 +340,7 @@ def test_fake_tensor_tracing():
     """Under FakeTensorMode (what torch.compile traces with) the compiled path runs the fake
     kernels, forward and backward; a weight tensor on another device than x still raises."""
     mode = FakeTensorMode(allow_non_fake_inputs=True)  # the constant dynamic map stays real
-    q = _moved(_quantized((24, 96), 32, True, "cpu"), mode.from_tensor)
+    q = _moved(quantized_weight((24, 96), 32, True, "cpu"), mode.from_tensor)
     x = mode.from_tensor(torch.randn(2, 5, 96, requires_grad=True))
     with mode:
         y = ops.nf4_linear(x, q, backend="compiled")
@@ -429,145 +353,10 @@ def test_fake_tensor_tracing():
         torch.ops.minidora.nf4_linear(x, *ops._weight_args(q), 24, 96, None)
 
 
-# --- dispatch: which path runs --------------------------------------------------------------
-
-class _RecordOps(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.names = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
-def _ops_called(fn):
-    with _RecordOps() as rec:
-        fn()
-    return rec.names
-
-
-def test_backend_selection():
-    q = _quantized((16, 64), 32, True, "cpu", seed=10)
-    x = _randn(2, 64, dtype=torch.float32, device="cpu", seed=1)
-    assert "minidora.nf4_linear.default" in _ops_called(lambda: ops.nf4_linear(x, q))
-    ref_calls = _ops_called(lambda: ops.nf4_linear(x, q, backend="reference"))
-    assert not any(n.startswith("minidora.") for n in ref_calls)
-    with ops.use_reference():
-        assert ops.get_backend() == "reference"
-        assert not any(n.startswith("minidora.") for n in _ops_called(lambda: ops.nf4_linear(x, q)))
-        y = ops.nf4_dequantize(q)
-        assert "minidora.nf4_dequantize.default" in _ops_called(
-            lambda: ops.nf4_dequantize(q, backend="compiled"))
-    assert ops.get_backend() == "auto"
-    assert torch.equal(y, nf4.dequantize(q))
-    assert torch.equal(ops.nf4_linear(x, q, backend="reference"),
-                       F.linear(x, nf4.dequantize(q, torch.float32)))
-
-
-def test_compiled_backend_without_extension(monkeypatch):
-    q = _quantized((16, 64), 32, True, "cpu", seed=10)
-    x = _randn(2, 64, dtype=torch.float32, device="cpu", seed=1)
-    monkeypatch.setattr(ops, "_C", None)
-    monkeypatch.setattr(ops, "_IMPORT_ERROR", ImportError("no module minidora._C"))
-    monkeypatch.setattr(ops, "_DEVICES", frozenset())
-    assert not ops.extension_available()
-    with pytest.raises(RuntimeError, match="make build"):
-        ops.nf4_linear(x, q, backend="compiled")
-    # auto falls back to the reference
-    assert torch.equal(ops.nf4_linear(x, q), F.linear(x, nf4.dequantize(q, torch.float32)))
-
-
-def test_compiled_backend_unsupported_device():
-    q = _quantized((16, 64), 32, True, "meta")
-    with pytest.raises(RuntimeError, match="no kernel for device 'meta'"):
-        ops.nf4_linear(torch.empty(2, 64, device="meta"), q, backend="compiled")
-
-
-def test_default_backend_and_thread_choice():
-    """A thread that chose nothing follows the process default; set_backend(None) returns to it."""
-    seen = []
-    worker = lambda: seen.append(ops.get_backend())  # noqa: E731
-    try:
-        ops.set_default_backend("reference")
-        assert ops.get_backend() == "reference"
-        ops.set_backend("compiled")                  # this thread only
-        assert ops.get_backend() == "compiled"
-        thread = threading.Thread(target=worker)
-        thread.start()
-        thread.join()
-        assert seen == ["reference"]
-        ops.set_backend(None)
-        assert ops.get_backend() == "reference"
-    finally:
-        ops.set_backend(None)
-        ops.set_default_backend("auto")
-    assert ops.get_backend() == "auto"
-    with pytest.raises(ValueError, match="backend must be one of"):
-        ops.set_default_backend("fast")
-    with pytest.raises(ValueError, match="backend must be one of"):
-        ops.use_backend("fast").__enter__()
-
-
-def test_backend_and_cpu_isa_are_per_thread():
-    """Threads enter use_reference / use_cpu_isa one after another and leave in the same order
-    (with a process-wide setting, each would save the previous thread's choice and the last
-    one to leave would restore it for good): inside, each thread sees its own backend and CPU
-    kernels, checked by which ops run and by the bits of the result (the float32 fused kernels
-    of each level sum in their own order); afterwards every thread and the process are back on
-    the defaults."""
-    levels = ["scalar", "avx2", "avx512", "avx512bf16"]
-    isas = levels[: levels.index(ops._C.cpu_isa_best()) + 1]
-    q = _quantized((64, 512), 64, True, "cpu", seed=41)
-    x = _randn(3, 512, dtype=torch.float32, device="cpu", seed=42)     # fused kernels (M <= 16)
-    expected = {}
-    for isa in isas:
-        with ops.use_cpu_isa(isa):
-            expected[isa] = ops.nf4_linear(x, q, backend="compiled")
-    if len(isas) > 1:
-        assert not torch.equal(expected["scalar"], expected[isas[-1]])
-    n_threads = 2 * len(isas)
-    barrier = threading.Barrier(n_threads, timeout=60)
-    errors = []
-
-    def worker(i):
-        backend, isa = ("reference" if i % 2 else "auto"), isas[i // 2]
-        try:
-            with contextlib.ExitStack() as stack:
-                for turn in range(n_threads):                    # enter one after another
-                    if turn == i:
-                        if backend == "reference":
-                            stack.enter_context(ops.use_reference())
-                        stack.enter_context(ops.use_cpu_isa(isa))
-                    barrier.wait()
-                for _ in range(3):                               # all inside at once
-                    assert (ops.get_backend(), ops.cpu_isa()) == (backend, isa)
-                    names = _ops_called(lambda: ops.nf4_linear(x, q))
-                    assert ("minidora.nf4_linear.default" in names) == (backend == "auto")
-                    assert torch.equal(ops.nf4_linear(x, q, backend="compiled"), expected[isa])
-                    barrier.wait()
-                for turn in range(n_threads):                    # leave in the same order
-                    if turn == i:
-                        stack.close()
-                    barrier.wait()
-            assert (ops.get_backend(), ops.cpu_isa()) == ("auto", isas[-1])
-        except BaseException as e:  # noqa: BLE001 (reported by the main thread)
-            errors.append(f"thread {i} ({backend}, {isa}): {e!r}")
-            barrier.abort()
-
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(n_threads)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
-    assert (ops.get_backend(), ops.cpu_isa()) == ("auto", isas[-1])
-
-
 # --- bad input: Python boundary (ValueError / TypeError) and C++ (TORCH_CHECK) --------------
 
 def _bad_input_weight():
-    return _quantized((16, 64), 32, True, "cpu", seed=12), torch.randn(3, 64)
+    return quantized_weight((16, 64), 32, True, "cpu", seed=12), torch.randn(3, 64)
 
 
 def test_bad_input_python():
@@ -589,7 +378,7 @@ def test_bad_input_python():
     with pytest.raises(TypeError, match="dtype must be float32"):
         ops.nf4_dequantize(q, torch.int8)
     with pytest.raises(ValueError, match="q must be a 2-D weight"):
-        ops.nf4_linear(x, _quantized((4, 4, 64), 32, True, "cpu"))
+        ops.nf4_linear(x, quantized_weight((4, 4, 64), 32, True, "cpu"))
     bad = nf4.NF4Weight(q.packed, q.absmax[:-1], q.shape, q.dtype, q.blocksize, q.nested_absmax,
                         q.offset)
     with pytest.raises(ValueError, match=r"q.absmax must be 1-D with ceil\(n/blocksize\) = 32 "):
@@ -769,7 +558,7 @@ def test_sizes_checked_cpp():
     """Each int an op receives is checked before any kernel runs: positive, its products within
     int64, and consistent with the tensors passed. Sized so that a wrapped-around product passes
     the tensor checks, these calls would otherwise index far past packed."""
-    q = _quantized((4, 4), 32, False, "cpu")      # 16 elements: 8 bytes of codes, one block
+    q = quantized_weight((4, 4), 32, False, "cpu")      # 16 elements: 8 bytes of codes, one block
     w = ops._weight_args(q)
     linear = torch.ops.minidora.nf4_linear
     grad = torch.ops.minidora.nf4_linear_grad_input
@@ -785,11 +574,11 @@ def test_sizes_checked_cpp():
         dequantize(*w, [big, 4], torch.float32)
     # a stride-0 batch of 2^60 rows: its result would have 2^66 elements
     rows = 2**60
-    wide = ops._weight_args(_quantized((64, 4), 32, False, "cpu"))
+    wide = ops._weight_args(quantized_weight((64, 4), 32, False, "cpu"))
     with pytest.raises(RuntimeError,
                        match=rf"nf4_linear: x's rows \* out_features = {rows} \* 64 overflows"):
         linear(torch.ones(1, 4).expand(rows, 4), *wide, 64, 4, None)
-    tall = ops._weight_args(_quantized((4, 64), 32, False, "cpu"))
+    tall = ops._weight_args(quantized_weight((4, 64), 32, False, "cpu"))
     with pytest.raises(RuntimeError,
                        match=rf"grad_input: grad_y's rows \* in_features = {rows} \* 64 overflows"):
         grad(torch.ones(1, 4).expand(rows, 4), *tall, 4, 64)
@@ -832,97 +621,3 @@ def test_tensor_sizes_checked_cpp():
     with pytest.raises(RuntimeError,
                        match=r"bias must have shape \[out_features\] = \[16\], got \[1, 16\]"):
         linear(x, packed, absmax, nested, code, offset, bs, 16, 64, torch.randn(1, 16))
-
-
-def test_cpu_isa_selection():
-    with pytest.raises(ValueError, match="cpu isa must be 'auto', 'scalar'"):
-        ops._C.set_cpu_isa("sse9")
-    with ops.use_cpu_isa("scalar"):
-        assert ops.cpu_isa() == "scalar"
-    assert ops.cpu_isa() == ops._C.cpu_isa_best()
-
-
-def test_one_switch_sets_and_restores_every_choice():
-    before = (ops.get_backend(), ops.cpu_isa(), ops.cuda_kernel())
-    assert before[2] == "auto"
-    with ops.use(backend="reference", cpu_isa="scalar", cuda_kernel="simt"):
-        assert (ops.get_backend(), ops.cpu_isa(), ops.cuda_kernel()) == (
-            "reference", "scalar", "simt")
-        with ops.use(backend="compiled"):                    # nested: only what it names
-            assert (ops.get_backend(), ops.cpu_isa()) == ("compiled", "scalar")
-        assert ops.get_backend() == "reference"
-    assert (ops.get_backend(), ops.cpu_isa(), ops.cuda_kernel()) == before
-    with pytest.raises(ValueError, match=r"cuda_kernel must be one of \('auto', 'mma', 'simt'\)"):
-        with ops.use(backend="reference", cuda_kernel="tensor"):
-            pass
-    with pytest.raises(ValueError, match="backend must be one of"):
-        ops.choose(backend="fast")
-    assert (ops.get_backend(), ops.cpu_isa(), ops.cuda_kernel()) == before
-    ops.choose(cuda_kernel="mma")
-    try:
-        assert ops.cuda_kernel() == "mma"
-    finally:
-        ops.choose(cuda_kernel="auto")
-
-
-def test_one_switch_picks_the_path():
-    q = nf4.quantize(torch.randn(24, 96), 64, True)
-    x = torch.randn(3, 96)
-    want = F.linear(x, nf4.dequantize(q, torch.float32))
-    with ops.use(backend="reference"):
-        assert torch.equal(ops.nf4_linear(x, q), want)              # the reference, exactly
-    with ops.use(cpu_isa="scalar"):
-        assert torch.allclose(ops.nf4_linear(x, q), want, rtol=1e-5, atol=1e-5)
-
-
-# --- cpu_native_bf16: the applications' default compute dtype follows it ----------------------
-
-def test_cpu_native_bf16_follows_the_forced_kernel_level():
-    levels = ["scalar", "avx2", "avx512", "avx512bf16"]
-    best = ops._C.cpu_isa_best()
-    assert ops.cpu_native_bf16() is (best == "avx512bf16")
-    for isa in levels[: levels.index(best) + 1]:
-        with ops.use_cpu_isa(isa):
-            assert ops.cpu_native_bf16() is (isa == "avx512bf16"), isa
-    assert ops.cpu_native_bf16() is (best == "avx512bf16")          # back with the level
-
-
-def test_cpu_native_bf16_without_the_extension_asks_torch(monkeypatch):
-    monkeypatch.setattr(ops, "_C", None)
-    for bf16, amx in ((False, False), (True, False), (False, True)):
-        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=bf16: v,
-                            raising=False)
-        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v, raising=False)
-        assert ops.cpu_native_bf16() is (bf16 or amx)
-    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")     # an older torch: no answer
-    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
-    assert ops.cpu_native_bf16() is False
-
-
-@pytest.mark.skipif(not ops.extension_available(), reason="minidora._C not built")
-@pytest.mark.parametrize("cap", ["scalar", "avx2", "avx512", "avx512bf16", "sse9"])
-def test_minidora_cpu_isa_caps_the_levels_of_the_process(cap):
-    """MINIDORA_CPU_ISA runs a whole process as on a CPU whose best level is the cap (never above
-    what this CPU has); a name that is not a level is ignored with a line on stderr."""
-    import os
-    import subprocess
-    import sys
-
-    levels = ["scalar", "avx2", "avx512", "avx512bf16"]
-    code = ("from minidora import ops; print(ops._C.cpu_isa_best(), ops.cpu_isa(), "
-            "ops.cpu_native_bf16())")
-
-    def run(**env):
-        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                              env=env, timeout=time_limit(120), check=True)
-
-    uncapped = {k: v for k, v in os.environ.items() if k != "MINIDORA_CPU_ISA"}
-    have = run(**uncapped).stdout.split()[0]          # what this CPU has, whatever the suite's cap
-    done = run(**uncapped, MINIDORA_CPU_ISA=cap)
-    if cap in levels:
-        want = levels[min(levels.index(cap), levels.index(have))]
-        assert done.stderr == ""
-    else:
-        want = have
-        assert "MINIDORA_CPU_ISA=sse9 is not a level" in done.stderr
-    assert done.stdout.split() == [want, want, str(want == "avx512bf16")]

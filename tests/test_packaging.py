@@ -150,11 +150,11 @@ def test_compiled_ops_say_how_to_get_them(monkeypatch):
     to install and how to rebuild with the extension."""
     import torch
 
-    from minidora import nf4, ops
+    from minidora import backends, nf4, ops
 
-    monkeypatch.setattr(ops, "_C", None)
-    monkeypatch.setattr(ops, "_IMPORT_ERROR", ImportError("No module named 'minidora._C'"))
-    monkeypatch.setattr(ops, "_DEVICES", frozenset())
+    monkeypatch.setattr(backends, "_C", None)
+    monkeypatch.setattr(backends, "_IMPORT_ERROR", ImportError("No module named 'minidora._C'"))
+    monkeypatch.setattr(backends, "_DEVICES", frozenset())
     q = nf4.quantize(torch.randn(8, 64), 64, True)
     for call in (lambda: ops.nf4_linear(torch.randn(2, 64), q, backend="compiled"),
                  lambda: ops.use(cuda_kernel="simt").__enter__(),

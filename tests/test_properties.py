@@ -20,14 +20,20 @@ import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, configuration, given, settings
 from hypothesis import strategies as st
-from test_ops import FLOAT_DTYPES, _layout, _quantized, _randn, assert_close_to_reference
 
+from helpers import (
+    FLOAT_DTYPES,
+    as_layout,
+    assert_close_to_reference,
+    normal,
+    quantized_weight,
+)
 from minidora import nf4, ops
 
 # Every CPU kernel set this machine can run (each level includes the one before). Like
 # tests/test_ops.py, the file fails rather than skips when minidora._C is not built.
 LEVELS = ["scalar", "avx2", "avx512", "avx512bf16"]
-ISAS = LEVELS[: LEVELS.index(ops._C.cpu_isa_best() if ops.extension_available() else "scalar") + 1]
+ISAS = LEVELS[: LEVELS.index(ops.cpu_isa_best() if ops.extension_available() else "scalar") + 1]
 
 SETTINGS = settings(derandomize=True, database=None, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])
@@ -59,7 +65,7 @@ def _kernels(isa, threads):
 @given(shape=st.lists(st.integers(1, 48), min_size=1, max_size=3), blocksize=blocksizes,
        double_quant=st.booleans(), kernel=kernels, seed=st.integers(0, 2**31 - 1))
 def test_dequantize_bit_exact(shape, blocksize, double_quant, kernel, seed):
-    q = _quantized(tuple(shape), blocksize, double_quant, "cpu", seed)
+    q = quantized_weight(tuple(shape), blocksize, double_quant, "cpu", seed)
     with _kernels(*kernel):
         for dtype in FLOAT_DTYPES:
             assert torch.equal(ops.nf4_dequantize(q, dtype, backend="compiled"),
@@ -74,13 +80,13 @@ def test_dequantize_bit_exact(shape, blocksize, double_quant, kernel, seed):
        bias=st.booleans(), kernel=kernels, seed=st.integers(0, 2**31 - 1))
 def test_linear_and_input_gradient(out_features, in_features, blocksize, double_quant, rows,
                                    split, dtype, layout, bias, kernel, seed):
-    q = _quantized((out_features, in_features), blocksize, double_quant, "cpu", seed)
+    q = quantized_weight((out_features, in_features), blocksize, double_quant, "cpu", seed)
     w = nf4.dequantize(q, dtype)                                          # [out, in]
     batch = (2, rows) if split else (rows,)                               # 2 * rows rows if split
-    x = _layout(_randn(*batch, in_features, dtype=dtype, device="cpu", seed=seed + 1), layout)
+    x = as_layout(normal(*batch, in_features, dtype=dtype, device="cpu", seed=seed + 1), layout)
     x.requires_grad_()
-    b = _randn(out_features, dtype=dtype, device="cpu", seed=seed + 2) if bias else None
-    grad_y = _layout(_randn(*batch, out_features, dtype=dtype, device="cpu", seed=seed + 3),
+    b = normal(out_features, dtype=dtype, device="cpu", seed=seed + 2) if bias else None
+    grad_y = as_layout(normal(*batch, out_features, dtype=dtype, device="cpu", seed=seed + 3),
                      layout)
     with _kernels(*kernel):
         y = ops.nf4_linear(x, q, b, backend="compiled")                   # [*batch, out]
