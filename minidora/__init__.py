@@ -14,23 +14,25 @@ from typing import TYPE_CHECKING
 __version__ = "0.1.0"
 
 # The submodules that are public names of the package, and where each other public name lives.
-_SUBMODULES = ("analysis", "base", "bnb_checkpoint", "checkpoint", "nf4", "ops")
+_SUBMODULES = ("analysis", "backends", "base", "bnb_checkpoint", "checkpoint", "nf4", "ops")
 _HOME = {
     "DoRALinear": "dora", "dora_reference": "dora",
     "LoRALinear": "lora", "lora_reference": "lora",
     "NF4Weight": "nf4", "NF4Linear": "nf4_linear",
     **{name: "model" for name in (
-        "METHODS", "Report", "adapter_layers", "cast_adapters", "load_adapters",
-        "load_bnb_nf4_linears", "load_peft_adapter", "merge", "merge_and_unload", "report",
-        "save_adapters", "save_peft_adapter", "unmerge", "wrap")},
+        "METHODS", "Report", "adapter_layers", "cast_adapters", "merge", "merge_and_unload",
+        "report", "unmerge", "wrap")},
+    **{name: "checkpoint" for name in (
+        "load_adapters", "load_bnb_nf4_linears", "load_peft_adapter", "save_adapters",
+        "save_peft_adapter")},
 }
 
 __all__ = [
     "LoRALinear", "DoRALinear", "NF4Linear", "NF4Weight", "lora_reference", "dora_reference",
     "wrap", "report", "Report", "merge", "unmerge", "merge_and_unload", "cast_adapters",
     "adapter_layers", "save_adapters", "load_adapters", "save_peft_adapter", "load_peft_adapter",
-    "load_bnb_nf4_linears", "METHODS", "analysis", "base", "bnb_checkpoint", "checkpoint", "nf4",
-    "ops",
+    "load_bnb_nf4_linears", "METHODS", "analysis", "backends", "base", "bnb_checkpoint",
+    "checkpoint", "nf4", "ops",
 ]
 
 
@@ -50,7 +52,14 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:   # the same names, for type checkers and documentation tools
-    from . import analysis, base, bnb_checkpoint, checkpoint, nf4, ops  # noqa: F401
+    from . import analysis, backends, base, bnb_checkpoint, checkpoint, nf4, ops  # noqa: F401
+    from .checkpoint import (  # noqa: F401
+        load_adapters,
+        load_bnb_nf4_linears,
+        load_peft_adapter,
+        save_adapters,
+        save_peft_adapter,
+    )
     from .dora import DoRALinear, dora_reference  # noqa: F401
     from .lora import LoRALinear, lora_reference  # noqa: F401
     from .model import (  # noqa: F401
@@ -58,14 +67,9 @@ if TYPE_CHECKING:   # the same names, for type checkers and documentation tools
         Report,
         adapter_layers,
         cast_adapters,
-        load_adapters,
-        load_bnb_nf4_linears,
-        load_peft_adapter,
         merge,
         merge_and_unload,
         report,
-        save_adapters,
-        save_peft_adapter,
         unmerge,
         wrap,
     )

@@ -7,6 +7,11 @@ double quantization), ``weight.quant_map`` (16,) float32, ``weight.nested_absmax
 JSON bytes with quant_type, blocksize, dtype, shape and (double quantization) nested_blocksize,
 nested_dtype, nested_offset. Every key, shape, dtype and JSON field is checked on reading, and
 the scales must be finite.
+
+This module reads and writes one weight (an :class:`~minidora.nf4.NF4Weight`);
+``NF4Linear.to_bnb_state_dict`` / ``from_bnb_state_dict`` add the bias, and
+:func:`minidora.checkpoint.load_bnb_nf4_linears` swaps a model's layers for the ones a
+checkpoint holds.
 """
 
 from __future__ import annotations
@@ -15,7 +20,6 @@ import json
 import math
 
 import torch
-import torch.nn as nn
 
 from .nf4 import (
     _DTYPE_NAMES,
@@ -25,9 +29,8 @@ from .nf4 import (
     NF4Weight,
     _check_blocksize,
 )
-from .nf4_linear import NF4Linear
 
-__all__ = ["to_bnb_state_dict", "from_bnb_state_dict", "load_bnb_nf4_linears"]
+__all__ = ["to_bnb_state_dict", "from_bnb_state_dict"]
 
 
 def to_bnb_state_dict(q: NF4Weight, prefix: str = "weight") -> dict[str, torch.Tensor]:
@@ -127,34 +130,3 @@ def from_bnb_state_dict(sd: dict[str, torch.Tensor], prefix: str = "weight") -> 
         q.offset = torch.tensor(meta["nested_offset"], dtype=torch.float32)
     return q
 
-
-def load_bnb_nf4_linears(model: nn.Module, state_dict: dict[str, torch.Tensor],
-                         compute_dtype: torch.dtype = torch.bfloat16) -> list[str]:
-    """Replace each ``nn.Linear`` that ``state_dict`` stores in bitsandbytes' NF4 layout
-    (``<name>.weight`` + ``<name>.weight.absmax`` + ``.quant_state.bitsandbytes__nf4``...)
-    by an :class:`~minidora.NF4Linear` holding those exact bytes. The checkpoint must hold a bias
-    exactly where the model's layer has one. Every layer is built and checked before any is
-    replaced. Returns the names replaced."""
-    from .model import _set_module
-
-    new = {}
-    for name, m in model.named_modules():
-        if (isinstance(m, nn.Linear)
-                and f"{name}.weight.quant_state.bitsandbytes__nf4" in state_dict):
-            has_bias = f"{name}.bias" in state_dict
-            if has_bias != (m.bias is not None):
-                raise ValueError(f"{name}: the checkpoint {'has' if has_bias else 'has no'} "
-                                 f"{name}.bias but the model's layer has "
-                                 f"{'one' if m.bias is not None else 'none'}")
-            layer = NF4Linear.from_bnb_state_dict(state_dict, f"{name}.",
-                                                  compute_dtype=compute_dtype)
-            if (layer.in_features, layer.out_features) != (m.in_features, m.out_features):
-                raise ValueError(f"{name}: the checkpoint holds a {layer.out_features}x"
-                                 f"{layer.in_features} weight, the model a {m.out_features}x"
-                                 f"{m.in_features} one")
-            if layer.bias is not None and not torch.isfinite(layer.bias).all():
-                raise ValueError(f"{name}.bias holds NaN/Inf values")
-            new[name] = layer.to(m.weight.device)
-    for name, layer in new.items():
-        _set_module(model, name, layer)
-    return list(new)

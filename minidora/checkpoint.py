@@ -20,8 +20,8 @@ Four rules hold for every function here:
   of the other metadata is stored in the metadata (``minidora_sha256``) and checked on load;
   files written before the checksum existed still load.
 
-(bitsandbytes' NF4 checkpoint keys are in :mod:`minidora.bnb_checkpoint`;
-:func:`load_bnb_nf4_linears` is re-exported here.)
+A whole model's NF4 layers load from bitsandbytes' checkpoint keys with
+:func:`load_bnb_nf4_linears` (one weight's keys: :mod:`minidora.bnb_checkpoint`).
 
 minidora's layout is one folder per adapter: ``minidora_adapters.safetensors`` (tensors
 ``<module>.lora_A`` [r, in], ``<module>.lora_B`` [out, r], ``<module>.magnitude`` [out]) and
@@ -47,10 +47,11 @@ import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .bnb_checkpoint import load_bnb_nf4_linears
+from . import __version__
 from .dora import DoRALinear
 from .lora import LoRALinear
-from .model import _is_conv1d, adapter_layers, wrap
+from .model import _is_conv1d, _set_module, adapter_layers, wrap
+from .nf4 import FLOAT_DTYPES
 from .nf4_linear import NF4Linear
 
 __all__ = ["save_adapters", "load_adapters", "save_peft_adapter", "load_peft_adapter",
@@ -62,7 +63,6 @@ PEFT_ADAPTER_FILE = "adapter_model.safetensors"
 PEFT_CONFIG_FILE = "adapter_config.json"
 DIGEST_KEY = "minidora_sha256"
 _PEFT_PREFIX = "base_model.model."
-_FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _OUR_FILES = (ADAPTER_FILE, CONFIG_FILE, PEFT_ADAPTER_FILE, PEFT_CONFIG_FILE)
 # A temporary file of a save: ".NAME.PID.tmp" (older saves) or ".NAME.PID.THREAD.RANDOM.tmp".
 _TMP = re.compile(r"\.(?P<name>.+)\.(?P<pid>\d+)(?:\.\d+\.[0-9a-f]+)?\.tmp")
@@ -217,7 +217,7 @@ def _check_tensor(where: str, key: str, t: torch.Tensor | None, shape: tuple,
     float32)."""
     if t is None:
         raise ValueError(f"{where}: tensor {key} is missing from the file")
-    if t.dtype not in _FLOATS:
+    if t.dtype not in FLOAT_DTYPES:
         raise ValueError(f"{where}: tensor {key} must be floating point, got {t.dtype}")
     if tuple(t.shape) != tuple(shape):
         raise ValueError(f"{where}: tensor {key}: expected shape {tuple(shape)}, "
@@ -332,19 +332,17 @@ def save_adapters(model: nn.Module, path, tensors: dict | None = None) -> Path:
         path: the folder.
         tensors: the adapter tensors to write in place of the model's own, by the names the file
             uses (``<module>.lora_A`` [r, in], ``.lora_B`` [out, r], ``.magnitude`` [out]): the
-            full tensors gathered from a sharded model (:mod:`minidora.distributed`).
+            full tensors gathered from a sharded model (``python -m minidora train``).
 
     Returns:
         The folder.
     """
-    import minidora
-
     layers = adapter_layers(model)
     if not layers:
         raise ValueError("model has no minidora adapter layers to save; call minidora.wrap first")
     tensors = _given(layers, tensors)
     folder = _folder(path, "adapters")
-    config = {"format": "minidora-adapters", "minidora_version": minidora.__version__,
+    config = {"format": "minidora-adapters", "minidora_version": __version__,
               "method": _method_of(layers),
               "layers": {n: _layer_config(layer) for n, layer in layers.items()}}
     with _folder_lock(folder):
@@ -723,3 +721,33 @@ def save_peft_adapter(model: nn.Module, path, tensors: dict | None = None) -> Pa
                        {"format": "pt", "minidora_peft_config": json.dumps(config)})
         _write_json(folder / PEFT_CONFIG_FILE, config)
     return folder
+
+
+def load_bnb_nf4_linears(model: nn.Module, state_dict: dict[str, torch.Tensor],
+                         compute_dtype: torch.dtype = torch.bfloat16) -> list[str]:
+    """Replace each ``nn.Linear`` that ``state_dict`` stores in bitsandbytes' NF4 layout
+    (``<name>.weight`` + ``<name>.weight.absmax`` + ``.quant_state.bitsandbytes__nf4``...)
+    by an :class:`~minidora.NF4Linear` holding those exact bytes. The checkpoint must hold a bias
+    exactly where the model's layer has one. Every layer is built and checked before any is
+    replaced. Returns the names replaced."""
+    new = {}
+    for name, m in model.named_modules():
+        if (isinstance(m, nn.Linear)
+                and f"{name}.weight.quant_state.bitsandbytes__nf4" in state_dict):
+            has_bias = f"{name}.bias" in state_dict
+            if has_bias != (m.bias is not None):
+                raise ValueError(f"{name}: the checkpoint {'has' if has_bias else 'has no'} "
+                                 f"{name}.bias but the model's layer has "
+                                 f"{'one' if m.bias is not None else 'none'}")
+            layer = NF4Linear.from_bnb_state_dict(state_dict, f"{name}.",
+                                                  compute_dtype=compute_dtype)
+            if (layer.in_features, layer.out_features) != (m.in_features, m.out_features):
+                raise ValueError(f"{name}: the checkpoint holds a {layer.out_features}x"
+                                 f"{layer.in_features} weight, the model a {m.out_features}x"
+                                 f"{m.in_features} one")
+            if layer.bias is not None and not torch.isfinite(layer.bias).all():
+                raise ValueError(f"{name}.bias holds NaN/Inf values")
+            new[name] = layer.to(m.weight.device)
+    for name, layer in new.items():
+        _set_module(model, name, layer)
+    return list(new)

@@ -34,6 +34,7 @@ import torch.nn as nn
 
 from .dora import DoRALinear
 from .lora import MERGE_WARN, LoRALinear
+from .nf4 import check_float_dtype
 from .nf4_linear import NF4Linear
 
 __all__ = ["wrap", "report", "Report", "merge", "unmerge", "merge_and_unload", "cast_adapters",
@@ -343,25 +344,10 @@ def cast_adapters(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     """Cast every adapter's trainable tensors (A, B, m) to ``dtype``. ``model.to(dtype)`` leaves
     them as they are on purpose (minidora trains float32 adapters over a bf16 base by default;
     the QLoRA paper trains bf16 ones: cast_adapters(model, torch.bfloat16) matches it)."""
-    if dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
-        raise TypeError(f"dtype must be a floating dtype, got {dtype}")
+    check_float_dtype(dtype, "dtype")
     for layer in adapter_layers(model).values():
         for p in layer._parameters.values():
             if p is not None:
                 p.data = p.data.to(dtype)
     return model
 
-
-# --- files: in minidora.checkpoint and minidora.bnb_checkpoint; the old names work here too ----
-
-_MOVED = {"save_adapters": "checkpoint", "load_adapters": "checkpoint",
-          "save_peft_adapter": "checkpoint", "load_peft_adapter": "checkpoint",
-          "load_bnb_nf4_linears": "bnb_checkpoint"}
-
-
-def __getattr__(name: str):
-    if name in _MOVED:
-        import importlib
-
-        return getattr(importlib.import_module(f"minidora.{_MOVED[name]}"), name)
-    raise AttributeError(f"module 'minidora.model' has no attribute {name!r}")

@@ -43,11 +43,11 @@ from ._tables import DYNAMIC_MAP
 
 __all__ = [
     "NF4Weight", "quantize", "dequantize", "nf4_codebook", "NF4_CODEBOOK", "DYNAMIC_CODE",
-    "storage_bits_per_param",
+    "storage_bits_per_param", "FLOAT_DTYPES", "check_float_dtype",
 ]
 
 NESTED_BLOCKSIZE = 256  # scales per double-quantization block (fixed by bitsandbytes)
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)  # weights, inputs
 _DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16,
                 "float16": torch.float16, "float64": torch.float64}
 
@@ -147,11 +147,16 @@ def _check_blocksize(blocksize) -> None:
         raise ValueError(f"blocksize must be a power of two in 32..4096, got {blocksize!r}")
 
 
+def check_float_dtype(dtype, name: str) -> None:
+    """Raise TypeError naming ``name`` unless ``dtype`` is one of :data:`FLOAT_DTYPES`."""
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {dtype}")
+
+
 def _check_weight(weight) -> None:
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
-    if weight.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"weight must be float32, bfloat16, float16 or float64, got {weight.dtype}")
+    check_float_dtype(weight.dtype, "weight")
     if weight.numel() == 0:
         raise ValueError(f"weight must not be empty, got shape {tuple(weight.shape)}")
     if weight.is_meta:   # no values to check (a model built on the meta device)
@@ -329,8 +334,7 @@ def dequantize(q: NF4Weight, dtype: torch.dtype | None = None) -> torch.Tensor:
     out = float32(codebook[code]) * float32(scale), cast once to ``dtype``.
     """
     dtype = q.dtype if dtype is None else dtype
-    if dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"dtype must be float32, bfloat16, float16 or float64, got {dtype}")
+    check_float_dtype(dtype, "dtype")
     if q.double_quant and not isinstance(q.offset, torch.Tensor):
         raise TypeError("q.offset must be a float32 tensor (the mean scale) when q.nested_absmax "
                         f"is set (double quantization), got {type(q.offset).__name__}")
@@ -339,14 +343,3 @@ def dequantize(q: NF4Weight, dtype: torch.dtype | None = None) -> torch.Tensor:
     values = NF4_CODEBOOK.to(q.packed.device)[codes] * scales
     return values.to(dtype).view(q.shape)
 
-
-def __getattr__(name: str):
-    # the checkpoint layout moved to minidora.bnb_checkpoint; the old names keep working
-    if name in ("to_bnb_state_dict", "from_bnb_state_dict"):
-        import warnings
-
-        from . import bnb_checkpoint
-        warnings.warn(f"minidora.nf4.{name} moved to minidora.bnb_checkpoint.{name}",
-                      DeprecationWarning, stacklevel=2)
-        return getattr(bnb_checkpoint, name)
-    raise AttributeError(f"module 'minidora.nf4' has no attribute {name!r}")

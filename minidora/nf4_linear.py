@@ -28,12 +28,9 @@ import math
 import torch
 import torch.nn as nn
 
-from . import nf4, ops
+from . import bnb_checkpoint, nf4, ops
 
 __all__ = ["NF4Linear"]
-
-_COMPUTE_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
-
 
 class NF4Linear(nn.Module):
     """Frozen ``y = x W^T + b`` with W in NF4 (optionally double-quantized).
@@ -49,8 +46,8 @@ class NF4Linear(nn.Module):
         super().__init__()
         if not isinstance(q, nf4.NF4Weight) or len(q.shape) != 2:
             raise TypeError(f"q must be a 2-D NF4Weight (out_features, in_features), got {q!r:.80}")
-        if compute_dtype not in _COMPUTE_DTYPES:
-            raise TypeError(f"compute_dtype must be one of {_COMPUTE_DTYPES}, got {compute_dtype}")
+        if compute_dtype not in nf4.FLOAT_DTYPES:
+            raise TypeError(f"compute_dtype must be one of {nf4.FLOAT_DTYPES}, got {compute_dtype}")
         self.out_features, self.in_features = q.shape
         self.compute_dtype = compute_dtype
         self._load_weight(q)
@@ -171,9 +168,7 @@ class NF4Linear(nn.Module):
 
     def to_bnb_state_dict(self, prefix: str = "") -> dict[str, torch.Tensor]:
         """The keys a bitsandbytes ``Linear4bit`` writes (``weight``, ``weight.absmax``, ...)."""
-        from .bnb_checkpoint import to_bnb_state_dict
-
-        sd = to_bnb_state_dict(self.weight_nf4, prefix + "weight")
+        sd = bnb_checkpoint.to_bnb_state_dict(self.weight_nf4, prefix + "weight")
         if self.bias is not None:
             sd[prefix + "bias"] = self.bias.detach()
         return {k: v.detach() for k, v in sd.items()}
@@ -182,9 +177,7 @@ class NF4Linear(nn.Module):
     def from_bnb_state_dict(cls, sd: dict[str, torch.Tensor], prefix: str = "",
                             compute_dtype: torch.dtype = torch.bfloat16) -> NF4Linear:
         """Build the layer from bitsandbytes' checkpoint keys (``weight.*`` and optional bias)."""
-        from .bnb_checkpoint import from_bnb_state_dict
-
-        q = from_bnb_state_dict(sd, prefix + "weight")
+        q = bnb_checkpoint.from_bnb_state_dict(sd, prefix + "weight")
         if len(q.shape) != 2:
             raise ValueError(f"{prefix}weight must be 2-D for a linear layer, got shape {q.shape}")
         return cls(q, sd.get(prefix + "bias"), compute_dtype=compute_dtype)
