@@ -1,7 +1,8 @@
-"""minidora.checkpoint: the file rules (options from the file, PEFT options by name, meta
-models, finite after the cast, concurrent and killed saves, checksums, the NF4 layout, clear
-messages) and ``train --base``. The round trips and the older checks are in tests/test_model.py;
-the PEFT cases load the tiny golden models of minidora.testing.golden from local files only.
+"""minidora.checkpoint: minidora's adapter folder, PEFT's adapter folder and bitsandbytes' NF4
+keys into a model (round trips, logits equal to PEFT's, refusals), then the file rules (options
+from the file, PEFT options by name, meta models, finite after the cast, concurrent and killed
+saves, checksums, the NF4 layout, clear messages) and ``train --base``. The PEFT cases load the
+tiny golden models of minidora.testing.golden from local files only.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import pickle
 import re
 import shutil
 import subprocess
@@ -21,10 +23,18 @@ import torch
 import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from test_model import Net, _peft_copy, hf_model, input_ids, randomize_adapters
 
 import minidora
-from helpers import case_seed
+from helpers import (
+    Block,
+    Net,
+    case_seed,
+    hf_model,
+    input_ids,
+    peft_copy,
+    randomize_adapters,
+    time_limit,
+)
 from minidora import NF4Linear, checkpoint
 from minidora.testing import golden
 
@@ -40,6 +50,431 @@ def _same_outputs(a, b) -> bool:
     x = torch.randn(3, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         return torch.equal(a(x), b(x))
+
+
+# --- minidora's adapter folder: round trips and refusals ---------------------------------------
+
+@pytest.mark.parametrize("method", minidora.METHODS)
+def test_save_load_adapters_round_trip(tmp_path, method):
+    src = minidora.wrap(Net(), method, ["q_proj", "down_proj"], r=4, alpha=8, rslora=True)
+    randomize_adapters(src)
+    folder = minidora.save_adapters(src, tmp_path / "run")
+    assert folder == tmp_path / "run"
+    assert sorted(p.name for p in folder.iterdir()) == ["minidora_adapters.json",
+                                                        "minidora_adapters.safetensors"]
+    tensors = load_file(str(folder / "minidora_adapters.safetensors"))
+    n_per_layer = 3 if method.endswith("dora") else 2
+    assert len(tensors) == 4 * n_per_layer
+    config = json.loads((folder / "minidora_adapters.json").read_text())
+    assert config["method"] == method and config["minidora_version"] == minidora.__version__
+    assert config["layers"]["layers.0.q_proj"]["r"] == 4
+    assert config["layers"]["layers.1.down_proj"]["in_features"] == 48
+    dst = minidora.wrap(Net(), method, ["q_proj", "down_proj"], r=4, alpha=8, rslora=True)
+    x = torch.randn(3, 32)
+    assert not torch.equal(dst(x), src(x))
+    minidora.load_adapters(dst, folder)
+    assert torch.equal(dst(x), src(x))
+
+
+def test_load_adapters_reads_the_older_single_file_layout(tmp_path):
+    src = randomize_adapters(minidora.wrap(Net(), "dora", ["q_proj"], r=4))
+    folder = minidora.save_adapters(src, tmp_path / "new")
+    tensors = load_file(str(folder / "minidora_adapters.safetensors"))
+    save_file(tensors, str(tmp_path / "old.safetensors"))      # NAME.safetensors + NAME.json
+    (tmp_path / "old.json").write_text((folder / "minidora_adapters.json").read_text())
+    dst = minidora.wrap(Net(), "dora", ["q_proj"], r=4)
+    minidora.load_adapters(dst, tmp_path / "old.safetensors")
+    x = torch.randn(3, 32)
+    assert torch.equal(dst(x), src(x))
+
+
+@pytest.mark.parametrize("name", ["a.json", "a.safetensors"])
+def test_save_adapters_takes_a_folder(tmp_path, name):
+    model = minidora.wrap(Net(), "lora", ["q_proj"], r=4)
+    with pytest.raises(ValueError, match="path names a folder .* got a file name"):
+        minidora.save_adapters(model, tmp_path / name)
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ValueError, match="is a file; the adapters are written into a folder"):
+        minidora.save_adapters(model, tmp_path / "f")
+    # run.v1 and run.v2 are two folders, not one run.json
+    a, b = randomize_adapters(minidora.wrap(Net(), "lora", ["q_proj"], r=4), seed=1), model
+    minidora.save_adapters(a, tmp_path / "run.v1")
+    minidora.save_adapters(b, tmp_path / "run.v2")
+    c = minidora.wrap(Net(), "lora", ["q_proj"], r=4)
+    minidora.load_adapters(c, tmp_path / "run.v1")
+    x = torch.randn(2, 32)
+    assert torch.equal(c(x), a(x)) and not torch.equal(c(x), b(x))
+
+
+def test_save_adapters_writes_given_tensors(tmp_path):
+    """``tensors=`` (what a sharded model gathers) is written in place of the layers' own, in
+    both layouts, under the same checks of names and shapes."""
+    src = randomize_adapters(minidora.wrap(Net(), "dora", ["q_proj"], r=4), seed=3)
+    model = minidora.wrap(Net(), "dora", ["q_proj"], r=4)          # other adapters, same shapes
+    given = {f"{n}.{k}": getattr(layer, k).detach().clone() for n, layer in
+             minidora.adapter_layers(src).items() for k in ("lora_A", "lora_B", "magnitude")}
+    minidora.save_adapters(model, tmp_path / "a", tensors=given)
+    minidora.save_peft_adapter(model, tmp_path / "p", tensors=given)
+    for folder, load in ((tmp_path / "a", minidora.load_adapters),
+                         (tmp_path / "p", minidora.load_peft_adapter)):
+        dst = minidora.wrap(Net(), "dora", ["q_proj"], r=4) if load is minidora.load_adapters \
+            else Net()
+        dst = load(dst, folder)
+        x = torch.randn(3, 32)
+        assert torch.allclose(dst(x), src(x), rtol=1e-6, atol=1e-6), folder
+    bad = dict(given)
+    bad.pop("layers.0.q_proj.magnitude")
+    with pytest.raises(ValueError, match=r"missing \['layers.0.q_proj.magnitude'\]"):
+        minidora.save_adapters(model, tmp_path / "b", tensors=bad)
+    bad = {**given, "layers.0.q_proj.lora_B": torch.randn(32, 5)}
+    with pytest.raises(ValueError, match=r"lora_B'\] must be a tensor of shape \(32, 4\)"):
+        minidora.save_peft_adapter(model, tmp_path / "c", tensors=bad)
+    assert not (tmp_path / "b").exists()
+
+
+def test_load_adapters_refuses_mismatches(tmp_path):
+    path = tmp_path / "a"
+    minidora.save_adapters(minidora.wrap(Net(), "dora", ["q_proj"], r=4), path)
+    with pytest.raises(ValueError, match="file holds method 'dora' but the model is wrapped "
+                                         "with 'lora'"):
+        minidora.load_adapters(minidora.wrap(Net(), "lora", ["q_proj"], r=4), path)
+    with pytest.raises(ValueError, match=r"names differ: in the file only \[\], in the model only "
+                                         r"\['layers.0.v_proj', 'layers.1.v_proj'\]"):
+        minidora.load_adapters(minidora.wrap(Net(), "dora", ["q_proj", "v_proj"], r=4), path)
+    with pytest.raises(ValueError, match="'layers.0.q_proj': the file has r=4, the model has r=8"):
+        minidora.load_adapters(minidora.wrap(Net(), "dora", ["q_proj"], r=8), path)
+    with pytest.raises(ValueError, match="the file has alpha=16, the model has alpha=4"):
+        minidora.load_adapters(minidora.wrap(Net(), "dora", ["q_proj"], r=4, alpha=4), path)
+    wide = nn.Module()
+    wide.layers = nn.ModuleList([Block(40), Block(40)])
+    with pytest.raises(ValueError, match="the file has in_features=32, the model has "
+                                         "in_features=40"):
+        minidora.load_adapters(minidora.wrap(wide, "dora", ["q_proj"], r=4), path)
+    with pytest.raises(ValueError, match="model has no adapter layers: call minidora.wrap"):
+        minidora.load_adapters(Net(), path)
+    with pytest.raises(FileNotFoundError, match="no adapter folder or file"):
+        minidora.load_adapters(Net(), tmp_path / "nowhere")
+
+
+def _rewrite(folder, change):
+    """Change the tensors of a saved adapter folder, keeping its embedded config."""
+    st = folder / "minidora_adapters.safetensors"
+    from safetensors import safe_open
+    with safe_open(str(st), "pt") as f:
+        meta = f.metadata()
+    tensors = load_file(str(st))
+    change(tensors)
+    save_file(tensors, str(st), metadata=meta)
+
+
+@pytest.mark.parametrize("change,match", [
+    (lambda t: t.__setitem__("layers.0.q_proj.lora_B", torch.zeros(32, 5)),
+     r"layers.0.q_proj.lora_B: expected shape \(32, 4\), got \(32, 5\)"),
+    (lambda t: t["layers.1.q_proj.lora_A"].__setitem__((0, 0), float("nan")),
+     r"layers.1.q_proj.lora_A holds 1 NaN/Inf"),
+    (lambda t: t.__setitem__("layers.0.q_proj.magnitude", torch.ones(32, dtype=torch.int32)),
+     r"layers.0.q_proj.magnitude must be floating point, got torch.int32"),
+    (lambda t: t.__setitem__("layers.0.q_proj.lora_A", torch.ones(4, 32, dtype=torch.bool)),
+     r"layers.0.q_proj.lora_A must be floating point, got torch.bool"),
+    (lambda t: t.__setitem__("layers.0.k_proj.lora_A", torch.ones(4, 32)),
+     r"holds 1 tensor\(s\) that minidora would not use: layers.0.k_proj.lora_A"),
+    (lambda t: t.pop("layers.1.q_proj.lora_B"), r"tensor layers.1.q_proj.lora_B is missing"),
+])
+def test_load_adapters_is_atomic_and_refuses_bad_tensors(tmp_path, change, match):
+    src = randomize_adapters(minidora.wrap(Net(), "dora", ["q_proj"], r=4))
+    folder = minidora.save_adapters(src, tmp_path / "a")
+    _rewrite(folder, change)
+    dst = minidora.wrap(Net(), "dora", ["q_proj"], r=4)
+    before = {k: v.clone() for k, v in dst.state_dict().items()}
+    with pytest.raises(ValueError, match=match):
+        minidora.load_adapters(dst, folder)
+    after = dst.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())   # nothing changed
+
+
+def test_load_adapters_refuses_a_config_that_disagrees_with_the_tensors(tmp_path):
+    # what an interrupted save leaves: new tensors (rank 4), the old JSON (rank 8)
+    folder = minidora.save_adapters(minidora.wrap(Net(), "lora", ["q_proj"], r=8), tmp_path / "a")
+    old_json = (folder / "minidora_adapters.json").read_text()
+    minidora.save_adapters(minidora.wrap(Net(), "lora", ["q_proj"], r=4), folder)
+    (folder / "minidora_adapters.json").write_text(old_json)
+    with pytest.raises(ValueError, match="disagrees with the config stored in .* interrupted save"):
+        minidora.load_adapters(minidora.wrap(Net(), "lora", ["q_proj"], r=4), folder)
+
+
+@pytest.mark.parametrize("content,match", [
+    (b"not a safetensors file at all", "is not a readable safetensors file"),
+    (b"\xff\xfe" * 40, "is not a readable safetensors file"),
+])
+def test_load_adapters_corrupt_files_are_one_value_error(tmp_path, content, match):
+    folder = minidora.save_adapters(minidora.wrap(Net(), "lora", ["q_proj"], r=4), tmp_path / "a")
+    (folder / "minidora_adapters.safetensors").write_bytes(content)
+    with pytest.raises(ValueError, match=match):
+        minidora.load_adapters(minidora.wrap(Net(), "lora", ["q_proj"], r=4), folder)
+    (folder / "minidora_adapters.json").write_bytes(b"\xff\xfe{")
+    minidora.save_adapters(minidora.wrap(Net(), "lora", ["q_proj"], r=4), tmp_path / "b")
+    (tmp_path / "b" / "minidora_adapters.json").write_bytes(b"\xff\xfe{")
+    with pytest.raises(ValueError, match="is not a JSON file"):
+        minidora.load_adapters(minidora.wrap(Net(), "lora", ["q_proj"], r=4), tmp_path / "b")
+
+
+def _ranks_that_load(folder, refusals) -> list[int]:
+    """Which of r = 4, 8 loads the adapter in ``folder``; any other load must be refused with a
+    message holding one of ``refusals``."""
+    loaded = []
+    for r in (4, 8):
+        model = minidora.wrap(nn.Sequential(nn.Linear(64, 64)), "lora", ["0"], r=r)
+        try:
+            minidora.load_adapters(model, folder)
+            loaded.append(r)
+        except (ValueError, FileNotFoundError) as e:
+            assert any(phrase in str(e) for phrase in refusals), e
+    return loaded
+
+
+def test_saves_survive_being_killed(tmp_path):
+    # kill -9 a process that saves adapters of rank 4 and 8 in turn, many times: every folder
+    # left behind loads as one consistent adapter or is refused, never a mix
+    script = tmp_path / "saver.py"
+    script.write_text(
+        "import sys, torch, torch.nn as nn, minidora\n"
+        "torch.set_num_threads(1)\n"
+        "ms = [minidora.wrap(nn.Sequential(nn.Linear(64, 64)), 'lora', ['0'], r=r) "
+        "for r in (4, 8)]\n"
+        "print('ready', flush=True)\n"
+        "i = 0\n"
+        "while i < int(sys.argv[2]):\n"
+        "    minidora.save_adapters(ms[i % 2], sys.argv[1]); i += 1\n")
+    for round_ in range(6):
+        folder = tmp_path / f"a{round_}"
+        proc = subprocess.Popen([sys.executable, str(script), str(folder), "1000000000"],
+                                stdout=subprocess.PIPE)
+        assert proc.stdout.readline().strip() == b"ready"
+        time.sleep(0.2 + 0.05 * round_)
+        proc.kill()
+        proc.wait()
+        loaded = _ranks_that_load(folder, ("r=", "disagrees", "has no minidora"))
+        assert len(loaded) <= 1                   # one whole adapter, or a clear refusal
+        assert any(folder.glob("minidora_adapters.*")), folder   # saves had been made
+    # A killed save may leave a refused mix in every round (a save takes ~2 ms, most of it between
+    # the two renames); a run that ends leaves one whole adapter: the one it saved last.
+    folder = tmp_path / "finished"
+    subprocess.run([sys.executable, str(script), str(folder), "7"], check=True,
+                   capture_output=True, timeout=time_limit(120))
+    assert _ranks_that_load(folder, ("r=",)) == [4]   # saves 0..6 alternate 4, 8: the last is 4
+
+
+class _Trap:
+    hit = False
+
+    def __reduce__(self):
+        return (_Trap._spring, ())
+
+    @staticmethod
+    def _spring():
+        _Trap.hit = True
+
+
+def test_load_adapters_never_unpickles(tmp_path):
+    model = minidora.wrap(Net(), "lora", ["q_proj"], r=4)
+    folder = minidora.save_adapters(model, tmp_path / "evil")
+    (folder / "minidora_adapters.safetensors").write_bytes(
+        pickle.dumps({"layers.0.q_proj.lora_A": _Trap()}))
+    with pytest.raises(ValueError, match="is not a readable safetensors file"):
+        minidora.load_adapters(model, folder)
+    assert not _Trap.hit
+
+
+def test_load_adapters_refuses_a_foreign_json(tmp_path):
+    model = minidora.wrap(Net(), "lora", ["q_proj"], r=4)
+    folder = minidora.save_adapters(model, tmp_path / "a")
+    save_file(load_file(str(folder / "minidora_adapters.safetensors")),
+              str(folder / "minidora_adapters.safetensors"))          # no embedded config
+    (folder / "minidora_adapters.json").write_text(
+        json.dumps({"format": "minidora-adapters", "method": "lora"}))
+    with pytest.raises(ValueError, match="is not a minidora adapter config"):
+        minidora.load_adapters(model, folder)
+
+
+# --- PEFT's adapter folder (needs transformers and peft) ----------------------------------------
+
+PEFT_CASES = {
+    "llama_base": ("llama_base", None), "llama_lora_qv": ("llama_base", "llama_lora_qv"),
+    "llama_dora_qv": ("llama_base", "llama_dora_qv"),
+    "llama_dora_all_rslora": ("llama_base", "llama_dora_all_rslora"),
+    "gpt2_base": ("gpt2_base", None), "gpt2_lora_cattn": ("gpt2_base", "gpt2_lora_cattn"),
+    "gpt2_dora_cattn_cproj": ("gpt2_base", "gpt2_dora_cattn_cproj"),
+    "llama_nf4_base": ("llama_base_nf4", None),
+    "llama_nf4_lora_qv": ("llama_base_nf4", "llama_lora_qv"),
+    "llama_nf4_dora_qv": ("llama_base_nf4", "llama_dora_qv"),
+    "llama_nf4_dora_all_rslora": ("llama_base_nf4", "llama_dora_all_rslora"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PEFT_CASES))
+def test_load_peft_adapter_matches_peft_logits(case):
+    base, adapter = PEFT_CASES[case]
+    model = hf_model(base)
+    if adapter:
+        minidora.load_peft_adapter(model, golden.peft_dir() / adapter, compute_dtype=torch.float32)
+        n = len(minidora.adapter_layers(model))
+        assert n == {"llama_lora_qv": 4, "llama_dora_qv": 4, "llama_dora_all_rslora": 14,
+                     "gpt2_lora_cattn": 2, "gpt2_dora_cattn_cproj": 6}[adapter]
+    with torch.no_grad():
+        logits = model(input_ids=input_ids()).logits
+    want = load_file(str(golden.peft_dir() / "expected_logits.safetensors"))[case]
+    # float32 forward of a 2-layer model with other summation orders: ~1e-7 observed.
+    assert (logits - want).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("base,method,targets", [
+    ("llama_base", "dora", ["q_proj", "o_proj", "down_proj"]),
+    ("gpt2_base", "lora", ["c_attn", "c_fc"]),
+    ("gpt2_base", "dora", ["c_proj"]),
+])
+def test_save_peft_adapter_loads_in_peft(tmp_path, base, method, targets):
+    from peft import PeftModel
+    model = minidora.wrap(hf_model(base), method, targets, r=4, alpha=8, rslora=True)
+    randomize_adapters(model)
+    minidora.save_peft_adapter(model, tmp_path / "adapter")
+    keys = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    assert all(k.startswith("base_model.model.") for k in keys)
+    peft_model = PeftModel.from_pretrained(hf_model(base), str(tmp_path / "adapter")).eval()
+    ids = input_ids()
+    with torch.no_grad():
+        ours, theirs = model(input_ids=ids).logits, peft_model(input_ids=ids).logits
+        plain = hf_model(base)(input_ids=ids).logits
+    assert (ours - plain).abs().max() > 1e-3            # the adapter changes the output...
+    assert (ours - theirs).abs().max() < 1e-5           # ...exactly as PEFT applies it
+    # and back: minidora reads the exported files into a fresh model
+    again = minidora.load_peft_adapter(hf_model(base), tmp_path / "adapter")
+    with torch.no_grad():
+        assert torch.equal(again(input_ids=ids).logits, ours)
+
+
+def test_load_peft_adapter_bad_input(tmp_path):
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        minidora.load_peft_adapter(hf_model("llama_base"), tmp_path)
+    d = tmp_path / "ia3"
+    d.mkdir()
+    (d / "adapter_config.json").write_text(json.dumps({"peft_type": "IA3"}))
+    save_file({"x": torch.zeros(1)}, str(d / "adapter_model.safetensors"))
+    with pytest.raises(ValueError, match="peft_type must be 'LORA', got 'IA3'"):
+        minidora.load_peft_adapter(hf_model("llama_base"), d)
+    # LoRA adapter into a model already wrapped with DoRA on the same layers
+    model = minidora.wrap(hf_model("llama_base"), "dora", ["q_proj", "v_proj"], r=4, alpha=8)
+    with pytest.raises(ValueError, match="is DoRALinear but the file is lora"):
+        minidora.load_peft_adapter(model, golden.peft_dir() / "llama_lora_qv")
+
+
+P = "base_model.model.model.layers."
+
+
+@pytest.mark.parametrize("adapter,edit_config,edit_tensors,match", [
+    ("llama_lora_qv", None,
+     lambda t: t.__setitem__("base_model.model.model.embed_tokens.lora_embedding_A",
+                             torch.ones(4, 256)),
+     r"holds 1 tensor\(s\) that minidora would not use: .*embed_tokens.lora_embedding_A"),
+    ("llama_lora_qv", lambda c: c.__setitem__("modules_to_save", ["norm"]),
+     lambda t: t.__setitem__("base_model.model.model.norm.weight", torch.ones(64)),
+     r"modules_to_save \['norm'\] .* not supported"),
+    ("llama_lora_qv", None,
+     lambda t: t.__setitem__(P + "0.self_attn.q_proj.lora_magnitude_vector", torch.ones(64)),
+     r"would not use: .*q_proj.lora_magnitude_vector \(magnitudes belong to a file with "
+     r"use_dora: true\)"),
+    ("llama_lora_qv", lambda c: c.pop("r"), None, r"'r' must be an integer >= 1, got None"),
+    ("llama_lora_qv", lambda c: c.__setitem__("lora_alpha", float("inf")), None,
+     r"'lora_alpha' must be a finite number > 0, got inf"),
+    ("llama_dora_qv", None,
+     lambda t: t[P + "1.self_attn.v_proj.lora_B.weight"].__setitem__((0, 0), float("nan")),
+     r"layers.1.self_attn.v_proj.lora_B.weight holds 1 NaN/Inf"),
+    ("llama_dora_qv", None,
+     lambda t: t.__setitem__(P + "1.self_attn.v_proj.lora_A.weight", torch.ones(4, 63)),
+     r"v_proj.lora_A.weight: expected shape \(4, 64\), got \(4, 63\)"),
+    ("llama_dora_qv", None,
+     lambda t: t.__setitem__(P + "1.self_attn.v_proj.lora_A.weight",
+                             torch.ones(4, 64, dtype=torch.int64)),
+     r"v_proj.lora_A.weight must be floating point, got torch.int64"),
+])
+def test_load_peft_adapter_refuses_and_leaves_the_model_untouched(tmp_path, adapter, edit_config,
+                                                                  edit_tensors, match):
+    folder = peft_copy(tmp_path, adapter, edit_config, edit_tensors)
+    model = hf_model("llama_base")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=match):
+        minidora.load_peft_adapter(model, folder)
+    assert not minidora.adapter_layers(model)                  # not wrapped with random adapters
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+def test_load_peft_adapter_corrupt_files_name_the_file(tmp_path):
+    folder = peft_copy(tmp_path, "llama_lora_qv")
+    (folder / "adapter_model.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(ValueError, match="adapter_model.safetensors' is not a readable"):
+        minidora.load_peft_adapter(hf_model("llama_base"), folder)
+    (folder / "adapter_config.json").write_bytes(b"\xff\xfe{")
+    with pytest.raises(ValueError, match="adapter_config.json' is not a JSON file"):
+        minidora.load_peft_adapter(hf_model("llama_base"), folder)
+    with pytest.raises(FileNotFoundError, match="PEFT adapter folder .* does not exist"):
+        minidora.load_peft_adapter(hf_model("llama_base"), tmp_path / "nowhere")
+
+
+def test_save_peft_adapter_keeps_float64(tmp_path):
+    model = minidora.wrap(hf_model("llama_base"), "dora", ["q_proj"], r=2,
+                          adapter_dtype=torch.float64)
+    randomize_adapters(model)
+    minidora.save_peft_adapter(model, tmp_path / "p")
+    tensors = load_file(str(tmp_path / "p" / "adapter_model.safetensors"))
+    assert {t.dtype for t in tensors.values()} == {torch.float64}
+    again = minidora.load_peft_adapter(hf_model("llama_base"), tmp_path / "p",
+                                       adapter_dtype=torch.float64)
+    for n, layer in minidora.adapter_layers(model).items():
+        other = minidora.adapter_layers(again)[n]
+        assert torch.equal(layer.lora_B, other.lora_B) and torch.equal(layer.magnitude,
+                                                                      other.magnitude)
+
+
+# --- bitsandbytes' NF4 keys into a model's layers ----------------------------------------------
+
+def _with_bias_checkpoint():
+    torch.manual_seed(0)
+    src = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 64, bias=False))
+    sd = {}
+    for name in ("0", "2"):
+        layer = NF4Linear.from_linear(src.get_submodule(name), double_quant=False)
+        sd.update(layer.to_bnb_state_dict(f"{name}."))
+    return src, sd
+
+
+def test_load_bnb_nf4_linears_keeps_biases_where_they_are():
+    src, sd = _with_bias_checkpoint()
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 64, bias=False))
+    assert minidora.load_bnb_nf4_linears(model, sd, compute_dtype=torch.float32) == ["0", "2"]
+    assert torch.equal(model[0].bias, src[0].bias) and model[2].bias is None
+    # a checkpoint without the bias the model's layer has: refused, nothing replaced
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 64, bias=True))
+    with pytest.raises(ValueError, match="2: the checkpoint has no 2.bias but the model's layer "
+                                         "has one"):
+        minidora.load_bnb_nf4_linears(model, sd)
+    assert type(model[0]) is nn.Linear                          # layer 0 was valid: untouched
+    sd2 = {k: v for k, v in sd.items() if k != "0.bias"}
+    model = nn.Sequential(nn.Linear(64, 32, bias=False), nn.ReLU(), nn.Linear(32, 64, bias=False))
+    model2 = nn.Sequential(nn.Linear(64, 32, bias=False), nn.ReLU(), nn.Linear(32, 64, bias=True))
+    assert minidora.load_bnb_nf4_linears(model, sd2) == ["0", "2"]
+    with pytest.raises(ValueError, match="0: the checkpoint has 0.bias but the model's layer "
+                                         "has none"):
+        minidora.load_bnb_nf4_linears(model2, sd)
+
+
+def test_load_bnb_nf4_linears_refuses_nan_scales():
+    _, sd = _with_bias_checkpoint()
+    sd["2.weight.absmax"] = sd["2.weight.absmax"].clone()
+    sd["2.weight.absmax"][3] = float("nan")
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 64, bias=False))
+    with pytest.raises(ValueError, match=r"'2.weight.absmax' holds 1 NaN/Inf scale\(s\), first at "
+                                         r"index 3"):
+        minidora.load_bnb_nf4_linears(model, sd)
+    assert type(model[0]) is nn.Linear
 
 
 # --- 1. r / alpha / rslora / dropout come from the file -------------------------------------------
@@ -232,7 +667,7 @@ def test_every_peft_option_loads_exactly_or_is_refused_by_name(tmp_path, field, 
     (lambda c: c.__setitem__("layers_to_transform", [1]), "layers_to_transform=[1]"),
 ])
 def test_load_peft_adapter_refuses_tensors_peft_would_not_load(tmp_path, edit, option):
-    folder = _peft_copy(tmp_path, "llama_lora_qv", edit)
+    folder = peft_copy(tmp_path, "llama_lora_qv", edit)
     with pytest.raises(ValueError, match=re.escape(f"which PEFT would not adapt ({option})")):
         minidora.load_peft_adapter(hf_model("llama_base"), folder)
 
@@ -435,7 +870,7 @@ def test_deeply_nested_json_is_a_value_error_naming_the_file(tmp_path):
     with pytest.raises(ValueError, match=re.escape(repr(str(folder / JS))) + " .*nested too "
                                                                               "deeply"):
         minidora.load_adapters(minidora.wrap(Net(), "lora", ["q_proj"], r=4), folder)
-    peft = _peft_copy(tmp_path, "llama_lora_qv")
+    peft = peft_copy(tmp_path, "llama_lora_qv")
     (peft / "adapter_config.json").write_text(nested)
     with pytest.raises(ValueError, match="adapter_config.json' is not a JSON file .*nested"):
         minidora.load_peft_adapter(hf_model("llama_base"), peft)
