@@ -89,7 +89,7 @@ def load(spec: str):
 
 def run(args: argparse.Namespace) -> int:
     """Run the check the parsed ``args`` ask for; print the report; return the exit status."""
-    from minidora.testing import check_dora, check_lora, check_nf4
+    from minidora.testing import check_dora, check_lora, check_nf4, describe_error
 
     try:
         if args.kind != "nf4" and (args.dequantize or args.double_quant != "both"):
@@ -110,18 +110,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"minidora verify: error: {e}", file=sys.stderr)
         return 2
     except Exception as e:
-        print(f"minidora verify: error: {_raised(e)}", file=sys.stderr)
+        print(f"minidora verify: error: {describe_error(e)}", file=sys.stderr)
         return 2
     print(report)
     return 0 if report.ok else 1
-
-
-def _raised(e: Exception) -> str:
-    """'raised ValueError: first line of the message' (at most 200 characters), as the kit
-    words an error in the code it checks."""
-    msg = (str(e).strip().splitlines() or [""])[0]
-    msg = msg if len(msg) <= 200 else msg[:197] + "..."
-    return f"raised {type(e).__name__}" + (f": {msg}" if msg else "")
 
 
 def main(argv: list[str] | None = None) -> int:

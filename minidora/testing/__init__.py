@@ -15,8 +15,10 @@ From the command line: ``python -m minidora verify my_module:my_quantize --kind 
 """
 
 from . import golden
+from ._util import MAX_SEED, describe_error
 from .adapter_check import check_dora, check_lora
 from .nf4_check import check_nf4
 from .report import Report, Row
 
-__all__ = ["check_nf4", "check_lora", "check_dora", "Report", "Row", "golden"]
+__all__ = ["check_nf4", "check_lora", "check_dora", "Report", "Row", "golden", "MAX_SEED",
+           "describe_error"]
