@@ -1,4 +1,4 @@
-"""Command line of minidora: demo, finetune, train and verify (also installed as ``minidora``).
+"""Command line of minidora: demo, finetune, train, verify and reproduce (also ``minidora``).
 
 - ``python -m minidora demo [options]``: the fine-tuning demo (:mod:`minidora.apps.demo`).
 - ``python -m minidora finetune [options]``: fine-tune the built-in model or a real LLM on
@@ -8,12 +8,16 @@
 - ``python -m minidora verify MODULE:FUNCTION --kind nf4|lora|dora``: check your own
   implementation with :mod:`minidora.testing` (:mod:`minidora.apps.verify`). Exit status 0 when
   every check passed, 1 when one failed, 2 for a usage error.
+- ``python -m minidora reproduce [CLAIM ...] [--budget quick|full]``: the papers' measurable
+  claims checked on SmolLM2-135M, each with the paper's figure, ours and a verdict
+  (:mod:`minidora.apps.reproduce`).
 
-demo, finetune and train end bad input with exit status 1 (2 for what argparse itself rejects)
-before any work starts. Errors are a one-line message on stderr, never a traceback. Ctrl-C
-prints ``minidora demo: interrupted`` (or the command run) and exits with status 130. An
-unexpected error inside a run prints one line with its type and message and exits with status 1;
-set ``MINIDORA_DEBUG=1`` to let it (and Ctrl-C) propagate with the full traceback instead.
+demo, finetune, train and reproduce end bad input with exit status 1 (2 for what argparse
+itself rejects) before any work starts. Errors are a one-line message on stderr, never a
+traceback. Ctrl-C prints ``minidora demo: interrupted`` (or the command run) and exits with
+status 130. An unexpected error inside a run prints one line with its type and message and exits
+with status 1; set ``MINIDORA_DEBUG=1`` to let it (and Ctrl-C) propagate with the full
+traceback instead.
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ __all__ = ["main"]
 # The subcommands, in the order --help lists them: modules whose ``add_parser(subparsers)``
 # returns the new parser and whose ``run(args)`` returns the exit status. They are imported when
 # the parser is built; their heavy imports (torch and the rest) happen inside ``run``.
-SUBCOMMANDS = (".apps.demo.cli", ".apps.verify", ".apps.finetune.cli", ".apps.train.cli")
+SUBCOMMANDS = (".apps.demo.cli", ".apps.verify", ".apps.finetune.cli", ".apps.train.cli",
+               ".apps.reproduce.cli")
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -18,7 +18,7 @@ import pytest
 import minidora
 
 PACKAGE = Path(minidora.__file__).resolve().parent
-COMMANDS = ("demo", "finetune", "train", "verify")
+COMMANDS = ("demo", "finetune", "train", "verify", "reproduce")
 
 
 def module_name(path: Path, root: Path) -> str:
@@ -117,7 +117,8 @@ def core_files() -> list[Path]:
 def test_every_command_is_an_application():
     names = {module_name(p, PACKAGE) for p in app_files()}
     for want in ("minidora.apps.common", "minidora.apps.demo.cli", "minidora.apps.finetune.cli",
-                 "minidora.apps.train.cli", "minidora.apps.verify"):
+                 "minidora.apps.train.cli", "minidora.apps.verify",
+                 "minidora.apps.reproduce.cli"):
         assert want in names
     for old in ("demo", "llm", "distributed", "_cli.py", "testing/cli.py"):
         assert not (PACKAGE / old).exists(), old
@@ -166,7 +167,7 @@ def test_the_checks_see_what_they_look_for(tmp_path):
         "minidora.apps.other", "minidora.apps.one.run"]
 
 
-def test_main_names_the_four_commands_and_imports_no_application_before_parsing(capsys):
+def test_main_names_every_command_and_imports_no_application_before_parsing(capsys):
     from minidora.__main__ import SUBCOMMANDS, main
 
     assert all(name.startswith(".apps.") for name in SUBCOMMANDS)

@@ -23,6 +23,7 @@ CORE_ORDER = [
     "_tables",          # bitsandbytes' 8-bit dynamic map, the double quantization's code
     "nf4",              # the NF4 format: quantize, dequantize, double quantization
     "bnb_checkpoint",   # bitsandbytes' keys for one NF4 weight
+    "fp4",              # bitsandbytes' FP4 and a symmetric Int4 (QLoRA's Table 2)
     "backends",         # loading minidora._C; the one switch of the path the ops take
     "_register",        # fake kernels and autograd formulas of torch.ops.minidora.*
     "ops",              # the NF4 linear op: reference, checks, dispatch
