@@ -1,4 +1,5 @@
-// Shared pieces of the NF4 kernels: the codebook and the argument checks.
+// The argument checks of the NF4 ops, shared by every backend (the format itself, codebook
+// included: csrc/nf4_format.h).
 //
 // The format is described in docs/format.md and implemented in plain PyTorch in
 // minidora/nf4.py, which is the specification these kernels must equal. Every backend
@@ -12,27 +13,18 @@
 #include <c10/util/safe_numerics.h>
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
-namespace minidora {
+#include "nf4_format.h"
 
-// The 16 NF4 values (QLoRA, arXiv 2305.14314, sec. 3), float32, index = 4-bit code.
-// clang-format off
-constexpr float kNF4Codebook[16] = {
-    -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,
-    -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f,
-    0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f, 0.33791524171829224f,
-    0.44070982933044434f, 0.5626170039176941f, 0.7229568362236023f, 1.0f};
-// clang-format on
+namespace minidora {
 
 // The CUDA linear kernel for bfloat16/float16 activations, chosen with minidora.ops.use(
 // cuda_kernel=...): one setting for the process (CUDA's backward runs on autograd's own thread).
 enum class CudaKernel : int { kAuto = 0, kMma = 1, kSimt = 2 };
 CudaKernel cuda_kernel();  // defined in csrc/ops.cpp
-
-constexpr int64_t kNestedBlocksize = 256;  // scales per double-quantization block
-constexpr int64_t kDynamicCodeSize = 256;  // entries of the 8-bit dynamic map
 
 inline bool is_float_activation(at::ScalarType t) {
   return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf || t == at::kDouble;
@@ -78,12 +70,14 @@ inline void check_device(const char* op, const char* name, const at::Tensor& t,
 // check_features), all on `device` (that of `device_name`), and returns the number of absmax
 // blocks. `op` names the calling op in the messages.
 inline int64_t check_nf4_weight(const char* op, const at::Tensor& packed, const at::Tensor& absmax,
-                                const c10::optional<at::Tensor>& nested_absmax,
-                                const c10::optional<at::Tensor>& nested_code,
-                                const c10::optional<at::Tensor>& offset, int64_t blocksize,
+                                const std::optional<at::Tensor>& nested_absmax,
+                                const std::optional<at::Tensor>& nested_code,
+                                const std::optional<at::Tensor>& offset, int64_t blocksize,
                                 int64_t numel, const at::Device& device, const char* device_name) {
-  TORCH_CHECK(blocksize >= 32 && blocksize <= 4096 && (blocksize & (blocksize - 1)) == 0, op,
-              ": blocksize must be a power of two in 32..4096, got ", blocksize);
+  TORCH_CHECK(blocksize >= kMinBlocksize && blocksize <= kMaxBlocksize &&
+                  (blocksize & (blocksize - 1)) == 0,
+              op, ": blocksize must be a power of two in ", kMinBlocksize, "..", kMaxBlocksize,
+              ", got ", blocksize);
   TORCH_CHECK(numel > 0, op, ": the weight must have at least one element, got ", numel);
   check_device(op, "packed", packed, device, device_name);
   check_device(op, "absmax", absmax, device, device_name);
@@ -144,7 +138,7 @@ inline int64_t check_activation(const char* op, const char* name, const at::Tens
 }
 
 // bias: None, or [out_features] in x's dtype on x's device.
-inline void check_bias(const char* op, const c10::optional<at::Tensor>& bias, const at::Tensor& x,
+inline void check_bias(const char* op, const std::optional<at::Tensor>& bias, const at::Tensor& x,
                        int64_t out_features) {
   if (!bias.has_value()) return;
   check_device(op, "bias", *bias, x.device(), "x");

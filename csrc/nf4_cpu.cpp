@@ -1,26 +1,24 @@
-// CPU kernels of the NF4 custom ops: the ops, the choice of regime and ISA level, and the scalar
-// kernels that are the specification of every vector kernel.
+// CPU kernels of the NF4 custom ops: the checks, the choice of regime and ISA level, and the
+// threads and tiles. The kernels themselves are the ISA files' (contracts in csrc/nf4_cpu.h):
 //
-//   nf4_dequantize_cpu         decode_parallel: decode_span on every core
+//   nf4_dequantize_cpu         decode_parallel: <level>::decode_span on every core
 //   nf4_linear_cpu             M <= kMaxFusedRows: linear_fused (decode inside the dot products)
 //                                avx512bf16, bfloat16 x, K % 32 == 0   avx512::forward_rows_bf16
 //                                avx512, K % 32 == 0                   avx512::forward_rows
 //                                avx2, K % 8 == 0                      avx2::forward_rows
-//                                otherwise                             forward_rows_scalar
+//                                otherwise                             scalar::forward_rows
 //                              more rows, or float64: linear_tiled (decoded tiles of W, BLAS)
-//   nf4_linear_grad_input_cpu  M <= kMaxFusedRows: grad_fused
-//                                avx512, K % 32 == 0                   avx512::grad_chunks
-//                                avx2, K % 8 == 0                      avx2::grad_columns
-//                                otherwise                             grad_scalar
+//   nf4_linear_grad_input_cpu  M <= kMaxFusedRows: grad_fused, <level>::grad_columns (the same
+//                              levels and conditions, without avx512bf16)
 //                              more rows, or float64: grad_tiled (decoded tiles of W, BLAS)
-//   decode_span                the decode of one thread at the chosen level:
-//                                avx512::decode_span, avx2::decode_span or decode_span_scalar
+//   decode_span                the decode of one thread at the chosen level
 //   decode_rounded             the same, into float32 values rounded through T (the tiles of a
 //                              16-bit dtype the level's BLAS does not multiply natively)
 //
-// The vector kernels are in csrc/nf4_cpu_avx2.cpp and csrc/nf4_cpu_avx512.cpp (contracts in
-// csrc/nf4_cpu.h); which levels the CPU has, and which one each thread asked for
-// (minidora.ops.use(cpu_isa=...)), is csrc/cpu_isa.cpp. Tests run every level this CPU has.
+// The levels: csrc/nf4_cpu_scalar.cpp (the specification of the others, and any CPU),
+// csrc/nf4_cpu_avx2.cpp, csrc/nf4_cpu_avx512.cpp; which levels the CPU has, and which one each
+// thread asked for (minidora.ops.use(cpu_isa=...)), is csrc/cpu_isa.cpp. Tests run every level
+// this CPU has.
 //
 // Specification: minidora/nf4.py (`dequantize`) and minidora/ops.py (the reference path
 // F.linear(x, dequantize(W, x.dtype), bias)). Dequantized values are always
@@ -63,52 +61,6 @@ constexpr int64_t kMaxFusedRows = 16;  // M up to this: fused decode-in-the-dot-
 // 32 MiB L3 (see linear_tiled).
 constexpr int64_t kTileBytes = 2 << 20;
 
-// ---- scalar kernels: the readable specification and the portable fallback ---------------------
-
-// out[i] = T(value(e0 + i)) for i < n.
-template <typename T> void decode_span_scalar(const NF4View& w, int64_t e0, int64_t n, T* out) {
-  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<T>(w.value(e0 + i));
-}
-
-// y[m, o] = sum_k x[m, k] * T(W[o, k]), float32 accumulation. xf: [M, K] float32, y: [M, N].
-template <typename T> void forward_rows_scalar(const NF4View& w, const float* xf, int64_t M,
-                                               int64_t N, int64_t K, float* y) {
-  at::parallel_for(0, N, 8, [&](int64_t n0, int64_t n1) {
-    std::vector<float> row(K);  // one row of W, decoded
-    for (int64_t o = n0; o < n1; ++o) {
-      for (int64_t k = 0; k < K; ++k) row[k] = round_through<T>(w.value(o * K + k));
-      for (int64_t m = 0; m < M; ++m) {
-        const float* xm = xf + m * K;
-        float acc = 0.f;
-        for (int64_t k = 0; k < K; ++k) acc += xm[k] * row[k];
-        y[m * N + o] = acc;
-      }
-    }
-  });
-}
-
-// out[i] = float(T(value(e0 + i))) for i < n.
-template <typename T>
-void decode_rounded_scalar(const NF4View& w, int64_t e0, int64_t n, float* out) {
-  for (int64_t i = 0; i < n; ++i) out[i] = round_through<T>(w.value(e0 + i));
-}
-
-// gx[m, k] = sum_o gy[m, o] * T(W[o, k]), float32 accumulation. gy: [M, N], gx: [M, K] zeroed.
-template <typename T>
-void grad_scalar(const NF4View& w, const float* gy, int64_t M, int64_t N, int64_t K, float* gx) {
-  at::parallel_for(0, K, 256, [&](int64_t k0, int64_t k1) {
-    std::vector<float> row(k1 - k0);  // W[o, k0:k1], decoded
-    for (int64_t o = 0; o < N; ++o) {
-      for (int64_t k = k0; k < k1; ++k) row[k - k0] = round_through<T>(w.value(o * K + k));
-      for (int64_t m = 0; m < M; ++m) {
-        const float g = gy[m * N + o];
-        float* gxm = gx + m * K;
-        for (int64_t k = k0; k < k1; ++k) gxm[k] += g * row[k - k0];
-      }
-    }
-  });
-}
-
 // ---- reading an NF4 weight ----------------------------------------------------------------------
 
 // Keeps contiguous copies of the weight tensors alive while a kernel reads them.
@@ -118,9 +70,9 @@ struct NF4Operand {
 };
 
 NF4Operand make_operand(const at::Tensor& packed, const at::Tensor& absmax,
-                        const c10::optional<at::Tensor>& nested_absmax,
-                        const c10::optional<at::Tensor>& nested_code,
-                        const c10::optional<at::Tensor>& offset, int64_t blocksize) {
+                        const std::optional<at::Tensor>& nested_absmax,
+                        const std::optional<at::Tensor>& nested_code,
+                        const std::optional<at::Tensor>& offset, int64_t blocksize) {
   NF4Operand w;
   w.packed = packed.contiguous();
   w.absmax = absmax.contiguous();
@@ -146,7 +98,7 @@ template <typename T> void decode_span(Isa isa, const NF4View& w, int64_t e0, in
   if (isa >= Isa::kAvx512) return avx512::decode_span<T>(w, e0, n, out);
   if (isa >= Isa::kAvx2) return avx2::decode_span<T>(w, e0, n, out);
 #endif
-  decode_span_scalar<T>(w, e0, n, out);
+  scalar::decode_span<T>(w, e0, n, out);
 }
 
 template <typename T>
@@ -155,7 +107,7 @@ void decode_rounded(Isa isa, const NF4View& w, int64_t e0, int64_t n, float* out
   if (isa >= Isa::kAvx512) return avx512::decode_rounded<T>(w, e0, n, out);
   if (isa >= Isa::kAvx2) return avx2::decode_rounded<T>(w, e0, n, out);
 #endif
-  decode_rounded_scalar<T>(w, e0, n, out);
+  scalar::decode_rounded<T>(w, e0, n, out);
 }
 
 // Whether the BLAS behind at::mm multiplies T natively at this level (see the top of the file).
@@ -186,14 +138,32 @@ void decode_parallel(Isa isa, const NF4View& w, int64_t e0, int64_t n, T* out) {
 
 // ---- few rows: the decode fused into the dot products -------------------------------------------
 
-// x [M, K] (T) -> float32, natural layout.
-template <typename T> std::vector<float> to_float(const T* x, int64_t n) {
-  std::vector<float> out(n);
-  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<float>(x[i]);
-  return out;
+// The few-rows kernels of one level: forward_rows and grad_columns on float32 activations staged
+// by stage_activations of the same level.
+template <typename T> struct FusedKernels {
+  void (*stage_activations)(const T*, int64_t, int64_t, float*);
+  void (*forward_rows)(const NF4View&, const float*, int64_t, int64_t, int64_t, int64_t, int64_t,
+                       float*);
+  int64_t (*grad_unit)(int64_t);
+  void (*grad_columns)(const NF4View&, const float*, int64_t, int64_t, int64_t, int64_t, int64_t,
+                       float*);
+};
+
+// The best level of `isa` whose kernels take rows of K elements (K % kChunk == 0).
+template <typename T> FusedKernels<T> fused_kernels(Isa isa, int64_t K) {
+#if MINIDORA_X86
+  if (isa >= Isa::kAvx512 && K % avx512::kChunk == 0)
+    return {avx512::stage_activations<T>, avx512::forward_rows<T>, avx512::grad_unit,
+            avx512::grad_columns<T>};
+  if (isa >= Isa::kAvx2 && K % avx2::kChunk == 0)
+    return {avx2::stage_activations<T>, avx2::forward_rows<T>, avx2::grad_unit,
+            avx2::grad_columns<T>};
+#endif
+  return {scalar::stage_activations<T>, scalar::forward_rows<T>, scalar::grad_unit,
+          scalar::grad_columns<T>};
 }
 
-// yf [M, N] = x @ W^T in float32, on the best kernel of `isa` for this case.
+// yf [M, N] = x @ W^T in float32, on the best kernel of `isa` for this case, 16 rows of W a task.
 template <typename T> void forward_fused(Isa isa, const NF4View& w, const T* x, int64_t M,
                                          int64_t N, int64_t K, float* yf) {
 #if MINIDORA_X86
@@ -206,28 +176,18 @@ template <typename T> void forward_fused(Isa isa, const NF4View& w, const T* x, 
       });
     }
   }
-  if (isa >= Isa::kAvx512 && K % avx512::kChunk == 0) {
-    std::vector<float> xs(M * K);
-    avx512::stage_activations<T>(x, M, K, xs.data());
-    return at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-      avx512::forward_rows<T>(w, xs.data(), M, N, K, n0, n1, yf);
-    });
-  }
-  if (isa >= Isa::kAvx2 && K % avx2::kChunk == 0) {
-    std::vector<float> xs(M * K);
-    avx2::stage_activations<T>(x, M, K, xs.data());
-    return at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-      avx2::forward_rows<T>(w, xs.data(), M, N, K, n0, n1, yf);
-    });
-  }
 #endif
-  const std::vector<float> xf = to_float(x, M * K);
-  forward_rows_scalar<T>(w, xf.data(), M, N, K, yf);
+  const FusedKernels<T> level = fused_kernels<T>(isa, K);
+  std::vector<float> xs(M * K);
+  level.stage_activations(x, M, K, xs.data());
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    level.forward_rows(w, xs.data(), M, N, K, n0, n1, yf);
+  });
 }
 
 // Few rows: y [M, N] in T, the bias added to the float32 sums before the one rounding to T.
 template <typename T> at::Tensor linear_fused(Isa isa, const NF4View& w, const at::Tensor& x2d,
-                                              const c10::optional<at::Tensor>& bias, int64_t N,
+                                              const std::optional<at::Tensor>& bias, int64_t N,
                                               int64_t K) {
   const int64_t M = x2d.size(0);
   std::vector<float> yf(M * N);
@@ -245,24 +205,16 @@ template <typename T> at::Tensor linear_fused(Isa isa, const NF4View& w, const a
 template <typename T>
 at::Tensor grad_fused(Isa isa, const NF4View& w, const at::Tensor& gy2d, int64_t N, int64_t K) {
   const int64_t M = gy2d.size(0);
-  const std::vector<float> gf = to_float(gy2d.data_ptr<T>(), M * N);
-  std::vector<float> gx(M * K, 0.f);
-  bool done = false;
-#if MINIDORA_X86
-  if (isa >= Isa::kAvx512 && K % avx512::kChunk == 0) {
-    at::parallel_for(0, K / avx512::kChunk, 4, [&](int64_t c0, int64_t c1) {
-      avx512::grad_chunks<T>(w, gf.data(), M, N, K, c0, c1, gx.data());
-    });
-    done = true;
-  } else if (isa >= Isa::kAvx2 && K % avx2::kChunk == 0) {
-    const int64_t unit = K % 32 == 0 ? 32 : avx2::kChunk;  // columns per step of the kernel
-    at::parallel_for(0, K / unit, 128 / unit, [&](int64_t c0, int64_t c1) {
-      avx2::grad_columns<T>(w, gf.data(), M, N, K, c0 * unit, c1 * unit, gx.data());
-    });
-    done = true;
-  }
-#endif
-  if (!done) grad_scalar<T>(w, gf.data(), M, N, K, gx.data());
+  const T* g = gy2d.data_ptr<T>();
+  std::vector<float> gf(M * N);  // gy [M, N] in float32
+  for (int64_t i = 0; i < M * N; ++i) gf[i] = static_cast<float>(g[i]);
+  std::vector<float> gx(M * K);
+  // grad_unit(K) columns per step of the kernel, 128 columns a task
+  const FusedKernels<T> level = fused_kernels<T>(isa, K);
+  const int64_t unit = level.grad_unit(K);
+  at::parallel_for(0, K / unit, std::max<int64_t>(1, 128 / unit), [&](int64_t c0, int64_t c1) {
+    level.grad_columns(w, gf.data(), M, N, K, c0 * unit, c1 * unit, gx.data());
+  });
   at::Tensor out = at::empty({M, K}, gy2d.options());
   T* o = out.data_ptr<T>();
   for (int64_t i = 0; i < M * K; ++i) o[i] = static_cast<T>(gx[i]);
@@ -298,7 +250,7 @@ int64_t tile_lines(int64_t total, int64_t bytes_per_line, int64_t multiple) {
 // S: the dtype of the tiles and of x2d, T: the activation dtype the weights are rounded through.
 template <typename S, typename T>
 at::Tensor linear_tiled_on(Isa isa, const NF4View& w, const at::Tensor& x2d,
-                           const c10::optional<at::Tensor>& bias, int64_t N, int64_t K) {
+                           const std::optional<at::Tensor>& bias, int64_t N, int64_t K) {
   const int64_t M = x2d.size(0);
   at::Tensor y = at::empty({M, N}, x2d.options());
   const int64_t rows = tile_lines(N, K * sizeof(S), 16);
@@ -323,12 +275,12 @@ at::Tensor linear_tiled_on(Isa isa, const NF4View& w, const at::Tensor& x2d,
 }
 
 template <typename T> at::Tensor linear_tiled(Isa isa, const NF4View& w, const at::Tensor& x2d,
-                                              const c10::optional<at::Tensor>& bias, int64_t N,
+                                              const std::optional<at::Tensor>& bias, int64_t N,
                                               int64_t K) {
   if constexpr (sizeof(T) == 2) {
     if (!native_blas<T>(isa)) {  // float32 BLAS, one rounding of y to T at the end
-      const c10::optional<at::Tensor> b32 =
-          bias.has_value() ? c10::optional<at::Tensor>(bias->to(at::kFloat)) : c10::nullopt;
+      const std::optional<at::Tensor> b32 =
+          bias.has_value() ? std::optional<at::Tensor>(bias->to(at::kFloat)) : std::nullopt;
       return linear_tiled_on<float, T>(isa, w, x2d.to(at::kFloat), b32, N, K).to(x2d.scalar_type());
     }
   }
@@ -415,9 +367,9 @@ at::Tensor grad_tiled(Isa isa, const NF4View& w, const at::Tensor& gy2d, int64_t
 // ---- the ops -----------------------------------------------------------------------------------
 
 at::Tensor nf4_dequantize_cpu(const at::Tensor& packed, const at::Tensor& absmax,
-                              const c10::optional<at::Tensor>& nested_absmax,
-                              const c10::optional<at::Tensor>& nested_code,
-                              const c10::optional<at::Tensor>& offset, int64_t blocksize,
+                              const std::optional<at::Tensor>& nested_absmax,
+                              const std::optional<at::Tensor>& nested_code,
+                              const std::optional<at::Tensor>& offset, int64_t blocksize,
                               at::IntArrayRef shape, at::ScalarType dtype) {
   const char* op = "nf4_dequantize";
   check_dequantize_dtype(op, dtype);
@@ -435,11 +387,11 @@ at::Tensor nf4_dequantize_cpu(const at::Tensor& packed, const at::Tensor& absmax
 }
 
 at::Tensor nf4_linear_cpu(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
-                          const c10::optional<at::Tensor>& nested_absmax,
-                          const c10::optional<at::Tensor>& nested_code,
-                          const c10::optional<at::Tensor>& offset, int64_t blocksize,
+                          const std::optional<at::Tensor>& nested_absmax,
+                          const std::optional<at::Tensor>& nested_code,
+                          const std::optional<at::Tensor>& offset, int64_t blocksize,
                           int64_t out_features, int64_t in_features,
-                          const c10::optional<at::Tensor>& bias) {
+                          const std::optional<at::Tensor>& bias) {
   const char* op = "nf4_linear";
   const int64_t numel = check_features(op, out_features, in_features);
   const int64_t rows =
@@ -450,8 +402,8 @@ at::Tensor nf4_linear_cpu(const at::Tensor& x, const at::Tensor& packed, const a
   check_bias(op, bias, x, out_features);
   const auto out_shape = with_last(x.sizes(), out_features);
   if (rows == 0) return at::empty(out_shape, x.options());
-  const c10::optional<at::Tensor> b =
-      bias.has_value() ? c10::optional<at::Tensor>(bias->contiguous()) : c10::nullopt;
+  const std::optional<at::Tensor> b =
+      bias.has_value() ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt;
   const at::Tensor x2d = x.reshape({rows, in_features}).contiguous();  // [M, K]
   const NF4Operand w = make_operand(packed, absmax, nested_absmax, nested_code, offset, blocksize);
   const Isa isa = active_isa();
@@ -466,9 +418,9 @@ at::Tensor nf4_linear_cpu(const at::Tensor& x, const at::Tensor& packed, const a
 
 at::Tensor nf4_linear_grad_input_cpu(const at::Tensor& grad_y, const at::Tensor& packed,
                                      const at::Tensor& absmax,
-                                     const c10::optional<at::Tensor>& nested_absmax,
-                                     const c10::optional<at::Tensor>& nested_code,
-                                     const c10::optional<at::Tensor>& offset, int64_t blocksize,
+                                     const std::optional<at::Tensor>& nested_absmax,
+                                     const std::optional<at::Tensor>& nested_code,
+                                     const std::optional<at::Tensor>& offset, int64_t blocksize,
                                      int64_t out_features, int64_t in_features) {
   const char* op = "nf4_linear_grad_input";
   const int64_t numel = check_features(op, out_features, in_features);

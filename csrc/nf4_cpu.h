@@ -1,16 +1,19 @@
 // What the CPU kernel files share: the ISA levels, an NF4 weight as raw pointers, the rounding of a
-// weight to the activation dtype, and the kernels each ISA level provides.
+// weight to the activation dtype, and the kernels every ISA level provides.
 //
-//   csrc/nf4_cpu.cpp          the ops, the choice of regime and level, the scalar specification
+//   csrc/nf4_cpu.cpp          the ops: checks, the choice of regime and level, threads and tiles
+//   csrc/nf4_cpu_scalar.cpp   namespace scalar: plain loops, the specification of the other levels
+//                             and the kernels of every CPU
 //   csrc/nf4_cpu_avx2.cpp     namespace avx2:   kernels for CPUs with AVX2 + FMA
 //   csrc/nf4_cpu_avx512.cpp   namespace avx512: kernels for AVX-512 (F, BW, VL, DQ), and the
 //                             bfloat16 dot product of AVX512_BF16
 //   csrc/cpu_isa.cpp          which levels this CPU has, and the level each thread asked for
 //
-// Each ISA file compiles its functions with a `target` attribute (MD_TARGET_*), not the whole
-// build with -march: the library runs on any x86-64 CPU, and a level's kernels run only where
-// best_isa() found it. A new level is a new file with its own namespace, a value of Isa, a
-// line in cpu_isa.cpp and a case in the dispatch of nf4_cpu.cpp.
+// Every level defines the same kernels (MD_LEVEL_KERNELS below), called by nf4_cpu.cpp on one
+// thread's share of the work. The vector files compile their inner functions with a `target`
+// attribute (MD_TARGET_*), not the whole build with -march: the library runs on any x86-64 CPU,
+// and a level's kernels run only where best_isa() found it. A new level is a new file with its own
+// namespace, a value of Isa, a line in cpu_isa.cpp and a case in the dispatch of nf4_cpu.cpp.
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -47,19 +50,6 @@ Isa active_isa();  // the level the calling thread asked for (set_cpu_isa), else
 
 // ---- an NF4 weight as raw pointers --------------------------------------------------------------
 
-// a * b + c with the product rounded to float32 first (never fused into an FMA): the double
-// quantization formula of the reference has exactly two float32 roundings.
-inline float mul_then_add(float a, float b, float c) {
-  float p = a * b;
-#if MINIDORA_X86
-  __asm__("" : "+x"(p));  // the product must exist as a float32 value
-#else
-  volatile float vp = p;
-  p = vp;
-#endif
-  return p + c;
-}
-
 // Raw pointers to one NF4 weight, flattened row-major (element e of W[out, in] is e = o*in + k).
 struct NF4View {
   const uint8_t* packed = nullptr;  // [ceil(n/2)], element 2i in the high nibble of byte i
@@ -72,7 +62,7 @@ struct NF4View {
 
   float scale(int64_t block) const {
     if (absmax != nullptr) return absmax[block];
-    return mul_then_add(dyn[codes[block]], nested[block / kNestedBlocksize], offset);
+    return dq_scale(dyn[codes[block]], nested[block / kNestedBlocksize], offset);
   }
   int code(int64_t e) const {
     const uint8_t byte = packed[e >> 1];
@@ -147,46 +137,67 @@ template <int MT, typename Tile> inline void for_each_m_tile(int64_t M, Tile&& t
 }
 
 // ---- the kernels of each ISA level --------------------------------------------------------------
-// Shared contracts (T: float, double, c10::BFloat16 or c10::Half; indices into NF4View as above):
-//   decode_span:       out[i] = T(value(e0 + i)) for i < n, bit-exact with the reference.
-//   decode_rounded:    out[i] = float(T(value(e0 + i))): the weights as T holds them, in float32
-//                      (for a float32 BLAS where T has no native arithmetic), bit-exact.
-//   stage_activations: x [M, K] of T -> float32 in the order the level's forward_rows reads.
-//   forward_rows:      y[m, o] = sum_k x[m, k] * T(W[o, k]) in float32, for the rows o in
-//                      [n0, n1) of W and every m < M; y is [M, N], row-major; x: [M, K] float32
-//                      as stage_activations of the same level wrote it.
-//   grad_chunks:       gx[m, k] = sum_o gy[m, o] * T(W[o, k]) in float32, for the columns k of
-//   (grad_columns)     32-column chunks [c0, c1) (avx2: columns [k0, k1), multiples of 8) and
-//                      every m < M; gy: [M, N], gx: [M, K] float32.
+// T: float, double, c10::BFloat16 or c10::Half; element e of W [N, K] as in NF4View. x, gy and gx
+// are float32, row-major; every sum is accumulated in float32.
+//   decode_span(w, e0, n, out)       out[i] = T(value(e0 + i)) for i < n; bit-exact with the
+//                                    reference.
+//   decode_rounded(w, e0, n, out)    out[i] = float(T(value(e0 + i))): the weights as T holds them,
+//                                    in float32 (for a float32 BLAS where T has no native
+//                                    arithmetic); bit-exact.
+//   stage_activations(x, M, K, out)  x [M, K] of T -> float32, in the order forward_rows reads.
+//   forward_rows(w, xs, M, N, K, n0, n1, y)
+//                                    y[m, o] = sum_k xs[m, k] * T(W[o, k]) for the rows o in
+//                                    [n0, n1) of W and every m < M; y: [M, N]; xs as
+//                                    stage_activations of the same level wrote it.
+//   grad_unit(K)                     the columns grad_columns takes per step.
+//   grad_columns(w, gy, M, N, K, k0, k1, gx)
+//                                    gx[m, k] = sum_o gy[m, o] * T(W[o, k]) for the columns k in
+//                                    [k0, k1) (multiples of grad_unit(K)) and every m < M;
+//                                    gy: [M, N], gx: [M, K] (written, not added to).
+// forward_rows and grad_columns need K % kChunk == 0, kChunk a constant of the level. The entry
+// points have no target attribute (in C++ a declaration and a definition with different targets
+// would declare two versions of one function): each calls the targeted code of its file.
+#define MD_LEVEL_KERNELS                                                                           \
+  template <typename T> void decode_span(const NF4View& w, int64_t e0, int64_t n, T* out);         \
+  template <typename T> void decode_rounded(const NF4View& w, int64_t e0, int64_t n, float* out);  \
+  template <typename T> void stage_activations(const T* x, int64_t M, int64_t K, float* out);      \
+  template <typename T> void forward_rows(const NF4View& w, const float* xs, int64_t M, int64_t N, \
+                                          int64_t K, int64_t n0, int64_t n1, float* y);            \
+  int64_t grad_unit(int64_t K);                                                                    \
+  template <typename T> void grad_columns(const NF4View& w, const float* gy, int64_t M, int64_t N, \
+                                          int64_t K, int64_t k0, int64_t k1, float* gx);
+
+// The instances every level compiles, for T in float, double, c10::BFloat16 and c10::Half.
+#define MD_INSTANTIATE_LEVEL_KERNELS_FOR(T)                                                       \
+  template void decode_span<T>(const NF4View&, int64_t, int64_t, T*);                             \
+  template void decode_rounded<T>(const NF4View&, int64_t, int64_t, float*);                      \
+  template void stage_activations<T>(const T*, int64_t, int64_t, float*);                         \
+  template void forward_rows<T>(const NF4View&, const float*, int64_t, int64_t, int64_t, int64_t, \
+                                int64_t, float*);                                                 \
+  template void grad_columns<T>(const NF4View&, const float*, int64_t, int64_t, int64_t, int64_t, \
+                                int64_t, float*);
+#define MD_INSTANTIATE_LEVEL_KERNELS              \
+  MD_INSTANTIATE_LEVEL_KERNELS_FOR(float)         \
+  MD_INSTANTIATE_LEVEL_KERNELS_FOR(double)        \
+  MD_INSTANTIATE_LEVEL_KERNELS_FOR(c10::BFloat16) \
+  MD_INSTANTIATE_LEVEL_KERNELS_FOR(c10::Half)
+
+namespace scalar {
+constexpr int64_t kChunk = 1;  // any K
+MD_LEVEL_KERNELS
+}  // namespace scalar
 
 #if MINIDORA_X86
 namespace avx2 {
-constexpr int64_t kChunk = 8;  // forward_rows and grad_columns need K % kChunk == 0
-template <typename T>
-MD_TARGET_AVX2 void decode_span(const NF4View& w, int64_t e0, int64_t n, T* out);
-template <typename T>
-MD_TARGET_AVX2 void decode_rounded(const NF4View& w, int64_t e0, int64_t n, float* out);
-template <typename T> void stage_activations(const T* x, int64_t M, int64_t K, float* out);
-template <typename T> void forward_rows(const NF4View& w, const float* x, int64_t M, int64_t N,
-                                        int64_t K, int64_t n0, int64_t n1, float* y);
-template <typename T> void grad_columns(const NF4View& w, const float* gy, int64_t M, int64_t N,
-                                        int64_t K, int64_t k0, int64_t k1, float* gx);
+constexpr int64_t kChunk = 8;
+MD_LEVEL_KERNELS
 }  // namespace avx2
 
 namespace avx512 {
-constexpr int64_t kChunk = 32;  // forward_rows, grad_chunks and forward_rows_bf16 need K % 32 == 0
-template <typename T>
-MD_TARGET_AVX512 void decode_span(const NF4View& w, int64_t e0, int64_t n, T* out);
-template <typename T>
-MD_TARGET_AVX512 void decode_rounded(const NF4View& w, int64_t e0, int64_t n, float* out);
-// x [M, K] of T -> float32 in the order forward_rows reads (each 32-chunk permuted, see there).
-template <typename T> void stage_activations(const T* x, int64_t M, int64_t K, float* out);
-template <typename T> void forward_rows(const NF4View& w, const float* x, int64_t M, int64_t N,
-                                        int64_t K, int64_t n0, int64_t n1, float* y);
-template <typename T> void grad_chunks(const NF4View& w, const float* gy, int64_t M, int64_t N,
-                                       int64_t K, int64_t c0, int64_t c1, float* gx);
-// Isa::kAvx512Bf16: forward_rows for bfloat16 activations, x [M, K] bfloat16 in the order
-// stage_bf16 wrote (which depends on the weight's blocksize and K).
+constexpr int64_t kChunk = 32;
+MD_LEVEL_KERNELS
+// Isa::kAvx512Bf16: forward_rows for bfloat16 activations (vdpbf16ps), K % kChunk == 0, x [M, K]
+// bfloat16 in the order stage_bf16 wrote (which depends on the weight's blocksize and K).
 void stage_bf16(const NF4View& w, const c10::BFloat16* x, int64_t M, int64_t K, c10::BFloat16* out);
 void forward_rows_bf16(const NF4View& w, const c10::BFloat16* x, int64_t M, int64_t N, int64_t K,
                        int64_t n0, int64_t n1, float* y);

@@ -1,5 +1,5 @@
 // AVX2 kernels of the NF4 ops (CPUs without AVX-512): the decode, the few-rows forward and input
-// gradient. Contracts: csrc/nf4_cpu.h; the scalar specification they must equal: csrc/nf4_cpu.cpp.
+// gradient. Contracts: csrc/nf4_cpu.h; the specification they must equal: csrc/nf4_cpu_scalar.cpp.
 //
 // A block's 16 values codebook[c] * scale (rounded through the activation dtype) sit in two 8-lane
 // registers; codes are looked up with two 8-entry permutes (vpermps reads the low 3 bits of an
@@ -26,6 +26,8 @@
 namespace minidora {
 namespace avx2 {
 namespace {
+
+// ---- the block table and its lookups ------------------------------------------------------------
 
 typedef uint32_t u32x8 __attribute__((vector_size(32)));
 
@@ -76,23 +78,6 @@ template <Rounding R> MD_TARGET_AVX2 inline void block_table(float scale, __m256
   }
 }
 
-template <typename T> MD_TARGET_AVX2 inline void store8(__m256 v, T* out) {
-  if constexpr (std::is_same<T, float>::value) {
-    _mm256_storeu_ps(out, v);
-  } else if constexpr (std::is_same<T, double>::value) {
-    _mm256_storeu_pd(out, _mm256_cvtps_pd(_mm256_castps256_ps128(v)));
-    _mm256_storeu_pd(out + 4, _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
-  } else if constexpr (std::is_same<T, c10::BFloat16>::value) {
-    const __m256i r = bf16_bits(v);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(out),
-                     _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1)));
-  } else {
-    alignas(32) float t[8];
-    _mm256_store_ps(t, v);
-    for (int j = 0; j < 8; ++j) out[j] = static_cast<T>(t[j]);
-  }
-}
-
 // 32 elements (16 bytes at p, inside one block): vpmovzxbd puts 8 bytes in 8 lanes; vpermps reads
 // the low 3 bits of each lane (the low nibble, or the high one after a shift) and a blend on bit 3
 // of the nibble picks the table half. f[2g] holds elements 16g + 2i (the high nibbles), f[2g + 1]
@@ -112,12 +97,6 @@ MD_TARGET_AVX2 __attribute__((always_inline)) inline void lookup32(const uint8_t
   }
 }
 
-MD_TARGET_AVX2 inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_hadd_ps(s, s);
-  return _mm_cvtss_f32(_mm_hadd_ps(s, s));
-}
-
 // STEP elements of one row of W from byte p, inside one block: 32 in kFusedOrder (lookup32), or 8
 // in natural order.
 template <int STEP>
@@ -131,12 +110,71 @@ MD_TARGET_AVX2 __attribute__((always_inline)) inline void lookup_step(const uint
   }
 }
 
+// ---- decode -------------------------------------------------------------------------------------
+
+template <typename T> MD_TARGET_AVX2 inline void store8(__m256 v, T* out) {
+  if constexpr (std::is_same<T, float>::value) {
+    _mm256_storeu_ps(out, v);
+  } else if constexpr (std::is_same<T, double>::value) {
+    _mm256_storeu_pd(out, _mm256_cvtps_pd(_mm256_castps256_ps128(v)));
+    _mm256_storeu_pd(out + 4, _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
+  } else if constexpr (std::is_same<T, c10::BFloat16>::value) {
+    const __m256i r = bf16_bits(v);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out),
+                     _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1)));
+  } else {
+    alignas(32) float t[8];
+    _mm256_store_ps(t, v);
+    for (int j = 0; j < 8; ++j) out[j] = static_cast<T>(t[j]);
+  }
+}
+
+// The decode into memory: out[i] = T(value(e0 + i)) with the table rounded through R first
+// (R = float32: the plain decode; T = float: decode_rounded).
+template <typename T, Rounding R>
+MD_TARGET_AVX2 void decode_as(const NF4View& w, int64_t e0, int64_t n, T* out) {
+  int64_t i = 0;
+  const int64_t head = std::min<int64_t>(n, (8 - (e0 & 7)) & 7);
+  for (; i < head; ++i) out[i] = static_cast<T>(round_to<R>(w.value(e0 + i)));
+  int64_t current = -1;
+  __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();
+  for (; i + 8 <= n; i += 8) {  // 8 elements from a multiple of 8: inside one block
+    const int64_t e = e0 + i;
+    const int64_t block = e >> w.shift;
+    if (block != current) {
+      current = block;
+      block_table<R>(w.scale(block), lo, hi);
+    }
+    store8<T>(lookup16(codes8(w.packed + (e >> 1)), lo, hi), out + i);
+  }
+  for (; i < n; ++i) out[i] = static_cast<T>(round_to<R>(w.value(e0 + i)));
+}
+
+// decode_span and decode_rounded with the target of this level.
+template <typename T>
+MD_TARGET_AVX2 void decode_span_impl(const NF4View& w, int64_t e0, int64_t n, T* out) {
+  decode_as<T, Rounding::kFloat32>(w, e0, n, out);
+}
+
+template <typename T>
+MD_TARGET_AVX2 void decode_rounded_impl(const NF4View& w, int64_t e0, int64_t n, float* out) {
+  decode_as<float, rounding_of<T>()>(w, e0, n, out);
+}
+
+// ---- few rows: forward --------------------------------------------------------------------------
+
+MD_TARGET_AVX2 inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_hadd_ps(s, s);
+  return _mm_cvtss_f32(_mm_hadd_ps(s, s));
+}
+
 // Fused forward: MR rows of x (float32, staged by stage_activations) times row o of W, in steps of
 // STEP elements (32 when K % 32 == 0, so that a step never leaves its block, else 8). NA
 // accumulators per row of x, so that consecutive FMAs do not wait for each other.
 template <int MR, int STEP, Rounding R>
-MD_TARGET_AVX2 void forward_row(const NF4View& w, const float* xs, int64_t K, int64_t o, float* y,
-                                int64_t N) {
+MD_TARGET_AVX2 void forward_block(const NF4View& w, const float* xs, int64_t K, int64_t o, float* y,
+                                  int64_t N) {
   constexpr int NQ = STEP / 8;
   constexpr int NA = std::min(NQ, MR == 1 ? 4 : 2);
   __m256 acc[MR][NA];
@@ -168,20 +206,22 @@ MD_TARGET_AVX2 void forward_row(const NF4View& w, const float* xs, int64_t K, in
 
 // Rows [n0, n1) of W, each times every row of x in tiles of up to 4 rows (the row's packed bytes
 // stay in L1 while the tiles read them).
-template <int STEP, Rounding R> void forward_rows_step(const NF4View& w, const float* xs, int64_t M,
-                                                       int64_t N, int64_t K, int64_t n0, int64_t n1,
-                                                       float* y) {
+template <int STEP, Rounding R> void forward_tiles(const NF4View& w, const float* xs, int64_t M,
+                                                   int64_t N, int64_t K, int64_t n0, int64_t n1,
+                                                   float* y) {
   for (int64_t o = n0; o < n1; ++o)
     for_each_m_tile<4>(M, [&]<int MR>(int64_t m0) {
-      forward_row<MR, STEP, R>(w, xs + m0 * K, K, o, y + m0 * N, N);
+      forward_block<MR, STEP, R>(w, xs + m0 * K, K, o, y + m0 * N, N);
     });
 }
 
+// ---- few rows: input gradient -------------------------------------------------------------------
+
 // Fused input gradient: MR rows of gy times W[:, k0:k0 + STEP], summed over all N rows of W with
-// the accumulators in registers (STEP as in forward_row), then stored in natural order.
+// the accumulators in registers (STEP as in forward_block), then stored in natural order.
 template <int MR, int STEP, Rounding R>
-MD_TARGET_AVX2 void grad_step(const NF4View& w, const float* gy, int64_t N, int64_t K, int64_t k0,
-                              float* gx) {
+MD_TARGET_AVX2 void grad_block(const NF4View& w, const float* gy, int64_t N, int64_t K, int64_t k0,
+                               float* gx) {
   constexpr int NQ = STEP / 8;
   __m256 acc[MR][NQ];
   for (int m = 0; m < MR; ++m)
@@ -218,48 +258,25 @@ MD_TARGET_AVX2 void grad_step(const NF4View& w, const float* gy, int64_t N, int6
 }
 
 // Columns [k0, k1) in steps of STEP, for every row of gy in tiles of up to 2 rows.
-template <int STEP, Rounding R> void grad_columns_step(const NF4View& w, const float* gy, int64_t M,
-                                                       int64_t N, int64_t K, int64_t k0, int64_t k1,
-                                                       float* gx) {
+template <int STEP, Rounding R> void grad_tiles(const NF4View& w, const float* gy, int64_t M,
+                                                int64_t N, int64_t K, int64_t k0, int64_t k1,
+                                                float* gx) {
   for (int64_t k = k0; k < k1; k += STEP)
     for_each_m_tile<2>(M, [&]<int MR>(int64_t m0) {
-      grad_step<MR, STEP, R>(w, gy + m0 * N, N, K, k, gx + m0 * K);
+      grad_block<MR, STEP, R>(w, gy + m0 * N, N, K, k, gx + m0 * K);
     });
-}
-
-// The decode into memory: out[i] = T(value(e0 + i)) with the table rounded through R first
-// (R = float32: the plain decode; T = float: decode_rounded).
-template <typename T, Rounding R>
-MD_TARGET_AVX2 void decode_impl(const NF4View& w, int64_t e0, int64_t n, T* out) {
-  int64_t i = 0;
-  const int64_t head = std::min<int64_t>(n, (8 - (e0 & 7)) & 7);
-  for (; i < head; ++i) out[i] = static_cast<T>(round_to<R>(w.value(e0 + i)));
-  int64_t current = -1;
-  __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();
-  for (; i + 8 <= n; i += 8) {  // 8 elements from a multiple of 8: inside one block
-    const int64_t e = e0 + i;
-    const int64_t block = e >> w.shift;
-    if (block != current) {
-      current = block;
-      block_table<R>(w.scale(block), lo, hi);
-    }
-    store8<T>(lookup16(codes8(w.packed + (e >> 1)), lo, hi), out + i);
-  }
-  for (; i < n; ++i) out[i] = static_cast<T>(round_to<R>(w.value(e0 + i)));
 }
 
 }  // namespace
 
 // ---- the entry points (csrc/nf4_cpu.h) ----------------------------------------------------------
 
-template <typename T>
-MD_TARGET_AVX2 void decode_span(const NF4View& w, int64_t e0, int64_t n, T* out) {
-  decode_impl<T, Rounding::kFloat32>(w, e0, n, out);
+template <typename T> void decode_span(const NF4View& w, int64_t e0, int64_t n, T* out) {
+  decode_span_impl<T>(w, e0, n, out);
 }
 
-template <typename T>
-MD_TARGET_AVX2 void decode_rounded(const NF4View& w, int64_t e0, int64_t n, float* out) {
-  decode_impl<float, rounding_of<T>()>(w, e0, n, out);
+template <typename T> void decode_rounded(const NF4View& w, int64_t e0, int64_t n, float* out) {
+  decode_rounded_impl<T>(w, e0, n, out);
 }
 
 // K % 32 == 0: each 16-group in kFusedOrder (lookup32); else natural order (lookup16).
@@ -272,31 +289,22 @@ template <typename T> void stage_activations(const T* x, int64_t M, int64_t K, f
     for (int j = 0; j < 16; ++j) out[i + j] = static_cast<float>(x[i + kFusedOrder[j]]);
 }
 
-template <typename T> void forward_rows(const NF4View& w, const float* x, int64_t M, int64_t N,
+template <typename T> void forward_rows(const NF4View& w, const float* xs, int64_t M, int64_t N,
                                         int64_t K, int64_t n0, int64_t n1, float* y) {
-  if (K % 32 == 0) return forward_rows_step<32, rounding_of<T>()>(w, x, M, N, K, n0, n1, y);
-  forward_rows_step<8, rounding_of<T>()>(w, x, M, N, K, n0, n1, y);
+  if (K % 32 == 0) return forward_tiles<32, rounding_of<T>()>(w, xs, M, N, K, n0, n1, y);
+  forward_tiles<8, rounding_of<T>()>(w, xs, M, N, K, n0, n1, y);
 }
+
+// 32 columns a step when K % 32 == 0 (lookup32), else 8 (lookup16).
+int64_t grad_unit(int64_t K) { return K % 32 == 0 ? 32 : kChunk; }
 
 template <typename T> void grad_columns(const NF4View& w, const float* gy, int64_t M, int64_t N,
                                         int64_t K, int64_t k0, int64_t k1, float* gx) {
-  if (K % 32 == 0) return grad_columns_step<32, rounding_of<T>()>(w, gy, M, N, K, k0, k1, gx);
-  grad_columns_step<8, rounding_of<T>()>(w, gy, M, N, K, k0, k1, gx);
+  if (K % 32 == 0) return grad_tiles<32, rounding_of<T>()>(w, gy, M, N, K, k0, k1, gx);
+  grad_tiles<8, rounding_of<T>()>(w, gy, M, N, K, k0, k1, gx);
 }
 
-#define MD_INSTANTIATE(T)                                                                         \
-  template void decode_span<T>(const NF4View&, int64_t, int64_t, T*);                             \
-  template void decode_rounded<T>(const NF4View&, int64_t, int64_t, float*);                      \
-  template void stage_activations<T>(const T*, int64_t, int64_t, float*);                         \
-  template void forward_rows<T>(const NF4View&, const float*, int64_t, int64_t, int64_t, int64_t, \
-                                int64_t, float*);                                                 \
-  template void grad_columns<T>(const NF4View&, const float*, int64_t, int64_t, int64_t, int64_t, \
-                                int64_t, float*);
-MD_INSTANTIATE(float)
-MD_INSTANTIATE(double)
-MD_INSTANTIATE(c10::BFloat16)
-MD_INSTANTIATE(c10::Half)
-#undef MD_INSTANTIATE
+MD_INSTANTIATE_LEVEL_KERNELS
 
 }  // namespace avx2
 }  // namespace minidora

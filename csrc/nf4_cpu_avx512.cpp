@@ -1,6 +1,6 @@
 // AVX-512 kernels of the NF4 ops: the decode, the few-rows forward and input gradient, and with
 // AVX512_BF16 the few-rows forward for bfloat16 activations. Contracts: csrc/nf4_cpu.h; the
-// scalar specification they must equal: csrc/nf4_cpu.cpp.
+// specification they must equal: csrc/nf4_cpu_scalar.cpp.
 //
 // Every element of an absmax block uses the same scale, so a block decodes through a 16-entry
 // table table[c] = codebook[c] * scale held in one register, and one vpermps (or vpermw for
@@ -23,6 +23,8 @@
 namespace minidora {
 namespace avx512 {
 namespace {
+
+// ---- the block table and its lookups ------------------------------------------------------------
 
 typedef uint32_t u32x16 __attribute__((vector_size(64)));
 
@@ -102,28 +104,6 @@ MD_TARGET_AVX512 __attribute__((always_inline)) inline __m512i word_indices(cons
   return _mm512_srlv_epi16(words, _mm512_set1_epi32(4));  // even words >> 4, odd words >> 0
 }
 
-// Decodes 32 elements starting at a multiple of 32 (so inside one block) into out.
-template <typename T>
-MD_TARGET_AVX512 inline void decode_chunk(const uint8_t* p, __m512 table, __m512i table16, T* out) {
-  if constexpr (sizeof(T) == 2) {
-    _mm512_storeu_si512(out, _mm512_permutexvar_epi16(word_indices(p), table16));
-  } else {
-    __m512i ilo, ihi;
-    chunk_indices(p, ilo, ihi);
-    const __m512 a = _mm512_permutexvar_ps(ilo, table);
-    const __m512 b = _mm512_permutexvar_ps(ihi, table);
-    if constexpr (std::is_same<T, float>::value) {
-      _mm512_storeu_ps(out, a);
-      _mm512_storeu_ps(out + 16, b);
-    } else {  // double: exact widening
-      _mm512_storeu_pd(out, _mm512_cvtps_pd(_mm512_castps512_ps256(a)));
-      _mm512_storeu_pd(out + 8, _mm512_cvtps_pd(_mm512_extractf32x8_ps(a, 1)));
-      _mm512_storeu_pd(out + 16, _mm512_cvtps_pd(_mm512_castps512_ps256(b)));
-      _mm512_storeu_pd(out + 24, _mm512_cvtps_pd(_mm512_extractf32x8_ps(b, 1)));
-    }
-  }
-}
-
 template <typename T> MD_TARGET_AVX512 inline __m512i table16_of(__m512 table) {
   __m256i h;
   if constexpr (std::is_same<T, c10::BFloat16>::value) {
@@ -168,12 +148,82 @@ MD_TARGET_AVX512 void block_scales(const NF4View& w, int64_t b0, int64_t n, floa
           _mm512_mask_blend_ps(second, _mm512_set1_ps(w.nested[b / kNestedBlocksize]),
                                _mm512_set1_ps(w.nested[(b + 15) / kNestedBlocksize]));
       __m512 p = _mm512_mul_ps(lookup256(dyn, code), nested);
-      __asm__("" : "+v"(p));  // rounded to float32 before the offset is added, as mul_then_add
+      __asm__("" : "+v"(p));  // rounded to float32 before the offset is added, as dq_scale
       _mm512_storeu_ps(out + i, _mm512_add_ps(p, offset));
     }
   }
   for (; i < n; ++i) out[i] = w.scale(b0 + i);
 }
+
+// ---- decode -------------------------------------------------------------------------------------
+
+// Decodes 32 elements starting at a multiple of 32 (so inside one block) into out.
+template <typename T>
+MD_TARGET_AVX512 inline void decode_chunk(const uint8_t* p, __m512 table, __m512i table16, T* out) {
+  if constexpr (sizeof(T) == 2) {
+    _mm512_storeu_si512(out, _mm512_permutexvar_epi16(word_indices(p), table16));
+  } else {
+    __m512i ilo, ihi;
+    chunk_indices(p, ilo, ihi);
+    const __m512 a = _mm512_permutexvar_ps(ilo, table);
+    const __m512 b = _mm512_permutexvar_ps(ihi, table);
+    if constexpr (std::is_same<T, float>::value) {
+      _mm512_storeu_ps(out, a);
+      _mm512_storeu_ps(out + 16, b);
+    } else {  // double: exact widening
+      _mm512_storeu_pd(out, _mm512_cvtps_pd(_mm512_castps512_ps256(a)));
+      _mm512_storeu_pd(out + 8, _mm512_cvtps_pd(_mm512_extractf32x8_ps(a, 1)));
+      _mm512_storeu_pd(out + 16, _mm512_cvtps_pd(_mm512_castps512_ps256(b)));
+      _mm512_storeu_pd(out + 24, _mm512_cvtps_pd(_mm512_extractf32x8_ps(b, 1)));
+    }
+  }
+}
+
+// decode_span with the target of this level: out[i] = T(value(e0 + i)), 16-bit T through a table
+// of T (vpermw).
+template <typename T>
+MD_TARGET_AVX512 void decode_span_impl(const NF4View& w, int64_t e0, int64_t n, T* out) {
+  int64_t i = 0;
+  const int64_t head = std::min<int64_t>(n, (32 - (e0 & 31)) & 31);
+  for (; i < head; ++i) out[i] = static_cast<T>(w.value(e0 + i));
+  int64_t current = -1;
+  __m512 table = _mm512_setzero_ps();
+  __m512i table16 = _mm512_setzero_si512();
+  for (; i + 32 <= n; i += 32) {
+    const int64_t e = e0 + i;
+    const int64_t block = e >> w.shift;
+    if (block != current) {
+      current = block;
+      table = scaled_codebook(w.scale(block));
+      if constexpr (sizeof(T) == 2) table16 = table16_of<T>(table);
+    }
+    decode_chunk<T>(w.packed + (e >> 1), table, table16, out + i);
+  }
+  for (; i < n; ++i) out[i] = static_cast<T>(w.value(e0 + i));
+}
+
+// decode_rounded: the same into float32, with each block's table rounded through T.
+template <typename T>
+MD_TARGET_AVX512 void decode_rounded_impl(const NF4View& w, int64_t e0, int64_t n, float* out) {
+  constexpr Rounding R = rounding_of<T>();
+  int64_t i = 0;
+  const int64_t head = std::min<int64_t>(n, (32 - (e0 & 31)) & 31);
+  for (; i < head; ++i) out[i] = round_to<R>(w.value(e0 + i));
+  int64_t current = -1;
+  __m512 table = _mm512_setzero_ps();
+  for (; i + 32 <= n; i += 32) {
+    const int64_t e = e0 + i;
+    const int64_t block = e >> w.shift;
+    if (block != current) {
+      current = block;
+      table = rounded_table<R>(w.scale(block));
+    }
+    decode_chunk<float>(w.packed + (e >> 1), table, _mm512_setzero_si512(), out + i);
+  }
+  for (; i < n; ++i) out[i] = round_to<R>(w.value(e0 + i));
+}
+
+// ---- few rows: forward --------------------------------------------------------------------------
 
 // One 32-element chunk at column k of NR rows: two lookups per row, then the FMAs.
 template <int MR, int NR, int NA>
@@ -196,8 +246,8 @@ MD_TARGET_AVX512 __attribute__((always_inline)) inline void forward_chunk(
 // Fused forward for MR activation rows and NR weight rows. K % 32 == 0; xs holds x in float32
 // with every 32-chunk stored in kFusedOrder, the order fused_lookup produces.
 template <int MR, int NR, Rounding R>
-MD_TARGET_AVX512 void fused_forward_block(const NF4View& w, const float* xs, int64_t K, int64_t o0,
-                                          float* y, int64_t N) {
+MD_TARGET_AVX512 void forward_block(const NF4View& w, const float* xs, int64_t K, int64_t o0,
+                                    float* y, int64_t N) {
   constexpr int NA = MR == 1 ? 2 : 1;  // more independent FMA chains when there is one row
   __m512 acc[MR][NR][NA];
   __m512 table[NR];
@@ -247,18 +297,20 @@ MD_TARGET_AVX512 void fused_forward_block(const NF4View& w, const float* xs, int
 }
 
 // NR rows of W from o0 on, times every row of x, in tiles of up to 4 rows of x.
-template <int NR, Rounding R> void forward_group(const NF4View& w, const float* xs, int64_t M,
+template <int NR, Rounding R> void forward_tiles(const NF4View& w, const float* xs, int64_t M,
                                                  int64_t K, int64_t o0, float* y, int64_t N) {
   for_each_m_tile<4>(M, [&]<int MR>(int64_t m0) {
-    fused_forward_block<MR, NR, R>(w, xs + m0 * K, K, o0, y + m0 * N, N);
+    forward_block<MR, NR, R>(w, xs + m0 * K, K, o0, y + m0 * N, N);
   });
 }
+
+// ---- few rows: input gradient -------------------------------------------------------------------
 
 // Fused input gradient for MR gradient rows and G 32-column chunks, summed over all N rows of
 // W with the accumulators in registers. Chunk c of gx is accumulated in kFusedOrder.
 template <int MR, int G, Rounding R>
-MD_TARGET_AVX512 void fused_grad_block(const NF4View& w, const float* gy, int64_t N, int64_t K,
-                                       int64_t k0, float* gx) {
+MD_TARGET_AVX512 void grad_block(const NF4View& w, const float* gy, int64_t N, int64_t K,
+                                 int64_t k0, float* gx) {
   __m512 acc[MR][G][2];
   for (int m = 0; m < MR; ++m)
     for (int c = 0; c < G; ++c) acc[m][c][0] = acc[m][c][1] = _mm512_setzero_ps();
@@ -296,14 +348,13 @@ MD_TARGET_AVX512 void fused_grad_block(const NF4View& w, const float* gy, int64_
 }
 
 // G chunks of 32 columns from k0 on, for every row of gy, in tiles of up to 4 rows of gy.
-template <int G, Rounding R> void grad_group(const NF4View& w, const float* gy, int64_t M,
+template <int G, Rounding R> void grad_tiles(const NF4View& w, const float* gy, int64_t M,
                                              int64_t N, int64_t K, int64_t k0, float* gx) {
-  for_each_m_tile<4>(M, [&]<int MR>(int64_t m0) {
-    fused_grad_block<MR, G, R>(w, gy + m0 * N, N, K, k0, gx + m0 * K);
-  });
+  for_each_m_tile<4>(
+      M, [&]<int MR>(int64_t m0) { grad_block<MR, G, R>(w, gy + m0 * N, N, K, k0, gx + m0 * K); });
 }
 
-// ---- bfloat16 activations with AVX512_BF16: one vdpbf16ps per 32 weights ----------------------
+// ---- few rows, bfloat16 activations with AVX512_BF16: one vdpbf16ps per 32 weights ----------
 
 // The fast layout (bf16_pair): blocks of at least 64 elements, rows of W a multiple of 64 long.
 // Each 64-element piece of a row of x is then staged as its even elements, then its odd ones
@@ -381,10 +432,10 @@ MD_TARGET_AVX512BF16 __attribute__((always_inline)) inline void bf16_step(
 // vdpbf16ps multiplies them pairwise with x into float32. PAIRS (blocksize >= 64 and K % 64 == 0,
 // x staged in kPairOrder): 64 elements at a time with bf16_pair, else 32 with bf16_chunk (x in its
 // natural layout). When the rows of W start on block boundaries (K % blocksize == 0) the scales
-// of 64 blocks of each row are decoded at once, as in fused_forward_block.
+// of 64 blocks of each row are decoded at once, as in forward_block.
 template <int MR, int NR, bool PAIRS>
-MD_TARGET_AVX512BF16 void fused_forward_bf16_block(const NF4View& w, const uint16_t* x, int64_t K,
-                                                   int64_t o0, float* y, int64_t N) {
+MD_TARGET_AVX512BF16 void forward_bf16_block(const NF4View& w, const uint16_t* x, int64_t K,
+                                             int64_t o0, float* y, int64_t N) {
   constexpr int64_t kStep = PAIRS ? 64 : 32;
   __m512 acc[MR][NR];
   __m512i table[NR];
@@ -426,11 +477,11 @@ MD_TARGET_AVX512BF16 void fused_forward_bf16_block(const NF4View& w, const uint1
 }
 
 // NR rows of W from o0 on, times every row of bfloat16 x, in tiles of up to MT rows of x.
-template <int MT, int NR, bool PAIRS> void forward_group_bf16(const NF4View& w, const uint16_t* x,
+template <int MT, int NR, bool PAIRS> void forward_bf16_tiles(const NF4View& w, const uint16_t* x,
                                                               int64_t M, int64_t K, int64_t o0,
                                                               float* y, int64_t N) {
   for_each_m_tile<MT>(M, [&]<int MR>(int64_t m0) {
-    fused_forward_bf16_block<MR, NR, PAIRS>(w, x + m0 * K, K, o0, y + m0 * N, N);
+    forward_bf16_block<MR, NR, PAIRS>(w, x + m0 * K, K, o0, y + m0 * N, N);
   });
 }
 
@@ -440,8 +491,8 @@ template <int MT, int NR, bool PAIRS>
 void forward_rows_bf16_tiled(const NF4View& w, const uint16_t* x, int64_t M, int64_t K, int64_t n0,
                              int64_t n1, float* y, int64_t N) {
   int64_t o = n0;
-  for (; o + NR <= n1; o += NR) forward_group_bf16<MT, NR, PAIRS>(w, x, M, K, o, y, N);
-  for (; o < n1; ++o) forward_group_bf16<MT, 1, PAIRS>(w, x, M, K, o, y, N);
+  for (; o + NR <= n1; o += NR) forward_bf16_tiles<MT, NR, PAIRS>(w, x, M, K, o, y, N);
+  for (; o < n1; ++o) forward_bf16_tiles<MT, 1, PAIRS>(w, x, M, K, o, y, N);
 }
 
 // Rows of W at once, by the rows of x (MT * NR accumulators, at most 16 of the 32 registers):
@@ -461,48 +512,15 @@ template <bool PAIRS> void forward_rows_bf16_for(const NF4View& w, const uint16_
 
 // ---- the entry points (csrc/nf4_cpu.h) ----------------------------------------------------------
 
-template <typename T>
-MD_TARGET_AVX512 void decode_span(const NF4View& w, int64_t e0, int64_t n, T* out) {
-  int64_t i = 0;
-  const int64_t head = std::min<int64_t>(n, (32 - (e0 & 31)) & 31);
-  for (; i < head; ++i) out[i] = static_cast<T>(w.value(e0 + i));
-  int64_t current = -1;
-  __m512 table = _mm512_setzero_ps();
-  __m512i table16 = _mm512_setzero_si512();
-  for (; i + 32 <= n; i += 32) {
-    const int64_t e = e0 + i;
-    const int64_t block = e >> w.shift;
-    if (block != current) {
-      current = block;
-      table = scaled_codebook(w.scale(block));
-      if constexpr (sizeof(T) == 2) table16 = table16_of<T>(table);
-    }
-    decode_chunk<T>(w.packed + (e >> 1), table, table16, out + i);
-  }
-  for (; i < n; ++i) out[i] = static_cast<T>(w.value(e0 + i));
+template <typename T> void decode_span(const NF4View& w, int64_t e0, int64_t n, T* out) {
+  decode_span_impl<T>(w, e0, n, out);
 }
 
-// decode_span<float> with each block's table rounded through T.
-template <typename T>
-MD_TARGET_AVX512 void decode_rounded(const NF4View& w, int64_t e0, int64_t n, float* out) {
-  constexpr Rounding R = rounding_of<T>();
-  int64_t i = 0;
-  const int64_t head = std::min<int64_t>(n, (32 - (e0 & 31)) & 31);
-  for (; i < head; ++i) out[i] = round_to<R>(w.value(e0 + i));
-  int64_t current = -1;
-  __m512 table = _mm512_setzero_ps();
-  for (; i + 32 <= n; i += 32) {
-    const int64_t e = e0 + i;
-    const int64_t block = e >> w.shift;
-    if (block != current) {
-      current = block;
-      table = rounded_table<R>(w.scale(block));
-    }
-    decode_chunk<float>(w.packed + (e >> 1), table, _mm512_setzero_si512(), out + i);
-  }
-  for (; i < n; ++i) out[i] = round_to<R>(w.value(e0 + i));
+template <typename T> void decode_rounded(const NF4View& w, int64_t e0, int64_t n, float* out) {
+  decode_rounded_impl<T>(w, e0, n, out);
 }
 
+// Each 32-chunk in kFusedOrder.
 template <typename T> void stage_activations(const T* x, int64_t M, int64_t K, float* out) {
   for (int64_t m = 0; m < M; ++m) {
     const T* xm = x + m * K;
@@ -513,20 +531,22 @@ template <typename T> void stage_activations(const T* x, int64_t M, int64_t K, f
 }
 
 // Groups of four rows of W, then single rows.
-template <typename T> void forward_rows(const NF4View& w, const float* x, int64_t M, int64_t N,
+template <typename T> void forward_rows(const NF4View& w, const float* xs, int64_t M, int64_t N,
                                         int64_t K, int64_t n0, int64_t n1, float* y) {
   int64_t o = n0;
-  for (; o + 4 <= n1; o += 4) forward_group<4, rounding_of<T>()>(w, x, M, K, o, y, N);
-  for (; o < n1; ++o) forward_group<1, rounding_of<T>()>(w, x, M, K, o, y, N);
+  for (; o + 4 <= n1; o += 4) forward_tiles<4, rounding_of<T>()>(w, xs, M, K, o, y, N);
+  for (; o < n1; ++o) forward_tiles<1, rounding_of<T>()>(w, xs, M, K, o, y, N);
 }
 
-// Groups of four chunks, then single chunks.
-template <typename T> void grad_chunks(const NF4View& w, const float* gy, int64_t M, int64_t N,
-                                       int64_t K, int64_t c0, int64_t c1, float* gx) {
+int64_t grad_unit(int64_t) { return kChunk; }
+
+// Groups of four chunks of 32 columns, then single chunks.
+template <typename T> void grad_columns(const NF4View& w, const float* gy, int64_t M, int64_t N,
+                                        int64_t K, int64_t k0, int64_t k1, float* gx) {
   constexpr int G = 4;
-  int64_t c = c0;
-  for (; c + G <= c1; c += G) grad_group<G, rounding_of<T>()>(w, gy, M, N, K, 32 * c, gx);
-  for (; c < c1; ++c) grad_group<1, rounding_of<T>()>(w, gy, M, N, K, 32 * c, gx);
+  int64_t k = k0;
+  for (; k + 32 * G <= k1; k += 32 * G) grad_tiles<G, rounding_of<T>()>(w, gy, M, N, K, k, gx);
+  for (; k < k1; k += 32) grad_tiles<1, rounding_of<T>()>(w, gy, M, N, K, k, gx);
 }
 
 void stage_bf16(const NF4View& w, const c10::BFloat16* x, int64_t M, int64_t K,
@@ -546,19 +566,7 @@ void forward_rows_bf16(const NF4View& w, const c10::BFloat16* x, int64_t M, int6
   forward_rows_bf16_for<false>(w, xb, M, K, n0, n1, y, N);
 }
 
-#define MD_INSTANTIATE(T)                                                                         \
-  template void decode_span<T>(const NF4View&, int64_t, int64_t, T*);                             \
-  template void decode_rounded<T>(const NF4View&, int64_t, int64_t, float*);                      \
-  template void stage_activations<T>(const T*, int64_t, int64_t, float*);                         \
-  template void forward_rows<T>(const NF4View&, const float*, int64_t, int64_t, int64_t, int64_t, \
-                                int64_t, float*);                                                 \
-  template void grad_chunks<T>(const NF4View&, const float*, int64_t, int64_t, int64_t, int64_t,  \
-                               int64_t, float*);
-MD_INSTANTIATE(float)
-MD_INSTANTIATE(double)
-MD_INSTANTIATE(c10::BFloat16)
-MD_INSTANTIATE(c10::Half)
-#undef MD_INSTANTIATE
+MD_INSTANTIATE_LEVEL_KERNELS
 
 }  // namespace avx512
 }  // namespace minidora
