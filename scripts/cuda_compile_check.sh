@@ -119,8 +119,8 @@ if [ -z "$SO" ]; then
     exit 1
 fi
 nm "$SO" > "$BUILD/symbols.txt"   # (not piped into grep -q: that would break nm's pipe)
-for kernel in dequant_vec_kernel dequant_elem_kernel linear_rows_kernel linear_mma_kernel \
-        grad_input_kernel sum_splits_kernel; do
+for kernel in dequant_vec_kernel dequant_elem_kernel linear_ref_kernel linear_rows_kernel \
+        linear_mma_kernel grad_input_ref_kernel grad_input_kernel sum_splits_kernel; do
     if ! grep -q "minidora4cuda[0-9]*${kernel}I" "$BUILD/symbols.txt"; then
         echo "cuda-check: FAILED: $SO has no CUDA kernel $kernel" >&2
         exit 1
@@ -167,6 +167,11 @@ LINEAR(linear_mma_kernel, __half, false, 4)
 LINEAR(linear_rows_kernel, __nv_bfloat16, true, 16)
 LINEAR(linear_rows_kernel, __half, false, 1)
 LINEAR(linear_rows_kernel, float, true, 8)
+template __global__ void linear_ref_kernel<__half, true>(const __half*, const uint8_t*, Scales, int,
+                                                         const __half*, __half*, int, int64_t,
+                                                         int64_t);
+template __global__ void grad_input_ref_kernel<__nv_bfloat16, false>(
+    const __nv_bfloat16*, const uint8_t*, Scales, int, __nv_bfloat16*, int, int64_t, int64_t);
 template __global__ void grad_input_kernel<__nv_bfloat16, true, 8>(
     const __nv_bfloat16*, const uint32_t*, Scales, int, float*, int, int64_t, int64_t, int64_t);
 template __global__ void dequant_vec_kernel<__nv_bfloat16, true>(const uint4*, Scales, int,

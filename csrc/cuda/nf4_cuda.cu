@@ -1,15 +1,20 @@
-// CUDA implementations of the minidora NF4 ops (schemas: TORCH_LIBRARY in csrc/ops.cpp).
+// CUDA implementations of the minidora NF4 ops (schemas: TORCH_LIBRARY in csrc/ops.cpp). The
+// kernels and their numbers: nf4_kernels.cuh.
 //
-//   nf4_dequantize          dequant_vec_kernel (16-byte loads) + dequant_elem_kernel for the tail
-//   nf4_linear              K % 32 == 0 and M <= 64: linear_mma_kernel (bf16 / fp16, tensor cores,
-//                           sm_80+), M <= 16: linear_rows_kernel (float32, and bf16 / fp16 before
-//                           sm_80 or with cuda_kernel="simt"; CUDA cores), fused 4-bit decode;
-//                           otherwise dequantize to x's dtype, then at::linear (cuBLAS). The
-//                           choice: cuda_linear_path() in nf4_select.h (a pure, tested function)
-//   nf4_linear_grad_input   M <= 8 and K % 8 == 0: grad_input_kernel + sum_splits_kernel;
-//                           otherwise dequantize to grad_y's dtype, then at::matmul (cuBLAS)
-// float64 activations always take the dequantize + cuBLAS path (float64 accumulation).
-// Nothing here synchronises with the host, so every op can be captured in a CUDA graph.
+//   nf4_dequantize          dequantize 2 (dequant_vec_kernel, 16-byte loads) + dequantize 1
+//                           (dequant_elem_kernel) for the tail
+//   nf4_linear              K % 32 == 0 and M <= 64: linear 3 (linear_mma_kernel; bf16 / fp16,
+//                           tensor cores, sm_80+), M <= 16: linear 2 (linear_rows_kernel; float32,
+//                           and bf16 / fp16 before sm_80 or with cuda_kernel="simt"; CUDA cores),
+//                           fused 4-bit decode; otherwise dequantize to x's dtype, then at::linear
+//                           (cuBLAS). The choice: cuda_linear_path() in nf4_select.h (a pure,
+//                           tested function)
+//   nf4_linear_grad_input   M <= 8 and K % 8 == 0: grad_input 2 (grad_input_kernel +
+//                           sum_splits_kernel); otherwise dequantize to grad_y's dtype, then
+//                           at::matmul (cuBLAS)
+// float64 activations always take the dequantize + cuBLAS path (float64 accumulation). Linear 1 and
+// grad_input 1, the specifications, are compiled (instantiated at the end of this file) but never
+// launched. Nothing here synchronises with the host, so every op can be captured in a CUDA graph.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -142,9 +147,7 @@ at::Tensor dequantize_to(const Weight& w, std::vector<int64_t> shape, at::Scalar
       launch_dequantize(w, reinterpret_cast<__half*>(out.data_ptr<at::Half>()));
       break;
     default:
-      TORCH_CHECK(false,
-                  "nf4_dequantize: dtype must be float32, bfloat16, float16 or float64, got ",
-                  dtype);
+      check_dequantize_dtype("nf4_dequantize", dtype);  // throws: dtype is none of the above
   }
   return out;
 }
@@ -157,8 +160,8 @@ at::Tensor nf4_dequantize_cuda(const at::Tensor& packed, const at::Tensor& absma
                                const std::optional<at::Tensor>& offset, int64_t blocksize,
                                at::IntArrayRef shape, at::ScalarType dtype) {
   const char* op = "nf4_dequantize";
-  const int64_t numel = shape_numel(op, shape);
   check_dequantize_dtype(op, dtype);
+  const int64_t numel = shape_numel(op, shape);
   const Weight w = make_weight(op, packed, absmax, nested_absmax, nested_code, offset, blocksize,
                                numel, packed.device(), "packed");
   const c10::cuda::CUDAGuard guard(packed.device());
@@ -383,6 +386,20 @@ at::Tensor nf4_linear_grad_input_cuda(const at::Tensor& grad_y, const at::Tensor
 }
 
 }  // namespace
+
+// The specifications, linear 1 and grad_input 1, for every activation dtype of the fused kernels.
+#define MD_INSTANTIATE_REFERENCE(T, DQ)                                                  \
+  template __global__ void cuda::linear_ref_kernel<T, DQ>(                               \
+      const T*, const uint8_t*, cuda::Scales, int, const T*, T*, int, int64_t, int64_t); \
+  template __global__ void cuda::grad_input_ref_kernel<T, DQ>(                           \
+      const T*, const uint8_t*, cuda::Scales, int, T*, int, int64_t, int64_t);
+MD_INSTANTIATE_REFERENCE(float, false)
+MD_INSTANTIATE_REFERENCE(float, true)
+MD_INSTANTIATE_REFERENCE(__nv_bfloat16, false)
+MD_INSTANTIATE_REFERENCE(__nv_bfloat16, true)
+MD_INSTANTIATE_REFERENCE(__half, false)
+MD_INSTANTIATE_REFERENCE(__half, true)
+#undef MD_INSTANTIATE_REFERENCE
 
 TORCH_LIBRARY_IMPL(minidora, CUDA, m) {
   m.impl("nf4_dequantize", &nf4_dequantize_cuda);

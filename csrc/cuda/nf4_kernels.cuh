@@ -1,28 +1,34 @@
 // CUDA device code for the NF4 ops: decoding, dequantize, and the small-M fused matmuls.
 //
-// The specification is minidora/nf4.py (see docs/format.md): a weight W [N, K] is flattened
-// row-major, cut into blocks of `blocksize` elements with one scale each, and stored as 4-bit
-// codes, two per byte, the first element in the HIGH nibble. An element decodes to
+// The format and the decode formula: csrc/nf4_format.h (specification: minidora/nf4.py).
+// A weight W [N, K] is flattened row-major and cut into blocks of `blocksize` elements, one scale
+// each; two 4-bit codes per byte, the first element in the HIGH nibble. An element decodes to
+// float32(codebook[code]) * float32(scale), and a double-quantized scale is dq_scale
+// (__fmul_rn / __fadd_rn on the GPU: never contracted into an FMA).
 //
-//     w = float32(codebook[code]) * float32(scale)                      (one float32 rounding)
-//     scale = absmax[b]                                     (plain float32 scales), or
-//     scale = float32(nested_code[absmax[b]] * nested_absmax[b / 256]) + offset   (double quant)
-//
-// with the two float32 roundings of the double-quant scale kept apart: __fmul_rn / __fadd_rn are
-// never contracted into an FMA by nvcc, which a plain `a * b + c` may be (that would change bits).
-//
-// Kernels, from the specification to the fast versions (host wrappers live in nf4_cuda.cu):
-//   dequant_elem_kernel    one element per thread; any size and alignment; the specification.
-//   dequant_vec_kernel     32 elements per thread from one 16-byte load (they share one block).
-//   linear_rows_kernel     y = x W^T for M <= 16 on CUDA cores: one warp per output row, 16-byte
-//                          loads of the packed row, each byte read once and used for all M rows
-//                          of x (float32 x; bf16 / fp16 with ops.use(cuda_kernel="simt")).
-//   linear_mma_kernel      y = x W^T for M <= 64 on tensor cores for bf16 / fp16 (mma.sync
-//                          m16n8k16, sm_80+ only): a block owns 8 output rows, each decoded
-//                          weight serves up to 4 tiles of 16 rows of x, 4 warps split K.
-//   grad_input_kernel      grad_x = grad_y W for M <= 8: each thread owns 8 columns of W (one
-//                          4-byte word per row), the rows are split over blocks; per-split partial
-//                          sums are added in a fixed order by sum_splits_kernel (deterministic).
+// The kernels of each op are numbered as in llm.c's dev/cuda: version 1 is the plain
+// specification, each later version says what it adds. Host wrappers live in nf4_cuda.cu; which
+// linear kernel runs is cuda_linear_path() in nf4_select.h.
+//   dequantize 1   dequant_elem_kernel     one element per thread; any size and alignment.
+//   dequantize 2   dequant_vec_kernel      + 32 elements per thread from one 16-byte load (one
+//                                          block, one scale).
+//   linear 1       linear_ref_kernel       y = x W^T + bias, one thread per element of y, each
+//                                          weight decoded as dequantize 1 does; any M and K. The
+//                                          ops never launch it: it is what 2 and 3 must equal.
+//   linear 2       linear_rows_kernel      + M <= 16 on CUDA cores: one warp per output row,
+//                                          16-byte loads of the packed row, each byte read once
+//                                          and used for all M rows of x (float32 x; bf16 / fp16
+//                                          before sm_80 or with ops.use(cuda_kernel="simt")).
+//   linear 3       linear_mma_kernel       + M <= 64 on tensor cores for bf16 / fp16 (mma.sync
+//                                          m16n8k16, sm_80+ only): a block owns 8 output rows,
+//                                          each decoded weight serves up to 4 tiles of 16 rows of
+//                                          x, 4 warps split K.
+//   grad_input 1   grad_input_ref_kernel   grad_x = grad_y W, one thread per element of grad_x;
+//                                          never launched by the ops, what 2 must equal.
+//   grad_input 2   grad_input_kernel       + M <= 8: each thread owns 8 columns of W (one 4-byte
+//                                          word per row), the rows are split over blocks; the
+//                                          per-split partial sums are added in a fixed order by
+//                                          sum_splits_kernel (deterministic).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -30,18 +36,14 @@
 
 #include <cstdint>
 
+#include "../nf4_format.h"
+
 namespace minidora {
 namespace cuda {
 
-// The 16 NF4 values; copied into shared memory by each block (a per-element lookup from
-// constant memory would serialise a warp whose lanes read different codes).
-// clang-format off
-__constant__ float kCodebookDevice[16] = {
-    -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,
-    -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f,
-    0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f, 0.33791524171829224f,
-    0.44070982933044434f, 0.5626170039176941f, 0.7229568362236023f, 1.0f};
-// clang-format on
+// The 16 NF4 values (csrc/nf4_format.h), copied into shared memory by each block (a per-element
+// lookup from constant memory would serialise a warp whose lanes read different codes).
+__constant__ float kCodebookDevice[16] = MINIDORA_NF4_CODEBOOK;
 
 __device__ __forceinline__ void load_codebook(float* cb) {
   if (threadIdx.x < 16) cb[threadIdx.x] = kCodebookDevice[threadIdx.x];
@@ -57,12 +59,12 @@ struct Scales {
   const float* offset;      // [1] float32, read on the device: no host synchronisation
 };
 
-// The float32 scale of block b (see the formula at the top of the file).
+// The float32 scale of block b (csrc/nf4_format.h).
 template <bool DQ>
 __device__ __forceinline__ float block_scale(const Scales& s, float offset, int64_t b) {
   if constexpr (DQ) {
-    const float v = __fmul_rn(__ldg(s.code + __ldg(s.absmax_q + b)), __ldg(s.nested + (b >> 8)));
-    return __fadd_rn(v, offset);
+    return dq_scale(__ldg(s.code + __ldg(s.absmax_q + b)), __ldg(s.nested + (b >> kNestedShift)),
+                    offset);
   } else {
     return __ldg(s.absmax_f + b);
   }
@@ -71,6 +73,15 @@ __device__ __forceinline__ float block_scale(const Scales& s, float offset, int6
 template <bool DQ> __device__ __forceinline__ float load_offset(const Scales& s) {
   if constexpr (DQ) return __ldg(s.offset);
   return 0.0f;
+}
+
+// Element e of the weight, one at a time: float32(codebook[code]) * float32(scale).
+template <bool DQ> __device__ __forceinline__ float decode1(const uint8_t* packed, const float* cb,
+                                                            const Scales& s, float offset,
+                                                            int bs_shift, int64_t e) {
+  const uint32_t byte = packed[e >> 1];
+  const uint32_t code = (e & 1) ? (byte & 0xFu) : (byte >> 4);
+  return __fmul_rn(cb[code], block_scale<DQ>(s, offset, e >> bs_shift));
 }
 
 // --- element types: float <-> T conversions, round to nearest even as torch's .to(dtype) ------
@@ -182,7 +193,7 @@ __device__ __forceinline__ void load8(const __half* p, float* v) {
 
 // --- dequantize -----------------------------------------------------------------------------
 
-// Version 1, the specification: out[i] for i in [start, n), one element per thread.
+// Dequantize kernel 1, the specification: out[i] for i in [start, n), one element per thread.
 template <typename T, bool DQ>
 __global__ void dequant_elem_kernel(const uint8_t* __restrict__ packed, Scales s, int bs_shift,
                                     int64_t start, int64_t n, T* __restrict__ out) {
@@ -192,14 +203,12 @@ __global__ void dequant_elem_kernel(const uint8_t* __restrict__ packed, Scales s
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = start + static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += stride) {
-    const uint32_t byte = packed[i >> 1];
-    const uint32_t code = (i & 1) ? (byte & 0xFu) : (byte >> 4);
-    out[i] = Elem<T>::from_float(__fmul_rn(cb[code], block_scale<DQ>(s, offset, i >> bs_shift)));
+    out[i] = Elem<T>::from_float(decode1<DQ>(packed, cb, s, offset, bs_shift, i));
   }
 }
 
-// Version 2: chunk c = elements [32c, 32c + 32) from one 16-byte load; blocksize >= 32 is a
-// power of two, so a chunk never straddles two blocks and needs a single scale.
+// Dequantize kernel 2: chunk c = elements [32c, 32c + 32) from one 16-byte load; blocksize is a
+// power of two >= kMinBlocksize = 32, so a chunk never straddles two blocks and needs one scale.
 template <typename T, bool DQ>
 __global__ void dequant_vec_kernel(const uint4* __restrict__ packed, Scales s, int bs_shift,
                                    int64_t n_chunks, T* __restrict__ out) {
@@ -221,14 +230,36 @@ __global__ void dequant_vec_kernel(const uint4* __restrict__ packed, Scales s, i
   }
 }
 
-// --- y = x W^T for small M ------------------------------------------------------------------
+// --- linear: y = x W^T + bias ----------------------------------------------------------------
+
+// Linear kernel 1, the specification: y[m, n] = T(sum_k x[m, k] * T(w[n, k]) + bias[n]), one
+// thread per element i = m * N + n of y, the float32 sum in order of k; any M, K and alignment.
+// Each weight is decoded to float32 and rounded to T, as the reference multiplies x by
+// dequantize(W, T). Slow (every thread decodes a whole row of W): never launched by the ops.
+template <typename T, bool DQ>
+__global__ void linear_ref_kernel(const T* __restrict__ x, const uint8_t* __restrict__ packed,
+                                  Scales s, int bs_shift, const T* __restrict__ bias,
+                                  T* __restrict__ y, int M, int64_t N, int64_t K) {
+  __shared__ float cb[16];
+  load_codebook(cb);
+  const float offset = load_offset<DQ>(s);
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= M * N) return;
+  const int64_t m = i / N, n = i % N;
+  float acc = 0.0f;
+  for (int64_t k = 0; k < K; ++k) {
+    const float w = Elem<T>::round(decode1<DQ>(packed, cb, s, offset, bs_shift, n * K + k));
+    acc = fmaf(Elem<T>::to_float(x[m * K + k]), w, acc);
+  }
+  y[i] = Elem<T>::from_float(acc + (bias != nullptr ? Elem<T>::to_float(bias[n]) : 0.0f));
+}
 
 constexpr int kRowsWarps = 4;   // warps (= output rows) per block in linear_rows_kernel
 constexpr int kRowsUnroll = 4;  // 16-byte loads in flight per lane
 
-// x [M, K], W [N, K] (K % 32 == 0, packed 16-byte aligned), y [M, N]; M <= MT.
-// Each weight is decoded once to float32, rounded to T (the reference multiplies by
-// dequantize(W, T)), and multiplied with the M rows of x; accumulation is float32.
+// Linear kernel 2 (CUDA cores): x [M, K], W [N, K] (K % 32 == 0, packed 16-byte aligned), y [M, N];
+// M <= MT. Adds to kernel 1: one warp per row of W, whose lanes read it in 16-byte chunks (32
+// weights, one scale), each weight decoded once and used for all M rows of x; float32 sums.
 template <typename T, bool DQ, int MT> __global__ void __launch_bounds__(kRowsWarps * 32)
     linear_rows_kernel(const T* __restrict__ x, const uint4* __restrict__ packed, Scales s,
                        int bs_shift, const T* __restrict__ bias, T* __restrict__ y, int M,
@@ -293,7 +324,7 @@ template <typename T, bool DQ, int MT> __global__ void __launch_bounds__(kRowsWa
   }
 }
 
-// --- y = x W^T for small M on tensor cores (bf16 / fp16) --------------------------------------
+// --- linear on tensor cores (bf16 / fp16) ------------------------------------------------------
 
 // mma.sync m16n8k16 (sm_80+): C[16x8] += A[16x16] B[16x8], 16-bit inputs, float32 accumulation.
 // pack() rounds two decoded float32 weights to T (round to nearest even, as dequantize does).
@@ -344,14 +375,15 @@ template <> struct Mma<__half> {
 constexpr int kMmaWarps = 4;   // warps per block; they split K and share 8 output rows
 constexpr int kMmaUnroll = 4;  // 16-byte weight loads in flight per lane
 
-// x [M, K] (M <= 16 * TILES), W [N, K] (K % 32 == 0, packed and x 16-byte aligned), y [M, N].
-// A block owns output rows n0 .. n0+7. Lane (g = lane / 4, q = lane % 4) holds weight row n0 + g
-// and, in each 128-column group, the 32 columns [32q, 32q + 32): one 16-byte load, 4 words,
-// decoded once and used for all TILES tiles of 16 rows of x.
-// The mma's k index is a sum index, so any order of the columns is fine as long as x (operand A)
-// and W (operand B) use the same one: step (t, s) of a group takes columns 32q + 8t + 4s + r,
-// r = 0..3, where the fragment layout wants k = 2q + r (r < 2) and 2q + 8 + r - 2 (r >= 2); then
-// lane (g, q) needs x[g][32q + 8t + 4s + r] and x[g + 8][...], 8 contiguous bytes per row.
+// Linear kernel 3 (tensor cores): x [M, K] (M <= 16 * TILES), W [N, K] (K % 32 == 0, packed and x
+// 16-byte aligned), y [M, N]. Adds to kernel 2: the products on tensor cores. A block owns output
+// rows n0 .. n0+7. Lane (g = lane / 4, q = lane % 4) holds weight row n0 + g and, in each
+// 128-column group, the 32 columns [32q, 32q + 32): one 16-byte load, 4 words, decoded once and
+// used for all TILES tiles of 16 rows of x. The mma's k index is a sum index, so any order of the
+// columns is fine as long as x (operand A) and W (operand B) use the same one: step (t, s) of a
+// group takes columns 32q + 8t + 4s + r, r = 0..3, where the fragment layout wants k = 2q + r (r <
+// 2) and 2q + 8 + r - 2 (r >= 2); then lane (g, q) needs x[g][32q + 8t + 4s + r] and x[g + 8][...],
+// 8 contiguous bytes per row.
 template <typename T, bool DQ, int TILES> __global__ void __launch_bounds__(kMmaWarps * 32)
     linear_mma_kernel(const T* __restrict__ x, const uint4* __restrict__ packed, Scales s,
                       int bs_shift, const T* __restrict__ bias, T* __restrict__ y, int M, int64_t N,
@@ -448,14 +480,37 @@ template <typename T, bool DQ, int TILES> __global__ void __launch_bounds__(kMma
 #endif  // MINIDORA_MMA_M16N8K16
 }
 
-// --- grad_x = grad_y W for small M -------------------------------------------------------------
+// --- grad_input: grad_x = grad_y W -------------------------------------------------------------
+
+// Grad-input kernel 1, the specification: grad_x[m, k] = T(sum_n grad_y[m, n] * T(w[n, k])), one
+// thread per element i = m * K + k of grad_x, the float32 sum in order of n; any M, K and
+// alignment. Never launched by the ops.
+template <typename T, bool DQ>
+__global__ void grad_input_ref_kernel(const T* __restrict__ grad_y,
+                                      const uint8_t* __restrict__ packed, Scales s, int bs_shift,
+                                      T* __restrict__ grad_x, int M, int64_t N, int64_t K) {
+  __shared__ float cb[16];
+  load_codebook(cb);
+  const float offset = load_offset<DQ>(s);
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= M * K) return;
+  const int64_t m = i / K, k = i % K;
+  float acc = 0.0f;
+  for (int64_t n = 0; n < N; ++n) {
+    const float w = Elem<T>::round(decode1<DQ>(packed, cb, s, offset, bs_shift, n * K + k));
+    acc = fmaf(Elem<T>::to_float(grad_y[m * N + n]), w, acc);
+  }
+  grad_x[i] = Elem<T>::from_float(acc);
+}
 
 constexpr int kColsWarps = 4;          // warps per block; they take turns over the block's rows
 constexpr int kColsUnroll = 4;         // rows in flight per lane
 constexpr int kColsPerBlock = 32 * 8;  // a lane owns 8 columns (one 4-byte word per row)
 
-// grad_y [M, N], W [N, K] (K % 8 == 0, packed 4-byte aligned); rows [split * rows_per_split, ...)
-// of W go to blockIdx.y = split, which writes partial [split, M, K] (float32).
+// Grad-input kernel 2: grad_y [M, N], W [N, K] (K % 8 == 0, packed 4-byte aligned), M <= MT. Adds
+// to kernel 1: a lane owns 8 columns, one 4-byte word of each row of W, decoded once for all M rows
+// of grad_y; the rows [split * rows_per_split, ...) of W go to blockIdx.y = split, which writes its
+// float32 sums to partial [split, M, K], added up by sum_splits_kernel.
 template <typename T, bool DQ, int MT> __global__ void __launch_bounds__(kColsWarps * 32)
     grad_input_kernel(const T* __restrict__ grad_y, const uint32_t* __restrict__ packed, Scales s,
                       int bs_shift, float* __restrict__ partial, int M, int64_t N, int64_t K,

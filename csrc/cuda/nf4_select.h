@@ -6,10 +6,11 @@
 // minidora._C.cuda_linear_path(major, minor, dtype, setting), so that tests can check every case
 // with the capability mocked, without a GPU.
 //
+// The fused kernels by their numbers in nf4_kernels.cuh (linear 1 is the specification only):
 //   float64                      "cublas": dequantize to float64, then cuBLAS (float64 sums)
-//   float32                      "simt":   linear_rows_kernel (CUDA cores)
-//   bfloat16 / float16, sm_80+   "mma":    linear_mma_kernel (tensor cores, mma.sync m16n8k16),
-//                                          or "simt" with cuda_kernel="simt"
+//   float32                      "simt":   linear 2, linear_rows_kernel (CUDA cores)
+//   bfloat16 / float16, sm_80+   "mma":    linear 3, linear_mma_kernel (tensor cores, mma.sync
+//                                          m16n8k16), or "simt" with cuda_kernel="simt"
 //   bfloat16 / float16, sm_70/75 "simt" (m16n8k16 with bf16/f16 inputs does not exist before
 //                                          sm_80; cuda_kernel="mma" is an error naming the GPU)
 // Each fused kernel covers small M only; larger or unaligned inputs dequantize, then call cuBLAS.
@@ -24,7 +25,11 @@
 
 namespace minidora {
 
-enum class CudaLinearPath : int { kMma = 0, kSimt = 1, kCublas = 2 };
+enum class CudaLinearPath : int {
+  kMma = 0,    // linear 3 (linear_mma_kernel)
+  kSimt = 1,   // linear 2 (linear_rows_kernel)
+  kCublas = 2  // dequantize, then cuBLAS
+};
 constexpr const char* kCudaLinearPathNames[] = {"mma", "simt", "cublas"};
 
 constexpr int kMmaMinMajor = 8;  // mma.sync m16n8k16 with bf16/f16 inputs: compute capability 8.0+
