@@ -19,8 +19,8 @@ from pathlib import Path
 
 __all__ = ["UsageError", "path", "check_int", "check_float", "items", "writable_dir",
            "MAX_STEPS", "MAX_THREADS", "MAX_ALPHA", "MAX_SEED", "MAX_BATCH", "default_cache_dir",
-           "cache_folder", "lr_at", "reset_peak_rss", "peak_rss", "IGNORE", "HELD_OUT_FRACTION",
-           "SPLIT_SEED"]
+           "cache_folder", "lr_at", "reset_peak_rss", "peak_rss", "available_memory", "proc_bytes",
+           "IGNORE", "HELD_OUT_FRACTION", "SPLIT_SEED"]
 
 # Bounds of the options. Far above the core count, torch's thread pool fails to start and takes
 # the process down with it; more steps than this is not a demo any more; alpha / r scales the
@@ -123,15 +123,29 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def peak_rss() -> int:
-    """Peak resident memory of this process in bytes: Linux's ``VmHWM`` (since the last
-    :func:`reset_peak_rss`), else ``ru_maxrss`` (bytes on macOS, KiB elsewhere)."""
+def proc_bytes(path: str, field: str) -> int | None:
+    """The ``field:`` line of a /proc file given in KiB (``VmHWM`` of /proc/self/status,
+    ``MemAvailable`` of /proc/meminfo), in bytes; None where there is no such file or line."""
     try:
-        with open("/proc/self/status") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
+    return None
+
+
+def peak_rss() -> int:
+    """Peak resident memory of this process in bytes: Linux's ``VmHWM`` (since the last
+    :func:`reset_peak_rss`), else ``ru_maxrss`` (bytes on macOS, KiB elsewhere)."""
+    peak = proc_bytes("/proc/self/status", "VmHWM")
+    if peak is not None:
+        return peak
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
+
+
+def available_memory() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes (None where there is none)."""
+    return proc_bytes("/proc/meminfo", "MemAvailable")

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import torch
 
+from ..common import available_memory
 from . import report
 from .data import load_dataset
 from .models import load
-from .train import FinetuneConfig, available_memory, check_full_memory, run_method
+from .train import FinetuneConfig, check_full_memory, run_method
 
 __all__ = ["OUTPUTS", "run"]
 

@@ -36,8 +36,7 @@ from .data import Dataset, Encoded, encode
 from .models import LM, LLMError
 
 __all__ = ["METHODS", "FinetuneConfig", "run_method", "check_full_memory", "score", "generate",
-           "available_memory", "FULL_BYTES_PER_PARAM",
-           "enable_checkpointing"]
+           "FULL_BYTES_PER_PARAM", "enable_checkpointing"]
 
 # float32 weight + gradient + AdamW's two moments; activations and the allocator come on top.
 FULL_BYTES_PER_PARAM = 16
@@ -68,18 +67,6 @@ class FinetuneConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def available_memory() -> int | None:
-    """MemAvailable of /proc/meminfo in bytes (None where there is none)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 def check_full_memory(n_params: int, available: int | None) -> int:
