@@ -261,3 +261,17 @@ def test_toc_tex_to_text():
     assert hooks.tex_to_text(r"$\lVert W_0\rVert_c$, $x^2$, $\text{dropout}(x)$") == \
         "‖W₀‖_c, x², dropout(x)"
     assert hooks.tex_to_text("Merging: no cost at inference") == "Merging: no cost at inference"
+
+
+def test_docstring_math_is_rewritten_for_the_api_pages():
+    sys.path.insert(0, str(ROOT / "docs"))
+    try:
+        from griffe_rst_math import rewrite
+    finally:
+        sys.path.remove(str(ROOT / "docs"))
+    doc = ("Intro:\n\n.. math::  y = x W^\\top\n           + b\n\n"
+           "per block :math:`a_b = \\max |x|`, "
+           "see :func:`~minidora.nf4.quantize` and :class:`NF4Weight`.")
+    assert rewrite(doc) == ("Intro:\n\n\n$$\ny = x W^\\top\n+ b\n$$\n\n\n"
+                            "per block $a_b = \\max |x|$, "
+                            "see `quantize` and `NF4Weight`.")

@@ -67,17 +67,3 @@ def test_docs_example_runs(path, tmp_path):
     done = run_script(path, tmp_path)
     assert done.returncode == 0, (f"{path.name} failed:\n"
                                   f"{done.stdout[-4000:]}\n{done.stderr[-4000:]}")
-
-
-def test_docstring_math_is_rewritten_for_the_api_pages():
-    sys.path.insert(0, str(ROOT / "docs"))
-    try:
-        from griffe_rst_math import rewrite
-    finally:
-        sys.path.remove(str(ROOT / "docs"))
-    doc = ("Intro:\n\n.. math::  y = x W^\\top\n           + b\n\n"
-           "per block :math:`a_b = \\max |x|`, "
-           "see :func:`~minidora.nf4.quantize` and :class:`NF4Weight`.")
-    assert rewrite(doc) == ("Intro:\n\n\n$$\ny = x W^\\top\n+ b\n$$\n\n\n"
-                            "per block $a_b = \\max |x|$, "
-                            "see `quantize` and `NF4Weight`.")
