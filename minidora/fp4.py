@@ -17,8 +17,13 @@ so the magnitudes of codes 0..7 are 0, 1/192, 8/12, 1, 4/12, 6/12, 2/12, 3/12 (t
 exponent field is the *smallest* normal value), and codes 8..15 are their negatives. The code of
 a value is the nearest one, the lower in sorted order at an exact midpoint, as bitsandbytes'
 CPU quantize finds it. The two zeros split the values around zero: bitsandbytes gives code 0
-(+0) to ``x`` in (-1/384, 0] and code 8 (-0) to ``x`` in (0, 1/384]; both decode to 0.0.
+(+0) to ``x`` in (-1/384, 0] and code 8 (-0) to ``x`` in (0, 1/384]; code 8 decodes to
+-0.0, as in bitsandbytes' CPU kernels (its Python fallback, taken for an odd last dimension,
+decodes it to +0.0).
 Packing and padding as NF4's, except that an odd count is padded with code 0 (the value 0.0).
+A partial last block is normalized as the whole ones, by the reciprocal of its absmax, as
+:mod:`minidora.nf4` does (bitsandbytes' CPU quantize divides there instead: a value whose
+quotient lands on a midpoint can then take the neighbouring code; docs/format.md).
 
 **Int4, symmetric absmax.** The 15 values :math:`k / 7`, k = -7..7, stored as code k + 7 (code
 15 is unused); the nearest value, the lower at a midpoint. Padded with code 7 (the value 0.0).
@@ -38,8 +43,8 @@ import torch
 
 from . import nf4
 
-__all__ = ["Quantized4bit", "quantize", "dequantize", "fp4_code", "FP4_CODE", "INT4_CODE",
-           "FORMATS"]
+__all__ = ["Quantized4bit", "quantize", "dequantize", "codes_of", "fp4_code", "FP4_CODE",
+           "INT4_CODE", "FORMATS"]
 
 FORMATS = ("fp4", "int4")
 
@@ -54,7 +59,7 @@ def fp4_code() -> torch.Tensor:
     for bits in range(8):
         e, m = bits >> 1, bits & 1
         mags.append(m / 16 if e == 0 else 2.0 ** (4 - e) * (1 + m / 2))   # 0, 1/16, 8, 12, ...
-    values = torch.tensor(mags + [-v for v in mags], dtype=torch.float32)
+    values = torch.tensor(mags + [-v for v in mags], dtype=torch.float32)   # code 8: -0.0
     return values / values.max()                                          # / 12, in float32
 
 
