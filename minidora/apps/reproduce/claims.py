@@ -17,6 +17,9 @@ __all__ = ["CLAIMS", "claim_module", "claim_names"]
 # name -> module (relative to this package). Claims 2-4 of docs/reproduce.md come in here.
 CLAIMS = {
     "quant": ".quant",      # 1: QLoRA Table 2, perplexity of the 4-bit formats
+    "decomposition": ".decomp",   # 2: DoRA fig. 2, corr(dD, dM) per method
+    "rank": ".rank",        # 3: DoRA table 15, DoRA vs LoRA at r = 1, 2, 4, 8
+    "qlora16": ".qlora16",  # 4: QLoRA table 4, QLoRA on NF4 + DQ vs LoRA on a 16-bit base
     "detach": ".detach",    # 5: DoRA sec. 4.3, the detached norm's memory and step time
 }
 
