@@ -261,3 +261,13 @@ def test_reproduce_claims_2_to_4_quick(tmp_path, capsys):
     assert q["accuracy"]["lora"] == r["accuracy"]["lora"]["8"]       # the shared LoRA runs
     # QLoRA trains over another base: its numbers are its own
     assert q["loss"]["qlora"] != q["loss"]["lora"]
+
+
+def test_a_loss_that_is_not_finite_stops_the_run_with_one_line(monkeypatch):
+    lm = _tiny_lm()
+    real = tune.answer_loss
+    monkeypatch.setattr(tune, "answer_loss", lambda *a: real(*a) * float("nan"))
+    with pytest.raises(M.LLMError, match=r"^lora r2 seed 4: the loss is nan at step 1 \(lr 0.01\)"
+                       r"; the budget's learning rate is too high"):
+        tune.finetune(lm, tune.Setup("lora", 2, 3, 4, 1e-2, 4, "float32"),
+                      _encoded(lm.model.config.vocab_size), log=lambda *a: None)

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from ..common import IGNORE, lr_at
 from ..demo.progress import Progress
 from ..finetune.data import Encoded, encode, load_dataset
+from ..finetune.models import LLMError
 from ..finetune.train import FinetuneConfig, build, score
 
 __all__ = ["TARGETS", "SEQ_LEN", "Setup", "CACHE", "shipped_data", "answer_loss", "finetune",
@@ -113,7 +114,9 @@ def finetune(lm, setup: Setup, train: Encoded, checkpoints=(), on_checkpoint=Non
         loss.backward()
         opt.step()
         if not torch.isfinite(loss):
-            raise RuntimeError(f"{setup}: the loss is {loss.item()} at step {step + 1}")
+            raise LLMError(f"{setup.method} r{setup.rank} seed {setup.seed}: the loss is "
+                           f"{loss.item()} at step {step + 1} (lr {setup.lr:g}); the budget's "
+                           "learning rate is too high for this model")
         bar.update(step + 1, loss=loss.item())
         if step + 1 in checkpoints:
             on_checkpoint(step + 1, model)
