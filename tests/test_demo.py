@@ -1,5 +1,6 @@
 """The demo end to end in --quick mode (in-process and through ``python -m minidora``), its
-pieces (data, memory meter, answer scoring, cache, rank sweep) and its bad-input exits.
+pieces (data, memory meter, answer scoring, cache, the table over seeds and what it tells apart,
+rank sweep) and its bad-input exits.
 
 Every run writes to pytest's tmp_path and uses a cache folder there, never the user's home.
 """
@@ -25,7 +26,7 @@ import torch
 import minidora
 from helpers import forced_isa, time_limit
 from minidora.__main__ import main
-from minidora.apps.demo import data, report, sweep
+from minidora.apps.demo import compare, data, report, sweep
 from minidora.apps.demo.memory import PeakTensorMemory
 from minidora.apps.demo.model import GPT, GPTConfig
 from minidora.apps.demo.train import DEMO_MODEL, METHODS, score
@@ -60,23 +61,89 @@ def quick_run(tmp_path_factory):
 
 # --- the end-to-end run --------------------------------------------------------------------------
 
-def test_table_has_every_method_with_finite_numbers(quick_run):
-    lines = quick_run["stdout"].splitlines()
+def _printed_table(stdout: str) -> list[list[str]]:
+    """The rows of the headline table as printed (header first), cells split at 2+ spaces."""
+    lines = stdout.splitlines()
     header = next(i for i, ln in enumerate(lines) if ln.startswith("method "))
-    assert set(re.sub(r"  +", "|", lines[header]).split("|")) == set(report.COLUMNS)
-    rows = {ln.split()[0]: ln for ln in lines[header + 2: header + 2 + len(METHODS)]}
-    assert list(rows) == list(METHODS)
-    for ln in rows.values():
-        # trainable, weights, peak memory, ms/step, 2 losses, 2 accuracies %, correlation
-        fields = re.findall(r"[-+]?[\d,]+\.?\d*%?", ln)
-        nums = [float(v.replace(",", "").rstrip("%")) for v in fields]
-        assert len(nums) == 9 and all(math.isfinite(v) for v in nums), ln
+    rows = [lines[header]]
+    for ln in lines[header + 2:]:
+        if not ln.strip():
+            break
+        rows.append(ln)
+    return [re.split(r"  +", ln.strip()) for ln in rows]
+
+
+def test_table_has_the_pretrained_row_and_every_method(quick_run):
+    rows = _printed_table(quick_run["stdout"])
+    assert rows[0] == report.COLUMNS
+    assert [r[0] for r in rows[1:]] == [report.BASELINE, *METHODS]
+    assert rows[1:] == quick_run["doc"]["table"]          # the JSON holds the table as printed
+    for r in rows[2:]:
+        # trainable, weights, peak memory, ms/step, train acc, acc mean [min, max], rank,
+        # loss mean [min, max], rank
+        nums = re.findall(r"\d[\d,]*\.?\d*", " ".join(r[1:]))
+        assert len(nums) == 13 and all(math.isfinite(float(v.replace(",", ""))) for v in nums), r
+
+
+def test_table_mean_and_range_are_those_of_the_seeds(quick_run):
+    """Each method's cells are the mean and [min, max] of its per-seed runs in the JSON,
+    recomputed here; the pretrained row is the one model's number."""
+    doc = quick_run["doc"]
+    assert doc["seeds"] == [0, 1]
+    rows = {r[0]: r for r in _printed_table(quick_run["stdout"])[1:]}
+    for name in METHODS:
+        runs = doc["methods"][name]
+        assert [r["seed"] for r in runs] == doc["seeds"]
+        acc = [100 * r["final_accuracy"] for r in runs]
+        loss = [r["final_held_out_loss"] for r in runs]
+        assert rows[name][6] == (f"{sum(acc) / len(acc):.1f}% [{min(acc):.1f}%, "
+                                 f"{max(acc):.1f}%]")
+        assert rows[name][8] == f"{sum(loss) / len(loss):.3f} [{min(loss):.3f}, {max(loss):.3f}]"
+        s = doc["summary"]["held_out_loss"][name]
+        assert (s["min"], s["max"], s["n"]) == (min(loss), max(loss), 2)
+        assert s["mean"] == pytest.approx(sum(loss) / 2, rel=1e-15)
+        assert s["std"] == pytest.approx(abs(loss[0] - loss[1]) / 2 ** 0.5, rel=1e-12)
+    base = doc["baseline"]
+    assert rows["pretrained"][6] == f"{100 * base['accuracy']:.1f}%"
+    assert rows["pretrained"][8] == f"{base['held_out_loss']:.3f}"
+
+
+def test_table_says_what_the_seeds_tell_apart(quick_run):
+    """The verdicts in the JSON agree with the per-seed numbers in the JSON (recomputed here);
+    every fine-tuned seed's loss is below the pretrained model's, and the printed line says so."""
+    doc, out = quick_run["doc"], quick_run["stdout"]
+    for c in doc["comparisons"]:
+        for metric, (key, _, higher) in compare.METRICS.items():
+            a = [r[key] for r in doc["methods"][c["a"]]]
+            b = ([doc["baseline"][metric]] if c["b"] == "pretrained"
+                 else [r[key] for r in doc["methods"][c["b"]]])
+            hi, lo = (a, b) if higher else (b, a)      # hi: the side where better is higher
+            want = ("not distinguishable here" if min(hi) <= max(lo) and min(lo) <= max(hi)
+                    else f"{c['a']} better" if (min(a) > max(b)) == higher else f"{c['b']} better")
+            assert c[metric] == want, (c, metric)
+    assert [(c["question"], c["a"], c["b"]) for c in doc["comparisons"]] == [
+        *(("full vs adapters", "full", m) for m in METHODS[1:]),
+        *(("fine-tuned vs pretrained", m, "pretrained") for m in METHODS),
+        ("4-bit vs 16-bit", "qlora", "lora"), ("4-bit vs 16-bit", "qdora", "dora"),
+        ("DoRA vs LoRA", "dora", "lora")]
+    assert re.search(r"^  fine-tuned vs pretrained  full vs pretrained +acc: .*loss: full "
+                     r"better$", out, re.M)
+    assert "(2 / C(4, 2))" in out
+
+
+def test_corr_column_is_gone_and_the_footnote_points_to_reproduce(quick_run):
+    doc, out = quick_run["doc"], quick_run["stdout"]
+    assert not any("corr" in c for c in report.COLUMNS)
+    assert "corr" not in out and "corr" not in json.dumps(doc)
+    assert "decomposition" not in json.dumps(doc)
+    assert not (quick_run["out"] / "decomposition.png").exists()
+    assert "`python -m minidora reproduce` measures it per layer" in out
 
 
 def test_losses_fall_from_the_pretrained_baseline(quick_run):
     doc = quick_run["doc"]
     base = doc["baseline"]
-    for name, r in doc["methods"].items():
+    for name, r in ((n, r) for n, rs in doc["methods"].items() for r in rs):
         assert r["final_train_loss"] < base["train_loss"] - 0.05, name
         assert r["final_held_out_loss"] < base["held_out_loss"] - 0.05, name
         # The unquantized methods start from exactly the pretrained model (B = 0, m = ||W0||).
@@ -89,12 +156,12 @@ def test_full_fine_tuning_learns_the_task(tmp_path):
     """The demo's claim, at its default model, pretraining and budget (about half a minute of
     pretraining and a few seconds of fine-tuning on one thread): the pretrained model gets no
     held-out number right, full fine-tuning gets most of them exactly right."""
-    rc, stdout, stderr = _run_main(["demo", "--methods", "full", "--no-sweep",
+    rc, stdout, stderr = _run_main(["demo", "--methods", "full", "--no-sweep", "--seeds", "1",
                                     "--out", str(tmp_path / "o"),
                                     "--cache-dir", str(tmp_path / "c")])
     assert rc == 0, stderr
     doc = json.loads((tmp_path / "o" / "results.json").read_text())
-    base, full = doc["baseline"], doc["methods"]["full"]
+    base, (full,) = doc["baseline"], doc["methods"]["full"]
     assert doc["config"]["model"] == DEMO_MODEL.to_dict()
     assert base["accuracy"] == 0.0 and full["initial_accuracy"] == 0.0
     assert full["final_accuracy"] >= 0.5, stdout
@@ -104,7 +171,7 @@ def test_full_fine_tuning_learns_the_task(tmp_path):
 def test_parameter_counts_and_weight_memory(quick_run):
     doc = quick_run["doc"]
     cfg = GPTConfig(**doc["config"]["model"])
-    r, m = doc["config"]["rank"], doc["methods"]
+    r, m = doc["config"]["rank"], {name: rs[0] for name, rs in doc["methods"].items()}
     model = GPT(cfg)
     n_total = sum(p.numel() for p in model.parameters())
     shapes = [mod.weight.shape for n, mod in model.named_modules()
@@ -127,29 +194,27 @@ def test_parameter_counts_and_weight_memory(quick_run):
 def test_json_schema(quick_run):
     doc = quick_run["doc"]
     assert doc["schema_version"] == report.SCHEMA_VERSION
-    assert set(doc) >= {"config", "pretrain", "baseline", "methods", "sweep", "total_seconds",
-                        "columns", "table"}
+    assert set(doc) >= {"config", "pretrain", "baseline", "seeds", "methods", "summary", "ranks",
+                        "comparisons", "sweep", "total_seconds", "columns", "table"}
     assert set(doc["baseline"]) == {"train_loss", "held_out_loss", "train_accuracy", "accuracy"}
     assert list(doc["methods"]) == list(METHODS)
+    assert set(doc["summary"]) == set(doc["ranks"]) == {"accuracy", "held_out_loss"}
+    assert list(doc["summary"]["accuracy"]) == ["pretrained", *METHODS]
     steps = doc["config"]["steps"]
-    for name, r in doc["methods"].items():
+    for name, r in ((n, r) for n, rs in doc["methods"].items() for r in rs):
         for key in ("trainable_params", "total_params", "weight_bytes", "peak_bytes", "seed"):
             assert isinstance(r[key], int) and r[key] >= (key != "seed"), (name, key)
         for key in ("seconds_per_step", "seconds", "final_train_loss", "final_held_out_loss",
-                    "initial_held_out_loss", "corr_dD_dM", "lr"):
+                    "initial_held_out_loss", "lr"):
             assert isinstance(r[key], float) and math.isfinite(r[key]), (name, key)
         for key in ("initial_accuracy", "final_accuracy", "final_train_accuracy"):
             assert 0 <= r[key] <= 1, (name, key)
-        assert -1 <= r["corr_dD_dM"] <= 1
         assert ("rank" in r) == ("alpha" in r) == (name != "full")
         assert len(r["train_curve"]) == steps
         curve = r["held_out_curve"]              # [step, held-out loss, held-out accuracy]
         assert curve[0][0] == 0 and curve[-1][0] == steps and all(len(p) == 3 for p in curve)
         assert curve[-1][1:] == [r["final_held_out_loss"], r["final_accuracy"]]
-        n_targets = 6 * doc["config"]["model"]["n_layer"]
-        assert len(r["decomposition"]) == n_targets * doc["config"]["n_checkpoints"]
-        assert all(p["dM"] >= 0 and p["dD"] >= 0 for p in r["decomposition"])
-    assert doc["table"][0][0] == "full" and len(doc["table"]) == len(METHODS)
+    assert [row[0] for row in doc["table"]] == ["pretrained", *METHODS]
 
 
 def test_sweep_in_json(quick_run):
@@ -166,8 +231,8 @@ def test_sweep_in_json(quick_run):
     for run in sw["runs"]:
         assert run["alpha"] == s * run["rank"]
         assert 0 <= run["final_accuracy"] <= 1 and math.isfinite(run["final_held_out_loss"])
-        if (run["rank"], run["seed"]) == (cfg["rank"], cfg["seed"]):   # the table's run, reused
-            main = doc["methods"][run["method"]]
+        if run["rank"] == cfg["rank"]:                     # the table's run, reused
+            main = doc["methods"][run["method"]][doc["seeds"].index(run["seed"])]
             assert run["final_held_out_loss"] == main["final_held_out_loss"]
             assert run["seconds"] == main["seconds"]
     assert len(sw["summary"]) == len(sw["methods"]) * len(sw["ranks"])
@@ -193,7 +258,7 @@ def _png_size(path: Path) -> tuple[int, int]:
 
 
 def test_png_plots(quick_run):
-    for name in ("losses.png", "decomposition.png", "rank_sweep.png"):
+    for name in ("losses.png", "rank_sweep.png"):
         path = quick_run["out"] / name
         assert 10_000 < path.stat().st_size < 200_000, name
         w, h = _png_size(path)
@@ -207,9 +272,9 @@ def test_second_run_uses_the_cache_and_gives_the_same_numbers(quick_run, tmp_pat
     assert "skipping pretraining" in stdout
     assert "skipping pretraining" not in quick_run["stdout"]
     doc = json.loads((tmp_path / "results.json").read_text())
-    first = quick_run["doc"]["methods"]["full"]
-    assert doc["methods"]["full"]["final_held_out_loss"] == first["final_held_out_loss"]
-    assert doc["methods"]["full"]["train_curve"] == first["train_curve"]
+    first, again = quick_run["doc"]["methods"]["full"], doc["methods"]["full"]
+    assert [r["final_held_out_loss"] for r in again] == [r["final_held_out_loss"] for r in first]
+    assert [r["train_curve"] for r in again] == [r["train_curve"] for r in first]
     assert len(list(quick_run["cache"].glob("pretrained-*.safetensors"))) == 1
     assert doc["sweep"] is None and not (tmp_path / "rank_sweep.png").exists()
 
@@ -289,7 +354,8 @@ def no_run(monkeypatch):
     (["--sweep-ranks", "1,2,33"], "--sweep-ranks: got 33"),
     (["--sweep-ranks", "two"], "--sweep-ranks: got 'two'; expected an integer"),
     (["--sweep-ranks", " , "], "--sweep-ranks: no rank given"),
-    (["--no-sweep", "--seeds", "2"], "--no-sweep: --sweep-methods, --sweep-ranks and --seeds"),
+    (["--no-sweep", "--sweep-methods", "lora"], "--no-sweep: --sweep-methods and --sweep-ranks "
+                                                "set the sweep"),
     (["--no-sweep", "--sweep-ranks", "1"], "--no-sweep"),
 ])
 def test_bad_input_exits_with_one_line(no_run, tmp_path, args, needle):
@@ -441,8 +507,8 @@ def test_reference_and_compiled_nf4_paths_agree(quick_run, tmp_path):
     assert rc == 0, stderr
     assert minidora.ops.get_backend() == "auto"   # restored after the run
     ref = json.loads((tmp_path / "results.json").read_text())["methods"]
-    for name in ("qlora", "qdora"):
-        a, b = ref[name], quick_run["doc"]["methods"][name]
+    for name, k in (("qlora", 0), ("qlora", 1), ("qdora", 0), ("qdora", 1)):
+        a, b = ref[name][k], quick_run["doc"]["methods"][name][k]
         assert a["weight_bytes"] == b["weight_bytes"]
         for key in ("initial_held_out_loss", "final_train_loss", "final_held_out_loss"):
             assert a[key] == pytest.approx(b[key], rel=1e-6, abs=0), (name, key)
@@ -556,34 +622,155 @@ def test_score_is_greedy_exact_match():
     assert loss == pytest.approx(3 * 30.0 / n_answer, rel=1e-5)   # 3 characters cost 30 nats
 
 
-def test_correlation_matches_numpy_free_formula():
-    g = torch.Generator().manual_seed(3)
-    dd, dm = torch.rand(17, generator=g).tolist(), torch.rand(17, generator=g).tolist()
-    pts = [{"layer": f"blocks.{i % 2}.attn.q_proj", "dD": x, "dM": y, "step": i}
-           for i, (x, y) in enumerate(zip(dd, dm, strict=True))]
-    x, y = torch.tensor(dd, dtype=torch.float64), torch.tensor(dm, dtype=torch.float64)
-    x, y = x - x.mean(), y - y.mean()
-    expected = (x @ y / (x.norm() * y.norm())).item()
-    assert report.correlation(pts) == pytest.approx(expected, abs=1e-12)
-    assert math.isnan(report.correlation(pts[:2]))
-
-
 def test_sweep_summary_and_table():
     runs = [{"method": m, "rank": r, "seed": k, "trainable_params": 10 * r,
-             "final_accuracy": acc, "final_held_out_loss": 1 - acc, "corr_dD_dM": corr}
-            for m, r, k, acc, corr in [("lora", 1, 0, 0.1, 0.5), ("lora", 1, 1, 0.3, 0.7),
-                                       ("lora", 4, 0, 0.5, float("nan")),
-                                       ("lora", 4, 1, 0.9, 0.1), ("dora", 1, 0, 0.2, 0.0)]]
+             "final_accuracy": acc, "final_held_out_loss": 1 - acc}
+            for m, r, k, acc in [("lora", 1, 0, 0.1), ("lora", 1, 1, 0.3), ("lora", 4, 0, 0.5),
+                                 ("lora", 4, 1, 0.9), ("dora", 1, 0, 0.2)]]
     rows = sweep.summarize(runs)
     assert [(r["method"], r["rank"]) for r in rows] == [("lora", 1), ("lora", 4), ("dora", 1)]
     assert rows[0]["accuracy"] == pytest.approx({"mean": 0.2, "min": 0.1, "max": 0.3,
                                                  "std": 0.02 ** 0.5, "n": 2})
-    assert rows[1]["corr_dD_dM"]["n"] == 1                   # the NaN seed left out
     assert rows[2]["accuracy"]["std"] == 0.0 and rows[2]["trainable_params"] == 10
+    assert set(rows[0]) == {"method", "rank", "trainable_params", "accuracy", "held_out_loss"}
     text = sweep.format_sweep(rows).splitlines()
     assert text[1].split() == ["method", "metric", "r=1", "r=4"]
     assert text[3].split() == ["lora", "acc", "20%", "[10%,", "30%]", "70%", "[50%,", "90%]"]
     assert text[5].split() == ["dora", "acc", "20%", "[20%,", "20%]"]   # no r=4 run: empty
+    assert text[7:] == ["what the seeds tell apart:",
+                        "  lora r=4 vs lora r=1: acc: lora r=4 better; loss: lora r=4 better",
+                        "  dora r=1 vs lora r=1: acc: not distinguishable here; loss: not "
+                        "distinguishable here"]
+    runs[1]["final_accuracy"] = 0.5                    # lora r=1 now touches lora r=4: a tie
+    assert "  lora r=4 vs lora r=1: acc: not distinguishable here; loss: lora r=4 better" in (
+        sweep.format_sweep(sweep.summarize(runs)).splitlines())
+
+
+# --- the table over seeds: mean, range, ranks, words ---------------------------------------------
+
+def _fake_runs(acc: dict[str, list[float]], loss: dict[str, list[float]]) -> dict[str, list]:
+    """Per-seed results with the keys the table reads, from {method: [value per seed]}."""
+    return {m: [{"trainable_params": 1000, "weight_bytes": 4000, "peak_bytes": 9000 + k,
+                 "seconds_per_step": 0.01, "final_train_accuracy": a, "final_accuracy": a,
+                 "final_held_out_loss": lo}
+                for k, (a, lo) in enumerate(zip(acc[m], loss[m], strict=True))]
+            for m in acc}
+
+
+BASE = {"train_loss": 4.5, "held_out_loss": 4.4, "train_accuracy": 0.0, "accuracy": 0.0}
+
+
+def _said(acc: dict, loss: dict) -> dict[str, str]:
+    """{"a vs b": its verdicts} from the comparison lines of the table of these numbers."""
+    text = report.format_table(_fake_runs(acc, loss), BASE, list(range(5)))
+    return {m[1]: re.sub(r"  +", "  ", m[2]) for m in
+            re.finditer(r"^  (?:[\w -]+?  +)?(\w+ vs \w+) +(acc: .*)$", text, re.M)}
+
+
+def test_overlapping_ranges_are_not_ordered_and_disjoint_ones_are():
+    """Random per-seed numbers; the words and ranks follow the ranges: move qlora's seeds clear
+    of lora's and the verdict changes from a tie to an order; one seed back, a tie again."""
+    g = torch.Generator().manual_seed(7)
+
+    def u(lo, hi):
+        return (lo + (hi - lo) * torch.rand(5, generator=g, dtype=torch.float64)).tolist()
+
+    acc = {"full": u(0.90, 0.97), "lora": u(0.40, 0.80), "dora": u(0.55, 0.75),
+           "qlora": u(0.45, 0.85), "qdora": u(0.20, 0.30)}
+    loss = {"full": u(0.05, 0.2), "lora": u(0.8, 1.1), "dora": u(0.85, 1.0),
+            "qlora": u(0.9, 1.2), "qdora": u(1.3, 1.5)}
+    assert min(acc["qlora"]) < max(acc["lora"]) and min(loss["qlora"]) < max(loss["lora"])
+    said = _said(acc, loss)
+    assert said["full vs lora"] == "acc: full better  loss: full better"
+    assert said["qlora vs lora"] == "acc: not distinguishable here  loss: not distinguishable here"
+    assert said["qdora vs dora"] == "acc: dora better  loss: dora better"
+    assert said["dora vs lora"] == "acc: not distinguishable here  loss: not distinguishable here"
+    assert said["qdora vs pretrained"] == "acc: qdora better  loss: qdora better"
+    runs = _fake_runs(acc, loss)
+    rows = {r[0]: r for r in report.table_rows(runs, BASE, report.summarize(runs, BASE))}
+    for m in acc:                                   # five seeds: the mean is not the median
+        pct = [100 * a for a in acc[m]]
+        assert rows[m][6] == f"{sum(pct) / 5:.1f}% [{min(pct):.1f}%, {max(pct):.1f}%]"
+        assert rows[m][8] == f"{sum(loss[m]) / 5:.3f} [{min(loss[m]):.3f}, {max(loss[m]):.3f}]"
+    rank = {m: (r[7], r[9]) for m, r in rows.items()}
+    assert rank == {"pretrained": ("4", "4"), "full": ("1", "1"), "lora": ("2=", "2="),
+                    "dora": ("2=", "2="), "qlora": ("2=", "2="), "qdora": ("3", "3")}
+    text = report.format_table(runs, BASE, list(range(5)))
+    assert "disjoint ranges by chance 0.8% of the time (2 / C(10, 5))" in text
+    # qlora's seeds all above lora's best, and its losses all below lora's lowest: now ordered.
+    acc["qlora"] = [max(acc["lora"]) + 0.01 + 0.001 * k for k in range(5)]
+    loss["qlora"] = [min(loss["lora"]) - 0.01 - 0.001 * k for k in range(5)]
+    assert _said(acc, loss)["qlora vs lora"] == "acc: qlora better  loss: qlora better"
+    # One seed of qlora back on lora's best (touching counts as overlap): a tie on that metric.
+    acc["qlora"][2] = max(acc["lora"])
+    assert _said(acc, loss)["qlora vs lora"] == "acc: not distinguishable here  loss: qlora better"
+
+
+def _connected(a: str, b: str, ivs: dict[str, tuple[float, float]]) -> bool:
+    """Whether a and b are joined by a chain of overlapping (or touching) intervals."""
+    seen, todo = {a}, [a]
+    while todo:
+        x = todo.pop()
+        for y, (lo, hi) in ivs.items():
+            if y not in seen and lo <= ivs[x][1] and ivs[x][0] <= hi:
+                seen.add(y)
+                todo.append(y)
+    return b in seen
+
+
+@pytest.mark.parametrize("higher", [True, False])
+def test_ranks_never_order_overlapping_ranges(higher):
+    """Random ranges, checked by brute force: names with different ranks are apart, the better
+    rank on the better side; names with the same rank are chained by overlaps; a tie is marked."""
+    g = torch.Generator().manual_seed(11 + higher)
+    for _ in range(200):
+        n = int(torch.randint(1, 8, (1,), generator=g))
+        lo = torch.randint(0, 20, (n,), generator=g).tolist()
+        width = torch.randint(0, 6, (n,), generator=g).tolist()
+        ivs = {f"m{i}": (float(lo[i]), float(lo[i] + width[i])) for i in range(n)}
+        summary = {k: {"mean": (a + b) / 2, "min": a, "max": b, "n": 3}
+                   for k, (a, b) in ivs.items()}
+        rank = compare.ranks(summary, higher)
+        num = {k: int(v.rstrip("=")) for k, v in rank.items()}
+        assert sorted(set(num.values())) == list(range(1, max(num.values()) + 1))
+        for a in ivs:
+            assert rank[a].endswith("=") == (list(num.values()).count(num[a]) > 1)
+            for b in ivs:
+                if num[a] < num[b]:
+                    assert compare.apart(summary[a], summary[b], higher) == 1, (ivs, rank)
+                elif num[a] == num[b]:
+                    assert _connected(a, b, ivs), (ivs, rank)
+
+
+def test_ranks_of_a_wide_range_that_reaches_the_top():
+    """A method with a low mean whose range reaches the best one's ties with everything it
+    touches: ordering by mean alone would put it below the best."""
+    s = {"a": {"mean": 0.9, "min": 0.85, "max": 0.95},
+         "b": {"mean": 0.5, "min": 0.45, "max": 0.55},
+         "c": {"mean": 0.4, "min": 0.0, "max": 0.9}}
+    assert compare.ranks(s, True) == {"a": "1=", "b": "1=", "c": "1="}
+    s["c"]["max"] = 0.5
+    assert compare.ranks(s, True) == {"a": "1", "b": "2=", "c": "2="}
+    assert compare.ranks(s, False) == {"a": "2", "b": "1=", "c": "1="}
+
+
+@pytest.mark.parametrize("n, m", [(1, 1), (2, 3), (3, 3), (4, 4), (5, 5)])
+def test_chance_apart_by_enumeration(n, m):
+    """2 / C(n + m, n): the share of the ways to split n + m distinct values into groups of n
+    and m where one group lies entirely above the other (counted here by enumeration)."""
+    import itertools
+
+    values = set(range(n + m))
+    splits = list(itertools.combinations(sorted(values), n))
+    apart = sum(1 for a in splits
+                if min(a) > max(values - set(a)) or max(a) < min(values - set(a)))
+    assert compare.chance_apart(n, m) == pytest.approx(apart / len(splits), rel=1e-15)
+
+
+@pytest.mark.parametrize("values", [[], [1.0, float("nan")], [float("inf")]])
+def test_stats_rejects_no_values_and_non_finite_ones(values):
+    with pytest.raises(ValueError, match=r"values: got .*; expected one or more finite numbers"):
+        compare.stats(values)
 
 
 # --- the compute dtype line and the progress lines ----------------------------------------------
@@ -608,7 +795,7 @@ def test_bfloat16_asked_for_is_said_to_be_emulated_where_it_is(quick_run, tmp_pa
     monkeypatch.setattr(progress, "QUIET_S", 0.0)
     with forced_isa(isa):
         rc, stdout, stderr = _run_main(["demo", "--quick", "--methods", "qlora", "--no-sweep",
-                                        "--compute-dtype", "bfloat16", "--out",
+                                        "--seeds", "1", "--compute-dtype", "bfloat16", "--out",
                                         str(tmp_path / "o"), "--cache-dir",
                                         str(quick_run["cache"])])
     assert rc == 0, stderr

@@ -27,7 +27,7 @@ from ..common import (
 __all__ = ["add_parser", "run", "config"]
 
 # The bound of the demo's own option (the others are in minidora.apps.common).
-MAX_SEEDS = 20           # seeds per point of the rank sweep (seed .. seed + N - 1, + 1 for batches)
+MAX_SEEDS = 20           # fine-tuning seeds per method and sweep point (seed .. seed + N - 1)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -35,8 +35,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     d = subparsers.add_parser(
         "demo", help="pretrain a small GPT, fine-tune it with every method, compare",
         description="Pretrain a small GPT on text A (cached), fine-tune it on text B with full "
-                    "fine-tuning, LoRA, DoRA, QLoRA and QDoRA, sweep the adapters' rank over "
-                    "several seeds, print the comparison and write plots and JSON.")
+                    "fine-tuning, LoRA, DoRA, QLoRA and QDoRA over several seeds, sweep the "
+                    "adapters' rank, print the comparison (mean and range over the seeds; "
+                    "methods whose ranges overlap are not ordered) and write plots and JSON.")
     d.add_argument("--methods", nargs="+", default=None, metavar="M",
                    help="methods to run, space or comma separated "
                         "(default: full lora dora qlora qdora)")
@@ -49,7 +50,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     d.add_argument("--pretrain-steps", type=int, default=None,
                    help=f"pretraining steps, 1..{MAX_STEPS} (default 600)")
     d.add_argument("--seed", type=int, default=0,
-                   help="seed of model init, batches and adapters, 0..2**63-1 (default 0)")
+                   help="seed of pretraining and the first fine-tuning seed (adapters, "
+                        "batches), 0..2**63-1 (default 0)")
     d.add_argument("--sweep", action=argparse.BooleanOptionalAction, default=True,
                    help="run the rank sweep (default: on; --no-sweep skips it)")
     d.add_argument("--sweep-methods", nargs="+", default=None, metavar="M",
@@ -57,10 +59,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "dora)")
     d.add_argument("--sweep-ranks", nargs="+", default=None, metavar="R",
                    help="ranks of the sweep, space or comma separated, each at most min(in, out) "
-                        "of the adapted layers (default: 1 2 4 8)")
+                        "of the adapted layers (default: 2 8)")
     d.add_argument("--seeds", type=int, default=None,
-                   help=f"seeds per sweep point, 1..{MAX_SEEDS}: --seed, --seed + 1, ... "
-                        "(default 3; 2 with --quick)")
+                   help=f"fine-tuning seeds per method and per sweep point, 1..{MAX_SEEDS}: "
+                        "--seed, --seed + 1, ... (default 4; 2 with --quick)")
     d.add_argument("--backend", choices=("auto", "reference", "compiled"), default="auto",
                    help="NF4 path of the q-methods: compiled op, plain PyTorch reference, or auto")
     d.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default="float32",
@@ -77,7 +79,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "second thread gains 1.7x on an idle machine and loses several times "
                         "over on a busy one)")
     d.add_argument("--quick", action="store_true",
-                   help="a tiny model and a few steps, a sweep of 2 seeds: seconds (for tests)")
+                   help="a tiny model and a few steps, 2 seeds: seconds (for tests)")
     return d
 
 
@@ -121,7 +123,7 @@ def config(args: argparse.Namespace):
     if args.quick:
         cfg = RunConfig(seed=args.seed, model=replace(DEMO_MODEL, n_embd=32, n_head=2),
                         batch_size=8, finetune_batch_size=8, pretrain_steps=40, steps=16,
-                        n_checkpoints=4, eval_every=4, seeds=2)
+                        eval_every=4, seeds=2)
     else:
         cfg = RunConfig(seed=args.seed)
     why_rank = " (min(in_features, out_features) of the adapted layers"
@@ -142,13 +144,12 @@ def config(args: argparse.Namespace):
                                      ADAPTERS))
     if args.sweep_ranks is not None:
         cfg.sweep_ranks = _ranks(args.sweep_ranks, max_rank(cfg.model), why_rank)
-    if args.sweep_ranks is not None or args.sweep_methods is not None or args.seeds is not None:
+    if args.sweep_ranks is not None or args.sweep_methods is not None:
         if not args.sweep:
-            raise UsageError("--no-sweep: --sweep-methods, --sweep-ranks and --seeds set the "
-                             "sweep; drop them or drop --no-sweep")
+            raise UsageError("--no-sweep: --sweep-methods and --sweep-ranks set the sweep; drop "
+                             "them or drop --no-sweep")
     if not args.sweep:
         cfg.sweep_methods = ()
-    cfg.n_checkpoints = min(cfg.n_checkpoints, cfg.steps)
     cfg.backend, cfg.compute_dtype = args.backend, args.compute_dtype
     return cfg, methods
 

@@ -1,8 +1,10 @@
-"""The whole demo run: pretrain (or load), fine-tune with each method, sweep the rank, report."""
+"""The whole demo run: pretrain (or load), fine-tune with each method over the seeds, sweep the
+rank, report."""
 
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -15,7 +17,7 @@ from .train import DemoError, RunConfig, finetune, pretrain, score
 
 __all__ = ["OUTPUTS", "SWEEP_OUTPUTS", "outputs", "run"]
 
-OUTPUTS = ("results.json", "losses.png", "decomposition.png")
+OUTPUTS = ("results.json", "losses.png")
 SWEEP_OUTPUTS = ("rank_sweep.png",)
 
 
@@ -51,47 +53,50 @@ def _run(cfg: RunConfig, methods: list[str], out: Path, cache_dir: Path | None, 
     (train_loss, train_acc), (held_loss, held_acc) = score(base, train), score(base, held)
     baseline = {"train_loss": train_loss, "held_out_loss": held_loss,
                 "train_accuracy": train_acc, "accuracy": held_acc}
+    seeds = [cfg.seed + k for k in range(cfg.seeds)]
     log(f"fine-tuning on {text_b.name} ({len(train.lines)} problems, {len(held.lines)} held "
         f"out): {', '.join(methods)}; {cfg.steps} steps of {cfg.finetune_batch_size} problems "
-        f"each, rank {cfg.rank}, alpha {cfg.alpha:g}, seed {cfg.seed}")
+        f"each, rank {cfg.rank}, alpha {cfg.alpha:g}, seed{'s' if len(seeds) > 1 else ''} "
+        f"{', '.join(map(str, seeds))}")
     if any(m.startswith("q") for m in methods):     # the dtype of the 4-bit base's matmul
         log(compute_dtype(None if cfg.compute_dtype == "float32" else cfg.compute_dtype,
                           preferred="float32")[1])
-    results = {}
+    runs: dict[str, list[dict]] = {}
     for m in methods:
-        results[m] = report.add_correlations(finetune(m, state, cfg, train, held, log=log))
-        r = results[m]
-        log(f"  {m:<5}: held-out loss {r['final_held_out_loss']:.3f}, "
-            f"acc {100 * r['final_accuracy']:5.1f}% ({r['seconds']:.1f} s)")
+        runs[m] = []
+        for seed in seeds:
+            r = finetune(m, state, replace(cfg, seed=seed), train, held, log=log)
+            runs[m].append(r)
+            log(f"  {m:<5} seed {seed}: held-out loss {r['final_held_out_loss']:.3f}, "
+                f"acc {100 * r['final_accuracy']:5.1f}% ({r['seconds']:.1f} s)")
     sweep_doc = None
     if cfg.sweep_methods:
         n_runs = len(sweep.sweep_points(cfg))
         log(f"rank sweep: {', '.join(cfg.sweep_methods)} at r = "
             f"{', '.join(map(str, cfg.sweep_ranks))}, {cfg.seeds} seed"
             f"{'s' if cfg.seeds > 1 else ''} each ({n_runs} runs, those of the table reused)")
-        runs = sweep.run_sweep(state, cfg, train, held, list(results.values()), log=log)
-        summary = sweep.summarize(runs)
+        done = [r for rs in runs.values() for r in rs]
+        points = sweep.run_sweep(state, cfg, train, held, done, log=log)
         sweep_doc = {"methods": list(cfg.sweep_methods), "ranks": list(cfg.sweep_ranks),
-                     "seeds": [cfg.seed + k for k in range(cfg.seeds)],
-                     "alpha_over_rank": cfg.alpha / cfg.rank, "runs": runs, "summary": summary}
+                     "seeds": seeds, "alpha_over_rank": cfg.alpha / cfg.rank, "runs": points,
+                     "summary": sweep.summarize(points)}
     seconds = time.perf_counter() - t0
     log("")
-    log(report.format_table(results, baseline))
+    log(report.format_table(runs, baseline, seeds))
     if sweep_doc:
         log("")
         log(sweep.format_sweep(sweep_doc["summary"]))
     written = [out / name for name in outputs(cfg)]
-    report.plot_losses(out / "losses.png", results, baseline)
-    report.plot_decomposition(out / "decomposition.png", results)
+    report.plot_losses(out / "losses.png", runs, baseline)
     if sweep_doc:
         refs = {"pretrained": (baseline["held_out_loss"], baseline["accuracy"])}
-        if "full" in results:
-            full = results["full"]
-            refs = {f"full (seed {cfg.seed})": (full["final_held_out_loss"],
-                                                 full["final_accuracy"]), **refs}
+        if "full" in runs:
+            full = report.summarize({"full": runs["full"]}, baseline)
+            refs = {f"full (mean of {len(seeds)} seed{'s' if len(seeds) > 1 else ''})": (
+                full["held_out_loss"]["full"]["mean"], full["accuracy"]["full"]["mean"]), **refs}
         sweep.plot_rank_sweep(out / "rank_sweep.png", sweep_doc["runs"], sweep_doc["summary"],
                               refs)
-    doc = report.document(cfg.to_dict(), pre, baseline, results, sweep_doc, seconds)
+    doc = report.document(cfg.to_dict(), pre, baseline, runs, seeds, sweep_doc, seconds)
     report.write_json(out / "results.json", doc)
     log(f"\ntotal {seconds:.1f} s; wrote {', '.join(map(str, written))}")
     return doc

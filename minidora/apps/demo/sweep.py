@@ -7,21 +7,22 @@ keeps more of its accuracy than LoRA as the rank shrinks. Here every adapter met
 the main comparison, and the same scaling s = alpha / r at every rank (alpha = s r, s taken from
 ``--alpha`` / ``--rank``), so that a rank changes the capacity of the update and not its size.
 A seed sets the adapters' initialisation and the order of the batches; the pretrained model is
-the same for all. The spread over seeds is the uncertainty of a point: one seed says little.
+the same for all. The spread over seeds is the uncertainty of a point: one seed says little, and
+two points are told apart only where their ranges over the seeds do not overlap (:mod:`.compare`).
 """
 
 from __future__ import annotations
 
-import math
-import statistics
 from dataclasses import replace
 from pathlib import Path
 
+from . import compare
 from .data import Problems
-from .report import correlation, pyplot, save_png
+from .report import pyplot, save_png
 from .train import RunConfig, finetune
 
-__all__ = ["sweep_points", "run_sweep", "summarize", "format_sweep", "plot_rank_sweep"]
+__all__ = ["sweep_points", "run_sweep", "summarize", "verdicts", "format_sweep",
+           "plot_rank_sweep"]
 
 KEPT = ("method", "rank", "alpha", "seed", "trainable_params", "final_train_loss",
         "final_held_out_loss", "final_accuracy", "seconds")
@@ -45,7 +46,7 @@ def run_sweep(state: dict, cfg: RunConfig, train: Problems, held_out: Problems,
     the training is the same, and the numbers kept are the final ones.
 
     Returns:
-        One dict per run: the keys of :data:`KEPT` and ``corr_dD_dM`` (q_proj, as in the table).
+        One dict per run: the keys of :data:`KEPT`.
     """
     scale = cfg.alpha / cfg.rank
     known = {_key(r): r for r in done}
@@ -58,38 +59,56 @@ def run_sweep(state: dict, cfg: RunConfig, train: Problems, held_out: Problems,
         if res is None:
             res = finetune(method, state, c, train, held_out, log=log)
         run = {k: res[k] for k in KEPT}
-        run["corr_dD_dM"] = correlation(res["decomposition"])
         runs.append(run)
         log(f"  sweep {i + 1:>2}/{len(points)}: {method:<5} r={rank:<3} seed {seed}: held-out "
             f"loss {run['final_held_out_loss']:.3f}, acc {100 * run['final_accuracy']:5.1f}%")
     return runs
 
 
-def _stats(values: list[float]) -> dict:
-    return {"mean": statistics.fmean(values), "min": min(values), "max": max(values),
-            "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
-
-
 def summarize(runs: list[dict]) -> list[dict]:
     """One row per (method, rank), in the order of ``runs``: ``method``, ``rank``,
-    ``trainable_params`` and, for ``accuracy``, ``held_out_loss`` and ``corr_dD_dM``, the stats
-    over the seeds: mean, min, max, sample standard deviation (0 for one seed) and count n (the
-    correlation's over the seeds where it is defined; None where it is nowhere)."""
+    ``trainable_params`` and, for ``accuracy`` and ``held_out_loss``, the stats over the seeds
+    (:func:`.compare.stats`: mean, min, max, sample standard deviation, count n)."""
     groups: dict[tuple[str, int], list[dict]] = {}
     for run in runs:
         groups.setdefault((run["method"], run["rank"]), []).append(run)
     rows = []
     for (method, rank), rs in groups.items():
-        corr = [r["corr_dD_dM"] for r in rs if math.isfinite(r["corr_dD_dM"])]
         rows.append({"method": method, "rank": rank, "trainable_params": rs[0]["trainable_params"],
-                     "accuracy": _stats([r["final_accuracy"] for r in rs]),
-                     "held_out_loss": _stats([r["final_held_out_loss"] for r in rs]),
-                     "corr_dD_dM": _stats(corr) if corr else None})
+                     **{metric: compare.stats([r[key] for r in rs])
+                        for metric, (key, _, _) in compare.METRICS.items()}})
     return rows
 
 
+def verdicts(summary: list[dict]) -> list[str]:
+    """In words, computed from the ranges: for each method its lowest rank against its highest,
+    and at each rank every later method against the first (e.g. dora vs lora)."""
+    cell = {(row["method"], row["rank"]): row for row in summary}
+    methods = list(dict.fromkeys(row["method"] for row in summary))
+    ranks = sorted({row["rank"] for row in summary})
+
+    def say(a, b, label_a, label_b):
+        words = []
+        for metric, (_, name, higher) in compare.METRICS.items():
+            s = {label_a: cell[a][metric], label_b: cell[b][metric]}
+            words.append(f"{name}: {compare.verdict(label_a, label_b, s, higher)}")
+        return f"  {label_a} vs {label_b}: " + "; ".join(words)
+
+    lines = []
+    for m in methods:
+        rs = [r for r in ranks if (m, r) in cell]
+        if len(rs) > 1:
+            lines.append(say((m, rs[-1]), (m, rs[0]), f"{m} r={rs[-1]}", f"{m} r={rs[0]}"))
+    for r in ranks:
+        ms = [m for m in methods if (m, r) in cell]
+        for m in ms[1:]:
+            lines.append(say((m, r), (ms[0], r), f"{m} r={r}", f"{ms[0]} r={r}"))
+    return lines
+
+
 def format_sweep(summary: list[dict]) -> str:
-    """Held-out accuracy and loss per method and rank: mean and [min, max] over the seeds."""
+    """Held-out accuracy and loss per method and rank: mean and [min, max] over the seeds, then
+    :func:`verdicts`."""
     ranks = sorted({row["rank"] for row in summary})
     cell = {(row["method"], row["rank"]): row for row in summary}
     head = ["method", "metric"] + [f"r={r}" for r in ranks]
@@ -108,7 +127,9 @@ def format_sweep(summary: list[dict]) -> str:
                                  for i, (c, w) in enumerate(zip(row, widths, strict=True)))
     n = max(row["accuracy"]["n"] for row in summary)
     title = f"rank sweep: held-out accuracy and loss, mean [min, max] over {n} seed(s)"
-    return "\n".join([title, line(head), "  ".join("-" * w for w in widths), *map(line, rows)])
+    told = verdicts(summary)
+    return "\n".join([title, line(head), "  ".join("-" * w for w in widths), *map(line, rows),
+                      *(["what the seeds tell apart:", *told] if told else [])])
 
 
 def plot_rank_sweep(path: Path, runs: list[dict], summary: list[dict], references: dict) -> None:
