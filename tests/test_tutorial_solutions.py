@@ -121,7 +121,7 @@ def exercise_script(tutorial: Path, filled: bool) -> str:
 def test_exercise_sections_run(filled, tmp_path):
     """Every tutorial's exercise section, as shipped (each exercise "not attempted yet", nothing
     fails) and with the solutions in place of the stubs (each exercise "correct"); one process
-    runs all seven."""
+    runs all eight."""
     scripts = []
     for tutorial in TUTORIALS:
         script = tmp_path / f"exercises_{tutorial.name}"

@@ -32,9 +32,9 @@ def run_script(path: Path, tmp_path: Path, size: str = "small") -> subprocess.Co
                           capture_output=True, timeout=time_limit(QUIET_LIMIT_S))
 
 
-def test_all_seven_tutorials_are_there():
+def test_all_eight_tutorials_are_there():
     names = [p.name for p in TUTORIALS]
-    assert [n[:2] for n in names] == ["01", "02", "03", "04", "05", "06", "07"], names
+    assert [n[:2] for n in names] == ["01", "02", "03", "04", "05", "06", "07", "08"], names
 
 
 @pytest.mark.parametrize("path", TUTORIALS, ids=[p.stem for p in TUTORIALS])
