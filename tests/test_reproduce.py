@@ -196,6 +196,11 @@ def test_quant_verdict_follows_the_intervals():
     assert word((1, 3), (-0.5, 2), (-0.1, 0.1)) == results.CANNOT_TELL
     assert word((-3, -1), (0.5, 2), (-0.1, 0.1)) == results.DOES_NOT
     assert word((1, 3), (0.5, 2), (-0.3, -0.1)) == results.DOES_NOT       # DQ costs
+    dq_costs_little = order((1, 3), (0.5, 2), (-0.3, -0.1))
+    dq_costs_little[2]["margin"] = 0.5                                       # 1% of 50
+    assert quant.verdict_of(dq_costs_little)["word"] == results.REPRODUCES
+    dq_costs_little[2]["margin"] = 0.05
+    assert quant.verdict_of(dq_costs_little)["word"] == results.DOES_NOT
     why = quant.verdict_of(order((-3, -1), (0.5, 2), (-0.1, 0.1)))["why"]
     assert "Int4 is not > FP4 (bnb)" in why
 

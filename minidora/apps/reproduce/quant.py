@@ -36,8 +36,9 @@ from .results import CANNOT_TELL, DOES_NOT, REPRODUCES, bootstrap, interval_sign
 from .results import verdict as make_verdict
 
 __all__ = ["NAME", "NUMBER", "TITLE", "PAPER", "BUDGETS", "FORMATS", "TARGETS", "ORDER",
-           "load_text", "window_ids", "quantize_model", "window_nll", "run", "verdict_of",
-           "verdict", "report", "plot"]
+           "DQ_MARGIN", "LABELS", "load_text", "window_ids", "target_linears", "roundtrip",
+           "quantize_model", "window_nll", "run", "summarize", "verdict_of", "verdict", "report",
+           "plot"]
 
 NAME, NUMBER = "quant", 1
 TITLE = "QLoRA Table 2: perplexity of the 4-bit formats (Int4 > FP4 > NF4 >= NF4+DQ)"
@@ -52,8 +53,11 @@ FORMATS = ("float", "int4", "fp4", "nf4", "nf4_dq")          # worse to better, 
 LABELS = {"float": "float (Q4_1)", "int4": "Int4", "fp4": "FP4 (bnb)", "nf4": "NF4",
           "nf4_dq": "NF4+DQ", "fp4_e2m1": "FP4 E2M1", "fp4_e3m0": "FP4 E3M0"}
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-# The paper's order, worse to better: (worse, better, strict)
+# The paper's order, worse to better: (worse, better, strict). A strict step holds when the
+# worse format's perplexity is above the better one's; the last step, "double quantization costs
+# nothing", holds unless NF4 + DQ is worse than NF4 by more than DQ_MARGIN of its perplexity.
 ORDER = (("int4", "fp4", True), ("fp4", "nf4", True), ("nf4", "nf4_dq", False))
+DQ_MARGIN = 0.01
 BUDGETS = {
     "quick": {"window": 128, "windows": 8, "batch": 4},
     "full": {"window": 256, "windows": 24, "batch": 4},
@@ -175,20 +179,24 @@ def summarize(nll: dict[str, np.ndarray], per_window: int, rel_err: dict, seed: 
             "nll_per_window": nll[fmt].tolist()}
     order = [{"worse": w, "better": bt, "strict": strict,
               "diff": ppl(w, every) - ppl(bt, every),
-              "ci": bootstrap(lambda i, w=w, bt=bt: ppl(w, i) - ppl(bt, i), n, seed)}
+              "ci": bootstrap(lambda i, w=w, bt=bt: ppl(w, i) - ppl(bt, i), n, seed),
+              "margin": 0.0 if strict else DQ_MARGIN * ppl(bt, every)}
              for w, bt, strict in ORDER]
     return {"formats": formats, "order": order}
 
 
 def verdict_of(order: list[dict]) -> dict:
     """The verdict from the paired differences of :data:`ORDER` (each: perplexity of the worse
-    format minus the better one, with its interval)."""
+    format minus the better one, with its interval; a step that is not strict also has a
+    ``margin``: it holds unless the interval lies below -margin)."""
     held, against, open_ = [], [], []
     for p in order:
-        sign = interval_sign(*p["ci"])
+        margin = p.get("margin", 0.0)
+        sign = interval_sign(p["ci"][0] + margin, p["ci"][1] + margin)
         rel = ">" if p["strict"] else ">="
         text = (f"{LABELS[p['worse']]} {rel} {LABELS[p['better']]} ({p['diff']:+.2f}, "
-                f"[{p['ci'][0]:+.2f}, {p['ci'][1]:+.2f}])")
+                f"[{p['ci'][0]:+.2f}, {p['ci'][1]:+.2f}]"
+                + ("" if p["strict"] else f", within {margin:.2f}") + ")")
         if sign > 0 or (sign == 0 and not p["strict"]):
             held.append(text)
         elif sign < 0:
