@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING
 __version__ = "0.1.0"
 
 # The submodules that are public names of the package, and where each other public name lives.
-_SUBMODULES = ("analysis", "backends", "base", "bnb_checkpoint", "checkpoint", "nf4", "ops")
+_SUBMODULES = ("analysis", "backends", "base", "bnb_checkpoint", "checkpoint", "fp4", "nf4",
+               "ops")
 _HOME = {
     "DoRALinear": "dora", "dora_reference": "dora",
     "LoRALinear": "lora", "lora_reference": "lora",
@@ -32,7 +33,7 @@ __all__ = [
     "wrap", "report", "Report", "merge", "unmerge", "merge_and_unload", "cast_adapters",
     "adapter_layers", "save_adapters", "load_adapters", "save_peft_adapter", "load_peft_adapter",
     "load_bnb_nf4_linears", "METHODS", "analysis", "backends", "base", "bnb_checkpoint",
-    "checkpoint", "nf4", "ops",
+    "checkpoint", "fp4", "nf4", "ops",
 ]
 
 
@@ -52,7 +53,16 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:   # the same names, for type checkers and documentation tools
-    from . import analysis, backends, base, bnb_checkpoint, checkpoint, nf4, ops  # noqa: F401
+    from . import (  # noqa: F401
+        analysis,
+        backends,
+        base,
+        bnb_checkpoint,
+        checkpoint,
+        fp4,
+        nf4,
+        ops,
+    )
     from .checkpoint import (  # noqa: F401
         load_adapters,
         load_bnb_nf4_linears,
