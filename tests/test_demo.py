@@ -630,7 +630,7 @@ def test_sweep_summary_and_table():
     rows = sweep.summarize(runs)
     assert [(r["method"], r["rank"]) for r in rows] == [("lora", 1), ("lora", 4), ("dora", 1)]
     assert rows[0]["accuracy"] == pytest.approx({"mean": 0.2, "min": 0.1, "max": 0.3,
-                                                 "std": 0.02 ** 0.5, "n": 2})
+                                                 "std": 0.02 ** 0.5, "n": 2, "non_finite": 0})
     assert rows[2]["accuracy"]["std"] == 0.0 and rows[2]["trainable_params"] == 10
     assert set(rows[0]) == {"method", "rank", "trainable_params", "accuracy", "held_out_loss"}
     text = sweep.format_sweep(rows).splitlines()
@@ -767,10 +767,33 @@ def test_chance_apart_by_enumeration(n, m):
     assert compare.chance_apart(n, m) == pytest.approx(apart / len(splits), rel=1e-15)
 
 
-@pytest.mark.parametrize("values", [[], [1.0, float("nan")], [float("inf")]])
-def test_stats_rejects_no_values_and_non_finite_ones(values):
-    with pytest.raises(ValueError, match=r"values: got .*; expected one or more finite numbers"):
-        compare.stats(values)
+def test_stats_of_no_values_is_an_error():
+    with pytest.raises(ValueError, match=r"values: got \[\]; expected one or more numbers"):
+        compare.stats([])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_diverged_seed_is_neither_ranked_nor_compared(tmp_path, bad):
+    """A seed whose loss is NaN or infinite: the cell says so, the row gets no rank on that
+    metric, its comparisons say they cannot tell, the other metric is unaffected, and the JSON
+    stays strict (null)."""
+    acc = {"lora": [0.5, 0.6, 0.7], "qlora": [0.8, 0.85, 0.9]}
+    loss = {"lora": [1.0, 1.1, 1.2], "qlora": [0.5, bad, 0.7]}
+    runs = _fake_runs(acc, loss)
+    rows = {r[0]: r for r in report.table_rows(runs, BASE, report.summarize(runs, BASE))}
+    assert rows["qlora"][8:] == ["non-finite: 1 of 3", "-"]
+    assert rows["qlora"][6:8] == ["85.0% [80.0%, 90.0%]", "1"]
+    assert rows["lora"][9] == "1" and rows["pretrained"][9] == "2"
+    said = {m[1]: m[2] for m in re.finditer(r"^  (?:[\w -]+?  +)?(\w+ vs \w+) +(acc: .*)$",
+                                            report.format_table(runs, BASE, [0, 1, 2]), re.M)}
+    assert re.sub(r"  +", "  ", said["qlora vs lora"]) == (
+        "acc: qlora better  loss: cannot tell: a seed of qlora diverged")
+    doc = report.document({}, {}, BASE, runs, [0, 1, 2], None, 1.0)
+    report.write_json(tmp_path / "r.json", doc)
+    back = json.loads((tmp_path / "r.json").read_text())
+    assert back["summary"]["held_out_loss"]["qlora"]["mean"] is None
+    assert back["summary"]["held_out_loss"]["qlora"]["non_finite"] == 1
+    assert back["ranks"]["held_out_loss"]["qlora"] == "-"
 
 
 # --- the compute dtype line and the progress lines ----------------------------------------------

@@ -30,18 +30,25 @@ METRICS = {"accuracy": ("final_accuracy", "acc", True),
 
 
 def stats(values: list[float]) -> dict:
-    """``mean``, ``min``, ``max``, sample ``std`` (0 for one value) and count ``n`` of
-    ``values``."""
-    if not values or not all(math.isfinite(v) for v in values):
-        raise ValueError(f"values: got {values!r}; expected one or more finite numbers")
+    """``mean``, ``min``, ``max``, sample ``std`` (0 for one value), count ``n`` of ``values``
+    and ``non_finite``, how many are NaN or infinite (a run that diverged): then the mean, min,
+    max and std are NaN, and the row is neither ranked nor compared."""
+    if not values:
+        raise ValueError("values: got []; expected one or more numbers")
+    bad = sum(not math.isfinite(v) for v in values)
+    if bad:
+        nan = float("nan")
+        return {"mean": nan, "min": nan, "max": nan, "std": nan, "n": len(values),
+                "non_finite": bad}
     return {"mean": statistics.fmean(values), "min": min(values), "max": max(values),
-            "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
+            "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values),
+            "non_finite": 0}
 
 
 def apart(a: dict, b: dict, higher_is_better: bool) -> int:
     """+1 if every value of ``a`` is better than every value of ``b`` (the ranges [min, max] of
     two :func:`stats` do not overlap, ``a`` on the better side), -1 the other way round, 0 if
-    the ranges overlap or touch."""
+    the ranges overlap or touch (or one is NaN: every comparison with NaN is false)."""
     if a["min"] > b["max"]:
         return 1 if higher_is_better else -1
     if a["max"] < b["min"]:
@@ -58,13 +65,14 @@ def chance_apart(n: int, m: int | None = None) -> float:
 
 def ranks(summary: dict[str, dict], higher_is_better: bool) -> dict[str, str]:
     """A rank per name of ``summary`` ({name: :func:`stats`}), 1 the best, tied names marked
-    ``=``. The names whose ranges overlap, directly or through others, form one group (the
-    ranges are merged as intervals on a line, lowest first); the merged ranges of two groups do
-    not overlap, so any two names in different groups are apart (:func:`apart`), and the names
-    of one group share a rank."""
+    ``=``, ``-`` for a name whose range is NaN (a seed diverged). The names whose ranges
+    overlap, directly or through others, form one group (the ranges are merged as intervals on
+    a line, lowest first); the merged ranges of two groups do not overlap, so any two names in
+    different groups are apart (:func:`apart`), and the names of one group share a rank."""
     groups: list[list[str]] = []
     top = -math.inf                     # the highest end of the current group's merged range
-    for name in sorted(summary, key=lambda k: (summary[k]["min"], summary[k]["max"])):
+    finite = [k for k in summary if math.isfinite(summary[k]["min"])]
+    for name in sorted(finite, key=lambda k: (summary[k]["min"], summary[k]["max"])):
         s = summary[name]
         if groups and s["min"] <= top:
             groups[-1].append(name)
@@ -73,7 +81,7 @@ def ranks(summary: dict[str, dict], higher_is_better: bool) -> dict[str, str]:
         top = max(top, s["max"])
     if higher_is_better:
         groups.reverse()
-    out = {}
+    out = {k: "-" for k in summary}
     for i, group in enumerate(groups, start=1):
         for name in group:
             out[name] = f"{i}=" if len(group) > 1 else str(i)
@@ -81,7 +89,11 @@ def ranks(summary: dict[str, dict], higher_is_better: bool) -> dict[str, str]:
 
 
 def verdict(a: str, b: str, summary: dict[str, dict], higher_is_better: bool) -> str:
-    """``"a better"``, ``"b better"`` or ``"not distinguishable here"`` (names as given)."""
+    """``"a better"``, ``"b better"``, ``"not distinguishable here"`` (names as given), or
+    ``"cannot tell: a seed of a diverged"`` where a seed gave NaN or an infinite value."""
+    for name in (a, b):
+        if summary[name].get("non_finite"):
+            return f"cannot tell: a seed of {name} diverged"
     side = apart(summary[a], summary[b], higher_is_better)
     return f"{a} better" if side > 0 else f"{b} better" if side < 0 else "not distinguishable here"
 

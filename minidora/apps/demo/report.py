@@ -55,7 +55,9 @@ def summarize(runs: dict[str, list[dict]], baseline: dict) -> dict[str, dict[str
 
 
 def _cell(s: dict, fmt: str) -> str:
-    """``mean [min, max]``; the mean alone for one value."""
+    """``mean [min, max]``; the mean alone for one value; how many were NaN or infinite if any."""
+    if s.get("non_finite"):
+        return f"non-finite: {s['non_finite']} of {s['n']}"
     if s["n"] == 1:
         return fmt.format(s["mean"])
     return f"{fmt.format(s['mean'])} [{fmt.format(s['min'])}, {fmt.format(s['max'])}]"
