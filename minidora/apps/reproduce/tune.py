@@ -1,7 +1,8 @@
 """Short fine-tunes of SmolLM2-135M that claims 2, 3 and 4 share.
 
 One run: a copy of the model prepared for a method by :func:`minidora.apps.finetune.train.build`
-(adapters float32, the base in the compute dtype, NF4 + DQ for ``qlora``), the adapters (or,
+(adapters float32, the base in the compute dtype, NF4 + DQ for ``qlora``; for ``full`` a
+float32 copy, its matmuls under autocast when the compute dtype is bfloat16), the adapters (or,
 for ``full``, the weights) of ``q_proj`` and ``v_proj`` in all 30 layers trained with AdamW on
 the shipped question set's training lines (finetune's warm-up and cosine schedule, the batches
 drawn from ``seed + 1`` as ``finetune`` draws them, so every method sees the same batches), then
