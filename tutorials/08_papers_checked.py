@@ -221,7 +221,7 @@ show(fig, "papers_quant.png")
 # rest frozen), which keeps it affordable on a CPU.
 
 # %%
-STEPS, EVERY = (4, 2) if SMALL else (24, 4)
+STEPS, EVERY = (2, 1) if SMALL else (24, 4)
 ds = data.load_dataset()
 enc = data.encode(ds.train, lm.fmt, seq_len=48)
 order = torch.randperm(len(ds.train), generator=torch.Generator().manual_seed(0))
