@@ -171,6 +171,21 @@ def test_a_target_that_matches_nothing_lists_the_layer_names():
         T.build(lm, "lora", cfg)
 
 
+def test_full_finetuning_builds_a_model_loaded_from_gguf():
+    """transformers flags a model it dequantized from GGUF (SmolLM2 from the wheel) is_quantized
+    and refuses its .float(): `finetune --method full` must build it all the same."""
+    transformers = pytest.importorskip("transformers")
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(golden.peft_dir() / "llama_base"), dtype=torch.bfloat16).eval()
+    model.is_quantized = True
+    with pytest.raises(ValueError, match="not supported for quantized model"):
+        model.float()                                      # what the flag does
+    fmt = M.Format(prompt_ids=list, answer_ids=list, decode=str, stop_id=0)
+    lm = M.LM("tiny", model, fmt, hf=True, source="golden")
+    built = T.build(lm, "full", T.FinetuneConfig(methods=("full",), targets="all-linear"))
+    assert all(p.dtype == torch.float32 and p.requires_grad for p in built.parameters())
+
+
 # --- fine-tuning the built-in GPT ----------------------------------------------------------------
 
 @pytest.fixture(scope="module")

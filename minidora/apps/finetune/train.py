@@ -105,7 +105,9 @@ def build(lm: LM, method: str, cfg: FinetuneConfig) -> nn.Module:
     model = copy.deepcopy(lm.model)
     dtype = getattr(torch, cfg.compute_dtype)
     if method == "full":
-        model.float().requires_grad_(True)
+        # nn.Module's own float(): transformers refuses model.float() on a model it dequantized
+        # from GGUF (it flags it is_quantized), which SmolLM2 from the wheel is.
+        nn.Module.float(model).requires_grad_(True)
         return model
     torch.manual_seed(cfg.seed)
     if method.startswith("q"):
