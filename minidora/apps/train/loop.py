@@ -7,17 +7,19 @@ the rank's target tokens divided by the number of target tokens in the *global* 
 DDP and FSDP2 average the gradients over the W ranks, which makes the update exactly that of one
 process on the whole batch, whatever the split (the tests hold 2 processes to 1 in float64).
 
-The model is built by one small function per model name (:data:`MODELS`): today ``builtin``,
-the demo's small GPT on the number-words task of :mod:`minidora.apps.demo`. A builder returns a
+The model is built by one small function per model name (:data:`MODELS`): ``builtin``, the
+demo's small GPT on the number-words task of :mod:`minidora.apps.demo`. A builder returns a
 :class:`Task` (the wrapped model, its training rows and a function from the model and the input
-rows to logits), so another model plugs in by adding an entry.
+rows to logits), so another model plugs in by adding an entry. Any other ``model`` is a Hugging
+Face checkpoint (a folder, or ``smollm2-135m``): :func:`hf_task` loads it shard by shard
+(:mod:`minidora.apps.train.load`) and trains it on the question set of ``finetune``.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -27,7 +29,7 @@ import torch.nn.functional as F
 
 import minidora
 
-from ..common import IGNORE, peak_rss
+from ..common import IGNORE, peak_rss, proc_bytes, reset_peak_rss
 from ..demo import progress
 from ..demo.data import Problems
 from ..demo.model import GPT, GPTConfig
@@ -35,10 +37,10 @@ from ..demo.precision import bf16_note
 from ..demo.train import DEMO_MODEL
 from .group import Group
 from .shard import local_bytes, nf4_digest, parallelize, unwrap
-from .state import load_resume, save_adapters, save_resume
+from .state import load_resume, load_sharded_adapters, save_adapters, save_resume
 
-__all__ = ["TrainConfig", "Task", "MODELS", "builtin", "train", "split_rows", "DTYPES",
-           "compute_line"]
+__all__ = ["TrainConfig", "Task", "MODELS", "builtin", "hf_task", "train", "split_rows",
+           "DTYPES", "compute_line", "optimizer"]
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -58,6 +60,7 @@ class TrainConfig:
     seed: int = 0
     dtype: str = "float32"         # base compute, adapters and model: float32 | float64
     mixed_precision: str = "none"  # none | bf16 (FSDP2's MixedPrecisionPolicy)
+    offload: bool = False          # FSDP2's CPUOffloadPolicy (+ paged AdamW on CUDA)
     gpt: GPTConfig = DEMO_MODEL    # the demo's GPT (frozen: a safe shared default)
     base: Path | None = None       # safetensors state dict of the GPT; None: initialized from seed
 
@@ -70,12 +73,17 @@ class TrainConfig:
 
 @dataclass
 class Task:
-    """A model ready to train: ``model`` wrapped (not parallelized), ``data`` its training rows,
-    ``logits(module, x)`` [B, T, V] for input rows x [B, T]."""
+    """A model ready to train: ``model`` wrapped (and already parallelized when ``parallel``),
+    ``data`` its training rows, ``logits(module, x)`` [B, T, V] for input rows x [B, T];
+    ``note`` says where the model and rows came from, ``reads`` what this rank read of the
+    checkpoint (``(tensor, first row, end row, bytes)``, see :class:`~.load.Checkpoint`)."""
 
     model: nn.Module
     data: Problems
     logits: Callable[[nn.Module, torch.Tensor], torch.Tensor]
+    parallel: bool = False
+    note: str = ""
+    reads: list = field(default_factory=list)
 
 
 def builtin(cfg: TrainConfig) -> Task:
@@ -102,6 +110,37 @@ def builtin(cfg: TrainConfig) -> Task:
 
 
 MODELS: dict[str, Callable[[TrainConfig], Task]] = {"builtin": builtin}
+
+
+def hf_task(cfg: TrainConfig, group: Group) -> Task:
+    """A Hugging Face checkpoint (``cfg.model``: a folder or ``smollm2-135m``) wrapped with
+    ``cfg.method`` on every linear layer of its blocks, loaded into this rank's shards and
+    parallelized, with the question set's training rows (a collective)."""
+    from .load import build
+    from .models import folder_of, question_rows
+
+    folder = folder_of(cfg.model, log=print if group.rank == 0 else (lambda *a, **k: None))
+    module, model, ckpt = build(folder, cfg.method, cfg.rank, cfg.alpha, cfg.seed,
+                                DTYPES[cfg.dtype], cfg.strategy, group.device,
+                                cfg.mixed_precision, cfg.offload)
+    rows, how = question_rows(folder, model.config.vocab_size)
+    read = sum(n for *_, n in ckpt.reads)
+    note = (f"{folder} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, "
+            f"this rank read {read / 2**20:.1f} MiB of it), {how}")
+    return Task(module, rows, lambda m, x: m(input_ids=x).logits, parallel=True, note=note,
+                reads=ckpt.reads)
+
+
+def optimizer(params: list[nn.Parameter], cfg: TrainConfig, device: torch.device):
+    """AdamW over ``params``; with ``cfg.offload`` on CUDA, bitsandbytes' paged AdamW when it is
+    installed (its state pages out to CPU memory under pressure), as QLoRA does."""
+    if cfg.offload and device.type == "cuda":
+        try:
+            import bitsandbytes as bnb
+            return bnb.optim.PagedAdamW(params, lr=cfg.lr, weight_decay=0.0)
+        except ImportError:
+            pass
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
 
 
 def split_rows(n: int, rank: int, world: int) -> slice:
@@ -143,12 +182,23 @@ def train(cfg: TrainConfig, group: Group, out: Path | None = None, save_every: i
         ``nf4_sha256`` (the full NF4 bytes after training, identical on every rank), and the
         trained ``module`` (parallelized) and ``optimizer``.
     """
-    task = task or MODELS[cfg.model](cfg)
-    if init_adapters is not None:
-        minidora.load_adapters(task.model, init_adapters)
-    module = parallelize(task.model.to(group.device), cfg.strategy, cfg.mixed_precision)
+    runtime = proc_bytes("/proc/self/status", "VmRSS") or 0      # before the model
+    reset_peak_rss()
+    if task is None:
+        task = MODELS[cfg.model](cfg) if cfg.model in MODELS else hf_task(cfg, group)
+    if task.parallel:
+        module = task.model
+        if init_adapters is not None:
+            load_sharded_adapters(module, init_adapters)
+    else:
+        if init_adapters is not None:
+            minidora.load_adapters(task.model, init_adapters)
+        module = parallelize(task.model.to(group.device), cfg.strategy, cfg.mixed_precision,
+                             offload=cfg.offload)
+    load_peak = peak_rss()
+    reset_peak_rss()
     params = [p for p in module.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    opt = optimizer(params, cfg, group.device)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     n_rows, mine = len(task.data.lines), split_rows(cfg.batch_size, group.rank, group.world_size)
     start = 0
@@ -162,7 +212,9 @@ def train(cfg: TrainConfig, group: Group, out: Path | None = None, save_every: i
     say = log if group.rank == 0 else (lambda *a, **k: None)
     say(f"train: {cfg.model} {cfg.method} r={cfg.rank}, {cfg.strategy} on {group.world_size} "
         f"process(es) ({group.backend}), global batch {cfg.batch_size} rows, steps "
-        f"{start}..{cfg.steps - 1}, {compute_line(cfg, group.device)}")
+        f"{start}..{cfg.steps - 1}, {compute_line(cfg, group.device)}"
+        + (", optimizer state offloaded to the CPU" if cfg.offload else "")
+        + (f"; model {task.note}" if task.note else ""))
     t0 = time.monotonic()
     losses = []
     for step in range(start, cfg.steps):
@@ -196,6 +248,9 @@ def train(cfg: TrainConfig, group: Group, out: Path | None = None, save_every: i
         save_adapters(module, out / "adapters")
         say(f"train: adapters written to {out / 'adapters'} (PEFT layout in "
             f"{out / 'adapters' / 'peft'})")
+    train_peak = peak_rss()
     return {"losses": losses, "start": start, "local_bytes": local_bytes(unwrap(module)),
-            "peak_rss_mib": peak_rss() / 2**20, "nf4_sha256": nf4_digest(module), "module": module,
-            "optimizer": opt}
+            "runtime_rss_mib": runtime / 2**20, "load_peak_rss_mib": load_peak / 2**20,
+            "train_peak_rss_mib": train_peak / 2**20,
+            "peak_rss_mib": max(load_peak, train_peak) / 2**20, "reads": task.reads,
+            "nf4_sha256": nf4_digest(module), "module": module, "optimizer": opt}

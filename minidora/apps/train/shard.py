@@ -30,7 +30,7 @@ STRATEGIES = ("fsdp2", "ddp")
 
 
 def parallelize(model: nn.Module, strategy: str, mixed_precision: str = "none",
-                units: list[nn.Module] | None = None) -> nn.Module:
+                units: list[nn.Module] | None = None, offload: bool = False) -> nn.Module:
     """Shard (FSDP2) or replicate (DDP) a model wrapped by :func:`minidora.wrap`.
 
     Args:
@@ -40,6 +40,9 @@ def parallelize(model: nn.Module, strategy: str, mixed_precision: str = "none",
             the floating-point parameters, reduce gradients in float32; the NF4 codes and scales
             are left as they are.
         units: modules to shard as FSDP2 units before the root (default: every adapter layer).
+        offload: FSDP2's ``CPUOffloadPolicy``: the shards, their gradients and so the optimizer
+            state live in CPU memory; each unit's parameters are copied to the device just before
+            it runs (pinned memory when CUDA is there). FSDP2 only.
 
     Returns:
         The module to call: the model itself under FSDP2 (sharded in place), the DDP wrapper
@@ -52,20 +55,30 @@ def parallelize(model: nn.Module, strategy: str, mixed_precision: str = "none",
     if not adapter_layers(model):
         raise ValueError("model has no minidora adapter layers; call minidora.wrap first")
     if strategy == "ddp":
+        if offload:
+            raise ValueError("offload is FSDP2's CPUOffloadPolicy; DDP keeps every rank's model "
+                             "on its device (use strategy 'fsdp2')")
         if mixed_precision != "none":
             raise ValueError("mixed_precision 'bf16' is FSDP2's MixedPrecisionPolicy; DDP runs "
                              "the model in its own dtype (use strategy 'fsdp2')")
         # The buffers (NF4 scales) are synced once, here; broadcasting them before every forward
         # (DDP's default) would move the frozen scales again at each step.
         return nn.parallel.DistributedDataParallel(model, forward_sync_buffers=False)
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import (
+        CPUOffloadPolicy,
+        MixedPrecisionPolicy,
+        OffloadPolicy,
+        fully_shard,
+    )
 
     policy = MixedPrecisionPolicy()
     if mixed_precision == "bf16":
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    # pin_memory needs an accelerator; on a CPU-only machine the policy still runs its path.
+    place = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if offload else OffloadPolicy()
     for unit in (units if units is not None else adapter_layers(model).values()):
-        fully_shard(unit, mp_policy=policy)
-    return fully_shard(model, mp_policy=policy)
+        fully_shard(unit, mp_policy=policy, offload_policy=place)
+    return fully_shard(model, mp_policy=policy, offload_policy=place)
 
 
 def unwrap(module: nn.Module) -> nn.Module:

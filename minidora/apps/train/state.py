@@ -29,6 +29,7 @@ from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
     get_state_dict,
+    set_model_state_dict,
     set_state_dict,
 )
 
@@ -36,8 +37,8 @@ from minidora import adapter_layers, checkpoint
 
 from .shard import unwrap
 
-__all__ = ["save_adapters", "save_resume", "load_resume", "resume_info", "RESUME_FILE",
-           "ResumeError"]
+__all__ = ["save_adapters", "load_sharded_adapters", "save_resume", "load_resume", "resume_info",
+           "RESUME_FILE", "ResumeError"]
 
 RESUME_FILE = "minidora_resume.json"
 # What a resume point must share with the run that loads it (the rest may change: the world size,
@@ -88,6 +89,36 @@ def save_adapters(module: nn.Module, folder: Path, peft: bool = True) -> Path:
 
     _on_rank0(write)
     return Path(folder)
+
+
+def load_sharded_adapters(module: nn.Module, folder: Path) -> None:
+    """Load an adapter folder (:func:`save_adapters` or :func:`minidora.save_adapters` wrote it,
+    at any world size) into a model that is already sharded or replicated: every rank reads the
+    small adapter file whole and keeps its shards (``set_model_state_dict`` with
+    ``full_state_dict=True``). The layer names and shapes must be the model's (ValueError naming
+    the first that is not)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(folder) / checkpoint.ADAPTER_FILE
+    if not path.is_file():
+        raise ValueError(f"--init-adapters: {str(folder)!r} has no {checkpoint.ADAPTER_FILE}")
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"--init-adapters: {str(path)!r} is not readable ({e})") from None
+    own = {k: p for k, p in unwrap(module).named_parameters() if k in set(_adapter_keys(module))}
+    if set(tensors) != set(own):
+        extra, missing = sorted(set(tensors) - set(own)), sorted(set(own) - set(tensors))
+        raise ValueError(f"--init-adapters: {str(path)!r} does not fit the model: only in the "
+                         f"file {extra[:3]}, only in the model {missing[:3]} (another method or "
+                         "model?)")
+    for k, p in own.items():
+        if tuple(tensors[k].shape) != tuple(p.shape):
+            raise ValueError(f"--init-adapters: {k} has shape {list(tensors[k].shape)} in the "
+                             f"file, {list(p.shape)} in the model (another --rank?)")
+    set_model_state_dict(module, {k: t.to(own[k].dtype) for k, t in tensors.items()},
+                         options=StateDictOptions(full_state_dict=True, strict=False))
 
 
 def _state(module: nn.Module, opt: torch.optim.Optimizer) -> dict:
