@@ -6,8 +6,12 @@ check many things each: one torchrun group runs the whole matrix {FSDP2, DDP} x 
 {sizes that divide by the world size, sizes that do not} in float64 and its checkpoints; the
 1-process reference is a plain training loop written again here, on the whole global batch.
 
-This file is also the workers' script: ``python tests/test_distributed.py matrix|runs OUT`` (run
-by torchrun or by the tests below).
+A second torchrun group trains a real (small, odd-sized) Hugging Face Llama loaded shard by
+shard: its NF4 bytes against a one-process ``nf4.quantize``, what each rank read, losses and
+gradients against one process in float32, offload, and its checkpoints at another world size.
+
+This file is also the workers' script: ``python tests/test_distributed.py matrix|runs|real|oom
+OUT`` (run by torchrun or by the tests below).
 """
 
 from __future__ import annotations
@@ -120,6 +124,74 @@ def _worker_matrix(out: Path) -> None:
     (out / f"rank{g.rank}.json").write_text(json.dumps(rec))
     if g.rank == 0:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "tensors.safetensors"))
+
+
+# A small Llama with sizes that straddle everything: hidden 48, 4 heads of 12, 2 key/value heads
+# (k_proj 24 x 48), MLP 100 (gate_proj 100 x 48 = 75 blocks of 64: at 2 ranks each holds 37.5
+# blocks of codes, so both quantize the block between them, and its 75 scale codes shard 38 + 37),
+# vocabulary 301 (fed UTF-8 bytes: no tokenizer), bfloat16 on disk, in several safetensors files
+# with an index.
+LLAMA = dict(hidden_size=48, intermediate_size=100, num_attention_heads=4, num_key_value_heads=2,
+             num_hidden_layers=2, vocab_size=301, max_position_embeddings=128,
+             tie_word_embeddings=False)
+REAL_CASES = [("fsdp2", "qlora", False), ("fsdp2", "qdora", False), ("ddp", "qdora", False),
+              ("fsdp2", "qdora", True)]
+
+
+def write_llama(folder: Path, seed: int = 5) -> Path:
+    """A random small Llama (:data:`LLAMA`) saved the way ``save_pretrained`` shards it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**LLAMA)).to(torch.bfloat16)
+    with torch.no_grad():
+        for p in model.parameters():                   # norms away from 1, weights of all sizes
+            p.add_(torch.randn_like(p) * 0.05)
+    model.save_pretrained(folder, max_shard_size="40KB")
+    assert (folder / "model.safetensors.index.json").is_file()
+    return folder
+
+
+def real_cfg(folder: Path, strategy: str, method: str, offload: bool = False, **kw):
+    return TrainConfig(model=str(folder), method=method, strategy=strategy, rank=3, alpha=6.0,
+                       batch_size=5, steps=STEPS, lr=2e-2, seed=3, offload=offload, **kw)
+
+
+def _worker_real(out: Path) -> None:
+    """The real-model cases on every rank: losses, full gradients per step, final adapters,
+    logits on fixed rows, the NF4 tensors gathered, and what this rank read."""
+    torch.set_num_threads(1)
+    folder = out / "llama"
+    g = join(timeout=60)
+    rec, tensors = {"rank": g.rank}, {}
+    quiet = lambda *a, **k: None
+    try:
+        for strategy, method, offload in REAL_CASES:
+            key = f"{strategy}-{method}" + ("-offload" if offload else "")
+            grads = []
+            res = train(real_cfg(folder, strategy, method, offload), g, out=out / key, log=quiet,
+                        on_step=lambda step, m, loss, gs=grads: gs.append(adapters_of(m, True)))
+            module = res["module"]
+            with torch.no_grad():
+                logits = module(input_ids=torch.arange(40, 76).view(3, 12)).logits
+            rec[key] = {"losses": res["losses"], "nf4": res["nf4_sha256"], "reads": res["reads"],
+                        "local_bytes": res["local_bytes"]}
+            for step, gs in enumerate(grads):
+                tensors.update({f"{key}/grad{step}/{n}": v for n, v in gs.items()})
+            tensors.update({f"{key}/final/{n}": v for n, v in adapters_of(module).items()})
+            tensors[f"{key}/logits"] = logits.detach().clone()
+            if key == "fsdp2-qdora":
+                for name, m in unwrap(module).named_modules():
+                    if isinstance(m, minidora.NF4Linear):
+                        for k in ("packed", "absmax", "nested_absmax", "offset"):
+                            tensors[f"nf4/{name}.{k}"] = full(getattr(m, k))
+        cfg = replace(real_cfg(folder, "fsdp2", "qdora"), steps=5)
+        rec["resume"] = train(cfg, g, out=out / "resume", save_every=3, log=quiet)["losses"]
+    finally:
+        leave(True)
+    (out / f"real{g.rank}.json").write_text(json.dumps(rec))
+    if g.rank == 0:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "real.safetensors"))
 
 
 def _failing_builder(build, rank: int):
@@ -405,7 +477,8 @@ def test_bad_input_errors_on_every_rank(runs_of_two):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--model", "gpt-5"], "--model: unknown model 'gpt-5'; expected one of builtin"),
+    (["--model", "gpt-5"], "--model: got 'gpt-5' (no such model or folder); expected builtin, "
+                           "smollm2-135m or a Hugging Face checkpoint folder"),
     (["--steps", "0"], "--steps: got 0; expected an integer in 1..100000"),
     (["--rank", "33"], "--rank: got 33; expected an integer in 1..32"),
     (["--alpha", "nan"], "--alpha: got nan; expected a finite number > 0"),
@@ -648,7 +721,212 @@ def test_step_lines_say_elapsed_and_left_once_the_run_is_not_short(capsys, tmp_p
     assert re.fullmatch(r"train: step 2/2 loss \d\.\d{4} \(\d+ s elapsed, done\)", timed[1]), timed
 
 
+
+# --- a real model, loaded shard by shard -------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def real(tmp_path_factory):
+    """One torchrun group of 2 trains the small Llama in every :data:`REAL_CASES` case."""
+    out = tmp_path_factory.mktemp("real")
+    write_llama(out / "llama")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(HERE), "real", str(out)]
+    p = subprocess.run(cmd, env=_env(), capture_output=True, text=True,
+                       timeout=time_limit(GROUP_TIMEOUT))
+    assert p.returncode == 0, p.stderr[-3000:]
+    recs = [json.loads((out / f"real{r}.json").read_text()) for r in range(2)]
+    return out, recs, load_file(str(out / "real.safetensors"))
+
+
+def one_process(cfg, **kw) -> dict:
+    """``train`` in this process, a group of one, with the full gradients of every step."""
+    grads = []
+    g = join(timeout=60)
+    try:
+        res = train(cfg, g, log=lambda *a, **k: None,
+                    on_step=lambda step, m, loss: grads.append(adapters_of(m, True)), **kw)
+        with torch.no_grad():
+            res["logits"] = res["module"](input_ids=torch.arange(40, 76).view(3, 12)).logits
+        res["grads"], res["final"] = grads, adapters_of(res["module"])
+    finally:
+        leave(True)
+    return res
+
+
+def assert_close32(a: torch.Tensor, b: torch.Tensor, what: str, atol: float = 0.0) -> None:
+    """|a - b| <= 2e-5 (|b| + max |b|) + atol: float32 rounding of another summation order and
+    another split of the batch (a wrong row, block or shard is off by far more)."""
+    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
+    assert a.shape == b.shape, what
+    tol = 2e-5 * (b.abs() + b.abs().max()) + atol
+    assert ((a - b).abs() <= tol).all(), f"{what}: max |a-b| = {(a - b).abs().max():.3e}"
+
+
+def test_sharded_nf4_bytes_equal_one_process_quantization(real):
+    """Every NF4 tensor the two ranks built from their own rows, gathered, equals
+    ``nf4.quantize`` of the whole weight in one process, bit for bit (codes, scale codes,
+    nested scales, offset), and the checkpoint's dtype is recorded."""
+    out, _, t = real
+    from minidora import nf4
+
+    weights = {}
+    for f in (out / "llama").glob("*.safetensors"):
+        weights.update(load_file(str(f)))
+    names = sorted({k[4:].rsplit(".base.", 1)[0] for k in t if k.startswith("nf4/")})
+    assert len(names) == 14                             # 7 linear layers in each of 2 blocks
+    for name in names:
+        q = nf4.quantize(weights[f"{name}.weight"])
+        for k, want in (("packed", q.packed), ("absmax", q.absmax),
+                        ("nested_absmax", q.nested_absmax), ("offset", q.offset)):
+            got = t[f"nf4/{name}.base.{k}"]
+            assert got.dtype == want.dtype and torch.equal(got, want.reshape(got.shape)), (name, k)
+
+
+def test_no_rank_reads_a_whole_weight(real):
+    """Under FSDP2 each rank reads, of every quantized weight, only the rows of its half (plus
+    the rows of the one block it shares); of everything else, exactly its rows. Under DDP each
+    rank reads everything."""
+    out, recs, _ = real
+    from minidora.apps.train.load import Checkpoint
+
+    ckpt = Checkpoint(out / "llama")
+    for rec in recs:
+        for key in ("fsdp2-qlora", "fsdp2-qdora", "ddp-qdora"):
+            reads = rec[key]["reads"]
+            got = {}
+            for name, r0, r1, n in reads:
+                got.setdefault(name, []).append((r0, r1))
+                assert n == (r1 - r0) * ckpt.entries[name].row_bytes
+            assert set(got) == set(ckpt.entries), key           # every tensor, read once
+            assert all(len(v) == 1 for v in got.values()), key
+            for name, [(r0, r1)] in got.items():
+                rows = ckpt.entries[name].shape[0]
+                if key.startswith("ddp"):
+                    assert (r0, r1) == (0, rows), (key, name)
+                    continue
+                half = -(-rows // 2)
+                mine = (0, half) if rec["rank"] == 0 else (half, rows)
+                if "proj" in name:     # codes: whole blocks of 64 around the rank's bytes
+                    in_f = ckpt.entries[name].shape[1]
+                    slack = -(-64 // in_f) + 1
+                    assert r1 - r0 < rows and r0 <= mine[0] and r1 >= mine[1] and \
+                        (r1 - r0) <= (mine[1] - mine[0]) + slack, (name, r0, r1, mine)
+                else:
+                    assert (r0, r1) == mine, (name, r0, r1)
+        assert rec["fsdp2-qdora"]["local_bytes"] < 0.6 * rec["ddp-qdora"]["local_bytes"]
+
+
+@pytest.mark.parametrize("case", REAL_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_real_model_two_processes_equal_one(real, case):
+    """The small Llama, 3 steps at 2 processes against 1 (the same loader at world size 1): the
+    losses, the adapters' gradients at every step, the adapters after and the logits, within
+    float32 rounding; the NF4 bytes after training equal on both."""
+    out, recs, t = real
+    strategy, method, offload = case
+    key = f"{strategy}-{method}" + ("-offload" if offload else "")
+    ref = one_process(real_cfg(out / "llama", strategy, method, offload))
+    for rec in recs:
+        assert rec[key]["nf4"] == ref["nf4_sha256"]
+        assert_close32(torch.tensor(rec[key]["losses"]), torch.tensor(ref["losses"]), "losses")
+    for step, gs in enumerate(ref["grads"]):
+        for n, v in gs.items():
+            assert_close32(t[f"{key}/grad{step}/{n}"], v, f"grad {step} {n}")
+    # AdamW divides by sqrt(v): where a gradient is near 0 its rounding moves the step by a part
+    # of the learning rate, so the adapters after the steps are held to 1e-3 of lr per step too
+    # (a wrong shard moves them by whole steps, lr each).
+    lr = real_cfg(out, strategy, method).lr
+    for n, v in ref["final"].items():
+        assert_close32(t[f"{key}/final/{n}"], v, f"final {n}", atol=1e-3 * lr * STEPS)
+    assert_close32(t[f"{key}/logits"], ref["logits"], "logits")
+
+
+def test_real_model_loader_equals_from_pretrained(real):
+    """Independently of the loader: at initialization (B = 0) the loaded QDoRA model computes
+    the logits of ``from_pretrained`` + ``minidora.wrap`` in one process (same NF4 weights)."""
+    from transformers import AutoModelForCausalLM
+
+    out, _, _ = real
+    cfg = replace(real_cfg(out / "llama", "fsdp2", "qdora"), lr=1e-30, steps=1)
+    ref = one_process(cfg)
+    model = AutoModelForCausalLM.from_pretrained(out / "llama", dtype=torch.float32)
+    minidora.wrap(model, "qdora", "all-linear", r=3, alpha=6.0, compute_dtype=torch.float32)
+    with torch.no_grad():
+        want = model(input_ids=torch.arange(40, 76).view(3, 12)).logits
+    assert_close32(ref["logits"], want, "logits")
+
+
+def test_real_model_checkpoints_cross_world_sizes(real):
+    """The adapters 2 processes wrote load into 1 process (``--init-adapters``) and give their
+    logits; the 2-process resume point (after step 3 of 5) resumes in 1 process on the loss
+    curve of the 2-process run."""
+    out, recs, t = real
+    cfg = replace(real_cfg(out / "llama", "fsdp2", "qdora"), lr=1e-30, steps=1)
+    got = one_process(cfg, init_adapters=out / "fsdp2-qdora" / "adapters")
+    assert_close32(got["logits"], t["fsdp2-qdora/logits"], "logits")
+    cfg = replace(real_cfg(out / "llama", "fsdp2", "qdora"), steps=5)
+    again = one_process(cfg, out=out / "resume", resume=True)
+    assert again["start"] == 3 and len(again["losses"]) == 2
+    assert_close32(torch.tensor(again["losses"]), torch.tensor(recs[0]["resume"][3:]), "losses")
+
+
+def test_checkpoint_folder_errors(tmp_path):
+    """A missing shard, an index that puts a tensor in the wrong file, a truncated file, no
+    config.json, a tensor of the wrong shape: one clear error each, before any rank starts."""
+    import shutil
+
+    from minidora.__main__ import main
+    from minidora.apps.train.load import Checkpoint, CheckpointError
+
+    good = write_llama(tmp_path / "good")
+    index = json.loads((good / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    cases = []
+    d = tmp_path / "missing"
+    shutil.copytree(good, d)
+    (d / files[-1]).unlink()
+    cases.append((d, f"names the shard {files[-1]!r}, which is missing"))
+    d = tmp_path / "mismatch"
+    shutil.copytree(good, d)
+    wm = dict(index["weight_map"])
+    key = "model.layers.0.mlp.up_proj.weight"
+    wm[key] = next(f for f in files if f != wm[key])
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": wm}))
+    cases.append((d, f"puts {key!r} in {wm[key]}, but {index['weight_map'][key]} holds it"))
+    d = tmp_path / "truncated"
+    shutil.copytree(good, d)
+    f = d / files[0]
+    f.write_bytes(f.read_bytes()[:-100])
+    cases.append((d, "a truncated file?"))
+    d = tmp_path / "noconfig"
+    shutil.copytree(good, d)
+    (d / "config.json").unlink()
+    cases.append((d, "has no config.json"))
+    for folder, want in cases:
+        with pytest.raises(CheckpointError) as e:
+            Checkpoint(folder)
+        assert want in str(e.value), (want, str(e.value))
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            assert main(["train", "--model", str(folder), "--out", str(tmp_path / "o")]) == 1
+        line = err.getvalue()
+        if folder.name == "noconfig":
+            want = "(a folder without config.json); expected builtin, smollm2-135m or a Hugging"
+        assert line.startswith("minidora train: rank 0 of 1: error: --model: ") and want in line, \
+            line
+        assert len(line.strip().splitlines()) == 1
+    d = tmp_path / "shape"                     # a config that does not match the weights
+    shutil.copytree(good, d)
+    config = json.loads((d / "config.json").read_text())
+    config["intermediate_size"] = 104
+    (d / "config.json").write_text(json.dumps(config))
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert main(["train", "--model", str(d), "--steps", "1", "--out", str(tmp_path / "o")]) == 1
+    assert "'model.layers.0.mlp.gate_proj.weight' has shape [100, 48], the model (config.json) " \
+           "expects [104, 48]" in err.getvalue(), err.getvalue()
+
+
 if __name__ == "__main__":
-    {"matrix": _worker_matrix, "runs": _worker_runs}[sys.argv[1]](
+    {"matrix": _worker_matrix, "runs": _worker_runs, "real": _worker_real}[sys.argv[1]](
         Path(sys.argv[2]))
     sys.exit(0)
