@@ -59,7 +59,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=int, default=None,
                    help=f"rows of the global batch, world size..{MAX_BATCH}, split over the ranks "
                         "(default 16; 8 with --quick)")
-    t.add_argument("--lr", type=float, default=1e-2, help="AdamW learning rate in (0, 1]")
+    t.add_argument("--lr", type=float, default=None,
+                   help="AdamW learning rate in (0, 1], constant (default 1e-2 for builtin, 1e-3 "
+                        "for a real model)")
     t.add_argument("--seed", type=int, default=0,
                    help="seed of the base (without --base), the adapters and the batches")
     t.add_argument("--dtype", choices=("float32", "float64"), default="float32",
@@ -119,7 +121,8 @@ def config(args: argparse.Namespace, world: int):
     if args.offload and args.strategy != "fsdp2":
         raise UsageError("--offload is FSDP2's CPUOffloadPolicy; use --strategy fsdp2")
     cfg.alpha = check_float("--alpha", args.alpha, MAX_ALPHA)
-    cfg.lr = check_float("--lr", args.lr, 1.0)
+    default_lr = 1e-2 if args.model in MODELS else 1e-3
+    cfg.lr = check_float("--lr", default_lr if args.lr is None else args.lr, 1.0)
     if args.steps is not None:
         cfg.steps = check_int("--steps", args.steps, 1, MAX_STEPS)
     if args.batch_size is not None:
@@ -223,7 +226,9 @@ def run(args: argparse.Namespace) -> int:
         group = join(timeout=args.timeout)
         res = train(cfg, group, out=args.out, save_every=args.save_every, resume=args.resume,
                     init_adapters=args.init_adapters)
-        print(f"{name}: peak RSS {res['peak_rss_mib']:.0f} MiB, model bytes held "
+        print(f"{name}: peak RSS {res['peak_rss_mib']:.0f} MiB (loading "
+              f"{res['load_peak_rss_mib']:.0f}, training {res['train_peak_rss_mib']:.0f}, before "
+              f"the model {res['runtime_rss_mib']:.0f}), model bytes held "
               f"{res['local_bytes'] / 2**20:.3f} MiB, NF4 sha256 {res['nf4_sha256'][:16]}",
               file=sys.stderr)
         ok = True

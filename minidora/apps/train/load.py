@@ -42,8 +42,8 @@ import torch.nn as nn
 import minidora
 from minidora import NF4Linear, nf4
 
-__all__ = ["Checkpoint", "CheckpointError", "Entry", "SAFETENSORS_DTYPES", "build", "shard_range",
-           "nf4_shard", "adapter_init"]
+__all__ = ["Checkpoint", "CheckpointError", "LoadMemoryError", "Entry", "SAFETENSORS_DTYPES",
+           "build", "shard_range", "nf4_shard", "adapter_init"]
 
 SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                       "F64": torch.float64}
@@ -54,6 +54,15 @@ SINGLE = "model.safetensors"
 
 class CheckpointError(ValueError):
     """A checkpoint folder that cannot be read as one: names the file, the tensor and the fault."""
+
+
+class LoadMemoryError(MemoryError):
+    """This rank ran out of memory while loading: names the tensor, the rank and its memory."""
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    return isinstance(e, MemoryError) or (isinstance(e, RuntimeError) and (
+        "can't allocate memory" in str(e) or "out of memory" in str(e).lower()))
 
 
 @dataclass(frozen=True)
@@ -384,6 +393,16 @@ def _fill_rest(model: nn.Module, ckpt: Checkpoint, skip: set[str]) -> None:
             b.copy_(getattr(fresh, k))
 
 
+def _memory_message(name: str, e: BaseException) -> str:
+    from ..common import available_memory, proc_bytes
+
+    rss, free = proc_bytes("/proc/self/status", "VmRSS"), available_memory()
+    mib = lambda b: "unknown" if b is None else f"{b / 2**20:.0f} MiB"   # noqa: E731
+    return (f"ran out of memory while loading {name} (this process holds {mib(rss)}, the "
+            f"machine has {mib(free)} available; {str(e).strip().splitlines()[0][:120]}): use "
+            "more ranks (FSDP2 divides the model by their number) or a machine with more memory")
+
+
 def build(folder, method: str, r: int, alpha: float, seed: int, dtype: torch.dtype,
           strategy: str, device: torch.device, mixed_precision: str = "none",
           offload: bool = False):
@@ -425,7 +444,12 @@ def build(folder, method: str, r: int, alpha: float, seed: int, dtype: torch.dty
         model.to_empty(device=device)
     with torch.no_grad():
         for name, layer in layers.items():
-            _fill_adapter(name, layer, ckpt, seed)
+            try:
+                _fill_adapter(name, layer, ckpt, seed)
+            except Exception as e:
+                if not _out_of_memory(e):
+                    raise
+                raise LoadMemoryError(_memory_message(name, e)) from None
         _fill_rest(model, ckpt, set(layers))
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()

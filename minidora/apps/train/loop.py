@@ -17,6 +17,7 @@ Face checkpoint (a folder, or ``smollm2-135m``): :func:`hf_task` loads it shard 
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -125,7 +126,8 @@ def hf_task(cfg: TrainConfig, group: Group) -> Task:
                                 cfg.mixed_precision, cfg.offload)
     rows, how = question_rows(folder, model.config.vocab_size)
     read = sum(n for *_, n in ckpt.reads)
-    note = (f"{folder} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, "
+    n_params = sum(math.prod(e.shape) for e in ckpt.entries.values())
+    note = (f"{folder} ({n_params / 1e6:.1f} M parameters, "
             f"this rank read {read / 2**20:.1f} MiB of it), {how}")
     return Task(module, rows, lambda m, x: m(input_ids=x).logits, parallel=True, note=note,
                 reads=ckpt.reads)

@@ -58,7 +58,20 @@ def convert_smollm2(folder: Path, log=print) -> Path:
         tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         try:
-            lm.model.save_pretrained(tmp, safe_serialization=True)
+            # save_pretrained refuses a model transformers loaded from GGUF; its float32 weights
+            # are plain tensors, written here as save_pretrained would (a tied head once).
+            from safetensors.torch import save_file
+
+            tmp.mkdir()
+            config = lm.model.config
+            sd = {k: v.detach().contiguous() for k, v in lm.model.state_dict().items()}
+            if getattr(config, "tie_word_embeddings", False):
+                sd.pop("lm_head.weight", None)
+            save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            del sd, lm
+            if hasattr(config, "quantization_config"):
+                del config.quantization_config
+            config.save_pretrained(tmp)
             AutoTokenizer.from_pretrained(smollm2_folder(), gguf_file=GGUF_FILE,
                                           local_files_only=True).save_pretrained(tmp)
             os.replace(tmp, folder)
