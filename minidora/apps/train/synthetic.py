@@ -288,7 +288,7 @@ def write(folder: str | Path, size: str = "1b", layers: int | None = None, seed:
     config.save_pretrained(folder)                                 # config.json
     shapes = tensor_shapes(config.to_dict())
     elt = torch.empty(0, dtype=dtype).element_size()
-    sizes = {name: math.prod(shapes[name]) * elt for name in shapes}
+    sizes = {name: math.prod(shapes[name]) * elt for name in sorted(shapes, key=save_order)}
     groups = shards(sizes, max_shard_bytes)
     names = (["model.safetensors"] if len(groups) == 1 else
              [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))])
