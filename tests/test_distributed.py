@@ -194,6 +194,34 @@ def _worker_real(out: Path) -> None:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "real.safetensors"))
 
 
+def _worker_oom(out: Path) -> None:
+    """``minidora train`` on the wide Llama in OUT/wide; rank 1's address space is capped at 64
+    MiB above what it holds once its model is built, so quantizing its half of a 262144 x 64
+    projection (about 150 MiB of temporaries) runs out of memory."""
+    import resource
+
+    import minidora.apps.train.load as load
+    from minidora.__main__ import main
+
+    rank = int(os.environ["RANK"])
+    if rank == 1:
+        fill = load._fill_adapter
+
+        def capped(*args):
+            vm = [ln for ln in open("/proc/self/status") if ln.startswith("VmSize:")][0]
+            cap = int(vm.split()[1]) * 1024 + 64 * 2**20
+            resource.setrlimit(resource.RLIMIT_AS, (cap, resource.RLIM_INFINITY))
+            return fill(*args)
+
+        load._fill_adapter = capped
+    err, t0 = io.StringIO(), time.perf_counter()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        rc = main(["train", "--model", str(out / "wide"), "--method", "qlora", "--steps", "1",
+                   "--batch-size", "2", "--timeout", "60", "--out", str(out / "o")])
+    (out / f"oom-{rank}.json").write_text(json.dumps(
+        {"rc": rc, "stderr": err.getvalue(), "seconds": time.perf_counter() - t0}))
+
+
 def _failing_builder(build, rank: int):
     """``build`` with rank 1's third forward (step 2) raising."""
     def failing(cfg):
@@ -926,7 +954,29 @@ def test_checkpoint_folder_errors(tmp_path):
            "expects [104, 48]" in err.getvalue(), err.getvalue()
 
 
+
+def test_a_rank_out_of_memory_while_loading(tmp_path):
+    """Rank 1 runs out of memory while it quantizes its shard: it names the layer, the failed
+    allocation and what to do; rank 0 stops at its next collective and names rank 1's error;
+    both exit cleanly, long before the timeout."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**{**LLAMA, "intermediate_size": 262144, "num_hidden_layers": 1})
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path / "wide")
+    exits = launch("oom", tmp_path)
+    assert [e[0] for e in exits] == [0, 0], exits
+    r0, r1 = (json.loads((tmp_path / f"oom-{r}.json").read_text()) for r in range(2))
+    assert (r0["rc"], r1["rc"]) == (1, 1), (r0, r1)
+    want = "ran out of memory while loading model.layers.0.mlp.gate_proj (an allocation of "
+    assert r1["stderr"].startswith(f"minidora train: rank 1 of 2: error: {want}"), r1
+    assert "use more ranks (FSDP2 divides the model by their number)" in r1["stderr"]
+    assert r0["stderr"].startswith("minidora train: rank 0 of 2: error: stopped because rank 1 "
+                                   f"failed: {want}"), r0
+    assert max(r0["seconds"], r1["seconds"]) < 60
+
+
 if __name__ == "__main__":
-    {"matrix": _worker_matrix, "runs": _worker_runs, "real": _worker_real}[sys.argv[1]](
+    {"matrix": _worker_matrix, "runs": _worker_runs, "real": _worker_real,
+     "oom": _worker_oom}[sys.argv[1]](
         Path(sys.argv[2]))
     sys.exit(0)

@@ -236,7 +236,9 @@ def run(args: argparse.Namespace) -> int:
         raise
     except Exception as e:
         line = (str(e).strip().splitlines() or [""])[0][:300]
-        plain = isinstance(e, (ValueError, DistributedError))   # bad input: its own message
+        from .load import LoadMemoryError
+
+        plain = isinstance(e, (ValueError, DistributedError, LoadMemoryError))   # its own words
         msg = line if plain else f"{type(e).__name__}: {line}"
         first = _first_failure(f"rank {rank} failed: {msg}") if world > 1 else ""
         if first and not plain and not first.startswith(f"rank {rank} "):

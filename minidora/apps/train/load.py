@@ -394,13 +394,17 @@ def _fill_rest(model: nn.Module, ckpt: Checkpoint, skip: set[str]) -> None:
 
 
 def _memory_message(name: str, e: BaseException) -> str:
+    import re
+
     from ..common import available_memory, proc_bytes
 
     rss, free = proc_bytes("/proc/self/status", "VmRSS"), available_memory()
     mib = lambda b: "unknown" if b is None else f"{b / 2**20:.0f} MiB"   # noqa: E731
-    return (f"ran out of memory while loading {name} (this process holds {mib(rss)}, the "
-            f"machine has {mib(free)} available; {str(e).strip().splitlines()[0][:120]}): use "
-            "more ranks (FSDP2 divides the model by their number) or a machine with more memory")
+    size = re.search(r"tried to allocate (\d+)", str(e))
+    what = f"an allocation of {mib(int(size[1]))} failed; " if size else ""
+    return (f"ran out of memory while loading {name} ({what}this process holds {mib(rss)}, the "
+            f"machine has {mib(free)} available): use more ranks (FSDP2 divides the model by "
+            "their number) or a machine with more memory")
 
 
 def build(folder, method: str, r: int, alpha: float, seed: int, dtype: torch.dtype,
