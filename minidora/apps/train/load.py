@@ -409,7 +409,7 @@ def _memory_message(name: str, e: BaseException) -> str:
 
 def build(folder, method: str, r: int, alpha: float, seed: int, dtype: torch.dtype,
           strategy: str, device: torch.device, mixed_precision: str = "none",
-          offload: bool = False):
+          offload: bool = False, on_skeleton=None):
     """A Hugging Face causal LM from ``folder``, wrapped with ``method`` and parallelized, each
     rank holding and reading only its shards under FSDP2 (a collective; every rank calls it).
 
@@ -423,6 +423,8 @@ def build(folder, method: str, r: int, alpha: float, seed: int, dtype: torch.dty
         strategy: ``fsdp2`` (sharded loading) or ``ddp`` (every rank loads everything).
         device: where the model runs.
         mixed_precision, offload: as for :func:`~minidora.apps.train.shard.parallelize`.
+        on_skeleton: called with no argument once the model exists on the meta device, before
+            any of its storage (where the runtime's own memory is measured).
 
     Returns:
         ``(module, model, checkpoint)``: the module to call (parallelized), the model inside it,
@@ -441,20 +443,25 @@ def build(folder, method: str, r: int, alpha: float, seed: int, dtype: torch.dty
     extra = {"compute_dtype": dtype} if method.startswith("q") else {}
     minidora.wrap(model, method, "all-linear", r=r, alpha=alpha, adapter_dtype=dtype, **extra)
     layers = minidora.adapter_layers(model)
+    if on_skeleton is not None:
+        on_skeleton()
     if strategy == "fsdp2":
         module = parallelize(model, strategy, mixed_precision, offload=offload)
         model.to_empty(device="cpu" if offload else device)
     else:
         model.to_empty(device=device)
+    parts = [(name, lambda n=name, la=layer: _fill_adapter(n, la, ckpt, seed))
+             for name, layer in layers.items()]
+    parts.append(("the embeddings, norms and output head", lambda: _fill_rest(model, ckpt,
+                                                                                set(layers))))
     with torch.no_grad():
-        for name, layer in layers.items():
+        for name, fill in parts:
             try:
-                _fill_adapter(name, layer, ckpt, seed)
+                fill()
             except Exception as e:
                 if not _out_of_memory(e):
                     raise
                 raise LoadMemoryError(_memory_message(name, e)) from None
-        _fill_rest(model, ckpt, set(layers))
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
     if strategy != "fsdp2":

@@ -85,6 +85,7 @@ class Task:
     parallel: bool = False
     note: str = ""
     reads: list = field(default_factory=list)
+    runtime_rss: int | None = None     # bytes before the model's storage, measured by the builder
 
 
 def builtin(cfg: TrainConfig) -> Task:
@@ -121,16 +122,22 @@ def hf_task(cfg: TrainConfig, group: Group) -> Task:
     from .models import folder_of, question_rows
 
     folder = folder_of(cfg.model, log=print if group.rank == 0 else (lambda *a, **k: None))
+    runtime = []
+
+    def skeleton():                    # transformers imported, the model on the meta device
+        runtime.append(proc_bytes("/proc/self/status", "VmRSS") or 0)
+        reset_peak_rss()
+
     module, model, ckpt = build(folder, cfg.method, cfg.rank, cfg.alpha, cfg.seed,
                                 DTYPES[cfg.dtype], cfg.strategy, group.device,
-                                cfg.mixed_precision, cfg.offload)
+                                cfg.mixed_precision, cfg.offload, on_skeleton=skeleton)
     rows, how = question_rows(folder, model.config.vocab_size)
     read = sum(n for *_, n in ckpt.reads)
     n_params = sum(math.prod(e.shape) for e in ckpt.entries.values())
     note = (f"{folder} ({n_params / 1e6:.1f} M parameters, "
             f"this rank read {read / 2**20:.1f} MiB of it), {how}")
     return Task(module, rows, lambda m, x: m(input_ids=x).logits, parallel=True, note=note,
-                reads=ckpt.reads)
+                reads=ckpt.reads, runtime_rss=runtime[0])
 
 
 def optimizer(params: list[nn.Parameter], cfg: TrainConfig, device: torch.device):
@@ -199,6 +206,7 @@ def train(cfg: TrainConfig, group: Group, out: Path | None = None, save_every: i
                              offload=cfg.offload)
     load_peak = peak_rss()
     reset_peak_rss()
+    runtime = task.runtime_rss if task.runtime_rss is not None else runtime
     params = [p for p in module.parameters() if p.requires_grad]
     opt = optimizer(params, cfg, group.device)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
