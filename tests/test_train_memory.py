@@ -291,17 +291,33 @@ def test_predicted_storage_is_what_fsdp2_leaves_on_rank_0(fake_group, method, do
 def test_sharded_parts_divide_and_whole_parts_stay():
     cfg = llama_config("1b")
     one, eight = (memory.predict(cfg, "qdora", 16, w, batch_tokens=8192) for w in (1, 8))
-    for part in ("base_sharded", "unquantized", "adapters", "activations"):
+    for part in ("base_sharded", "unquantized", "adapters", "activations", "loss_gradients"):
         assert one[part] / 8 <= eight[part] < one[part] / 8 * 1.01, part
     for part in ("base_whole", "rope", "gathered_layer", "prefetched_layer", "gathered_root"):
         assert eight[part] == one[part], part
     n = synthetic.count(cfg)
     assert one["gathered_root"] == 4 * (n["embeddings"] + n["norms"])       # float32
+    # FSDP2's flat all-gather output: none at W = 1; at W = 8 the root's 8 padded shards
+    assert one["gather_buffer"] == 0
+    assert eight["gather_buffer"] == 4 * (2 * 8 * math.ceil(32000 / 8) * 2048
+                                          + 9 * 8 * math.ceil(2048 / 8))   # 4 x 2 + 1 norms
     # the largest layer: gate/up/down 5632 x 2048; its dense float32 weight, NF4 bytes, adapters
     nf4_full = sum(k * s for k, s, sh in memory.nf4_tensors(5632, 2048).values() if sh)
     adapters = 16 * (5632 + 2048) + 5632
     assert one["gathered_layer"] == 5632 * 2048 * 4 + nf4_full + 2 * 4 * adapters
     assert one["prefetched_layer"] == nf4_full + 4 * adapters
+    assert one["loss_gradients"] == 8192 * 2 * 32000 * 4
+
+
+def test_mixed_precision_gathers_in_the_compute_dtype():
+    cfg = llama_config("1b")
+    f32 = memory.predict(cfg, "qlora", 8, 4)
+    bf16 = memory.predict(cfg, "qlora", 8, 4, compute_dtype=torch.bfloat16)
+    for part in ("base_sharded", "base_whole", "unquantized", "adapters", "loss_gradients"):
+        assert bf16[part] == f32[part], part            # stored as they are, float32 losses
+    for part in ("gathered_root", "gather_buffer"):
+        assert 2 * bf16[part] == f32[part], part
+    assert bf16["activations"] < f32["activations"]
 
 
 # --- the activation estimate against autograd ----------------------------------------------------

@@ -1,29 +1,48 @@
 r"""The memory of one rank under FSDP2, predicted term by term, in bytes.
 
 For a Llama-shaped model (a ``config.json`` as a dict), an adapter method, rank r and W ranks,
-:func:`predict` adds up what the rank holding the most (rank 0) keeps at the peak of a step:
+:func:`predict` adds up what the rank holding the most (rank 0) keeps during a training step:
 
-.. math::  M = \underbrace{B_{\text{shard}} / W + B_{\text{whole}}}_{\text{4-bit base}}
-           + U / W + 4 A / W + L_{\text{gathered}} + L_{\text{prefetched}} + U_{\text{root}}
-           + T / W \cdot a + R
+.. math::  M = \underbrace{B_{\text{shard}} / W + B_{\text{whole}} + U / W + 4 A / W}
+                          _{\text{held all the time}}
+           + \underbrace{L_{\text{run}} + L_{\text{next}} + U_{\text{root}} + G}
+                        _{\text{gathered}}
+           + \underbrace{\tfrac{T}{W} (a + 8 V)}_{\text{activations}} + R
 
-- :math:`B_{\text{shard}}`: the NF4 codes (4 bits per weight) and, with double quantization, the
-  8-bit scale codes: uint8 parameters, which FSDP2 shards on dim 0.
-- :math:`B_{\text{whole}}`: the buffers, whole on every rank: with double quantization the
-  float32 nested scales (one per 256 scales) and a 4-byte offset per layer; without it the float32
-  scales themselves (32 / 64 bits per weight).
-- :math:`U`: the parameters left unquantized (embeddings, output head, norms) in their dtype.
-  (And RoPE's two tables of head_dim / 2 float32 frequencies: buffers, whole on every rank.)
-- :math:`A`: the adapters, r (in + out) per layer (+ out for DoRA's magnitude), times 4 for the
-  parameters, their gradients and AdamW's two moments.
-- :math:`L`: the largest layer gathered while it runs (its full NF4 bytes, its adapters and
-  their gradients, and its weight dequantized to the compute dtype), and the next layer's
-  all-gather that FSDP2 issues before this one is freed.
-- :math:`U_{\text{root}}`: the root unit (embeddings, norms, head) gathered whole: FSDP2 keeps
-  the root's parameters unsharded from its forward to its backward.
-- :math:`T / W \cdot a`: activations, the tokens of the rank's rows times a per-token estimate
-  (see :func:`activation_bytes`); the roughest term.
-- :math:`R`: PyTorch itself (CUDA context, allocator, libraries): measured, never predicted.
+Held all the time (``shard.local_bytes`` reports their sum, less the optimizer's 3 A / W):
+
+- ``base_sharded``, :math:`B_{\text{shard}}`: the NF4 codes (4 bits per weight) and, with double
+  quantization, the 8-bit scale codes: uint8 parameters, which FSDP2 shards on dim 0.
+- ``base_whole``, :math:`B_{\text{whole}}`: buffers, which FSDP2 never shards: with double
+  quantization the float32 nested scales (one per 256 scales) and a 4-byte offset per layer;
+  without it the float32 scales themselves (32 / 64 bits per weight).
+- ``unquantized``, :math:`U`: embeddings, output head and norms in their dtype, sharded on dim 0.
+- ``rope``: RoPE's two tables of head_dim / 2 float32 frequencies, buffers on every rank.
+- ``adapters``, :math:`4 A`: r (in + out) per layer (+ out for DoRA's magnitude), times 4: the
+  parameters, their gradients and AdamW's two moments, all sharded like the parameters.
+
+Gathered while they are used (not divided by W):
+
+- ``gathered_layer``, :math:`L_{\text{run}}`: the largest adapted layer while it runs: its full
+  NF4 bytes, its adapters and their gradients, and its weight dequantized to the compute dtype.
+- ``prefetched_layer``, :math:`L_{\text{next}}`: the next layer's all-gather, which FSDP2 issues
+  before the running one is freed.
+- ``gathered_root``, :math:`U_{\text{root}}`: the root unit (embeddings, norms, head) unsharded,
+  in the compute dtype: FSDP2 keeps the root gathered from its forward to its backward.
+- ``gather_buffer``, :math:`G`: with W > 1, FSDP2's flat all-gather output for the root, alive
+  beside the root's unsharded copy until the next unit is gathered (at W = 1 FSDP2 copies the
+  shard directly). It comes and goes before any activation exists, so adding it to the rest
+  makes the total an upper bound.
+
+Per token, for the ``ceil(T / W)`` tokens of the rank's rows:
+
+- ``activations``, :math:`a`: what autograd keeps (:func:`activation_bytes`, exact per token
+  for transformers' Llama with SDPA).
+- ``loss_gradients``, :math:`8 V`: at the start of backward, the gradients of the log-softmax
+  and of the logits, two float32 [T, V] tensors.
+
+And ``runtime``, :math:`R`: PyTorch itself (allocator, libraries, the CUDA context): measured on
+the same device (a process's memory before the model), passed in, never predicted.
 
 Every sharded tensor counts ``ceil(dim0 / W)`` rows: FSDP2 gives rank 0 the largest share (the
 last ranks get fewer rows, or none). The NF4 sizes are those :class:`minidora.NF4Linear` stores
@@ -46,7 +65,8 @@ __all__ = ["METHODS", "PARTS", "nf4_tensors", "nf4_rank_bytes", "activation_byte
 
 METHODS = ("qlora", "qdora", "lora", "dora")
 PARTS = ("base_sharded", "base_whole", "unquantized", "rope", "adapters", "gathered_layer",
-         "prefetched_layer", "gathered_root", "activations", "runtime")
+         "prefetched_layer", "gathered_root", "gather_buffer", "activations", "loss_gradients",
+         "runtime")
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
@@ -216,13 +236,17 @@ def predict(config: Mapping, method: str, r: int, world: int, double_quant: bool
     parts["prefetched_layer"] = largest_gather         # the next layer's all-gather, in flight
     for name, shape in tensor_shapes(config).items():                # sharded on dim 0
         if not is_quantized(name):                                   # embeddings, norms, head
-            parts["unquantized"] += _shard(shape[0], math.prod(shape[1:]) * stored, world)
+            row = math.prod(shape[1:])
+            parts["unquantized"] += _shard(shape[0], row * stored, world)
+            if world > 1:                                            # W padded shards, flat
+                parts["gather_buffer"] += world * _shard(shape[0], row * compute, world)
     head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
     parts["rope"] = 2 * (head_dim // 2) * 4            # inv_freq, original_inv_freq: float32
     unquantized = n["embeddings"] + n["norms"] + n["biases"]
     parts["gathered_root"] = unquantized * compute     # the root unit, unsharded for the step
     tokens = -(-batch_tokens // world)                               # the rank's share
     parts["activations"] = tokens * activation_bytes(config, method, r, compute_dtype or dtype)
+    parts["loss_gradients"] = tokens * 2 * config["vocab_size"] * 4   # two float32 [T, V]
     parts["runtime"] = runtime
     return {**parts, "total": sum(parts.values())}
 
