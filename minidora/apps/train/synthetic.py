@@ -242,8 +242,9 @@ def _already_there(folder: Path, settings: dict) -> bool:
         old = found.get("settings") if isinstance(found, dict) else found
         raise ValueError(f"folder {str(folder)!r} holds a synthetic checkpoint of other settings "
                          f"({old}), not {settings}; expected an empty or new folder")
-    files = found.get("files", {})
-    wrong = sorted(f for f, nbytes in files.items()
+    files = found.get("files")
+    files = files if isinstance(files, dict) else {}
+    wrong = sorted(str(f) for f, nbytes in files.items()
                    if not (folder / f).is_file() or (folder / f).stat().st_size != nbytes)
     if wrong or not files:
         raise ValueError(f"folder {str(folder)!r}: the synthetic checkpoint's files {wrong} are "
