@@ -975,6 +975,43 @@ def test_a_rank_out_of_memory_while_loading(tmp_path):
     assert max(r0["seconds"], r1["seconds"]) < 60
 
 
+
+@pytest.mark.parametrize("chunk", [64, 192, 1 << 21])
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_nf4_shard_of_any_rank_and_chunk_is_a_slice_of_one_quantization(tmp_path, world, chunk):
+    """Without a group: each rank's bytes of a 37 x 45 weight (1665 values, 26.0 blocks of 64,
+    the last partial; odd, so the last byte is half padding), quantized a chunk at a time, are
+    that slice of ``nf4.quantize``'s bytes; its scales are those blocks' scales; the row norms
+    from its weights, summed over the ranks, are ``NF4Linear.row_norms_sq``."""
+    from minidora import nf4
+    from minidora.apps.train import load
+
+    w = torch.randn(37, 45, generator=torch.Generator().manual_seed(world)).to(torch.bfloat16)
+    save_file({"w": w}, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text("{}")
+    ckpt = load.Checkpoint(tmp_path)
+    q = nf4.quantize(w)
+    size = q.packed.numel()
+    per = -(-size // world)
+    norms = torch.zeros(37, dtype=torch.float64)
+    seen = torch.zeros(q.absmax.numel(), dtype=torch.bool)
+    for rank in range(world):
+        lo, hi = min(rank * per, size), min((rank + 1) * per, size)
+        got = load.nf4_shard(ckpt, "w", (37, 45), lo, hi, chunk=chunk, sharded=False)
+        assert torch.equal(got["packed"], q.packed[lo:hi]), rank
+        mine = got["absmax"] != 0
+        plain = nf4.quantize(w, double_quant=False).absmax             # the float32 scales
+        assert torch.equal(got["absmax"][mine], plain[mine]) and mine.any() == (hi > lo)
+        seen |= mine
+        norms += load._row_norms_sq({**got, "absmax": plain, "codes8": q.absmax,
+                                     "nested": q.nested_absmax, "offset": q.offset},
+                                    (37, 45), 64, torch.float32, torch.float64, chunk)
+    assert seen.all()
+    layer = minidora.NF4Linear(q, compute_dtype=torch.float32)
+    ref = layer.row_norms_sq(dtype=torch.float64)
+    assert torch.allclose(norms, ref, rtol=1e-12, atol=0), (norms - ref).abs().max()
+
+
 if __name__ == "__main__":
     {"matrix": _worker_matrix, "runs": _worker_runs, "real": _worker_real,
      "oom": _worker_oom}[sys.argv[1]](

@@ -49,6 +49,7 @@ SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.
                       "F64": torch.float64}
 MAX_HEADER = 100 * 2**20          # bytes of a safetensors JSON header we agree to read
 INDEX = "model.safetensors.index.json"
+CHUNK_ELEMS = 1 << 21             # weights read and quantized at a time (~40 MiB of temporaries)
 SINGLE = "model.safetensors"
 
 
@@ -246,11 +247,13 @@ def _all_reduce(t: torch.Tensor, op, sharded: bool = True) -> torch.Tensor:
 
 @torch.no_grad()
 def nf4_shard(ckpt: Checkpoint, key: str, shape: tuple[int, int], lo: int, hi: int,
-              blocksize: int = 64, double_quant: bool = True, sharded: bool = True) -> dict:
+              blocksize: int = 64, double_quant: bool = True, sharded: bool = True,
+              chunk: int = CHUNK_ELEMS, out: torch.Tensor | None = None) -> dict:
     """Quantize bytes ``[lo, hi)`` of weight ``key``'s packed NF4 codes (a collective).
 
-    Reads the rows that cover those bytes, widened to whole blocks; never the whole weight
-    unless this rank owns all of it.
+    Reads the rows that cover those bytes, widened to whole blocks, ``chunk`` weights at a
+    time (whole blocks): never the whole weight unless this rank owns all of it, and never more
+    than a chunk's temporaries at once.
 
     Args:
         ckpt: the checkpoint.
@@ -260,56 +263,59 @@ def nf4_shard(ckpt: Checkpoint, key: str, shape: tuple[int, int], lo: int, hi: i
         double_quant: also quantize the scales.
         sharded: other ranks hold the other bytes (False: this rank holds them all, as under
             DDP, and nothing is combined).
+        chunk: weights quantized at a time (rounded down to whole blocks, at least one).
+        out: where to write the packed bytes ([hi - lo] uint8; default: a new tensor).
 
     Returns:
         ``packed`` [hi - lo] uint8; ``absmax`` [n_blocks] float32 (all blocks, from every rank);
         with double quantization ``codes8`` [n_blocks] uint8, ``nested`` and ``offset``;
-        ``owned`` (first, end) elements this rank owns and ``owned_codes`` their NF4 codes;
-        ``dtype`` the stored dtype.
+        ``owned``: the (first, end) weights of this rank's bytes; ``dtype``: the stored dtype.
     """
     out_f, in_f = shape
     entry = ckpt.entry(key, shape)
     n = out_f * in_f
     nb = -(-n // blocksize)
-    e_lo, e_hi = min(2 * lo, n), min(2 * hi, n)                 # the elements of my bytes
+    e_lo, e_hi = min(2 * lo, n), min(2 * hi, n)                 # the weights of my bytes
     absmax = torch.zeros(nb, dtype=torch.float32)               # [nb]: mine, zeros elsewhere
-    packed = torch.empty(hi - lo, dtype=torch.uint8)
-    owned_codes = torch.empty(0, dtype=torch.int64)
-    if e_lo < e_hi:
-        b0, b1 = e_lo // blocksize, -(-e_hi // blocksize)       # whole blocks around them
-        E0, E1 = b0 * blocksize, min(b1 * blocksize, n)
-        r0, r1 = E0 // in_f, -(-E1 // in_f)                     # the rows that hold the blocks
+    packed = torch.empty(hi - lo, dtype=torch.uint8) if out is None else out
+    step = max(1, chunk // blocksize)                           # blocks per chunk
+    for b0 in range(e_lo // blocksize, -(-e_hi // blocksize), step):
+        b1 = min(b0 + step, -(-e_hi // blocksize))
+        E0, E1 = b0 * blocksize, min(b1 * blocksize, n)         # whole blocks (the last: to n)
+        r0, r1 = E0 // in_f, -(-E1 // in_f)                     # the rows that hold them
         w = ckpt.rows(key, r0, r1).reshape(-1)[E0 - r0 * in_f:E1 - r0 * in_f]     # [E1 - E0]
         nf4._check_weight(w)
-        x = nf4.to_float32(w)
-        blocks, am = nf4.blockwise_absmax(x, blocksize)          # [b1 - b0, bs], [b1 - b0]
+        blocks, am = nf4.blockwise_absmax(nf4.to_float32(w), blocksize)   # [b, bs], [b]
         codes = nf4.nearest_code(nf4.normalize(blocks, am)).view(-1)[:E1 - E0]     # [E1 - E0]
-        packed.copy_(nf4.pack(codes)[lo - E0 // 2:hi - E0 // 2])
+        first, last = max(lo, E0 // 2), min(hi, -(-E1 // 2))    # my bytes among these
+        packed[first - lo:last - lo] = nf4.pack(codes)[first - E0 // 2:last - E0 // 2]
         absmax[b0:b1] = am
-        owned_codes = codes[e_lo - E0:e_hi - E0]
-        del w, x, blocks, codes
+        del w, blocks, codes
     _all_reduce(absmax, dist.ReduceOp.MAX, sharded)   # a block's absmax is the same on each rank
-    res = {"packed": packed, "absmax": absmax, "owned": (e_lo, e_hi), "owned_codes": owned_codes,
-           "dtype": entry.dtype, "sharded": sharded}
+    res = {"packed": packed, "absmax": absmax, "owned": (e_lo, e_hi), "dtype": entry.dtype,
+           "sharded": sharded, "lo": lo}
     if double_quant:
         res["codes8"], res["nested"], res["offset"] = nf4.double_quantize(absmax)
     return res
 
 
 def _row_norms_sq(q: dict, shape: tuple[int, int], blocksize: int, compute: torch.dtype,
-                  acc: torch.dtype) -> torch.Tensor:
+                  acc: torch.dtype, chunk: int = CHUNK_ELEMS) -> torch.Tensor:
     """||W0[i, :]||^2 per row [out] in ``acc`` of the dequantized weight (as the layer computes
-    it, in ``compute``), from the elements each rank owns (a collective: SUM over ranks)."""
+    it, in ``compute``), from the weights each rank owns, decoded from its packed bytes a chunk
+    at a time (a collective: SUM over ranks)."""
     out_f, in_f = shape
     scales = nf4.decode_scales(q["codes8"], q["nested"], q["offset"]) if "codes8" in q \
         else q["absmax"]                                                    # [nb] float32
     e_lo, e_hi = q["owned"]
     sums = torch.zeros(out_f, dtype=acc)
-    if e_lo < e_hi:
-        idx = torch.arange(e_lo, e_hi)
-        w = nf4.NF4_CODEBOOK[q["owned_codes"]] * scales[idx // blocksize]     # float32, owned
-        sq = w.to(compute).to(acc).square()
-        sums.index_add_(0, idx // in_f, sq)
+    for c0 in range(e_lo, e_hi, 2 * max(1, chunk // 2)):                # even: whole bytes
+        c1 = min(c0 + 2 * max(1, chunk // 2), e_hi)
+        b = (c0 - e_lo) // 2
+        codes = nf4.unpack(q["packed"][b:b + -(-(c1 - c0) // 2)], c1 - c0)          # [c1 - c0]
+        idx = torch.arange(c0, c1)
+        w = nf4.NF4_CODEBOOK[codes] * scales[idx // blocksize]          # float32, as dequantize
+        sums.index_add_(0, idx // in_f, w.to(compute).to(acc).square())
     return _all_reduce(sums, dist.ReduceOp.SUM, q["sharded"])
 
 
@@ -322,12 +328,16 @@ def adapter_init(name: str, shape: tuple[int, int], seed: int) -> torch.Tensor:
     return torch.empty(shape, dtype=torch.float64).uniform_(-bound, bound, generator=gen)
 
 
-def _copy_rows(dst: torch.Tensor, full_rows) -> None:
-    """Copy this rank's rows into parameter or buffer ``dst``; ``full_rows(start, stop)`` gives
-    them."""
+def _copy_rows(dst: torch.Tensor, full_rows, chunk: int = CHUNK_ELEMS) -> None:
+    """Copy this rank's rows into parameter or buffer ``dst``, about ``chunk`` elements at a
+    time; ``full_rows(start, stop)`` gives them."""
     start, stop, local = shard_range(dst)
-    if stop > start or dst.dim() == 0:
-        local.copy_(full_rows(start, stop))
+    if dst.dim() == 0:
+        local.copy_(full_rows(0, 1))
+        return
+    step = max(1, chunk // max(1, math.prod(dst.shape[1:])))
+    for r in range(start, stop, step):
+        local[r - start:min(r + step, stop) - start].copy_(full_rows(r, min(r + step, stop)))
 
 
 def _fill_adapter(name: str, layer, ckpt: Checkpoint, seed: int) -> None:
@@ -340,8 +350,7 @@ def _fill_adapter(name: str, layer, ckpt: Checkpoint, seed: int) -> None:
     if isinstance(base, NF4Linear):
         lo, hi, local = shard_range(base.packed)
         q = nf4_shard(ckpt, key, shape, lo, hi, base.blocksize, base.double_quant,
-                      sharded=hasattr(base.packed, "to_local"))
-        local.copy_(q["packed"])
+                      sharded=hasattr(base.packed, "to_local"), out=local)
         base.weight_dtype = q["dtype"]
         if base.double_quant:
             _copy_rows(base.absmax, lambda a, b: q["codes8"][a:b])
@@ -391,6 +400,18 @@ def _fill_rest(model: nn.Module, ckpt: Checkpoint, skip: set[str]) -> None:
             fresh = type(mod)(mod.config)
         for k, b in own.items():
             b.copy_(getattr(fresh, k))
+
+
+def _outer_units(model: nn.Module) -> list:
+    """The embeddings and the output head as FSDP2 units of their own (both in one unit when
+    they share their weight): FSDP2 never reshards the root unit between forward and backward,
+    so left in the root they would stay whole on every rank for the whole step."""
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if head is None or head is emb:
+        return [emb]
+    if head.weight is emb.weight:
+        return [[emb, head]]
+    return [emb, head]
 
 
 def _memory_message(name: str, e: BaseException) -> str:
@@ -446,7 +467,8 @@ def build(folder, method: str, r: int, alpha: float, seed: int, dtype: torch.dty
     if on_skeleton is not None:
         on_skeleton()
     if strategy == "fsdp2":
-        module = parallelize(model, strategy, mixed_precision, offload=offload)
+        module = parallelize(model, strategy, mixed_precision, offload=offload,
+                             units=[*layers.values(), *_outer_units(model)])
         model.to_empty(device="cpu" if offload else device)
     else:
         model.to_empty(device=device)

@@ -39,7 +39,8 @@ def parallelize(model: nn.Module, strategy: str, mixed_precision: str = "none",
         mixed_precision: ``"none"`` or ``"bf16"`` (FSDP2 only): compute with bfloat16 copies of
             the floating-point parameters, reduce gradients in float32; the NF4 codes and scales
             are left as they are.
-        units: modules to shard as FSDP2 units before the root (default: every adapter layer).
+        units: modules (or lists of modules sharing parameters) to shard as FSDP2 units before
+            the root (default: every adapter layer).
         offload: FSDP2's ``CPUOffloadPolicy``: the shards, their gradients and so the optimizer
             state live in CPU memory; each unit's parameters are copied to the device just before
             it runs (pinned memory when CUDA is there). FSDP2 only.
