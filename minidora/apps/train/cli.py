@@ -90,6 +90,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         f"1..{MAX_TIMEOUT} (default 600)")
     t.add_argument("--threads", type=int, default=1,
                    help=f"CPU threads per process, 1..{MAX_THREADS} (default 1)")
+    t.add_argument("--write-synthetic", type=Path, default=None, metavar="FOLDER",
+                   help="write a synthetic Llama checkpoint (random weights at a real model's "
+                        "widths, sharded safetensors + index) into FOLDER and exit; then train on "
+                        "it with --model FOLDER")
+    t.add_argument("--synthetic-size", choices=("1b", "7b-width", "tiny"), default="1b",
+                   help="widths of --write-synthetic: TinyLlama-1.1B's (hidden 2048, MLP 5632), "
+                        "Llama-2-7B's (4096, 11008) or tiny (default 1b)")
+    t.add_argument("--synthetic-layers", type=int, default=None,
+                   help="decoder blocks of --write-synthetic (default: 4 for 1b, 2 for 7b-width "
+                        "and tiny)")
     t.add_argument("--quick", action="store_true",
                    help="a tiny GPT (width 32, 2 heads), 8 steps of 8 rows: seconds")
     return t
@@ -205,6 +215,28 @@ def _first_failure(mine: str) -> str:
         return mine
 
 
+def _write_synthetic(args: argparse.Namespace) -> int:
+    """``--write-synthetic FOLDER``: one process writes the checkpoint and exits."""
+    from .group import DistributedError, from_env
+    from .synthetic import write
+
+    try:
+        if from_env()[1] > 1:
+            raise UsageError("--write-synthetic: run it once, as one process (python -m minidora "
+                             "train --write-synthetic ...), not under torchrun")
+        check_int("--seed", args.seed, 0, MAX_SEED, " (2**63 - 1)")
+        if args.synthetic_layers is not None:
+            check_int("--synthetic-layers", args.synthetic_layers, 1, 1000)
+        folder = write(args.write_synthetic, args.synthetic_size, args.synthetic_layers,
+                       seed=args.seed, log=lambda line: print(f"train: {line}"))
+    except (UsageError, DistributedError, ValueError, TypeError, OSError) as e:
+        print(f"minidora train: error: --write-synthetic: {e}", file=sys.stderr)
+        return 1
+    print(f"train: a synthetic {args.synthetic_size} checkpoint is in {folder}; train on it with "
+          f"--model {folder}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``minidora train`` with the parsed ``args``; returns the exit status."""
     import torch
@@ -213,6 +245,8 @@ def run(args: argparse.Namespace) -> int:
     from .loop import train
 
     name = "minidora train"
+    if args.write_synthetic is not None:
+        return _write_synthetic(args)
     try:
         rank, world, _ = from_env()
         name = f"minidora train: rank {rank} of {world}"
