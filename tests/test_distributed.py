@@ -518,13 +518,21 @@ def test_bad_input_errors_on_every_rank(runs_of_two):
     (["--base", "/nonexistent/gpt.safetensors"], "--base: '/nonexistent/gpt.safetensors' does"),
     (["--mixed-precision", "bf16", "--dtype", "float64"], "bf16 needs --dtype float32"),
     (["--out", str(HERE)], f"--out: {str(HERE)!r} exists and is not a folder"),
+    (["--strategy", "ddp", "--offload"], "--offload is FSDP2's CPUOffloadPolicy; use --strategy"),
+    (["--model", str(minidora.testing.golden.path("peft", "llama_base")), "--base", str(HERE)],
+     "--base: the built-in model's weights; a real model's come from --model itself"),
+    (["--model", str(minidora.testing.golden.path("peft", "llama_base")), "--rank", "33"],
+     "--rank: got 33; expected an integer in 1..32"),      # k_proj, v_proj: 2 heads of 16 rows
+    (["--write-synthetic", str(HERE)], "minidora train: error: --write-synthetic: folder must be "
+                                       "a folder, got the file"),
 ])
 def test_cli_rejects_bad_options(argv, message, capsys, tmp_path):
     from minidora.__main__ import main
 
     assert main(["train", "--quick", "--out", str(tmp_path), *argv]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("minidora train: rank 0 of 1: error: ") and message in err, err
+    head = "minidora train: " + ("" if "--write-synthetic" in argv else "rank 0 of 1: ")
+    assert err.startswith(head + "error: ") and message in err, err
     assert len(err.strip().splitlines()) == 1
 
 
@@ -1010,6 +1018,40 @@ def test_nf4_shard_of_any_rank_and_chunk_is_a_slice_of_one_quantization(tmp_path
     layer = minidora.NF4Linear(q, compute_dtype=torch.float32)
     ref = layer.row_norms_sq(dtype=torch.float64)
     assert torch.allclose(norms, ref, rtol=1e-12, atol=0), (norms - ref).abs().max()
+
+
+
+@pytest.mark.llm
+def test_smollm2_two_processes_equal_one(tmp_path):
+    """SmolLM2-135M under ``torchrun --nproc_per_node 2 -m minidora train --model smollm2-135m``
+    (converted once to safetensors in the cache, then read shard by shard) against one process:
+    the same losses within float32 rounding and the same NF4 bytes; each rank read about half
+    of the checkpoint; its adapters load into the one-process run."""
+    import re
+
+    from minidora.__main__ import main
+
+    argv = ["--model", "smollm2-135m", "--method", "qdora", "--steps", "2", "--batch-size", "4",
+            "--rank", "4", "--timeout", "120"]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["train", *argv, "--out", str(tmp_path / "one")]) == 0
+    one = out.getvalue()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "minidora", "train", *argv, "--out", str(tmp_path / "two")]
+    p = subprocess.run(cmd, env=_env(), capture_output=True, text=True,
+                       timeout=time_limit(2 * GROUP_TIMEOUT))
+    assert p.returncode == 0, p.stderr[-3000:]
+    loss = lambda text: [float(v) for v in re.findall(r"step \d+/2 loss (\d+\.\d+)", text)]
+    assert len(loss(one)) == 2 and loss(p.stdout) == pytest.approx(loss(one), rel=1e-4, abs=1e-4)
+    read = lambda text: [float(v) for v in re.findall(r"this rank read ([\d.]+) MiB", text)]
+    assert read(p.stdout)[0] < 0.55 * read(one)[0], (read(p.stdout), read(one))
+    sha = re.findall(r"NF4 sha256 ([0-9a-f]{16})", p.stderr)
+    assert len(sha) == 2 and len(set(sha)) == 1
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["train", *argv, "--steps", "1", "--init-adapters",
+                     str(tmp_path / "two" / "adapters"), "--out", str(tmp_path / "again")]) == 0
 
 
 if __name__ == "__main__":
