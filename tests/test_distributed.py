@@ -1054,6 +1054,29 @@ def test_smollm2_two_processes_equal_one(tmp_path):
                      str(tmp_path / "two" / "adapters"), "--out", str(tmp_path / "again")]) == 0
 
 
+
+def test_question_rows_as_bytes_without_a_tokenizer(tmp_path):
+    """A checkpoint without tokenizer files trains on the question set as UTF-8 bytes: every id
+    is a byte, the targets are the answers' bytes and the newline that ends them; a vocabulary
+    under 256 cannot take bytes and is refused."""
+    from minidora.apps.finetune.data import load_dataset
+    from minidora.apps.train.load import CheckpointError
+    from minidora.apps.train.models import question_rows
+
+    rows, how = question_rows(tmp_path, 300)
+    data = load_dataset()
+    assert how == f"{len(data.train)} questions of {data.name} as UTF-8 bytes (no tokenizer files)"
+    assert rows.x.max() < 256 and len(rows.lines) == len(data.train)
+    ex = data.train[7]
+    x, y = rows.batch(torch.tensor([7]))
+    answer = y[0][y[0] != -100].tolist()
+    assert bytes(answer) == (ex.response + "\n").encode()
+    prompt = f"Question: {ex.prompt}\nAnswer: ".encode()
+    assert bytes(x[0, :len(prompt)].tolist()) == prompt
+    with pytest.raises(CheckpointError, match="a vocabulary of 100 < 256"):
+        question_rows(tmp_path, 100)
+
+
 if __name__ == "__main__":
     {"matrix": _worker_matrix, "runs": _worker_runs, "real": _worker_real,
      "oom": _worker_oom}[sys.argv[1]](

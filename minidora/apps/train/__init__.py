@@ -7,6 +7,11 @@ describes the memory per rank, several hosts and GPUs.
 - :mod:`~minidora.apps.train.group`: join and leave the process group (gloo or NCCL by
   device).
 - :mod:`~minidora.apps.train.shard`: FSDP2 (sharding the 4-bit base too) or DDP.
+- :mod:`~minidora.apps.train.load`: a Hugging Face checkpoint read straight into each rank's
+  shards, quantized there (no rank ever holds the whole model).
+- :mod:`~minidora.apps.train.models`: ``--model smollm2-135m`` or a folder, and its rows.
+- :mod:`~minidora.apps.train.synthetic`: synthetic Llama checkpoints of a real model's widths.
+- :mod:`~minidora.apps.train.memory`: the memory per rank under FSDP2, term by term.
 - :mod:`~minidora.apps.train.state`: adapter folders from a sharded model, resume points.
 - :mod:`~minidora.apps.train.loop`: the loop, equal to one process on the same global batch.
 - :mod:`~minidora.apps.train.cli`: the ``train`` subcommand.
