@@ -1077,6 +1077,21 @@ def test_question_rows_as_bytes_without_a_tokenizer(tmp_path):
         question_rows(tmp_path, 100)
 
 
+
+def test_a_nan_in_a_checkpoint_weight_is_named(tmp_path):
+    """A NaN in the rows a rank quantizes: the file, the tensor and the rows, not NaN scales."""
+    from minidora.apps.train import load
+
+    w = torch.randn(9, 70)
+    w[6, 3] = float("nan")
+    save_file({"w": w}, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text("{}")
+    ckpt = load.Checkpoint(tmp_path)
+    assert load.nf4_shard(ckpt, "w", (9, 70), 0, 100, sharded=False)["packed"].numel() == 100
+    with pytest.raises(load.CheckpointError, match=r"'w' has 1 NaN/Inf value\(s\) in rows 5..6;"):
+        load.nf4_shard(ckpt, "w", (9, 70), 0, 315, sharded=False, chunk=64)
+
+
 if __name__ == "__main__":
     {"matrix": _worker_matrix, "runs": _worker_runs, "real": _worker_real,
      "oom": _worker_oom}[sys.argv[1]](

@@ -31,7 +31,8 @@ import torch
 import torch.nn as nn
 
 __all__ = ["MODELS", "INSTALL", "GGUF_FILE", "LLMError", "Format", "LM", "load", "check_extra",
-           "smollm2_folder", "model_names", "builtin_lm", "no_progress_bars"]
+           "smollm2_folder", "model_names", "builtin_lm", "no_progress_bars", "hf_format",
+           "load_hf"]
 
 MODELS = {
     "builtin": "the demo's character GPT, 0.1 M parameters (no extra needed)",
@@ -136,7 +137,7 @@ def _builtin(threads: int, cache_dir: Path | None, log) -> LM:
     return builtin_lm(model, f"minidora's demo GPT, pretrained on {text_a.name}")
 
 
-def _hf_format(tok) -> Format:
+def hf_format(tok) -> Format:
     """The tokenizer's chat template when it has one, else ``Question: ...\\nAnswer: ``."""
     stop = tok.eos_token_id
     if stop is None:
@@ -183,7 +184,9 @@ def no_progress_bars():
             logging.enable_progress_bar()
 
 
-def _hf(name: str, folder: Path, gguf_file: str | None) -> LM:
+def load_hf(name: str, folder: Path, gguf_file: str | None) -> LM:
+    """A Hugging Face model and its tokenizer from local files only (``gguf_file``: from that
+    GGUF file in ``folder``), in float32; :class:`LLMError` names what could not be loaded."""
     os.environ["HF_HUB_OFFLINE"] = "1"         # before transformers is imported
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -199,7 +202,7 @@ def _hf(name: str, folder: Path, gguf_file: str | None) -> LM:
     model.eval()
     source = (f"{gguf_file} (Q4_1, dequantized to float32 by transformers + gguf)" if gguf_file
               else f"the Hugging Face checkpoint in {folder}")
-    return LM(name, model, _hf_format(tok), hf=True, source=source)
+    return LM(name, model, hf_format(tok), hf=True, source=source)
 
 
 def load(name: str, threads: int = 1, cache_dir: Path | None = None, log=print) -> LM:
@@ -218,10 +221,10 @@ def load(name: str, threads: int = 1, cache_dir: Path | None = None, log=print) 
     if name == "builtin":
         return _builtin(threads, cache_dir, log)
     if name == "smollm2-135m":
-        return _hf(name, smollm2_folder(), GGUF_FILE)
+        return load_hf(name, smollm2_folder(), GGUF_FILE)
     folder = Path(name)
     if folder.is_dir() and (folder / "config.json").is_file():
         check_extra(f"--model {name}", ("transformers",))
-        return _hf(name, folder, None)
+        return load_hf(name, folder, None)
     why = ("a folder without config.json" if folder.is_dir() else "no such model or folder")
     raise LLMError(f"--model: got {name!r} ({why}); expected one of {model_names()}")

