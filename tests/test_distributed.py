@@ -892,13 +892,22 @@ def test_real_model_loader_equals_from_pretrained(real):
 
 
 def test_real_model_checkpoints_cross_world_sizes(real):
-    """The adapters 2 processes wrote load into 1 process (``--init-adapters``) and give their
-    logits; the 2-process resume point (after step 3 of 5) resumes in 1 process on the loss
+    """The adapters 2 processes wrote load into 1 process (``--init-adapters``), and their PEFT
+    layout into a plain ``from_pretrained`` model, and give their logits; the 2-process resume
+    point (after step 3 of 5) resumes in 1 process on the loss
     curve of the 2-process run."""
     out, recs, t = real
     cfg = replace(real_cfg(out / "llama", "fsdp2", "qdora"), lr=1e-30, steps=1)
     got = one_process(cfg, init_adapters=out / "fsdp2-qdora" / "adapters")
     assert_close32(got["logits"], t["fsdp2-qdora/logits"], "logits")
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out / "llama", dtype=torch.float32)
+    minidora.wrap(model, "qdora", "all-linear", r=3, alpha=6.0, compute_dtype=torch.float32)
+    minidora.load_peft_adapter(model, out / "fsdp2-qdora" / "adapters" / "peft")   # PEFT layout
+    with torch.no_grad():
+        peft = model(input_ids=torch.arange(40, 76).view(3, 12)).logits
+    assert_close32(peft, t["fsdp2-qdora/logits"], "logits of the PEFT folder")
     cfg = replace(real_cfg(out / "llama", "fsdp2", "qdora"), steps=5)
     again = one_process(cfg, out=out / "resume", resume=True)
     assert again["start"] == 3 and len(again["losses"]) == 2
