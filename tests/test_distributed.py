@@ -969,6 +969,19 @@ def test_checkpoint_folder_errors(tmp_path):
         assert main(["train", "--model", str(d), "--steps", "1", "--out", str(tmp_path / "o")]) == 1
     assert "'model.layers.0.mlp.gate_proj.weight' has shape [100, 48], the model (config.json) " \
            "expects [104, 48]" in err.getvalue(), err.getvalue()
+    d = tmp_path / "lacking"                   # a tensor the model needs is in no file
+    shutil.copytree(good, d)
+    for f in d.glob("*.safetensors"):
+        sd = load_file(str(f))
+        if sd.pop("model.norm.weight", None) is not None:
+            save_file(sd, str(f), metadata={"format": "pt"})
+            (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+                k: v for k, v in index["weight_map"].items() if k != "model.norm.weight"}}))
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert main(["train", "--model", str(d), "--steps", "1", "--out", str(tmp_path / "o")]) == 1
+    assert "the model needs 'model.norm.weight', which no safetensors file of the checkpoint " \
+           "holds" in err.getvalue(), err.getvalue()
 
 
 

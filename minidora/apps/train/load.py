@@ -378,6 +378,18 @@ def _fill_adapter(name: str, layer, ckpt: Checkpoint, seed: int) -> None:
         _copy_rows(layer.magnitude, lambda a, b: sq[a:b].clamp_min(0).sqrt())
 
 
+def _check_all(model: nn.Module, layers: dict, ckpt: Checkpoint) -> None:
+    """Every tensor the model needs is in the checkpoint with the model's shape: checked on the
+    meta model, before anything is allocated or read (CheckpointError naming the first not)."""
+    for name, layer in layers.items():
+        ckpt.entry(f"{name}.weight", (layer.out_features, layer.in_features))
+        if getattr(layer.base, "bias", None) is not None:
+            ckpt.entry(f"{name}.bias", (layer.out_features,))
+    for key, p in model.named_parameters():
+        if not any(key.startswith(s + ".") for s in layers):
+            ckpt.entry(key, tuple(p.shape))
+
+
 def _fill_rest(model: nn.Module, ckpt: Checkpoint, skip: set[str]) -> None:
     """Every parameter outside the adapter layers from the checkpoint; non-persistent buffers
     (rotary tables) recomputed by building their module again on the CPU."""
@@ -467,6 +479,7 @@ def build(folder, method: str, r: int, alpha: float, seed: int, dtype: torch.dty
     extra = {"compute_dtype": dtype} if method.startswith("q") else {}
     minidora.wrap(model, method, "all-linear", r=r, alpha=alpha, adapter_dtype=dtype, **extra)
     layers = minidora.adapter_layers(model)
+    _check_all(model, layers, ckpt)
     if on_skeleton is not None:
         on_skeleton()
     if strategy == "fsdp2":
