@@ -288,19 +288,81 @@ def test_predicted_storage_is_what_fsdp2_leaves_on_rank_0(fake_group, method, do
     assert p["adapters"] % 4 == 0 and p["total"] == sum(p[k] for k in memory.PARTS)
 
 
+@pytest.fixture(scope="module")
+def tied(tmp_path_factory):
+    """The tiny Llama with its head tied to the embeddings, as save_pretrained writes it."""
+    folder = tmp_path_factory.mktemp("tied")
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(**llama_config("tiny", tie_word_embeddings=True))
+                     ).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("fake_group", [1, 2, 3], indirect=True)
+@pytest.mark.parametrize("which", ["untied", "tied"])
+def test_gathered_units_are_what_fsdp2_allocates(fake_group, which, tiny, tied, monkeypatch):
+    """load.build's units outside the adapter layers (root, embeddings, head) unsharded one by
+    one: the bytes of their unsharded parameters and of FSDP2's all-gather output (301 rows:
+    padded at 2 and 3 ranks) against gathered_root, gathered_outer and gather_buffer."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.fsdp._fully_shard import _fsdp_collectives
+
+    from minidora.apps.train import load
+
+    folder = tiny if which == "untied" else tied
+    _, model, _ = load.build(folder, "qlora", 3, 6.0, 0, torch.float32, "fsdp2",
+                             torch.device("cpu"))
+    buffers = []
+    allocate = _fsdp_collectives.DefaultAllGather.allocate
+
+    def spy(self, size, *, dtype, device):
+        out = allocate(self, size, dtype=dtype, device=device)
+        buffers.append(out.numel() * out.element_size())
+        return out
+
+    monkeypatch.setattr(_fsdp_collectives.DefaultAllGather, "allocate", spy)
+    whole, states = {}, set()
+    for name, m in model.named_modules():
+        if not isinstance(m, FSDPModule) or name.startswith("model.layers."):
+            continue
+        state = m._get_fsdp_state()
+        if id(state) in states:                  # tied: the embeddings and head, one unit
+            continue
+        states.add(id(state))
+        m.unshard()
+        whole[name] = sum(fp.unsharded_param.numel() * fp.unsharded_param.element_size()
+                          for fp in state._fsdp_param_group.fsdp_params)
+        m.reshard()
+    assert sorted(whole) == (["", "lm_head", "model.embed_tokens"] if which == "untied"
+                             else ["", "model.embed_tokens"])
+    cfg = json.loads((folder / "config.json").read_text())
+    p = memory.predict(cfg, "qlora", 3, fake_group)
+    assert p["gathered_root"] == whole.pop("")
+    assert p["gathered_outer"] == max(whole.values())
+    assert p["gather_buffer"] == max(buffers, default=0)
+    assert (p["gather_buffer"] == 0) == (fake_group == 1)
+    # loading: the storage load.build leaves on rank 0 (adapters without gradients or moments)
+    loading = memory.predict_loading(cfg, "qlora", 3, fake_group, runtime=7)
+    assert shard.local_bytes(model) == sum(loading[k] for k in memory.LOAD_PARTS[:5])
+    assert loading["transient"] == max(loading[k] for k in memory.TRANSIENTS)
+    assert loading["total"] == sum(loading[k] for k in memory.LOAD_PARTS)
+
+
 def test_sharded_parts_divide_and_whole_parts_stay():
     cfg = llama_config("1b")
     one, eight = (memory.predict(cfg, "qdora", 16, w, batch_tokens=8192) for w in (1, 8))
     for part in ("base_sharded", "unquantized", "adapters", "activations", "loss_gradients"):
         assert one[part] / 8 <= eight[part] < one[part] / 8 * 1.01, part
-    for part in ("base_whole", "rope", "gathered_layer", "prefetched_layer", "gathered_root"):
+    for part in ("base_whole", "rope", "gathered_layer", "prefetched_layer", "gathered_root",
+                 "gathered_outer"):
         assert eight[part] == one[part], part
     n = synthetic.count(cfg)
-    assert one["gathered_root"] == 4 * (n["embeddings"] + n["norms"])       # float32
-    # FSDP2's flat all-gather output: none at W = 1; at W = 8 the root's 8 padded shards
+    assert one["gathered_root"] == 4 * n["norms"]                           # float32
+    assert one["gathered_outer"] == 4 * 32000 * 2048                        # the head or the
+    # embeddings, one at a time; FSDP2's flat all-gather output: none at W = 1; at W = 8 the
+    # 8 padded shards of the larger unit
     assert one["gather_buffer"] == 0
-    assert eight["gather_buffer"] == 4 * (2 * 8 * math.ceil(32000 / 8) * 2048
-                                          + 9 * 8 * math.ceil(2048 / 8))   # 4 x 2 + 1 norms
+    assert eight["gather_buffer"] == 4 * 8 * math.ceil(32000 / 8) * 2048
     # the largest layer: gate/up/down 5632 x 2048; its dense float32 weight, NF4 bytes, adapters
     nf4_full = sum(k * s for k, s, sh in memory.nf4_tensors(5632, 2048).values() if sh)
     adapters = 16 * (5632 + 2048) + 5632
@@ -315,7 +377,7 @@ def test_mixed_precision_gathers_in_the_compute_dtype():
     bf16 = memory.predict(cfg, "qlora", 8, 4, compute_dtype=torch.bfloat16)
     for part in ("base_sharded", "base_whole", "unquantized", "adapters", "loss_gradients"):
         assert bf16[part] == f32[part], part            # stored as they are, float32 losses
-    for part in ("gathered_root", "gather_buffer"):
+    for part in ("gathered_root", "gathered_outer", "gather_buffer"):
         assert 2 * bf16[part] == f32[part], part
     assert bf16["activations"] < f32["activations"]
 
@@ -356,6 +418,92 @@ def test_activation_bytes_per_token_are_what_autograd_keeps(method, dtype):
     assert per_token == memory.activation_bytes(cfg, method, 5, dtype, torch.float32)
     fixed = saved_bytes(model, x) - 80 * per_token                 # layer-sized: a few percent
     assert 0 < fixed < 0.2 * 80 * per_token
+
+
+# --- the loading transients against what PyTorch allocates -------------------------------------
+
+def allocation_peaks(fn) -> dict[str, int]:
+    """Run ``fn(mark)`` under PyTorch's profiler, where ``fn`` calls ``mark(name)`` as each
+    phase begins (``name`` None: the phase ends): for each name, the peak of the bytes
+    allocated within the phase above the level where its ``step`` began (a phase named
+    ``step:X`` begins a step), the largest over the phases of that name; from every
+    allocation and free in the order they happened."""
+    from torch.profiler import ProfilerActivity, profile
+
+    names = []
+
+    def mark(name):                       # a 0-element op the profiler records, in order
+        names.append(name)
+        torch.empty(0).sinc_()
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn(mark)
+    peaks, now, base, phase, k = {}, 0, 0, None, 0
+    for e in sorted(prof.events(), key=lambda e: e.time_range.start):
+        if e.name == "aten::sinc_":
+            phase, k = names[k], k + 1
+            if phase is not None and phase.startswith("step:"):
+                phase, base = phase[5:], now
+            continue
+        now += e.self_cpu_memory_usage    # allocations (+) and frees (-) of e itself
+        if phase is not None:
+            peaks[phase] = max(peaks.get(phase, 0), now - base)
+    assert k == len(names)
+    return peaks
+
+
+@pytest.mark.parametrize("chunk", [256, 4096, 1 << 21])
+@pytest.mark.parametrize("world,double_quant", [(1, True), (2, True), (1, False)])
+@pytest.mark.parametrize("method", ["qlora", "qdora"])
+def test_loading_transients_are_what_each_step_allocates(tiny, chunk, world, double_quant,
+                                                         method):
+    """Each step of load.py's filling of every layer of the tiny Llama (rank 0's bytes of
+    ``world``), one chunk size at a time: the peak of what it allocates against its term of
+    loading_transients, to the byte or a few percent above (whole rows read, an index's
+    rounding) and never below. Chunks of 4 blocks (double quantization's step is the largest),
+    of a few rows, and the default (a whole layer)."""
+    from minidora.apps.train import load
+
+    ckpt = load.Checkpoint(tiny)
+    cfg = ckpt.config()
+    want = memory.loading_transients(cfg, method, 5, world, double_quant, chunk=chunk)
+
+    def fill(mark):
+        for name, shape in synthetic.tensor_shapes(cfg).items():
+            if not synthetic.is_quantized(name):
+                continue
+            n = shape[0] * shape[1]
+            hi = math.ceil(math.ceil(n / 2) / world)         # rank 0's bytes of the codes
+            out = torch.empty(hi, dtype=torch.uint8)         # the shard: held, not transient
+            lora_a = torch.empty(5, shape[1], dtype=torch.float32)
+            mark("step:quantize")
+            q = load.nf4_shard(ckpt, name, shape, 0, hi, double_quant=double_quant,
+                               sharded=False, chunk=chunk, out=out)
+            if method == "qdora":
+                mark("row_norms")
+                load._row_norms_sq(q, shape, 64, torch.float32, torch.float32, chunk)
+            mark("adapter_init")
+            load._copy_rows(lora_a, lambda a, b, k=name, s=tuple(lora_a.shape):
+                            load.adapter_init(k, s, 0)[a:b], chunk)
+            mark(None)
+            del q
+        embed = torch.empty(cfg["vocab_size"], cfg["hidden_size"])
+        mark("step:copy_rows")
+        load._copy_rows(embed, lambda a, b: ckpt.rows("model.embed_tokens.weight", a, b),
+                        chunk)
+        mark(None)
+
+    got = allocation_peaks(fill)
+    quantize = max(want["quantize_chunk"], want["double_quantize"])
+    pairs = [(got["quantize"], quantize), (got["adapter_init"], want["adapter_init"])]
+    if world == 1:                                # the whole embeddings: rank 0's at W = 1
+        pairs.append((got["copy_rows"], want["copy_rows"]))
+    if method == "qdora":
+        pairs.append((got["row_norms"], want["row_norms"]))
+    else:
+        assert want["row_norms"] == 0
+    for measured, predicted in pairs:
+        assert measured <= predicted <= 1.05 * measured, (measured, predicted, got, want)
 
 
 # --- the 7B / 70B arithmetic of docs/distributed.md ----------------------------------------------
@@ -403,6 +551,23 @@ def test_predict_refuses_bad_arguments(kwargs, error, match):
     args = {"config": llama_config("tiny"), "method": "qlora", "r": 8, "world": 2, **kwargs}
     with pytest.raises(error, match=match):
         memory.predict(**args)
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(method="lokr"), ValueError, r"method must be one of \('qlora', 'qdora', 'lora', "
+                                      r"'dora'\), got 'lokr'"),
+    (dict(world=-1), ValueError, r"world must be an integer >= 1, got -1"),
+    (dict(chunk=0), ValueError, r"chunk must be an integer >= 1, got 0"),
+    (dict(chunk=2.5), ValueError, r"chunk must be an integer >= 1, got 2.5"),
+    (dict(runtime=-1), ValueError, r"runtime must be an integer >= 0, got -1"),
+    (dict(checkpoint_dtype=torch.uint8), TypeError, r"checkpoint_dtype must be float32, "
+                                                    r"bfloat16, float16 or float64, got "
+                                                    r"torch.uint8"),
+])
+def test_predict_loading_refuses_bad_arguments(kwargs, error, match):
+    args = {"config": llama_config("tiny"), "method": "qdora", "r": 8, "world": 2, **kwargs}
+    with pytest.raises(error, match=match):
+        memory.predict_loading(**args)
 
 
 def test_extrapolate_refuses_bad_arguments():
