@@ -103,11 +103,9 @@ def run(n: int, folder: Path, args, out: Path) -> dict[int, dict]:
         env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
     res = subprocess.run(cmd, capture_output=True, text=True, env=env)
     ranks = {}
-    for line in (res.stdout + res.stderr).splitlines():
-        m = LINE.search(line)
-        if m:
-            ranks[int(m[1])] = {"peak": int(m[3]), "load": int(m[4]), "train": int(m[5]),
-                                "before": int(m[6]), "held": float(m[7])}
+    for m in LINE.finditer(res.stdout + res.stderr):    # ranks' lines may run into each other
+        ranks[int(m[1])] = {"peak": int(m[3]), "load": int(m[4]), "train": int(m[5]),
+                            "before": int(m[6]), "held": float(m[7])}
     if res.returncode != 0 or len(ranks) != n:
         sys.exit(f"the run on {n} process(es) failed (exit {res.returncode}):\n"
                  + "\n".join((res.stdout + res.stderr).splitlines()[-20:]))
