@@ -217,8 +217,9 @@ def main() -> int:
     print("Measured here: the runtime; checked by the tests against FSDP2 and autograd: the "
           "storage, the gathered root, outer units and all-gather buffer, the activations per "
           "token; modelled from the code: the gathered and prefetched layer, the loss's "
-          "gradients, the loading transient. The sum is an upper bound: the gathered terms and "
-          "the buffers are not all alive at once.")
+          "gradients, the loading transient. The sum is meant as an upper bound of the tensors' "
+          "bytes (the gathered terms and the buffers are not all alive at once); what the "
+          "allocator keeps of freed blocks is not in it (see --malloc-mmap-threshold).")
     return 0
 
 

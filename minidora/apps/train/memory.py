@@ -60,7 +60,11 @@ bytes FSDP2 leaves on rank 0 (exact); ``gathered_root``, ``gathered_outer`` and
 ``activations`` against the tensors autograd saves (exact per token). ``gathered_layer``,
 ``prefetched_layer`` and ``loss_gradients`` are modelled from the code, not measured; and the
 terms are not all alive at one moment (the embeddings' copy is gone before the head's exists,
-the all-gather buffers come and go), so the sum is an upper bound of the peak.
+the all-gather buffers come and go), so the sum is an upper bound of the peak of the tensors.
+A process's RSS also holds what its allocator keeps of freed blocks, which no term counts: on
+glibc with its default (dynamic) mmap threshold, measured up to 72 % above the training
+prediction at 4 processes, and within it with ``MALLOC_MMAP_THRESHOLD_`` fixed at 1 MiB
+(docs/distributed.md, benchmarks/bench_train_memory.py).
 
 Loading (:func:`predict_loading`): what ``load.build`` holds at its peak, before any step:
 
