@@ -319,6 +319,7 @@ def _row_norms_sq(q: dict, shape: tuple[int, int], blocksize: int, compute: torc
         idx = torch.arange(c0, c1)
         w = nf4.NF4_CODEBOOK[codes] * scales[idx // blocksize]          # float32, as dequantize
         sums.index_add_(0, idx // in_f, w.to(compute).to(acc).square())
+        del codes, idx, w                    # before the next chunk's are made
     return _all_reduce(sums, dist.ReduceOp.SUM, q["sharded"])
 
 

@@ -11,7 +11,9 @@
   buffers broadcast from rank 0 once, at the start) and averages the adapters' gradients.
 
 Each adapter layer is one FSDP2 unit (its base and its adapter are gathered together just
-before it runs); the root unit holds the rest (embeddings, norms).
+before it runs); by default the root unit holds the rest (embeddings, norms). A Hugging Face
+checkpoint loaded by :mod:`~minidora.apps.train.load` also makes its embeddings and its output
+head units of their own.
 """
 
 from __future__ import annotations
