@@ -357,8 +357,8 @@ def loading_transients(config: Mapping, method: str, r: int, world: int,
       per padded scale), the nested scales and the offset.
     - ``row_norms`` (qdora): the kept scales, scale codes and offset, the decoded scales (4 nb),
       the [out] sums, and per weight of a chunk its int64 codes, indices and block indices and
-      two float32 gathers (32 bytes), plus 4 for the previous chunk's values, still bound
-      while the next chunk is decoded; dora: the squared shard.
+      two float32 gathers (32 bytes; the previous chunk's are freed before the next is decoded);
+      dora: the squared shard.
     - ``copy_rows``: one chunk of rows of an unquantized tensor (or a lora/dora base) as read.
     - ``adapter_init``: ``lora_A`` drawn whole in float64 (8 r in) beside the layer's scales.
 
@@ -408,8 +408,7 @@ def loading_transients(config: Mapping, method: str, r: int, world: int,
             if dora:
                 c = min(2 * max(1, chunk // 2), owned)
                 decoded = 4 * nb if double_quant else 0
-                # 32 bytes per weight of a chunk, + 4 for the previous chunk's values
-                per = 32 * c if owned <= c else max(32 * c, 32 * min(c, owned - c) + 4 * c)
+                per = 32 * c          # 32 bytes per weight of a chunk (the last one freed)
                 keep("row_norms", kept + decoded + out * acc + per)
             keep("adapter_init", kept + 8 * r * n_in)
         else:
