@@ -452,9 +452,11 @@ def allocation_peaks(fn) -> dict[str, int]:
     return peaks
 
 
-@pytest.mark.parametrize("chunk", [256, 4096, 1 << 21])
-@pytest.mark.parametrize("world,double_quant", [(1, True), (2, True), (1, False)])
-@pytest.mark.parametrize("method", ["qlora", "qdora"])
+# Chunks of 256 weights (many chunks per layer: slow under the profiler) in one case; 4096 (a few
+# per layer) and 2 Mi (one) in every case.
+@pytest.mark.parametrize("method,world,double_quant,chunk", [
+    (m, w, dq, c) for m in ("qlora", "qdora") for w, dq in ((1, True), (2, True), (1, False))
+    for c in (4096, 1 << 21)] + [("qdora", 2, True, 256)])
 def test_loading_transients_are_what_each_step_allocates(tiny, chunk, world, double_quant,
                                                          method):
     """Each step of load.py's filling of every layer of the tiny Llama (rank 0's bytes of
