@@ -8,14 +8,14 @@ the whole model once. Here no rank ever does:
    rank's shard of every parameter (FSDP2 cuts dim 0 into ``ceil(rows / W)``-row pieces).
 2. Each shard is filled from the checkpoint's safetensors files by reading **only the rows it
    needs** (:class:`Checkpoint` seeks in the file; nothing is mapped or unpickled).
-3. A quantized weight is read one layer at a time, in the rows that cover this rank's bytes of
-   packed codes, widened to whole blocks of 64. Each block's absmax depends on its 64 weights
-   only, so each rank's codes are those of quantizing the whole weight. Double quantization needs
-   the mean of *all* scales: the scales (1 / 64 of the weights, in float32) are combined over the
-   ranks (``all_reduce`` with MAX of each rank's blocks, zeros elsewhere), after which every rank
-   runs :func:`minidora.nf4.double_quantize` on the same vector and keeps its shard of the 8-bit
-   scale codes. The bytes equal those of a one-process :func:`minidora.nf4.quantize` (the tests
-   compare them).
+3. A quantized weight is read in the rows that cover this rank's bytes of packed codes, widened
+   to whole blocks of 64, and quantized 2 Mi weights at a time. Each block's absmax depends on
+   its 64 weights only, so each rank's codes are those of quantizing the whole weight. Double
+   quantization needs the mean of *all* scales: the scales (1 / 64 of the weights, in float32)
+   are combined over the ranks (``all_reduce`` with MAX of each rank's blocks, zeros
+   elsewhere), after which every rank runs :func:`minidora.nf4.double_quantize` on the same
+   vector and keeps its shard of the 8-bit scale codes. The bytes equal those of a one-process
+   :func:`minidora.nf4.quantize` (the tests compare them).
 4. DoRA's magnitude starts at the row norms ``||W0[i, :]||`` of the dequantized base: each rank
    sums the squares of the weights it owns, per row, and an ``all_reduce`` (SUM) of the [out]
    vector completes them; no rank gathers a weight.
