@@ -217,7 +217,7 @@ def _worker_oom(out: Path) -> None:
     err, t0 = io.StringIO(), time.perf_counter()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
         rc = main(["train", "--model", str(out / "wide"), "--method", "qlora", "--steps", "1",
-                   "--batch-size", "2", "--timeout", "60", "--out", str(out / "o")])
+                   "--batch-size", "2", "--timeout", "300", "--out", str(out / "o")])
     (out / f"oom-{rank}.json").write_text(json.dumps(
         {"rc": rc, "stderr": err.getvalue(), "seconds": time.perf_counter() - t0}))
 
@@ -988,7 +988,7 @@ def test_checkpoint_folder_errors(tmp_path):
 def test_a_rank_out_of_memory_while_loading(tmp_path):
     """Rank 1 runs out of memory while it quantizes its shard: it names the layer, the failed
     allocation and what to do; rank 0 stops at its next collective and names rank 1's error;
-    both exit cleanly, long before the timeout."""
+    both exit cleanly, long before the 300 s timeout (about 8 s on a quiet machine)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(**{**LLAMA, "intermediate_size": 262144, "num_hidden_layers": 1})
@@ -1002,7 +1002,7 @@ def test_a_rank_out_of_memory_while_loading(tmp_path):
     assert "use more ranks (FSDP2 divides the model by their number)" in r1["stderr"]
     assert r0["stderr"].startswith("minidora train: rank 0 of 2: error: stopped because rank 1 "
                                    f"failed: {want}"), r0
-    assert max(r0["seconds"], r1["seconds"]) < 60
+    assert max(r0["seconds"], r1["seconds"]) < min(250, time_limit(60))
 
 
 

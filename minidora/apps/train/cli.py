@@ -166,19 +166,14 @@ def _check_hf_model(name: str) -> int:
     names, each tensor in the file the index says). Returns the largest adapter rank it takes."""
     from ..finetune.models import LLMError, check_extra
     from .load import Checkpoint, CheckpointError
-    from .models import HF_MODELS
+    from .models import HF_MODELS, MAX_RANK, local_folder
 
     try:
         if name in HF_MODELS:
             check_extra(f"--model {name}")
-            return 576                      # SmolLM2-135M: hidden size 576
+            return MAX_RANK[name]
         check_extra(f"--model {name}", ("transformers",))
-        folder = Path(name)
-        if not (folder / "config.json").is_file():
-            why = "a folder without config.json" if folder.is_dir() else "no such model or folder"
-            raise UsageError(f"--model: got {name!r} ({why}); expected builtin, "
-                             f"{', '.join(HF_MODELS)} or a Hugging Face checkpoint folder")
-        config = Checkpoint(folder).config()
+        config = Checkpoint(local_folder(name)).config()
     except (LLMError, CheckpointError) as e:
         raise UsageError(f"--model: {e}" if not str(e).startswith("--model") else str(e)) from None
     sizes = [config.get(k) for k in ("hidden_size", "intermediate_size")]

