@@ -5,11 +5,14 @@
 // registers; codes are looked up with two 8-entry permutes (vpermps reads the low 3 bits of an
 // index) and a blend on bit 3 of the code. The decode into memory takes 8 codes at a time in
 // natural order (codes8, lookup16). The fused kernels take 32 at a time when K % 32 == 0
-// (lookup32): vpmovzxbd widens 8 packed bytes to 8 lanes, which index the low nibbles as they are
-// and the high nibbles after one shift, with no other shuffle; each group of 16 weights then comes
-// out as its even elements, then its odd ones (kFusedOrder), the order in which the activations
-// are staged once per call (stage_activations) and the input gradient is accumulated. Per 8
-// weights: 2 vpermps, 0.5 vpmovzxbd, 1 blend, 1.5 shifts and the FMA with x.
+// (lookup32): one vpshufb puts each of 8 packed bytes in a lane twice (bits 0-7 and 24-31), so that
+// the lane indexes the low nibble and selects on the high nibble's bit 3 as it is, and needs one
+// shift for each of the other two; each group of 16 weights then comes out as its even elements,
+// then its odd ones (kFusedOrder), the order in which the activations are staged once per call
+// (stage_activations) and the input gradient is accumulated. Per 8 weights: 2 vpermps, 0.5
+// vpshufb, 1 shift, 1 blend and the FMA with x. The permutes bound it: a Zen 4 runs two permutes
+// or shuffles per cycle, so 8 weights take at least one cycle, and the blend and the FMA share
+// another two pipes (docs/bench-nf4-cpu.md).
 // GCC's own intrinsic headers trip -Wmaybe-uninitialized (their _mm256_undefined_* helpers).
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 // round_bf16_bits (csrc/nf4_cpu.h) is inlined into the vector kernels; GCC warns that a vector
@@ -78,22 +81,28 @@ template <Rounding R> MD_TARGET_AVX2 inline void block_table(float scale, __m256
   }
 }
 
-// 32 elements (16 bytes at p, inside one block): vpmovzxbd puts 8 bytes in 8 lanes; vpermps reads
-// the low 3 bits of each lane (the low nibble, or the high one after a shift) and a blend on bit 3
-// of the nibble picks the table half. f[2g] holds elements 16g + 2i (the high nibbles), f[2g + 1]
-// elements 16g + 2i + 1 (kFusedOrder).
+// 32 elements (16 bytes at p, inside one block). Both halves of a register hold the 16 bytes; one
+// vpshufb puts byte i of each 8 in lane i twice, at bits 0-7 and 24-31. vpermps reads bits 0-2 of a
+// lane, the blend bit 31: the lane as it is indexes the low nibble and selects on bit 7 (the high
+// nibble's bit 3); shifted right by 4 it indexes the high nibble; shifted left by 4 it selects on
+// the low nibble's bit 3. f[2g] holds elements 16g + 2i (the high nibbles), f[2g + 1] elements
+// 16g + 2i + 1 (kFusedOrder).
 MD_TARGET_AVX2 __attribute__((always_inline)) inline void lookup32(const uint8_t* p, __m256 lo,
                                                                    __m256 hi, __m256 (&f)[4]) {
+  const __m256i bytes =
+      _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   for (int g = 0; g < 2; ++g) {
-    const __m256i idx =
-        _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8 * g)));
-    const __m256i high = _mm256_srli_epi32(idx, 4);
-    f[2 * g] =
-        _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo, high), _mm256_permutevar8x32_ps(hi, high),
-                         _mm256_castsi256_ps(_mm256_slli_epi32(idx, 24)));
+    const char b = static_cast<char>(8 * g), z = static_cast<char>(0x80);
+    const __m256i spread = _mm256_setr_epi8(
+        b, z, z, b, b + 1, z, z, b + 1, b + 2, z, z, b + 2, b + 3, z, z, b + 3,  //
+        b + 4, z, z, b + 4, b + 5, z, z, b + 5, b + 6, z, z, b + 6, b + 7, z, z, b + 7);
+    const __m256i lane = _mm256_shuffle_epi8(bytes, spread);
+    const __m256i high = _mm256_srli_epi32(lane, 4);
+    f[2 * g] = _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo, high),
+                                _mm256_permutevar8x32_ps(hi, high), _mm256_castsi256_ps(lane));
     f[2 * g + 1] =
-        _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo, idx), _mm256_permutevar8x32_ps(hi, idx),
-                         _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+        _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo, lane), _mm256_permutevar8x32_ps(hi, lane),
+                         _mm256_castsi256_ps(_mm256_slli_epi32(lane, 4)));
   }
 }
 
@@ -169,49 +178,152 @@ MD_TARGET_AVX2 inline float hsum(__m256 v) {
   return _mm_cvtss_f32(_mm_hadd_ps(s, s));
 }
 
-// Fused forward: MR rows of x (float32, staged by stage_activations) times row o of W, in steps of
-// STEP elements (32 when K % 32 == 0, so that a step never leaves its block, else 8). NA
-// accumulators per row of x, so that consecutive FMAs do not wait for each other.
-template <int MR, int STEP, Rounding R>
-MD_TARGET_AVX2 void forward_block(const NF4View& w, const float* xs, int64_t K, int64_t o, float* y,
-                                  int64_t N) {
-  constexpr int NQ = STEP / 8;
-  constexpr int NA = std::min(NQ, MR == 1 ? 4 : 2);
-  __m256 acc[MR][NA];
+constexpr int64_t kScaleSpan = 64;  // blocks whose scales the kernels decode at once
+
+// The scales of blocks [b0, b0 + n), as NF4View::scale gives them (bit-exact), 8 at a time: the
+// dynamic map is read with a gather.
+MD_TARGET_AVX2 void block_scales(const NF4View& w, int64_t b0, int64_t n, float* out) {
+  int64_t i = 0;
+  if (w.absmax == nullptr) {
+    const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256 offset = _mm256_set1_ps(w.offset);
+    for (; i + 8 <= n; i += 8) {
+      const int64_t b = b0 + i;
+      const __m256i code =
+          _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w.codes + b)));
+      // 8 consecutive blocks span at most two nested blocks of 256
+      const __m256i second = _mm256_cmpgt_epi32(
+          _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(b % kNestedBlocksize)), lanes),
+          _mm256_set1_epi32(static_cast<int>(kNestedBlocksize - 1)));
+      const __m256 nested = _mm256_blendv_ps(_mm256_set1_ps(w.nested[b / kNestedBlocksize]),
+                                             _mm256_set1_ps(w.nested[(b + 7) / kNestedBlocksize]),
+                                             _mm256_castsi256_ps(second));
+      __m256 p = _mm256_mul_ps(_mm256_i32gather_ps(w.dyn, code, 4), nested);
+      __asm__("" : "+x"(p));  // rounded to float32 before the offset is added, as dq_scale
+      _mm256_storeu_ps(out + i, _mm256_add_ps(p, offset));
+    }
+  }
+  for (; i < n; ++i) out[i] = w.scale(b0 + i);
+}
+
+// One 32-element step at column k (K % 32 == 0) of NR rows of W, each looked up in its block's
+// table, then the FMAs with MR rows of x (staged in kFusedOrder).
+template <int MR, int NR, int NA>
+MD_TARGET_AVX2 __attribute__((always_inline)) inline void forward_step(
+    const uint8_t* const* rows, const __m256 (&lo)[NR], const __m256 (&hi)[NR], const float* xs,
+    int64_t K, int64_t k, __m256 (&acc)[MR][NR][NA]) {
+  if ((k & 127) == 0) prefetch_next_group<NR>(rows[0], K, k);
+  for (int r = 0; r < NR; ++r) {
+    __m256 f[4];
+    lookup32(rows[r] + (k >> 1), lo[r], hi[r], f);
+    for (int m = 0; m < MR; ++m)
+      for (int q = 0; q < 4; ++q)
+        acc[m][r][q % NA] =
+            _mm256_fmadd_ps(_mm256_loadu_ps(xs + m * K + k + 8 * q), f[q], acc[m][r][q % NA]);
+  }
+}
+
+template <int MR, int NR, int NA> MD_TARGET_AVX2 inline void zero(__m256 (&acc)[MR][NR][NA]) {
   for (int m = 0; m < MR; ++m)
-    for (int a = 0; a < NA; ++a) acc[m][a] = _mm256_setzero_ps();
+    for (int r = 0; r < NR; ++r)
+      for (int a = 0; a < NA; ++a) acc[m][r][a] = _mm256_setzero_ps();
+}
+
+// Fused forward, K % 32 == 0: MR rows of x (float32, staged by stage_activations) times NR rows of
+// W from o0 on. When the rows of W start on block boundaries (K % blocksize == 0) the scales of 64
+// blocks of each row are decoded at once (block_scales), and no step checks its block.
+template <int MR, int NR, Rounding R>
+MD_TARGET_AVX2 void forward_block(const NF4View& w, const float* xs, int64_t K, int64_t o0,
+                                  float* y, int64_t N) {
+  constexpr int NA = 2;  // two FMA chains per row of x and of W
+  __m256 acc[MR][NR][NA];
+  zero(acc);
+  const uint8_t* rows[NR];  // the packed bytes of each row
+  for (int r = 0; r < NR; ++r) rows[r] = w.packed + (((o0 + r) * K) >> 1);
+  const int64_t bs = int64_t{1} << w.shift;
+  if (K % bs == 0) {
+    const int64_t nb = K >> w.shift;
+    float scales[NR][kScaleSpan];
+    for (int64_t b0 = 0; b0 < nb; b0 += kScaleSpan) {
+      const int64_t n = std::min(kScaleSpan, nb - b0);
+      for (int r = 0; r < NR; ++r) block_scales(w, (o0 + r) * nb + b0, n, scales[r]);
+      for (int64_t j = 0; j < n; ++j) {
+        const int64_t kb = (b0 + j) << w.shift;
+        __m256 lo[NR], hi[NR];
+        for (int r = 0; r < NR; ++r) block_table<R>(scales[r][j], lo[r], hi[r]);
+        for (int64_t k = kb; k < kb + bs; k += 32)
+          forward_step<MR, NR, NA>(rows, lo, hi, xs, K, k, acc);
+      }
+    }
+  } else {  // blocks straddle rows: each row's block is checked at every step
+    __m256 lo[NR], hi[NR];
+    int64_t current[NR];
+    for (int r = 0; r < NR; ++r) current[r] = -1;
+    for (int64_t k = 0; k < K; k += 32) {
+      for (int r = 0; r < NR; ++r) {
+        const int64_t block = ((o0 + r) * K + k) >> w.shift;
+        if (block != current[r]) {
+          current[r] = block;
+          block_table<R>(w.scale(block), lo[r], hi[r]);
+        }
+      }
+      forward_step<MR, NR, NA>(rows, lo, hi, xs, K, k, acc);
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int r = 0; r < NR; ++r) {
+      for (int a = 1; a < NA; ++a) acc[m][r][0] = _mm256_add_ps(acc[m][r][0], acc[m][r][a]);
+      y[m * N + o0 + r] = hsum(acc[m][r][0]);
+    }
+}
+
+// Fused forward, K % 8 == 0 but not 32: MR rows of x times row o of W, 8 elements a step in natural
+// order (lookup16).
+template <int MR, Rounding R> MD_TARGET_AVX2 void forward_natural(const NF4View& w, const float* xs,
+                                                                  int64_t K, int64_t o, float* y,
+                                                                  int64_t N) {
+  __m256 acc[MR];
+  for (int m = 0; m < MR; ++m) acc[m] = _mm256_setzero_ps();
   const int64_t e0 = o * K;
   const uint8_t* row = w.packed + (e0 >> 1);
   int64_t current = -1;
   __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();
-  for (int64_t k = 0; k < K; k += STEP) {
+  for (int64_t k = 0; k < K; k += 8) {
     if ((k & 127) == 0) prefetch_next_group<1>(row, K, k);
     const int64_t block = (e0 + k) >> w.shift;
     if (block != current) {
       current = block;
       block_table<R>(w.scale(block), lo, hi);
     }
-    __m256 f[NQ];
-    lookup_step<STEP>(row + (k >> 1), lo, hi, f);
+    const __m256 f = lookup16(codes8(row + (k >> 1)), lo, hi);
     for (int m = 0; m < MR; ++m)
-      for (int q = 0; q < NQ; ++q)
-        acc[m][q % NA] =
-            _mm256_fmadd_ps(_mm256_loadu_ps(xs + m * K + k + 8 * q), f[q], acc[m][q % NA]);
+      acc[m] = _mm256_fmadd_ps(_mm256_loadu_ps(xs + m * K + k), f, acc[m]);
   }
-  for (int m = 0; m < MR; ++m) {
-    for (int a = 1; a < NA; ++a) acc[m][0] = _mm256_add_ps(acc[m][0], acc[m][a]);
-    y[m * N + o] = hsum(acc[m][0]);
-  }
+  for (int m = 0; m < MR; ++m) y[m * N + o] = hsum(acc[m]);
 }
 
-// Rows [n0, n1) of W, each times every row of x in tiles of up to 4 rows (the row's packed bytes
-// stay in L1 while the tiles read them).
-template <int STEP, Rounding R> void forward_tiles(const NF4View& w, const float* xs, int64_t M,
-                                                   int64_t N, int64_t K, int64_t n0, int64_t n1,
-                                                   float* y) {
+// Rows [n0, n1) of W times every row of x. K % 32 == 0: one row of x takes pairs of rows of W
+// (independent chains of lookups, x loaded once for both), then a single row; more rows of x take
+// one row of W at a time, in tiles of up to 4 rows of x (the row's packed bytes stay in L1 while
+// the tiles read them).
+template <Rounding R> void forward_tiles(const NF4View& w, const float* xs, int64_t M, int64_t N,
+                                         int64_t K, int64_t n0, int64_t n1, float* y) {
+  if (K % 32 != 0) {
+    for (int64_t o = n0; o < n1; ++o)
+      for_each_m_tile<4>(M, [&]<int MR>(int64_t m0) {
+        forward_natural<MR, R>(w, xs + m0 * K, K, o, y + m0 * N, N);
+      });
+    return;
+  }
+  if (M == 1) {
+    int64_t o = n0;
+    for (; o + 2 <= n1; o += 2) forward_block<1, 2, R>(w, xs, K, o, y, N);
+    for (; o < n1; ++o) forward_block<1, 1, R>(w, xs, K, o, y, N);
+    return;
+  }
   for (int64_t o = n0; o < n1; ++o)
     for_each_m_tile<4>(M, [&]<int MR>(int64_t m0) {
-      forward_block<MR, STEP, R>(w, xs + m0 * K, K, o, y + m0 * N, N);
+      forward_block<MR, 1, R>(w, xs + m0 * K, K, o, y + m0 * N, N);
     });
 }
 
@@ -291,8 +403,7 @@ template <typename T> void stage_activations(const T* x, int64_t M, int64_t K, f
 
 template <typename T> void forward_rows(const NF4View& w, const float* xs, int64_t M, int64_t N,
                                         int64_t K, int64_t n0, int64_t n1, float* y) {
-  if (K % 32 == 0) return forward_tiles<32, rounding_of<T>()>(w, xs, M, N, K, n0, n1, y);
-  forward_tiles<8, rounding_of<T>()>(w, xs, M, N, K, n0, n1, y);
+  forward_tiles<rounding_of<T>()>(w, xs, M, N, K, n0, n1, y);
 }
 
 // 32 columns a step when K % 32 == 0 (lookup32), else 8 (lookup16).
