@@ -22,6 +22,10 @@ the first and the last step. Run (needs the [llm] extra, the model wheel, peft a
     python benchmarks/bench_llm.py                 # 20 steps per side and method
     python benchmarks/bench_llm.py --steps 5 --methods qlora
     python benchmarks/bench_llm.py --compute-dtype bfloat16    # even where it is emulated
+    python benchmarks/bench_llm.py --isa avx2      # minidora's AVX2 kernels on an AVX-512 CPU
+
+``--isa`` forces minidora's CPU kernel level (one this CPU has), and with it the default compute
+dtype (float32 below ``avx512bf16``); bitsandbytes still runs what it finds on this CPU.
 """
 
 from __future__ import annotations
@@ -110,12 +114,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--isa", default=None,
+                   choices=["auto", "scalar", "avx2", "avx512", "avx512bf16"],
+                   help="force minidora's CPU kernel level (one this CPU has)")
     p.add_argument("--compute-dtype", choices=DTYPES, default=None,
                    help="dtype of the 4-bit base's compute and of the rest of the model on both "
                         "sides (default bfloat16 where the CPU has native bfloat16, else float32)")
     a = p.parse_args(argv)
     if not 2 <= a.steps <= 10_000:
         p.error(f"--steps: got {a.steps}; expected 2..10000")
+    if a.isa is not None:  # this (the main) thread's level, before the default compute dtype
+        try:
+            minidora.ops.choose(cpu_isa=a.isa)
+        except (ValueError, RuntimeError) as e:
+            p.error(f"--isa {a.isa}: {e}")
     a.compute_dtype, a.compute_line = compute_dtype(a.compute_dtype)
     return a
 
@@ -126,7 +138,9 @@ def main() -> None:
     models.check_extra("benchmarks/bench_llm.py")
     torch.set_num_threads(a.threads)
     print(f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs, "
-          f"{a.threads} threads; torch {torch.__version__}; {a.compute_line}")
+          f"{a.threads} threads; torch {torch.__version__}; minidora kernels "
+          f"{minidora.ops.cpu_isa() if minidora.ops.extension_available() else 'none'}; "
+          f"{a.compute_line}")
     lm = models.load("smollm2-135m")
     ds = data.load_dataset()
     enc = data.encode(ds.train, lm.fmt, 64)

@@ -63,3 +63,7 @@ def test_bench_llm_compute_dtype_follows_the_cpu_unless_given(isa, asked, want):
     assert a.compute_line.startswith(f"compute dtype {want} (")
     with pytest.raises(SystemExit):
         bench.parse_args(["--compute-dtype", "float16"])
+    with ops.use_cpu_isa(best):  # --isa forces the level, and with it the default
+        a = bench.parse_args(["--isa", isa] + ([] if asked is None else ["--compute-dtype", asked]))
+        assert ops.cpu_isa() == isa
+    assert a.compute_dtype == want
