@@ -329,6 +329,17 @@ template <Rounding R> void forward_tiles(const NF4View& w, const float* xs, int6
 
 // ---- few rows: input gradient -------------------------------------------------------------------
 
+// 32 sums in kFusedOrder (the even elements of each 16-group, then the odd ones) stored at out in
+// natural order.
+MD_TARGET_AVX2 inline void store_natural(const __m256 (&acc)[4], float* out) {
+  for (int g = 0; g < 2; ++g) {
+    const __m256 a = _mm256_unpacklo_ps(acc[2 * g], acc[2 * g + 1]);  // 0-3 | 8-11
+    const __m256 b = _mm256_unpackhi_ps(acc[2 * g], acc[2 * g + 1]);  // 4-7 | 12-15
+    _mm256_storeu_ps(out + 16 * g, _mm256_permute2f128_ps(a, b, 0x20));
+    _mm256_storeu_ps(out + 16 * g + 8, _mm256_permute2f128_ps(a, b, 0x31));
+  }
+}
+
 // Fused input gradient: MR rows of gy times W[:, k0:k0 + STEP], summed over all N rows of W with
 // the accumulators in registers (STEP as in forward_block), then stored in natural order.
 template <int MR, int STEP, Rounding R>
@@ -355,28 +366,92 @@ MD_TARGET_AVX2 void grad_block(const NF4View& w, const float* gy, int64_t N, int
     }
   }
   for (int m = 0; m < MR; ++m) {
-    float* out = gx + m * K + k0;
-    if constexpr (STEP == 32) {  // interleave the even and odd elements of each 16-group again
-      for (int g = 0; g < 2; ++g) {
-        const __m256 a = _mm256_unpacklo_ps(acc[m][2 * g], acc[m][2 * g + 1]);  // 0-3 | 8-11
-        const __m256 b = _mm256_unpackhi_ps(acc[m][2 * g], acc[m][2 * g + 1]);  // 4-7 | 12-15
-        _mm256_storeu_ps(out + 16 * g, _mm256_permute2f128_ps(a, b, 0x20));
-        _mm256_storeu_ps(out + 16 * g + 8, _mm256_permute2f128_ps(a, b, 0x31));
-      }
+    if constexpr (STEP == 32) {
+      store_natural(acc[m], gx + m * K + k0);
     } else {
-      _mm256_storeu_ps(out, acc[m][0]);
+      _mm256_storeu_ps(gx + m * K + k0, acc[m][0]);
     }
   }
 }
 
-// Columns [k0, k1) in steps of STEP, for every row of gy in tiles of up to 2 rows.
+// With more rows of gy, looking up each weight once per tile of rows would cost more than the
+// FMAs: the 32 columns from k0 of kGradRows rows of W at a time are looked up once into a buffer
+// in L1 (grad_lookup_rows), which every tile of rows of gy then reads (grad_from_buffer); the
+// sums collect in gx in kFusedOrder and are put in natural order at the end (grad_finish).
+constexpr int64_t kGradRows = 64;  // 8 KiB of float32
+
+template <Rounding R> MD_TARGET_AVX2 void grad_lookup_rows(const NF4View& w, int64_t K, int64_t k0,
+                                                           int64_t o0, int64_t n, float* buf) {
+  int64_t current = -1;
+  __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();
+  for (int64_t o = 0; o < n; ++o) {
+    const int64_t e = (o0 + o) * K + k0;
+    const int64_t block = e >> w.shift;
+    if (block != current) {
+      current = block;
+      block_table<R>(w.scale(block), lo, hi);
+    }
+    __m256 f[4];
+    lookup32(w.packed + (e >> 1), lo, hi, f);
+    for (int q = 0; q < 4; ++q) _mm256_store_ps(buf + 32 * o + 8 * q, f[q]);
+  }
+}
+
+// sums[m, 0:32] (row stride K) += gy[m, 0:n] (row stride N) @ buf[0:n, 0:32], for MR rows.
+template <int MR> MD_TARGET_AVX2 void grad_from_buffer(const float* buf, int64_t n, const float* gy,
+                                                       int64_t N, float* sums, int64_t K) {
+  __m256 acc[MR][4];
+  for (int m = 0; m < MR; ++m)
+    for (int q = 0; q < 4; ++q) acc[m][q] = _mm256_loadu_ps(sums + m * K + 8 * q);
+  for (int64_t o = 0; o < n; ++o) {
+    __m256 f[4];
+    for (int q = 0; q < 4; ++q) f[q] = _mm256_load_ps(buf + 32 * o + 8 * q);
+    for (int m = 0; m < MR; ++m) {
+      const __m256 g = _mm256_set1_ps(gy[m * N + o]);
+      for (int q = 0; q < 4; ++q) acc[m][q] = _mm256_fmadd_ps(g, f[q], acc[m][q]);
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int q = 0; q < 4; ++q) _mm256_storeu_ps(sums + m * K + 8 * q, acc[m][q]);
+}
+
+MD_TARGET_AVX2 void grad_finish(float* out) {
+  __m256 acc[4];
+  for (int q = 0; q < 4; ++q) acc[q] = _mm256_loadu_ps(out + 8 * q);
+  store_natural(acc, out);
+}
+
+// gx[:, k0:k0 + 32] for all M rows of gy through the buffer (K % 32 == 0).
+template <Rounding R> void grad_buffered(const NF4View& w, const float* gy, int64_t M, int64_t N,
+                                         int64_t K, int64_t k0, float* gx) {
+  alignas(32) float buf[kGradRows * 32];
+  for (int64_t m = 0; m < M; ++m) std::fill(gx + m * K + k0, gx + m * K + k0 + 32, 0.f);
+  for (int64_t o0 = 0; o0 < N; o0 += kGradRows) {
+    const int64_t n = std::min(kGradRows, N - o0);
+    grad_lookup_rows<R>(w, K, k0, o0, n, buf);
+    for_each_m_tile<2>(M, [&]<int MR>(int64_t m0) {
+      grad_from_buffer<MR>(buf, n, gy + m0 * N + o0, N, gx + m0 * K + k0, K);
+    });
+  }
+  for (int64_t m = 0; m < M; ++m) grad_finish(gx + m * K + k0);
+}
+
+// Columns [k0, k1) in steps of STEP: up to 2 rows of gy straight from the lookups (grad_block),
+// more through the buffer (grad_buffered) when K % 32 == 0.
 template <int STEP, Rounding R> void grad_tiles(const NF4View& w, const float* gy, int64_t M,
                                                 int64_t N, int64_t K, int64_t k0, int64_t k1,
                                                 float* gx) {
-  for (int64_t k = k0; k < k1; k += STEP)
+  for (int64_t k = k0; k < k1; k += STEP) {
+    if constexpr (STEP == 32) {
+      if (M > 2) {
+        grad_buffered<R>(w, gy, M, N, K, k, gx);
+        continue;
+      }
+    }
     for_each_m_tile<2>(M, [&]<int MR>(int64_t m0) {
       grad_block<MR, STEP, R>(w, gy + m0 * N, N, K, k, gx + m0 * K);
     });
+  }
 }
 
 }  // namespace

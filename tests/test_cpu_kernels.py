@@ -39,6 +39,8 @@ SHAPES = [
                       # and blocksize >= 64: the bfloat16 kernel's 64-element steps
     (19, 192, 128),   # the same steps in rows that start inside a block
     (13, 2080, 4096), # one block longer than several rows; out % 4 == 1
+    (131, 64, 32),    # more than 2 x 64 rows of W: the AVX2 input gradient's buffer of 64 rows
+                      # (3 or more rows of gy) twice and then 3 rows; odd pairs at M = 1
 ]
 ROWS = range(1, 18)   # 1..16: few-rows kernels, every remainder of every tile height; 17: tiled
 
