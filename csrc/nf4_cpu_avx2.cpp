@@ -10,9 +10,9 @@
 // shift for each of the other two; each group of 16 weights then comes out as its even elements,
 // then its odd ones (kFusedOrder), the order in which the activations are staged once per call
 // (stage_activations) and the input gradient is accumulated. Per 8 weights: 2 vpermps, 0.5
-// vpshufb, 1 shift, 1 blend and the FMA with x. The permutes bound it: a Zen 4 runs two permutes
-// or shuffles per cycle, so 8 weights take at least one cycle, and the blend and the FMA share
-// another two pipes (docs/bench-nf4-cpu.md).
+// vpshufb, 1 shift, 1 blend and the FMA with x. On a Zen 4 the permutes and shuffles share two
+// pipes and the blend and the FMA two others, one pipe shared by both pairs: at least 1.83 cycles
+// per 8 weights (docs/bench-nf4-cpu.md, "What bounds the decode").
 // GCC's own intrinsic headers trip -Wmaybe-uninitialized (their _mm256_undefined_* helpers).
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 // round_bf16_bits (csrc/nf4_cpu.h) is inlined into the vector kernels; GCC warns that a vector
