@@ -41,12 +41,12 @@ test-llm: build
 	$(PY) -m pytest -q -m llm tests/test_llm.py
 
 # `python -m minidora reproduce --budget quick` end to end on the real model, every claim, the
-# real-model tutorials (7, 8) as notebooks, and `minidora train --model smollm2-135m` at 2
+# real-model tutorials (7, 8) as scripts and as notebooks, and `minidora train --model smollm2-135m` at 2
 # processes against 1 (the tests marked llm in these files): several minutes, so apart from
 # `make test`.
 test-reproduce: build
 	$(PY) -m pytest -q -m llm tests/test_reproduce.py tests/test_reproduce_training.py \
-		tests/test_notebooks.py tests/test_distributed.py
+		tests/test_tutorials.py tests/test_notebooks.py tests/test_distributed.py
 
 demo: build
 	$(PY) -m minidora demo

@@ -46,10 +46,9 @@ def test_notebook_has_the_install_cell_first(path):
     assert nb.metadata["kernelspec"]["name"] == "python3"
 
 
-# The tutorials on the real model (7 and 8) run as scripts in the default suite
-# (tests/test_tutorials.py) and as notebooks in `make docs` at their default size; their notebook
-# run here at the small size is marked llm and runs in `make test-reproduce`, which keeps
-# `make test` within ten minutes.
+# The tutorials on the real model (7 and 8) run as notebooks in `make docs` at their default size;
+# their notebook run here at the small size is marked llm and runs in `make test-reproduce`, with
+# their script run (tests/test_tutorials.py), which keeps `make test` within ten minutes.
 NOTEBOOKS = [pytest.param(p, id=p.stem, marks=[pytest.mark.llm] if p.name.startswith(
     REAL_MODEL_TUTORIALS) else []) for p in TUTORIALS]
 
