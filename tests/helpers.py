@@ -106,6 +106,14 @@ def check_peft_case(cls, key, extra=()):
 REAL_MODEL_TUTORIALS = ("07_", "08_")     # the tutorials that load SmolLM2-135M
 
 
+def tutorial_params(paths: list[Path]) -> list:
+    """One pytest parameter per tutorial, the real-model ones marked llm: they run in `make
+    test-reproduce` (as scripts and as notebooks), which keeps `make test` within ten minutes;
+    `make docs` executes them at their default size."""
+    return [pytest.param(p, id=p.stem, marks=[pytest.mark.llm] if p.name.startswith(
+        REAL_MODEL_TUTORIALS) else []) for p in paths]
+
+
 def skip_without_llm_extra(path: Path) -> None:
     """Tutorials 7 and 8 load a real model and stop at once, naming the pip commands, without
     the [llm] extra and the model wheel; the suite skips them then (make test installs both)."""

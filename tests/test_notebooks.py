@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REAL_MODEL_TUTORIALS, skip_without_llm_extra, time_limit
+from helpers import skip_without_llm_extra, time_limit, tutorial_params
 
 nbclient = pytest.importorskip("nbclient", reason="needs nbclient and ipykernel (the test extra)")
 pytest.importorskip("ipykernel", reason="needs nbclient and ipykernel (the test extra)")
@@ -46,14 +46,7 @@ def test_notebook_has_the_install_cell_first(path):
     assert nb.metadata["kernelspec"]["name"] == "python3"
 
 
-# The tutorials on the real model (7 and 8) run as notebooks in `make docs` at their default size;
-# their notebook run here at the small size is marked llm and runs in `make test-reproduce`, with
-# their script run (tests/test_tutorials.py), which keeps `make test` within ten minutes.
-NOTEBOOKS = [pytest.param(p, id=p.stem, marks=[pytest.mark.llm] if p.name.startswith(
-    REAL_MODEL_TUTORIALS) else []) for p in TUTORIALS]
-
-
-@pytest.mark.parametrize("path", NOTEBOOKS)
+@pytest.mark.parametrize("path", tutorial_params(TUTORIALS))  # 7, 8: llm
 def test_notebook_executes(path, tmp_path, monkeypatch):
     skip_without_llm_extra(path)
     nb = hooks.tutorial_notebook(path)

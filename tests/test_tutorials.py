@@ -13,7 +13,7 @@ from pathlib import Path
 import jupytext
 import pytest
 
-from helpers import REAL_MODEL_TUTORIALS, skip_without_llm_extra, time_limit
+from helpers import skip_without_llm_extra, time_limit, tutorial_params
 
 ROOT = Path(__file__).resolve().parents[1]
 TUTORIALS = sorted((ROOT / "tutorials").glob("[0-9][0-9]_*.py"))
@@ -37,14 +37,7 @@ def test_all_eight_tutorials_are_there():
     assert [n[:2] for n in names] == ["01", "02", "03", "04", "05", "06", "07", "08"], names
 
 
-# The tutorials on the real model (7 and 8: about two minutes together) are marked llm and run in
-# `make test-reproduce`, as script and as notebook (tests/test_notebooks.py), which keeps `make
-# test` within ten minutes; `make docs` executes them at their default size.
-SCRIPTS = [pytest.param(p, id=p.stem, marks=[pytest.mark.llm] if p.name.startswith(
-    REAL_MODEL_TUTORIALS) else []) for p in TUTORIALS]
-
-
-@pytest.mark.parametrize("path", SCRIPTS)
+@pytest.mark.parametrize("path", tutorial_params(TUTORIALS))  # 7, 8: llm
 def test_tutorial_runs(path, tmp_path):
     skip_without_llm_extra(path)
     done = run_script(path, tmp_path)
